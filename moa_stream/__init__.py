@@ -1,0 +1,63 @@
+"""moa_stream: Mixture-of-Agents over LLM providers, streamed with the lowest possible TTFT."""
+
+from moa_stream._exceptions import (
+    AggregatorError,
+    AuthenticationError,
+    ConfigError,
+    ConnectError,
+    ConnectTimeout,
+    FirstTokenTimeout,
+    IdleTimeout,
+    LayerFailedError,
+    MoAError,
+    MoAStreamError,
+    ModelNotFoundError,
+    ProtocolError,
+    ProviderError,
+    ProviderTimeout,
+    RateLimitError,
+    RequestRejectedError,
+    ServerError,
+    StreamInterruptedError,
+    TotalTimeout,
+    TransientError,
+    TruncatedStreamError,
+    UpstreamError,
+)
+from moa_stream._types import ChatMessage, ChatRequest, Delta, StreamTimings, Usage
+from moa_stream.providers import Provider, ProviderStream
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AggregatorError",
+    "AuthenticationError",
+    "ChatMessage",
+    "ChatRequest",
+    "ConfigError",
+    "ConnectError",
+    "ConnectTimeout",
+    "Delta",
+    "FirstTokenTimeout",
+    "IdleTimeout",
+    "LayerFailedError",
+    "MoAError",
+    "MoAStreamError",
+    "ModelNotFoundError",
+    "ProtocolError",
+    "Provider",
+    "ProviderError",
+    "ProviderStream",
+    "ProviderTimeout",
+    "RateLimitError",
+    "RequestRejectedError",
+    "ServerError",
+    "StreamInterruptedError",
+    "StreamTimings",
+    "TotalTimeout",
+    "TransientError",
+    "TruncatedStreamError",
+    "UpstreamError",
+    "Usage",
+    "__version__",
+]

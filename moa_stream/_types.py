@@ -1,0 +1,104 @@
+"""Value types shared by providers, the engine and the server.
+
+They are small, frozen where they can be, and slotted: one :class:`Delta` is built per upstream
+chunk, so it must cost as little as possible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NotRequired, TypedDict
+
+__all__ = ["ChatMessage", "ChatRequest", "Delta", "StreamTimings", "Usage"]
+
+
+class ChatMessage(TypedDict):
+    """One chat message in the OpenAI shape. Plain dicts, so orjson writes them as they are."""
+
+    role: str
+    content: str
+    name: NotRequired[str]
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    """A chat-completions request, independent of any provider's wire details.
+
+    ``extra`` holds fields passed through to the upstream body unchanged (``top_p``, ``seed``,
+    vendor options ...). ``max_tokens`` is sent under the field name the provider is configured
+    with (``max_tokens`` or ``max_completion_tokens``).
+    """
+
+    messages: Sequence[ChatMessage]
+    model: str
+    temperature: float | None = None
+    max_tokens: int | None = None
+    stop: tuple[str, ...] | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token counts of one request. ``estimated`` is true when the server sent none and the
+    figures were counted from chunks (output) and guessed from characters (input)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    estimated: bool = False
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            self.prompt_tokens + other.prompt_tokens,
+            self.completion_tokens + other.completion_tokens,
+            self.estimated or other.estimated,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """One piece of a streamed answer.
+
+    ``content`` is answer text (possibly empty), ``reasoning`` is reasoning text kept apart
+    (never fed back to a model), ``finish_reason`` is set on the chunk that ends the choice, and
+    ``usage`` on the chunk that carries the server's token counts.
+    """
+
+    content: str = ""
+    reasoning: str = ""
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+
+@dataclass(slots=True)
+class StreamTimings:
+    """Timestamps of one stream on the monotonic clock (``time.monotonic()``, seconds).
+
+    ``chunk_times`` holds the arrival time of every delta passed to the caller. ``attempts``
+    counts the requests sent (1 + retries).
+    """
+
+    started: float = 0.0
+    request_sent: float | None = None
+    headers: float | None = None
+    first_token: float | None = None
+    end: float | None = None
+    chunk_times: list[float] = field(default_factory=list)
+    attempts: int = 0
+
+    @property
+    def ttft(self) -> float | None:
+        """Seconds from :attr:`started` to the first content token, if one arrived."""
+        if self.first_token is None:
+            return None
+        return self.first_token - self.started
+
+    @property
+    def duration(self) -> float | None:
+        if self.end is None:
+            return None
+        return self.end - self.started

@@ -1,0 +1,235 @@
+"""Typed events of a MoA run, and the report it ends with.
+
+Every event is a small frozen, slotted dataclass whose first field ``type`` is a dotted literal;
+``orjson.dumps(event)`` serializes any of them directly. ``t`` is the event's time in seconds
+since the run started (monotonic clock).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from moa_stream._types import Usage
+
+__all__ = [
+    "AgentReport",
+    "AggregatorDelta",
+    "AggregatorDone",
+    "AggregatorFailed",
+    "AggregatorStarted",
+    "Event",
+    "LayerDone",
+    "LayerEndReason",
+    "LayerReport",
+    "ProposerDelta",
+    "ProposerDone",
+    "ProposerFailed",
+    "ProposerStarted",
+    "ReferenceInfo",
+    "ReferenceStatus",
+    "RunDone",
+    "RunReport",
+]
+
+#: Why a layer stopped waiting for its proposers.
+#: ``all``: every proposer finished or failed; ``quorum``: enough had finished; ``deadline``:
+#: its time ran out; ``partial``: enough partial text to start (staircase); ``degraded``: the
+#: policy could no longer be met and the layer went on with what it had.
+LayerEndReason = Literal["all", "quorum", "deadline", "partial", "degraded"]
+
+#: What a reference was when the next step took it: ``complete`` (finished), ``partial``
+#: (still streaming, its text so far), ``failed`` or ``cancelled`` (not used), ``unused``
+#: (finished after the layer ended, kept for accounting only).
+ReferenceStatus = Literal["complete", "partial", "failed", "cancelled", "unused"]
+
+
+@dataclass(frozen=True, slots=True)
+class ReferenceInfo:
+    """One proposer's answer as the next step saw it."""
+
+    agent: str
+    index: int
+    status: ReferenceStatus
+    chars: int
+    tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class ProposerStarted:
+    type: Literal["proposer.started"] = field(default="proposer.started", init=False)
+    layer: int
+    index: int
+    agent: str
+    t: float
+
+
+@dataclass(frozen=True, slots=True)
+class ProposerDelta:
+    """New content from a proposer (``text`` is only the new part)."""
+
+    type: Literal["proposer.delta"] = field(default="proposer.delta", init=False)
+    layer: int
+    index: int
+    agent: str
+    text: str
+    t: float
+
+
+@dataclass(frozen=True, slots=True)
+class ProposerDone:
+    type: Literal["proposer.done"] = field(default="proposer.done", init=False)
+    layer: int
+    index: int
+    agent: str
+    text: str
+    finish_reason: str | None
+    usage: Usage
+    ttft_s: float | None
+    t: float
+
+
+@dataclass(frozen=True, slots=True)
+class ProposerFailed:
+    """A proposer's request failed (``error`` is its message, ``kind`` the error's kind)."""
+
+    type: Literal["proposer.failed"] = field(default="proposer.failed", init=False)
+    layer: int
+    index: int
+    agent: str
+    error: str
+    kind: str
+    t: float
+
+
+@dataclass(frozen=True, slots=True)
+class LayerDone:
+    """A layer's decision: which references go forward and why it stopped waiting.
+
+    ``cut`` is set when the remaining refinement layers are skipped: ``"agreement"`` (the
+    answers agree above the threshold) or ``"budget"`` (another layer would exceed the run's
+    TTFT budget).
+    """
+
+    type: Literal["layer.done"] = field(default="layer.done", init=False)
+    layer: int
+    reason: LayerEndReason
+    references: tuple[ReferenceInfo, ...]
+    cut: Literal["agreement", "budget"] | None
+    agreement: float | None
+    t: float
+
+
+@dataclass(frozen=True, slots=True)
+class AggregatorStarted:
+    """An aggregator request was sent. ``attempt`` is 0 for the first choice, then fallbacks."""
+
+    type: Literal["aggregator.started"] = field(default="aggregator.started", init=False)
+    agent: str
+    attempt: int
+    t: float
+
+
+@dataclass(frozen=True, slots=True)
+class AggregatorDelta:
+    """New content of the final answer, passed on the moment it arrived."""
+
+    type: Literal["aggregator.delta"] = field(default="aggregator.delta", init=False)
+    text: str
+    t: float
+
+
+@dataclass(frozen=True, slots=True)
+class AggregatorFailed:
+    """An aggregator failed before its first token; the next fallback, if any, follows."""
+
+    type: Literal["aggregator.failed"] = field(default="aggregator.failed", init=False)
+    agent: str
+    attempt: int
+    error: str
+    kind: str
+    t: float
+
+
+@dataclass(frozen=True, slots=True)
+class AggregatorDone:
+    type: Literal["aggregator.done"] = field(default="aggregator.done", init=False)
+    agent: str
+    finish_reason: str | None
+    usage: Usage
+    ttft_s: float | None
+    t: float
+
+
+@dataclass(frozen=True, slots=True)
+class AgentReport:
+    """What one request of the run did. ``role`` is ``proposer`` or ``aggregator``; times are
+    seconds since the run started (``started_s``) or since the request started (``ttft_s``)."""
+
+    agent: str
+    model: str
+    provider: str
+    role: Literal["proposer", "aggregator"]
+    layer: int
+    index: int
+    status: Literal["complete", "partial", "failed", "cancelled"]
+    started_s: float
+    ttft_s: float | None
+    duration_s: float | None
+    usage: Usage
+    chars: int
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LayerReport:
+    layer: int
+    reason: LayerEndReason
+    decided_s: float
+    references: tuple[ReferenceInfo, ...]
+    cut: Literal["agreement", "budget"] | None = None
+    agreement: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RunReport:
+    """The whole run.
+
+    ``ttft_s``: run start to the first aggregator token at the caller. ``time_to_quorum_s``:
+    run start to the first layer's decision. ``aggregator_ttft_s``: the answering aggregator's
+    own TTFT, from its request. ``usage`` adds up every request, cancelled ones included
+    (their completion tokens counted from what arrived).
+    """
+
+    text: str
+    aggregator: str | None
+    ttft_s: float | None
+    time_to_quorum_s: float | None
+    aggregator_ttft_s: float | None
+    total_s: float
+    usage: Usage
+    layers: tuple[LayerReport, ...]
+    agents: tuple[AgentReport, ...]
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RunDone:
+    type: Literal["run.done"] = field(default="run.done", init=False)
+    report: RunReport
+    t: float
+
+
+Event = (
+    ProposerStarted
+    | ProposerDelta
+    | ProposerDone
+    | ProposerFailed
+    | LayerDone
+    | AggregatorStarted
+    | AggregatorDelta
+    | AggregatorFailed
+    | AggregatorDone
+    | RunDone
+)

@@ -1,0 +1,24 @@
+"""Suite-wide checks: every async test must leave no task of its own behind."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+async def _no_leaked_tasks() -> AsyncIterator[None]:
+    before = set(asyncio.all_tasks())
+    yield
+    current = asyncio.current_task()
+    # Give just-cancelled tasks a few loop turns to unwind before judging.
+    for _ in range(20):
+        leaked = [
+            t for t in asyncio.all_tasks() if t not in before and t is not current and not t.done()
+        ]
+        if not leaked:
+            return
+        await asyncio.sleep(0.01)
+    pytest.fail(f"tasks left pending after the test: {leaked!r}")
