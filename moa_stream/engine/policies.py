@@ -1,0 +1,450 @@
+"""Layer policies: small, pure objects that decide when a layer stops waiting.
+
+A policy looks at a :class:`LayerStatus` (counts, per-proposer token counts, elapsed time) and
+answers three questions:
+
+- :meth:`Policy.check`: should the layer move on now? Returns a :class:`Fire` or ``None``.
+- :meth:`Policy.unreachable`: can it never fire any more (too many failures)?
+- :meth:`Policy.next_check`: at what elapsed time must it be asked again even if nothing
+  happens (a deadline)? The runner arms one timer for that.
+
+They hold no state and do no I/O, so every decision can be replayed from a sequence of events
+(see ``tests/engine/test_policies.py``). Combine them with ``|`` (whichever fires first) and
+``&`` (only when both hold)::
+
+    Quorum(3) | Deadline(2.0)
+    Partial(k=2, min_tokens=48) | Deadline(1.5, min_k=1, partial=True)
+
+Every policy also fires with reason ``all`` once no proposer is running: there is nothing left
+to wait for.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
+
+from moa_stream.engine.events import LayerEndReason
+
+__all__ = [
+    "AllOf",
+    "AnyOf",
+    "Deadline",
+    "Fire",
+    "LayerStatus",
+    "Partial",
+    "Policy",
+    "Quorum",
+    "WaitAll",
+    "parse_policy",
+]
+
+
+class LayerStatus(Protocol):
+    """What a policy may look at. ``tokens[i]`` counts proposer i's content chunks so far;
+    ``finished[i]`` is true once it completed (not failed)."""
+
+    @property
+    def n(self) -> int: ...
+    @property
+    def done(self) -> int: ...
+    @property
+    def failed(self) -> int: ...
+    @property
+    def elapsed(self) -> float: ...
+    @property
+    def tokens(self) -> Sequence[int]: ...
+    @property
+    def finished(self) -> Sequence[bool]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Fire:
+    """A policy's decision to move on. ``partial``: running proposers' text so far goes in."""
+
+    reason: LayerEndReason
+    partial: bool = False
+
+
+_ALL = Fire("all")
+
+
+def _running(s: LayerStatus) -> int:
+    return s.n - s.done - s.failed
+
+
+@runtime_checkable
+class Policy(Protocol):
+    def check(self, status: LayerStatus) -> Fire | None: ...
+    def unreachable(self, status: LayerStatus) -> bool: ...
+    def next_check(self, status: LayerStatus) -> float | None: ...
+    def __or__(self, other: Policy) -> Policy: ...
+    def __and__(self, other: Policy) -> Policy: ...
+
+
+class _Combinable:
+    __slots__ = ()
+
+    def __or__(self, other: Policy) -> Policy:
+        return AnyOf((self, other))  # type: ignore[arg-type]
+
+    def __and__(self, other: Policy) -> Policy:
+        return AllOf((self, other))  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class WaitAll(_Combinable):
+    """Wait for every proposer to finish or fail: the original MoA behaviour."""
+
+    def check(self, status: LayerStatus) -> Fire | None:
+        return _ALL if _running(status) == 0 else None
+
+    def unreachable(self, status: LayerStatus) -> bool:
+        return False
+
+    def next_check(self, status: LayerStatus) -> float | None:
+        return None
+
+    def __repr__(self) -> str:
+        return "wait_all"
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Quorum(_Combinable):
+    """Move on as soon as ``k`` proposers have completed; the others are stragglers."""
+
+    k: int
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError("Quorum(k) needs k >= 1")
+
+    def check(self, status: LayerStatus) -> Fire | None:
+        if _running(status) == 0:
+            return _ALL if status.done >= min(self.k, status.n) else None
+        if status.done >= self.k:
+            return Fire("quorum")
+        return None
+
+    def unreachable(self, status: LayerStatus) -> bool:
+        return status.done + _running(status) < min(self.k, status.n)
+
+    def next_check(self, status: LayerStatus) -> float | None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"quorum({self.k})"
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Deadline(_Combinable):
+    """Move on ``seconds`` after the layer started, once at least ``min_k`` references exist.
+
+    With ``partial=False`` only completed answers count toward ``min_k`` and go forward; with
+    ``partial=True`` a running proposer that has produced any text counts too, and its text so
+    far goes in marked partial. If ``min_k`` isn't met at the deadline, the policy fires the
+    moment it is.
+    """
+
+    seconds: float
+    min_k: int = 1
+    partial: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.seconds >= 0 or math.isinf(self.seconds):
+            raise ValueError("Deadline(seconds) needs a finite, non-negative number")
+        if self.min_k < 0:
+            raise ValueError("Deadline(min_k) needs min_k >= 0")
+
+    def _available(self, status: LayerStatus) -> int:
+        if not self.partial:
+            return status.done
+        return sum(1 for t, f in zip(status.tokens, status.finished, strict=True) if f or t > 0)
+
+    def check(self, status: LayerStatus) -> Fire | None:
+        if _running(status) == 0:
+            return _ALL if status.done >= min(self.min_k, status.n) else None
+        if status.elapsed >= self.seconds and self._available(status) >= self.min_k:
+            return Fire("deadline", partial=self.partial)
+        return None
+
+    def unreachable(self, status: LayerStatus) -> bool:
+        return status.done + _running(status) < min(self.min_k, status.n)
+
+    def next_check(self, status: LayerStatus) -> float | None:
+        return self.seconds if status.elapsed < self.seconds else None
+
+    def __repr__(self) -> str:
+        args = [repr(self.seconds)]
+        if self.min_k != 1:
+            args.append(f"min_k={self.min_k}")
+        if self.partial:
+            args.append("partial=true")
+        return f"deadline({', '.join(args)})"
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Partial(_Combinable):
+    """Staircase start: move on once ``k`` proposers have each produced ``min_tokens`` content
+    tokens (or completed). Running proposers' text so far goes in, marked partial."""
+
+    k: int
+    min_tokens: int = 32
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError("Partial(k) needs k >= 1")
+        if self.min_tokens < 1:
+            raise ValueError("Partial(min_tokens) needs min_tokens >= 1")
+
+    def check(self, status: LayerStatus) -> Fire | None:
+        if _running(status) == 0:
+            return _ALL if status.done >= min(self.k, status.n) else None
+        ready = 0
+        complete = 0
+        m = self.min_tokens
+        for t, f in zip(status.tokens, status.finished, strict=True):
+            if f:
+                complete += 1
+                ready += 1
+            elif t >= m:
+                ready += 1
+        if ready >= self.k:
+            return Fire("quorum") if complete >= self.k else Fire("partial", partial=True)
+        return None
+
+    def unreachable(self, status: LayerStatus) -> bool:
+        return status.done + _running(status) < min(self.k, status.n)
+
+    def next_check(self, status: LayerStatus) -> float | None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"partial({self.k}, min_tokens={self.min_tokens})"
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class AnyOf(_Combinable):
+    """Fires when any of its policies fires (the first one listed wins a tie)."""
+
+    policies: tuple[Policy, ...]
+
+    def check(self, status: LayerStatus) -> Fire | None:
+        for p in self.policies:
+            fire = p.check(status)
+            if fire is not None:
+                return fire
+        return None
+
+    def unreachable(self, status: LayerStatus) -> bool:
+        return all(p.unreachable(status) for p in self.policies)
+
+    def next_check(self, status: LayerStatus) -> float | None:
+        times = [t for p in self.policies if (t := p.next_check(status)) is not None]
+        return min(times) if times else None
+
+    def __or__(self, other: Policy) -> Policy:
+        return AnyOf((*self.policies, other))
+
+    def __repr__(self) -> str:
+        return " | ".join(_paren(p) for p in self.policies)
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class AllOf(_Combinable):
+    """Fires only when every one of its policies would fire; reason and partial come from the
+    last one, which is the condition that completed the set."""
+
+    policies: tuple[Policy, ...]
+
+    def check(self, status: LayerStatus) -> Fire | None:
+        fire: Fire | None = None
+        for p in self.policies:
+            fire = p.check(status)
+            if fire is None:
+                return None
+        return fire
+
+    def unreachable(self, status: LayerStatus) -> bool:
+        return any(p.unreachable(status) for p in self.policies)
+
+    def next_check(self, status: LayerStatus) -> float | None:
+        times = [t for p in self.policies if (t := p.next_check(status)) is not None]
+        return min(times) if times else None
+
+    def __and__(self, other: Policy) -> Policy:
+        return AllOf((*self.policies, other))
+
+    def __repr__(self) -> str:
+        return " & ".join(_paren(p) for p in self.policies)
+
+
+def _paren(p: Policy) -> str:
+    text = repr(p)
+    return f"({text})" if isinstance(p, AnyOf | AllOf) else text
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing the policy language used in TOML configs and on the command line. It is the same text
+# ``repr`` prints: ``quorum(3) | deadline(2.0, min_k=2)``; ``&`` binds tighter than ``|``.
+
+Token = tuple[Literal["name", "num", "bool", "op", "eof"], str]
+
+
+def _tokenize(text: str) -> list[Token]:
+    tokens: list[Token] = []
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if c.isspace():
+            i += 1
+        elif c in "|&(),=":
+            tokens.append(("op", c))
+            i += 1
+        elif c.isdigit() or c == ".":
+            j = i
+            while j < len(text) and (text[j].isdigit() or text[j] in ".eE_"):
+                j += 1
+            tokens.append(("num", text[i:j]))
+            i = j
+        elif c.isalpha() or c == "_":
+            j = i
+            while j < len(text) and (text[j].isalnum() or text[j] == "_"):
+                j += 1
+            word = text[i:j]
+            kind: Literal["name", "bool"] = "bool" if word in ("true", "false") else "name"
+            tokens.append((kind, word))
+            i = j
+        else:
+            raise ValueError(f"unexpected character {c!r} at position {i}")
+    tokens.append(("eof", ""))
+    return tokens
+
+
+class _Parser:
+    def __init__(self, text: str) -> None:
+        self.tokens = _tokenize(text)
+        self.pos = 0
+
+    def peek(self) -> Token:
+        return self.tokens[self.pos]
+
+    def take(self, kind: str, value: str | None = None) -> str:
+        tk, tv = self.tokens[self.pos]
+        if tk != kind or (value is not None and tv != value):
+            want = value or kind
+            raise ValueError(f"expected {want!r}, found {tv or 'end of text'!r}")
+        self.pos += 1
+        return tv
+
+    def parse(self) -> Policy:
+        policy = self.any_of()
+        self.take("eof")
+        return policy
+
+    def any_of(self) -> Policy:
+        parts = [self.all_of()]
+        while self.peek() == ("op", "|"):
+            self.pos += 1
+            parts.append(self.all_of())
+        return parts[0] if len(parts) == 1 else AnyOf(tuple(parts))
+
+    def all_of(self) -> Policy:
+        parts = [self.atom()]
+        while self.peek() == ("op", "&"):
+            self.pos += 1
+            parts.append(self.atom())
+        return parts[0] if len(parts) == 1 else AllOf(tuple(parts))
+
+    def atom(self) -> Policy:
+        if self.peek() == ("op", "("):
+            self.pos += 1
+            inner = self.any_of()
+            self.take("op", ")")
+            return inner
+        name = self.take("name")
+        args: list[float | bool] = []
+        kwargs: dict[str, float | bool] = {}
+        if self.peek() == ("op", "("):
+            self.pos += 1
+            while self.peek() != ("op", ")"):
+                if self.peek()[0] == "name":
+                    key = self.take("name")
+                    self.take("op", "=")
+                    kwargs[key] = self.value()
+                else:
+                    if kwargs:
+                        raise ValueError("positional argument after keyword argument")
+                    args.append(self.value())
+                if self.peek() == ("op", ","):
+                    self.pos += 1
+            self.take("op", ")")
+        return _build(name, args, kwargs)
+
+    def value(self) -> float | bool:
+        kind, text = self.peek()
+        self.pos += 1
+        if kind == "bool":
+            return text == "true"
+        if kind == "num":
+            return float(text)
+        raise ValueError(f"expected a number or true/false, found {text or 'end of text'!r}")
+
+
+def _int(v: float | bool, what: str) -> int:
+    if isinstance(v, bool) or v != int(v):
+        raise ValueError(f"{what} must be a whole number")
+    return int(v)
+
+
+def _build(name: str, args: list[float | bool], kwargs: dict[str, float | bool]) -> Policy:
+    def arg(i: int, key: str, default: float | bool | None = None) -> float | bool:
+        if i < len(args):
+            if key in kwargs:
+                raise ValueError(f"{name}: {key} given twice")
+            return args[i]
+        if key in kwargs:
+            return kwargs[key]
+        if default is None:
+            raise ValueError(f"{name}: missing argument {key}")
+        return default
+
+    def check_keys(allowed: set[str], max_args: int) -> None:
+        unknown = set(kwargs) - allowed
+        if unknown:
+            raise ValueError(f"{name}: unknown argument {sorted(unknown)[0]}")
+        if len(args) > max_args:
+            raise ValueError(f"{name}: too many arguments")
+
+    if name in ("wait_all", "all"):
+        check_keys(set(), 0)
+        return WaitAll()
+    if name == "quorum":
+        check_keys({"k"}, 1)
+        return Quorum(_int(arg(0, "k"), "quorum k"))
+    if name == "deadline":
+        check_keys({"seconds", "min_k", "partial"}, 3)
+        seconds = arg(0, "seconds")
+        if isinstance(seconds, bool):
+            raise ValueError("deadline seconds must be a number")
+        return Deadline(
+            float(seconds),
+            _int(arg(1, "min_k", 1), "deadline min_k"),
+            bool(arg(2, "partial", False)),
+        )
+    if name == "partial":
+        check_keys({"k", "min_tokens"}, 2)
+        return Partial(
+            _int(arg(0, "k"), "partial k"), _int(arg(1, "min_tokens", 32), "partial min_tokens")
+        )
+    raise ValueError(f"unknown policy {name!r} (known: wait_all, quorum, deadline, partial)")
+
+
+def parse_policy(text: str) -> Policy:
+    """Parse the policy language: ``"quorum(3) | deadline(2.0, min_k=1, partial=true)"``.
+
+    Raises ``ValueError`` with a message naming what is wrong.
+    """
+    return _Parser(text).parse()

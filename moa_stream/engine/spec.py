@@ -1,0 +1,244 @@
+"""The immutable description of a Mixture-of-Agents.
+
+A :class:`MoA` is layers of proposers, then a final aggregator (with ordered fallbacks) that
+streams the answer. Layer 0 answers the user; each later layer answers again with the previous
+layer's answers as references; the aggregator synthesizes the last layer's answers. A MoA with
+no layers is a single model (the baseline).
+
+Build one with the presets (:func:`single`, :func:`moa`, :func:`moa_lite`, :func:`self_moa`) or
+the dataclasses directly, or load it from TOML (:mod:`moa_stream.config`). It holds providers
+but owns none of them: close providers yourself (or use a :class:`moa_stream.config.Runtime`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Literal
+
+from moa_stream._types import ChatMessage, ChatRequest
+from moa_stream.engine.policies import Policy, WaitAll
+from moa_stream.engine.prompts import PromptTemplates
+from moa_stream.engine.similarity import Similarity, word_jaccard
+from moa_stream.providers import Provider
+
+if TYPE_CHECKING:
+    from moa_stream.engine.run import MoARun
+
+__all__ = ["Agent", "Layer", "LayerCut", "MoA", "moa", "moa_lite", "self_moa", "single"]
+
+
+@dataclass(frozen=True, slots=True)
+class Agent:
+    """One model behind one provider, with its sampling parameters.
+
+    ``extra`` is merged into the request body as it is (``top_p``, ``seed``, vendor fields).
+    """
+
+    name: str
+    provider: Provider = field(repr=False)
+    model: str
+    temperature: float | None = None
+    max_tokens: int | None = None
+    system_prompt: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def request(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        stop: tuple[str, ...] | None = None,
+    ) -> ChatRequest:
+        """A request for ``messages``; arguments given here override the agent's own."""
+        return ChatRequest(
+            messages=messages,
+            model=self.model,
+            temperature=self.temperature if temperature is None else temperature,
+            max_tokens=self.max_tokens if max_tokens is None else max_tokens,
+            stop=stop,
+            extra=self.extra,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Layer:
+    """Proposers that run at once, and the policy that decides when to stop waiting.
+
+    ``stragglers``: what happens to proposers still running when the policy fires: ``cancel``
+    (their requests are closed at once) or ``keep`` (they finish for accounting, nobody waits
+    for them). ``on_unmet``: when the policy can no longer fire (too many failures), ``degrade``
+    (go on with what completed) or ``raise`` (:class:`moa_stream.LayerFailedError`).
+    """
+
+    agents: tuple[Agent, ...]
+    policy: Policy = field(default_factory=WaitAll)
+    stragglers: Literal["cancel", "keep"] = "cancel"
+    on_unmet: Literal["degrade", "raise"] = "degrade"
+
+    def __post_init__(self) -> None:
+        if not self.agents:
+            raise ValueError("a layer needs at least one agent")
+        names = [a.name for a in self.agents]
+        if len(set(names)) != len(names):
+            raise ValueError(f"agent names must be unique within a layer: {names}")
+
+
+@dataclass(frozen=True, slots=True)
+class LayerCut:
+    """When to skip the remaining refinement layers and go straight to the aggregator.
+
+    ``agreement``: cut when the mean pairwise ``similarity`` of a layer's complete answers is at
+    least this (``None``: never). ``ttft_budget``: cut when running one more layer would, by the
+    previous layer's duration, put the aggregator's start past this many seconds after the run
+    started (``None``: no budget).
+    """
+
+    agreement: float | None = None
+    similarity: Similarity = field(default=word_jaccard, repr=False)
+    ttft_budget: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MoA:
+    """A Mixture-of-Agents. See the module docstring; start a run with :meth:`stream`."""
+
+    layers: tuple[Layer, ...]
+    aggregator: Agent
+    fallbacks: tuple[Agent, ...] = ()
+    cut: LayerCut = field(default_factory=LayerCut)
+    templates: PromptTemplates = field(default_factory=PromptTemplates)
+    max_reference_chars: int | None = None
+    prewarm: bool = True
+    name: str = "moa"
+
+    def stream(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        stop: Sequence[str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> MoARun:
+        """Start a run: ``async with moa.stream(messages) as run: async for text in run.text()``.
+
+        ``temperature``, ``max_tokens`` and ``stop`` apply to the aggregator only.
+        """
+        from moa_stream.engine.run import MoARun
+
+        return MoARun(
+            self,
+            list(messages),
+            temperature=temperature,
+            max_tokens=max_tokens,
+            stop=tuple(stop) if stop else None,
+            clock=clock,
+        )
+
+    def with_policy(self, policy: Policy, **layer_changes: Any) -> MoA:
+        """The same MoA with ``policy`` (and any other :class:`Layer` field) on every layer."""
+        layers = tuple(replace(layer, policy=policy, **layer_changes) for layer in self.layers)
+        return replace(self, layers=layers)
+
+    @property
+    def agents(self) -> tuple[Agent, ...]:
+        """Every agent, each once: proposers layer by layer, then aggregators."""
+        seen: dict[str, Agent] = {}
+        for layer in self.layers:
+            for a in layer.agents:
+                seen.setdefault(a.name, a)
+        for a in (self.aggregator, *self.fallbacks):
+            seen.setdefault(a.name, a)
+        return tuple(seen.values())
+
+
+def single(agent: Agent, *, fallbacks: Sequence[Agent] = (), name: str = "single") -> MoA:
+    """One model, no proposers: the baseline every MoA is measured against."""
+    return MoA(layers=(), aggregator=agent, fallbacks=tuple(fallbacks), name=name)
+
+
+def moa(
+    proposers: Sequence[Agent],
+    aggregator: Agent,
+    *,
+    layers: int = 1,
+    policy: Policy | None = None,
+    fallbacks: Sequence[Agent] = (),
+    stragglers: Literal["cancel", "keep"] = "cancel",
+    on_unmet: Literal["degrade", "raise"] = "degrade",
+    cut: LayerCut | None = None,
+    max_reference_chars: int | None = None,
+    name: str = "moa",
+) -> MoA:
+    """The paper's layout: ``layers`` layers of the same proposers, then ``aggregator``.
+
+    ``layers=1`` is proposers then aggregator; each extra layer is one refinement round.
+    """
+    if layers < 1:
+        raise ValueError("moa() needs layers >= 1; use single() for no proposers")
+    layer = Layer(tuple(proposers), policy or WaitAll(), stragglers=stragglers, on_unmet=on_unmet)
+    return MoA(
+        layers=(layer,) * layers,
+        aggregator=aggregator,
+        fallbacks=tuple(fallbacks),
+        cut=cut or LayerCut(),
+        max_reference_chars=max_reference_chars,
+        name=name,
+    )
+
+
+def moa_lite(
+    proposers: Sequence[Agent],
+    aggregator: Agent,
+    *,
+    policy: Policy | None = None,
+    fallbacks: Sequence[Agent] = (),
+    max_reference_chars: int | None = 4000,
+    name: str = "moa-lite",
+) -> MoA:
+    """One proposer layer, then the aggregator, with references capped in length: the cheaper
+    variant of the paper."""
+    return moa(
+        proposers,
+        aggregator,
+        layers=1,
+        policy=policy,
+        fallbacks=fallbacks,
+        max_reference_chars=max_reference_chars,
+        name=name,
+    )
+
+
+def self_moa(
+    agent: Agent,
+    n: int,
+    *,
+    aggregator: Agent | None = None,
+    policy: Policy | None = None,
+    temperature: float = 0.7,
+    name: str = "self-moa",
+) -> MoA:
+    """``n`` samples of one model, aggregated (by the same model unless ``aggregator`` is given).
+
+    The samples are ``n`` separate requests (many servers refuse or ignore ``n > 1``), each with
+    its own ``seed`` so that deterministic servers still give different samples.
+    """
+    if n < 1:
+        raise ValueError("self_moa() needs n >= 1")
+    samples = tuple(
+        replace(
+            agent,
+            name=f"{agent.name}#{i + 1}",
+            temperature=agent.temperature if agent.temperature is not None else temperature,
+            extra={**agent.extra, "seed": int(agent.extra.get("seed", 0)) + i + 1},
+        )
+        for i in range(n)
+    )
+    return MoA(
+        layers=(Layer(samples, policy or WaitAll()),),
+        aggregator=aggregator or agent,
+        name=name,
+    )
