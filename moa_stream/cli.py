@@ -15,7 +15,12 @@ from typing import cast
 __all__ = ["main"]
 
 #: sub-command name -> module that defines ``add_parser``
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {
+    "demo": "moa_stream._demo",
+    "chat": "moa_stream._demo",
+    "sim": "moa_stream.sim._cli",
+    "serve": "moa_stream.server._cli",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,10 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Mixture-of-Agents over OpenAI-compatible providers, streamed with low TTFT.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module_name in COMMANDS.values():
+    for module_name in dict.fromkeys(COMMANDS.values()):
         module = importlib.import_module(module_name)
         add = cast(
-            Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None], module.add_parser
+            "Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]",
+            module.add_parser,
         )
         add(sub)
     return parser

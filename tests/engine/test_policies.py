@@ -70,15 +70,15 @@ def replay(n: int, events: list[tuple[int, str, float]], policy: Policy) -> tupl
 @given(events_strategy, st.integers(1, 6))
 def test_quorum_fires_exactly_when_kth_completion_arrives(case, k) -> None:
     n, events = case
-    state, history = replay(n, events, Quorum(k))
+    _state, history = replay(n, events, Quorum(k))
     fired = [h for h in history if h[1] is None and h[2] is not None]
     assert len(fired) <= 1, "a layer decides once"
-    for (index, kind, _t), before, decision, done, failed in history:
+    for (_index, kind, _t), before, decision, done, failed in history:
         if before is not None:
             break
         if decision is None:
             # not fired: fewer than k done, and still reachable with something running
-            assert done < k or (n - done - failed) == 0 and done < min(k, n)
+            assert done < k or ((n - done - failed) == 0 and done < min(k, n))
             continue
         if decision.reason == "quorum":
             assert kind == "done" and done == k, "fires on the k-th completion, not before"
@@ -141,7 +141,7 @@ def test_deadline_fires_at_its_time_with_at_least_min_k(
     if state.decision is None and state.now >= seconds:
         # past the deadline without firing: not enough references yet
         available = state.done + (
-            sum(1 for t, f in zip(state.tokens, state.finished) if t > 0 and not f)
+            sum(1 for t, f in zip(state.tokens, state.finished, strict=True) if t > 0 and not f)
             if partial
             else 0
         )

@@ -1,0 +1,173 @@
+"""Config: the embedded default loads, and every mistake is a ConfigError naming its field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from moa_stream import ConfigError
+from moa_stream.config import build_moa, default_config, load_config, loads_config
+from moa_stream.engine import Quorum
+from moa_stream.testing import ScriptedProvider
+
+BASE = """
+[providers.local]
+base_url = "http://127.0.0.1:9/v1"
+
+[agents.a]
+provider = "local"
+model = "m-a"
+
+[agents.b]
+provider = "local"
+model = "m-b"
+"""
+
+
+def config_with(extra: str):
+    return loads_config(BASE + extra, "test.toml")
+
+
+def test_default_config_defines_simulated_moas() -> None:
+    config = default_config()
+    assert {"moa-quorum", "moa-wait-all", "moa-partial", "self-moa", "single"} <= set(config.moas)
+    assert all(p.kind == "sim" for p in config.providers.values())
+    assert config.moas["moa-quorum"].policy == parse("quorum(2) | deadline(2.0)")
+
+
+def parse(text: str):
+    from moa_stream.engine import parse_policy
+
+    return parse_policy(text)
+
+
+def test_a_full_moa_table_is_read() -> None:
+    config = config_with(
+        """
+[moa.fast]
+proposers = ["a", "b"]
+aggregator = "a"
+fallbacks = ["b"]
+layers = 2
+policy = "quorum(1)"
+stragglers = "keep"
+cut_agreement = 0.8
+ttft_budget = 3
+max_reference_chars = 2000
+"""
+    )
+    m = config.moas["fast"]
+    assert m.proposers == ("a", "b") and m.fallbacks == ("b",)
+    assert m.policy == Quorum(1) and m.layers == 2 and m.stragglers == "keep"
+    assert m.ttft_budget == 3.0 and m.cut_agreement == 0.8
+
+
+@pytest.mark.parametrize(
+    ("extra", "path", "message"),
+    [
+        ('[moa.x]\nproposers = ["a"]\n', "moa.x.aggregator", "is required"),
+        (
+            '[moa.x]\nproposers = ["zz"]\naggregator = "a"\n',
+            "moa.x.proposers",
+            "unknown agent 'zz'",
+        ),
+        (
+            '[moa.x]\nproposers = ["a"]\naggregator = "a"\npolicy = "quorum(0)"\n',
+            "moa.x.policy",
+            "k >= 1",
+        ),
+        (
+            '[moa.x]\nproposers = ["a"]\naggregator = "a"\nlayers = "2"\n',
+            "moa.x.layers",
+            "expected an integer",
+        ),
+        (
+            '[moa.x]\nproposers = ["a"]\naggregator = "a"\nlayers = 0\n',
+            "moa.x.layers",
+            "must be positive",
+        ),
+        (
+            '[moa.x]\nproposers = ["a"]\naggregator = "a"\nbogus = 1\n',
+            "moa.x.bogus",
+            "unknown field",
+        ),
+        (
+            '[moa.x]\nproposers = ["a"]\naggregator = "a"\nstragglers = "wait"\n',
+            "moa.x.stragglers",
+            "must be one of",
+        ),
+        ('[moa.x]\naggregator = "a"\n', "moa.x.proposers", "needs at least one proposer"),
+        (
+            '[moa.x]\npreset = "single"\naggregator = "a"\n'
+            '[agents.c]\nprovider = "nope"\nmodel = "m"\n',
+            "agents.c.provider",
+            "unknown provider 'nope'",
+        ),
+        (
+            '[moa.x]\npreset = "single"\naggregator = "a"\n[server]\nport = 70000\n',
+            "server.port",
+            "between 0 and 65535",
+        ),
+        (
+            '[moa.x]\npreset = "single"\naggregator = "a"\n[providers.local.timeouts]\nidle = -1\n',
+            "providers.local.timeouts.idle",
+            "must be positive",
+        ),
+        ("", "moa", "at least one"),
+    ],
+)
+def test_mistakes_name_the_field_and_the_file(extra: str, path: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config_with(extra)
+    assert info.value.path == path
+    assert info.value.source == "test.toml"
+    assert message in str(info.value)
+    assert str(info.value).startswith(f"test.toml: {path}: ")
+
+
+def test_invalid_toml_and_missing_files_are_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        loads_config("[moa\n", "bad.toml")
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_presets_build_the_right_shapes() -> None:
+    config = config_with(
+        """
+[moa.m]
+proposers = ["a", "b"]
+aggregator = "a"
+layers = 2
+[moa.s]
+preset = "self_moa"
+proposers = ["b"]
+samples = 3
+aggregator = "a"
+[moa.one]
+preset = "single"
+aggregator = "b"
+"""
+    )
+    from moa_stream.engine import Agent
+
+    p = ScriptedProvider({})
+    agents = {name: Agent(name, p, c.model) for name, c in config.agents.items()}
+    m = build_moa(config.moas["m"], agents)
+    assert len(m.layers) == 2 and [a.name for a in m.layers[0].agents] == ["a", "b"]
+    s = build_moa(config.moas["s"], agents)
+    assert [a.model for a in s.layers[0].agents] == ["m-b"] * 3
+    assert len({a.extra["seed"] for a in s.layers[0].agents}) == 3
+    one = build_moa(config.moas["one"], agents)
+    assert one.layers == () and one.aggregator.model == "m-b"
+
+
+def test_server_api_keys_come_from_config_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KEYS", "k2, k3,")
+    config = config_with(
+        '[moa.x]\npreset = "single"\naggregator = "a"\n'
+        '[server]\napi_keys = ["k1"]\napi_keys_env = "KEYS"\n'
+    )
+    assert config.server.resolved_api_keys() == ("k1", "k2", "k3")
+    assert "k1" not in repr(config.server)
