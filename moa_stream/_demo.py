@@ -22,10 +22,13 @@ from moa_stream._types import ChatMessage
 from moa_stream.config import Config, Runtime, default_config, load_config
 from moa_stream.engine.events import Event, RunReport
 from moa_stream.engine.spec import MoA
+from moa_stream.sim.quiz import extract_answer, find_question, get_question
 
 __all__ = ["add_parser"]
 
-DEFAULT_PROMPT = "In a few sentences: why does the sky look blue during the day but red at sunset?"
+# A quiz question of the simulator's (its models write a final "Answer: N" line, right or wrong
+# with their configured accuracy), so the demo can show whether each answer is correct.
+DEFAULT_PROMPT = get_question("Q7").prompt
 DEMO_STRATEGIES = ("moa-wait-all", "moa-quorum")
 
 
@@ -99,8 +102,12 @@ def _fmt_s(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f} s"
 
 
-def summary_row(name: str, spec: MoA, report: RunReport) -> dict[str, Any]:
+def summary_row(
+    name: str, spec: MoA, report: RunReport, prompt: str | None = None
+) -> dict[str, Any]:
     policy = repr(spec.layers[0].policy) if spec.layers else "-"
+    question = find_question(prompt) if prompt else None
+    answer = extract_answer(report.text) if question is not None else None
     return {
         "name": name,
         "policy": policy,
@@ -118,13 +125,30 @@ def summary_row(name: str, spec: MoA, report: RunReport) -> dict[str, Any]:
         ],
         "layer_reasons": [layer.reason for layer in report.layers],
         "aggregator": report.aggregator,
+        "answer": answer,
+        "correct": None if question is None else answer == question.answer,
         "error": report.error,
         "text": report.text,
     }
 
 
+def _fmt_answer(row: dict[str, Any]) -> str:
+    if row["correct"] is None:
+        return "-"
+    return f"{row['answer']} ({'right' if row['correct'] else 'wrong'})"
+
+
 def render_table(rows: Sequence[dict[str, Any]]) -> str:
-    header = ("strategy", "policy", "TTFT", "to quorum", "agg TTFT", "total", "tokens in/out")
+    header = (
+        "strategy",
+        "policy",
+        "TTFT",
+        "to quorum",
+        "agg TTFT",
+        "total",
+        "tokens in/out",
+        "answer",
+    )
     lines = [
         (
             r["name"],
@@ -134,6 +158,7 @@ def render_table(rows: Sequence[dict[str, Any]]) -> str:
             _fmt_s(r["aggregator_ttft_s"]),
             _fmt_s(r["total_s"]),
             f"{r['prompt_tokens']:,} / {r['completion_tokens']:,}",
+            _fmt_answer(r),
         )
         for r in rows
     ]
@@ -177,7 +202,7 @@ async def _demo(args: argparse.Namespace) -> int:
                 )
                 progress = Progress(out, live=out.isatty())
             report = await stream_run(spec, messages, progress)
-            rows.append(summary_row(name, spec, report))
+            rows.append(summary_row(name, spec, report, prompt))
     if args.json:
         out.write(
             orjson.dumps(

@@ -6,7 +6,7 @@ import importlib
 
 import pytest
 
-PUBLIC_MODULES = ["moa_stream", "moa_stream.providers"]
+PUBLIC_MODULES = ["moa_stream", "moa_stream.providers", "moa_stream.engine", "moa_stream.sim"]
 
 
 @pytest.mark.parametrize("module_name", PUBLIC_MODULES)
