@@ -153,6 +153,9 @@ class LayerState:
         slot.error = error
         slot.ended_at = now
         self.failed += 1
+        self._tokens[index] = (
+            0  # a failed proposer's text is never used: policies must not count it
+        )
         if self.decision is not None:
             return None
         self.now = now

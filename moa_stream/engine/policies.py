@@ -43,8 +43,8 @@ __all__ = [
 
 
 class LayerStatus(Protocol):
-    """What a policy may look at. ``tokens[i]`` counts proposer i's content chunks so far;
-    ``finished[i]`` is true once it completed (not failed)."""
+    """What a policy may look at. ``tokens[i]`` counts proposer i's usable content chunks so
+    far (0 once it failed); ``finished[i]`` is true once it completed (not failed)."""
 
     @property
     def n(self) -> int: ...
