@@ -6,6 +6,7 @@
     base_url = "http://127.0.0.1:8000/v1"
     api_key_env = "LOCAL_API_KEY"     # the variable's name, never the key itself
     max_tokens_field = "max_tokens"   # or "max_completion_tokens"
+    max_connections = 100             # pooled connections; every agent request holds one
     timeouts = { connect = 5, first_token = 20, idle = 20, total = 300 }
     retry = { max_attempts = 3 }
 
@@ -74,6 +75,7 @@ class ProviderConfig:
     api_key: str | None = field(default=None, repr=False)
     headers: Mapping[str, str] = field(default_factory=dict)
     max_tokens_field: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
+    max_connections: int = 100
     timeouts: Timeouts = field(default_factory=Timeouts)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
@@ -268,6 +270,7 @@ def _provider(t: _Table, name: str) -> ProviderConfig:
             Literal["max_tokens", "max_completion_tokens"],
             t.choice("max_tokens_field", ("max_tokens", "max_completion_tokens"), "max_tokens"),
         ),
+        max_connections=t.positive("max_connections", int, 100),
         timeouts=timeouts,
         retry=retry,
     )
@@ -476,6 +479,7 @@ class Runtime:
                 api_key_env=p.api_key_env,
                 headers=p.headers,
                 max_tokens_field=p.max_tokens_field,
+                limit=p.max_connections,
                 timeouts=p.timeouts,
                 retry=p.retry,
             )

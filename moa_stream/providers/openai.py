@@ -938,13 +938,18 @@ class OpenAIProvider:
         """Open ``connections`` pooled keep-alive connections before they are needed.
 
         Each is opened by a ``GET {base_url}/models`` read to its end, so the connection goes
-        back to the pool; a later request then skips TCP (and TLS) set-up. Failures are logged
-        at debug level and otherwise ignored: a prewarm is only ever an optimisation.
+        back to the pool; a later request then skips TCP (and TLS) set-up. Connections already
+        idle in the pool count: a busy provider's pool is warm, and a prewarm request would
+        only add load. Failures are logged at debug level and otherwise ignored: a prewarm is
+        only ever an optimisation.
         """
         try:
             session = self._session_for_stream()
         except ProviderError as exc:
             _log.debug("provider.prewarm_failed", provider=self._name, error=exc.message)
+            return
+        connections -= self._idle_connections()
+        if connections <= 0:
             return
         if connections <= 1:
             await self._prewarm_one(session)
@@ -952,6 +957,19 @@ class OpenAIProvider:
         async with asyncio.TaskGroup() as group:
             for _ in range(connections):
                 group.create_task(self._prewarm_one(session))
+
+    def _idle_connections(self) -> int:
+        """Idle keep-alive connections in the pool, or 0 when that can't be told.
+
+        aiohttp has no public count, so this reads the connector's pool and falls back to 0
+        (always prewarm) if its shape ever changes: it can make a prewarm cheaper, never wrong.
+        """
+        session = self._session
+        pool = getattr(session.connector, "_conns", None) if session is not None else None
+        try:
+            return sum(len(idle) for idle in pool.values()) if pool else 0
+        except (AttributeError, TypeError):
+            return 0
 
     async def _prewarm_one(self, session: aiohttp.ClientSession) -> None:
         try:

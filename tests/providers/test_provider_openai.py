@@ -811,6 +811,15 @@ async def test_prewarm_opens_the_connection_the_request_uses() -> None:
         assert stream._reused
 
 
+async def test_prewarm_skips_when_the_pool_already_has_an_idle_connection() -> None:
+    async with raw_server(serve_bytes(HELLO)) as server, provider_for(server) as provider:
+        assert await collect(provider) == "Hello world"
+        await provider.prewarm()
+        assert server.models_calls == 0, "the finished stream's connection is idle in the pool"
+        await provider.prewarm(connections=3)
+        assert server.models_calls == 2
+
+
 async def test_prewarm_several_connections_and_failures_are_ignored() -> None:
     async with raw_server(serve_bytes(HELLO)) as server, provider_for(server) as provider:
         await provider.prewarm(connections=4)

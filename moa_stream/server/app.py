@@ -1,0 +1,590 @@
+"""The OpenAI-compatible MoA server: the aiohttp application and its handlers.
+
+``create_app(runtime)`` exposes every ``[moa.<id>]`` of a started
+:class:`~moa_stream.config.Runtime` as a model:
+
+- ``POST /v1/chat/completions``: streamed (SSE) or not; the MoA's aggregator writes the answer.
+- ``GET /v1/models`` and ``GET /v1/models/{id}``: the MoA ids.
+- ``GET /healthz``: 200 while serving, 503 while draining for shutdown.
+- ``GET /metrics``: Prometheus text.
+
+When a stream's headers go out: at its first answer token (together with the role chunk and
+that token), so a run that fails before answering still gets a real error status (502) that
+clients and their retry logic understand. A client that asks for progress gets the headers at
+once, because the progress is what it wants to see meanwhile. ``docs/server.md`` has the
+details.
+
+A client that disconnects cancels its handler (``handler_cancellation=True`` on the runner),
+and leaving the run's ``async with`` cancels every upstream request of that run at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import orjson
+import structlog
+from aiohttp import web
+
+from moa_stream._exceptions import AggregatorError, MoAError, ProviderError
+from moa_stream.config import Runtime, ServerConfig
+from moa_stream.engine.events import AggregatorDelta, ProposerDelta
+from moa_stream.engine.run import MoARun
+from moa_stream.engine.spec import MoA
+from moa_stream.server.errors import APIError, from_http_exception, from_moa_error, timeout_error
+from moa_stream.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from moa_stream.server.metrics import ServerMetrics
+from moa_stream.server.progress import ProgressEncoder, report_object
+from moa_stream.server.wire import (
+    DONE,
+    ChatCompletionRequest,
+    ChunkEncoder,
+    completion_object,
+    parse_chat_request,
+    truthy_header,
+)
+
+__all__ = ["PROGRESS_HEADER", "MoAServer", "create_app"]
+
+log = structlog.get_logger("moa_stream.server")
+
+#: The request header that turns progress on (``1``, ``true``, ``yes`` or ``on``).
+PROGRESS_HEADER = "X-MoA-Progress"
+
+_SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    # nginx buffers proxied responses unless told not to; buffering would hold back tokens.
+    "X-Accel-Buffering": "no",
+}
+_JSON = "application/json"
+_CHAT_PATH = "/v1/chat/completions"
+_TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+_ALWAYS_ALLOWED_HEADERS = ("Authorization", "Content-Type", PROGRESS_HEADER)
+_QUIET_PATHS = frozenset({"/healthz", "/metrics"})
+
+
+class RequestContext:
+    """What one request did, gathered for its log line and its metrics."""
+
+    __slots__ = (
+        "chat",
+        "completion_id",
+        "created",
+        "error",
+        "first_token_at",
+        "model",
+        "outcome",
+        "progress",
+        "request_id",
+        "run",
+        "started",
+        "status",
+        "stream",
+    )
+
+    def __init__(self, request_id: str, started: float) -> None:
+        self.request_id = request_id
+        self.started = started
+        self.completion_id = f"chatcmpl-{request_id}"
+        self.created = int(time.time())
+        self.chat = False
+        self.model: str | None = None
+        self.stream: bool | None = None
+        self.progress = False
+        self.status = 0
+        self.outcome: str | None = None
+        self.error: APIError | None = None
+        self.first_token_at: float | None = None
+        self.run: MoARun | None = None
+
+    def fail(self, error: APIError) -> None:
+        """Record ``error`` as the request's result."""
+        self.error = error
+        self.outcome = error.outcome
+
+
+_CTX = web.RequestKey("moa_stream.context", RequestContext)
+
+
+class MoAServer:
+    """The state behind the handlers: the runtime's MoAs, keys, limits and metrics.
+
+    One per application; :func:`create_app` builds it and stores it as ``app[MoAServer.KEY]``.
+    """
+
+    KEY: web.AppKey[MoAServer]
+
+    def __init__(
+        self,
+        moas: Mapping[str, MoA],
+        config: ServerConfig,
+        *,
+        descriptions: Mapping[str, str] | None = None,
+        metrics: ServerMetrics | None = None,
+    ) -> None:
+        self.moas = dict(moas)
+        self.config = config
+        self.metrics = metrics if metrics is not None else ServerMetrics()
+        self._keys = tuple(k.encode() for k in config.resolved_api_keys())
+        self._origins = frozenset(config.cors_origins)
+        self.active = 0
+        self.shutting_down = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._expired = False
+        self._timeouts: set[asyncio.Timeout] = set()
+        # Agent name -> provider name, per MoA id: proposer.failed events carry the agent only.
+        self._providers = {
+            moa_id: {agent.name: agent.provider.name for agent in spec.agents}
+            for moa_id, spec in self.moas.items()
+        }
+        created = int(time.time())
+        descriptions = descriptions or {}
+        self._model_objects = {
+            moa_id: {
+                "id": moa_id,
+                "object": "model",
+                "created": created,
+                "owned_by": "moa-stream",
+                "description": descriptions.get(moa_id, ""),
+            }
+            for moa_id in self.moas
+        }
+        self._models_body = orjson.dumps(
+            {"object": "list", "data": list(self._model_objects.values())}
+        )
+
+    # -- shutdown ----------------------------------------------------------------------------
+    def begin_shutdown(self) -> None:
+        """Refuse new chat requests (503) and report unhealthy; running ones go on."""
+        self.shutting_down = True
+
+    async def drain(self, grace: float) -> bool:
+        """Wait up to ``grace`` seconds for running requests to finish; True if they all did.
+
+        Those still running afterwards are ended: a stream gets a ``shutting_down`` error frame
+        and ``[DONE]``, a non-streamed request a 503.
+        """
+        try:
+            async with asyncio.timeout(grace):
+                await self._idle.wait()
+            return True
+        except TimeoutError:
+            pass
+        self._expired = True
+        now = asyncio.get_running_loop().time()
+        for cm in list(self._timeouts):
+            cm.reschedule(now)
+        return False
+
+    async def wait_idle(self) -> None:
+        """Wait until no chat request is running."""
+        await self._idle.wait()
+
+    # -- helpers -----------------------------------------------------------------------------
+    def authorized(self, header: str | None) -> bool:
+        """Whether the ``Authorization`` header carries a configured key (always, if none is).
+
+        Compared in constant time against every key, so the time taken reveals neither how
+        much of a key matched nor which key it was.
+        """
+        if not self._keys:
+            return True
+        if header is None:
+            return False
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        given = token.strip().encode()
+        ok = False
+        for key in self._keys:
+            ok |= hmac.compare_digest(given, key)
+        return ok
+
+    def origin_allowed(self, origin: str) -> bool:
+        """Whether ``cors_origins`` lets a page from ``origin`` call the API."""
+        return "*" in self._origins or origin in self._origins
+
+    def _count_failure(self, moa_id: str, agent: str, kind: str) -> None:
+        provider = self._providers[moa_id].get(agent, "unknown")
+        self.metrics.upstream_errors.inc(provider, kind)
+
+    def _count_mid_stream_failure(self, moa_id: str, exc: MoAError) -> None:
+        # An aggregator that fails after its first token raises at once, with no
+        # aggregator.failed event; its ProviderError is the exception's cause.
+        cause = exc.__cause__
+        if isinstance(exc, AggregatorError) and isinstance(cause, ProviderError):
+            provider = cause.provider or "unknown"
+            self.metrics.upstream_errors.inc(provider, cause.kind)
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        limit = self.config.max_body_bytes
+        # Refuse on the declared length before reading a byte; chunked bodies are capped by
+        # the application's client_max_size while they are read.
+        if request.content_length is not None and request.content_length > limit:
+            raise APIError.body_too_large(limit)
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise APIError.body_too_large(limit) from None
+
+    # -- handlers ----------------------------------------------------------------------------
+    async def healthz(self, request: web.Request) -> web.Response:
+        """``GET /healthz``: 200 while serving, 503 while draining (load balancers move on)."""
+        if self.shutting_down:
+            return web.Response(status=503, body=b'{"status":"shutting_down"}', content_type=_JSON)
+        return web.Response(body=b'{"status":"ok"}', content_type=_JSON)
+
+    async def metrics_handler(self, request: web.Request) -> web.Response:
+        """``GET /metrics``: the Prometheus text of :attr:`metrics`."""
+        response = web.Response(body=self.metrics.render())
+        response.headers["Content-Type"] = METRICS_CONTENT_TYPE
+        return response
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        """``GET /v1/models``: one model object per MoA id (built once)."""
+        return web.Response(body=self._models_body, content_type=_JSON)
+
+    async def get_model(self, request: web.Request) -> web.Response:
+        """``GET /v1/models/{id}``: one MoA's model object, or 404."""
+        model_id = request.match_info["model"]
+        obj = self._model_objects.get(model_id)
+        if obj is None:
+            raise APIError.model_not_found(model_id, list(self.moas))
+        return web.Response(body=orjson.dumps(obj), content_type=_JSON)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        """``POST /v1/chat/completions``: run the MoA named by ``model``, streamed or not."""
+        ctx = request[_CTX]
+        if self.shutting_down:
+            raise APIError.shutting_down()
+        raw = await self._read_body(request)
+        req = parse_chat_request(
+            raw, progress_header=truthy_header(request.headers.get(PROGRESS_HEADER))
+        )
+        spec = self.moas.get(req.model)
+        if spec is None:
+            raise APIError.model_not_found(req.model, list(self.moas))
+        ctx.model = req.model
+        ctx.stream = req.stream
+        ctx.progress = req.progress
+        if self.active >= self.config.max_concurrent_streams:
+            raise APIError.too_many_streams(self.config.max_concurrent_streams)
+        self.active += 1
+        self._idle.clear()
+        self.metrics.active_streams.inc()
+        try:
+            run = spec.stream(
+                req.messages, temperature=req.temperature, max_tokens=req.max_tokens, stop=req.stop
+            )
+            if req.stream:
+                return await self._stream(request, ctx, req, run)
+            return await self._complete(ctx, req, run)
+        finally:
+            self.active -= 1
+            self.metrics.active_streams.dec()
+            if self.active == 0:
+                self._idle.set()
+
+    def _deadline_error(self) -> APIError:
+        return (
+            APIError.shutting_down()
+            if self._expired
+            else timeout_error(self.config.request_timeout)
+        )
+
+    async def _stream(
+        self, request: web.Request, ctx: RequestContext, req: ChatCompletionRequest, run: MoARun
+    ) -> web.StreamResponse:
+        resp = web.StreamResponse(headers=_SSE_HEADERS)
+        enc = ChunkEncoder(ctx.completion_id, ctx.created, req.model, req.include_usage)
+        progress = ProgressEncoder() if req.progress else None
+        write = resp.write
+        first = True
+        finished = False
+        error: APIError | None = None
+        async with run:
+            ctx.run = run
+            deadline = asyncio.timeout(self.config.request_timeout)
+            try:
+                async with deadline:
+                    # Registered so that the end of a shutdown's grace period can expire it.
+                    self._timeouts.add(deadline)
+                    if progress is not None:
+                        await resp.prepare(request)
+                    async for event in run.events():
+                        # isinstance, not event.type: the cheapest test on the per-token path.
+                        if isinstance(event, AggregatorDelta):
+                            if first:
+                                first = False
+                                if not resp.prepared:
+                                    await resp.prepare(request)
+                                ctx.first_token_at = time.monotonic()
+                                # One write: the role chunk and the first token leave together.
+                                await write(enc.role() + enc.content(event.text))
+                            else:
+                                await write(enc.content(event.text))
+                            continue
+                        if progress is None and isinstance(event, ProposerDelta):
+                            continue
+                        if event.type == "proposer.failed" or event.type == "aggregator.failed":
+                            self._count_failure(req.model, event.agent, event.kind)
+                        elif event.type == "run.done":
+                            # Written here, not after the run is closed: closing may wait for
+                            # "keep" stragglers, and the client must not.
+                            tail = [b""] if progress is None else [progress.frame(event) or b""]
+                            if not resp.prepared:
+                                await resp.prepare(request)
+                            if first:
+                                tail.append(enc.role())
+                            tail.append(enc.finish(event.report.finish_reason or "stop"))
+                            if req.include_usage:
+                                tail.append(enc.usage(event.report.usage))
+                            tail.append(DONE)
+                            await write(b"".join(tail))
+                            await resp.write_eof()
+                            finished = True
+                            continue
+                        if progress is not None:
+                            frame = progress.frame(event)
+                            if frame is not None:
+                                await write(frame)
+            except MoAError as exc:
+                self._count_mid_stream_failure(req.model, exc)
+                error = from_moa_error(exc)
+            except TimeoutError:
+                error = self._deadline_error()
+            except ConnectionResetError:
+                # The client went away while we wrote; leaving the block cancels the run.
+                ctx.outcome = "client_disconnected"
+                ctx.status = 499
+                return resp
+            except Exception:
+                # A bug: the log gets the traceback; the client an error it can act on, in the
+                # stream if it has started (a new response can no longer be sent then).
+                log.exception("request.crashed", request_id=ctx.request_id)
+                error = APIError.internal()
+            finally:
+                self._timeouts.discard(deadline)
+            if error is None and not finished:
+                log.error("stream.ended_without_report", request_id=ctx.request_id)
+                error = APIError.internal()
+            if error is not None:
+                if not resp.prepared:
+                    raise error
+                ctx.fail(error)
+                try:
+                    await write(error.frame() + DONE)
+                    await resp.write_eof()
+                except ConnectionResetError:
+                    pass
+        return resp
+
+    async def _complete(
+        self, ctx: RequestContext, req: ChatCompletionRequest, run: MoARun
+    ) -> web.Response:
+        report = None
+        async with run:
+            ctx.run = run
+            deadline = asyncio.timeout(self.config.request_timeout)
+            try:
+                async with deadline:
+                    self._timeouts.add(deadline)
+                    async for event in run.events():
+                        if event.type == "proposer.failed" or event.type == "aggregator.failed":
+                            self._count_failure(req.model, event.agent, event.kind)
+                        elif event.type == "run.done":
+                            report = event.report
+            except MoAError as exc:
+                self._count_mid_stream_failure(req.model, exc)
+                raise from_moa_error(exc) from None
+            except TimeoutError:
+                raise self._deadline_error() from None
+            finally:
+                self._timeouts.discard(deadline)
+        assert report is not None
+        extra = {"moa_stream": report_object(report)} if req.progress else None
+        body = completion_object(
+            completion_id=ctx.completion_id,
+            created=ctx.created,
+            model=req.model,
+            text=report.text,
+            finish_reason=report.finish_reason or "stop",
+            usage=report.usage,
+            extra=extra,
+        )
+        return web.Response(body=orjson.dumps(body), content_type=_JSON)
+
+    # -- middleware and signals -------------------------------------------------------------
+    def _preflight(self, request: web.Request) -> web.Response:
+        origin = request.headers.get("Origin", "")
+        if not self.origin_allowed(origin):
+            raise APIError(
+                403,
+                "This origin is not allowed.",
+                code="cors_origin_not_allowed",
+                outcome="forbidden",
+            )
+        requested = request.headers.get("Access-Control-Request-Headers", "")
+        names = [h.strip() for h in requested.split(",") if h.strip()]
+        # Browser SDKs add their own headers (x-stainless-*); the origin check is the guard.
+        allowed = dict.fromkeys([*_ALWAYS_ALLOWED_HEADERS, *(h for h in names if _TOKEN.match(h))])
+        return web.Response(
+            status=204,
+            headers={
+                "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+                "Access-Control-Allow-Headers": ", ".join(allowed),
+                "Access-Control-Max-Age": "600",
+            },
+        )
+
+    @web.middleware
+    async def middleware(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """Request id, preflight, authentication, errors as OpenAI error bodies, and the
+        request's log line and metrics, around every handler."""
+        ctx = RequestContext(uuid.uuid4().hex, time.monotonic())
+        # Counted as a chat request even when refused before the handler (401, 405).
+        ctx.chat = request.path == _CHAT_PATH
+        request[_CTX] = ctx
+        response: web.StreamResponse
+        try:
+            if (
+                request.method == "OPTIONS"
+                and self._origins
+                and "Origin" in request.headers
+                and "Access-Control-Request-Method" in request.headers
+            ):
+                response = self._preflight(request)
+            elif request.path.startswith("/v1/") and not self.authorized(
+                request.headers.get("Authorization")
+            ):
+                raise APIError.invalid_api_key()
+            else:
+                response = await handler(request)
+        except APIError as exc:
+            ctx.fail(exc)
+            response = exc.response()
+        except web.HTTPException as exc:
+            err = from_http_exception(exc, request.path)
+            ctx.fail(err)
+            response = err.response()
+        except asyncio.CancelledError:
+            ctx.outcome = "shutting_down" if self._expired else "client_disconnected"
+            ctx.status = 499  # nginx's "client closed request"; nothing was sent with it
+            self._finish(request, ctx)
+            raise
+        except Exception:
+            log.exception("request.crashed", request_id=ctx.request_id, path=request.path)
+            err = APIError.internal()
+            ctx.fail(err)
+            response = err.response()
+        if not ctx.status:
+            ctx.status = response.status
+        self._finish(request, ctx)
+        return response
+
+    async def on_response_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
+        """Adds ``x-request-id`` and the CORS headers to every response, streamed ones too
+        (a middleware would be too late for a response already prepared)."""
+        ctx = request.get(_CTX)
+        if ctx is not None:
+            response.headers["X-Request-Id"] = ctx.request_id
+        origin = request.headers.get("Origin")
+        if origin and self._origins and self.origin_allowed(origin):
+            response.headers["Access-Control-Allow-Origin"] = (
+                "*" if "*" in self._origins else origin
+            )
+            response.headers["Access-Control-Expose-Headers"] = "X-Request-Id"
+            if "*" not in self._origins:
+                response.headers["Vary"] = "Origin"
+
+    def _finish(self, request: web.Request, ctx: RequestContext) -> None:
+        """The request's one log line and its metrics."""
+        now = time.monotonic()
+        if ctx.outcome is None:
+            ctx.outcome = "ok" if ctx.status < 400 else "error"
+        fields: dict[str, Any] = {
+            "request_id": ctx.request_id,
+            "method": request.method,
+            "path": request.path,
+            "status": ctx.status,
+            "outcome": ctx.outcome,
+            "duration_s": round(now - ctx.started, 4),
+        }
+        if ctx.chat:
+            model = ctx.model or "unknown"
+            m = self.metrics
+            m.requests.inc(model, ctx.outcome)
+            m.duration.observe(now - ctx.started, model)
+            fields["model"] = ctx.model
+            fields["stream"] = ctx.stream
+            if ctx.progress:
+                fields["progress"] = True
+            if ctx.first_token_at is not None:
+                ttft = ctx.first_token_at - ctx.started
+                m.ttft.observe(ttft, model)
+                fields["ttft_s"] = round(ttft, 4)
+            if ctx.run is not None:
+                report = ctx.run.report
+                if report.time_to_quorum_s is not None:
+                    m.time_to_quorum.observe(report.time_to_quorum_s, model)
+                    fields["time_to_quorum_s"] = round(report.time_to_quorum_s, 4)
+                fields["run_total_s"] = round(report.total_s, 4)
+                fields["aggregator"] = report.aggregator
+                fields["prompt_tokens"] = report.usage.prompt_tokens
+                fields["completion_tokens"] = report.usage.completion_tokens
+                m.tokens.inc(model, "prompt", amount=report.usage.prompt_tokens)
+                m.tokens.inc(model, "completion", amount=report.usage.completion_tokens)
+        if ctx.error is not None:
+            fields["error_code"] = ctx.error.code
+            fields["error"] = ctx.error.message
+        if request.path in _QUIET_PATHS and ctx.status < 400:
+            log.debug("request", **fields)
+        else:
+            log.info("request", **fields)
+
+
+MoAServer.KEY = web.AppKey("moa_stream.server", MoAServer)
+
+
+def create_app(
+    runtime: Runtime,
+    server_config: ServerConfig | None = None,
+    *,
+    metrics: ServerMetrics | None = None,
+) -> web.Application:
+    """The aiohttp application serving ``runtime``'s MoAs under their ids.
+
+    ``runtime`` must be started (``async with Runtime(config) as runtime``); the application
+    does not close it. ``server_config`` defaults to the runtime's ``[server]`` table. Run the
+    application with ``web.AppRunner(app, handler_cancellation=True)`` (as
+    :func:`moa_stream.server.serve` does) so that a client's disconnect cancels its run.
+    """
+    config = server_config if server_config is not None else runtime.config.server
+    descriptions = {moa_id: m.description for moa_id, m in runtime.config.moas.items()}
+    state = MoAServer(runtime.moas, config, descriptions=descriptions, metrics=metrics)
+    return build_app(state)
+
+
+def build_app(state: MoAServer) -> web.Application:
+    """The application around an existing :class:`MoAServer`."""
+    app = web.Application(
+        middlewares=[state.middleware], client_max_size=state.config.max_body_bytes
+    )
+    app[MoAServer.KEY] = state
+    app.on_response_prepare.append(state.on_response_prepare)
+    app.router.add_post(_CHAT_PATH, state.chat_completions)
+    app.router.add_get("/v1/models", state.list_models)
+    app.router.add_get("/v1/models/{model}", state.get_model)
+    app.router.add_get("/healthz", state.healthz)
+    app.router.add_get("/metrics", state.metrics_handler)
+    return app

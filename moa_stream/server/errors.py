@@ -1,0 +1,207 @@
+"""OpenAI-style errors: one exception type the handlers raise, one body shape clients parse.
+
+Every error the server sends, whatever its cause, has the body OpenAI's API uses::
+
+    {"error": {"message": "...", "type": "invalid_request_error", "param": null, "code": "..."}}
+
+so an OpenAI SDK raises its usual exception classes (``BadRequestError``, ``NotFoundError``,
+``AuthenticationError``, ``RateLimitError``, ``InternalServerError`` ...) with the message.
+After a stream has started the same object goes out as ``data: {"error": {...}}``.
+
+Each :class:`APIError` also carries an ``outcome``: the low-cardinality name it is counted
+under in ``/metrics`` and written as in the request log.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from moa_stream._exceptions import AggregatorError, LayerFailedError, MoAError
+
+__all__ = [
+    "APIError",
+    "from_http_exception",
+    "from_moa_error",
+    "timeout_error",
+]
+
+
+class APIError(Exception):
+    """An error to send to the client: HTTP ``status`` plus the OpenAI error fields.
+
+    ``headers`` are added to the response (``Retry-After``, ``Allow``); ``outcome`` names the
+    request's result in metrics and logs.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        error_type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        outcome: str = "invalid_request",
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.error_type = error_type
+        self.param = param
+        self.code = code
+        self.outcome = outcome
+        self.headers = dict(headers or {})
+
+    def payload(self) -> dict[str, Any]:
+        """The ``{"error": {...}}`` object."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def body(self) -> bytes:
+        """The JSON body of the error response."""
+        return orjson.dumps(self.payload())
+
+    def frame(self) -> bytes:
+        """The error as an SSE event, for a stream whose 200 status has already gone out."""
+        return b"data: " + self.body() + b"\n\n"
+
+    def response(self, headers: Mapping[str, str] | None = None) -> web.Response:
+        """A JSON response with this error's status, body and headers."""
+        return web.Response(
+            status=self.status,
+            body=self.body(),
+            content_type="application/json",
+            headers={**self.headers, **(headers or {})},
+        )
+
+    # -- the errors the server raises, in one place so that status, type and code agree -----
+
+    @classmethod
+    def bad_request(
+        cls, message: str, param: str | None = None, code: str | None = None
+    ) -> APIError:
+        """400: the body is malformed or a field is missing or of the wrong type or value."""
+        return cls(400, message, param=param, code=code)
+
+    @classmethod
+    def invalid_api_key(cls) -> APIError:
+        """401: the bearer key is missing or not one of the configured keys."""
+        return cls(
+            401,
+            "Incorrect or missing API key. Send it as 'Authorization: Bearer <key>'.",
+            code="invalid_api_key",
+            outcome="unauthorized",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+    @classmethod
+    def model_not_found(cls, model: str, known: list[str]) -> APIError:
+        """404: the model id names no ``[moa.<id>]`` of the config."""
+        return cls(
+            404,
+            f"The model {model!r} does not exist. Available models: {', '.join(known)}.",
+            param="model",
+            code="model_not_found",
+        )
+
+    @classmethod
+    def too_many_streams(cls, limit: int, retry_after: int = 1) -> APIError:
+        """429: ``max_concurrent_streams`` requests are already running."""
+        return cls(
+            429,
+            f"The server is at its limit of {limit} concurrent requests. Retry shortly.",
+            error_type="rate_limit_error",
+            code="too_many_concurrent_requests",
+            outcome="rate_limited",
+            headers={"Retry-After": str(retry_after)},
+        )
+
+    @classmethod
+    def body_too_large(cls, limit: int) -> APIError:
+        """413: the request body is over ``max_body_bytes``."""
+        return cls(
+            413,
+            f"The request body is larger than the limit of {limit} bytes.",
+            code="request_too_large",
+        )
+
+    @classmethod
+    def internal(cls) -> APIError:
+        """500: a bug. The message says nothing about it; the log has the traceback."""
+        return cls(
+            500,
+            "The server had an error while processing your request.",
+            error_type="server_error",
+            code="internal_error",
+            outcome="internal_error",
+        )
+
+    @classmethod
+    def shutting_down(cls) -> APIError:
+        """503: the server is draining before it exits."""
+        return cls(
+            503,
+            "The server is shutting down. Retry on another instance.",
+            error_type="server_error",
+            code="shutting_down",
+            outcome="shutting_down",
+            headers={"Retry-After": "1"},
+        )
+
+
+def from_moa_error(exc: MoAError) -> APIError:
+    """The client-facing error for a run that could not produce its answer.
+
+    502 (bad gateway): the fault is upstream of this server, and the OpenAI SDK retries 5xx.
+    """
+    if isinstance(exc, LayerFailedError):
+        code = "layer_failed"
+    elif isinstance(exc, AggregatorError):
+        code = "aggregator_failed"
+    else:
+        code = "moa_failed"
+    return APIError(502, str(exc), error_type="upstream_error", code=code, outcome="upstream_error")
+
+
+def timeout_error(limit: float) -> APIError:
+    """504: the request ran past the server's ``request_timeout``."""
+    return APIError(
+        504,
+        f"The request did not complete within the server's limit of {limit:g} s.",
+        error_type="timeout_error",
+        code="request_timeout",
+        outcome="timeout",
+    )
+
+
+_HTTP_MESSAGES = {
+    404: ("Unknown path.", "not_found", "not_found"),
+    405: ("Method not allowed on this path.", "method_not_allowed", "invalid_request"),
+}
+
+
+def from_http_exception(exc: web.HTTPException, path: str) -> APIError:
+    """aiohttp's routing and body-size exceptions as OpenAI-style errors (same status)."""
+    status = exc.status
+    headers: dict[str, str] = {}
+    if status == 405 and "Allow" in exc.headers:
+        headers["Allow"] = exc.headers["Allow"]
+    if status in _HTTP_MESSAGES:
+        message, code, outcome = _HTTP_MESSAGES[status]
+        if status == 404:
+            message = f"Unknown path {path!r}."
+        return APIError(status, message, code=code, outcome=outcome, headers=headers)
+    error_type = "server_error" if status >= 500 else "invalid_request_error"
+    outcome = "internal_error" if status >= 500 else "invalid_request"
+    return APIError(status, exc.reason, error_type=error_type, outcome=outcome, headers=headers)

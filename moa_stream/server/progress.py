@@ -1,0 +1,221 @@
+"""The MoA's progress inside a chat-completions stream, in a form standard clients skip.
+
+Each progress item is one SSE *comment* line, ``: moa.progress {json}``, followed by a blank
+line. The SSE specification makes every client ignore lines that start with ``:`` (they are
+how servers send keep-alives), so an OpenAI SDK, a browser ``EventSource`` or a chat UI reads
+the stream exactly as if the lines were not there, while a client that wants the progress reads
+the comments. A named event (``event: moa.progress``) would not be safe: the openai-python SDK
+turns the ``data:`` of any named event other than ``thread.*`` into a chunk object.
+
+Proposer tokens are not forwarded one by one (a MoA of four proposers would send five times
+the answer's traffic); ``proposer.tokens`` reports each running proposer's token count at most
+every :data:`TOKENS_INTERVAL` seconds instead. The JSON of each item is documented in
+``docs/server.md``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from moa_stream._types import Usage
+from moa_stream.engine.events import AgentReport, Event, ReferenceInfo, RunReport
+
+__all__ = ["PREFIX", "TOKENS_INTERVAL", "ProgressEncoder", "report_object"]
+
+#: What every progress comment line starts with.
+PREFIX = b": moa.progress "
+
+#: Seconds between two ``proposer.tokens`` items of one layer.
+TOKENS_INTERVAL = 0.25
+
+
+def _round(value: float | None) -> float | None:
+    # Microseconds are noise next to network latency, and shorter numbers are fewer bytes.
+    return None if value is None else round(value, 4)
+
+
+def _usage(usage: Usage) -> dict[str, Any]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+        "estimated": usage.estimated,
+    }
+
+
+def _reference(ref: ReferenceInfo) -> dict[str, Any]:
+    return {
+        "agent": ref.agent,
+        "index": ref.index,
+        "status": ref.status,
+        "chars": ref.chars,
+        "tokens": ref.tokens,
+    }
+
+
+def _agent(a: AgentReport) -> dict[str, Any]:
+    return {
+        "agent": a.agent,
+        "model": a.model,
+        "provider": a.provider,
+        "role": a.role,
+        "layer": a.layer,
+        "index": a.index,
+        "status": a.status,
+        "started_s": _round(a.started_s),
+        "ttft_s": _round(a.ttft_s),
+        "duration_s": _round(a.duration_s),
+        "usage": _usage(a.usage),
+        "error": a.error,
+    }
+
+
+def report_object(report: RunReport) -> dict[str, Any]:
+    """A run's report as JSON-ready data, without the answer's text (the client has it)."""
+    return {
+        "ttft_s": _round(report.ttft_s),
+        "time_to_quorum_s": _round(report.time_to_quorum_s),
+        "aggregator_ttft_s": _round(report.aggregator_ttft_s),
+        "total_s": _round(report.total_s),
+        "aggregator": report.aggregator,
+        "finish_reason": report.finish_reason,
+        "usage": _usage(report.usage),
+        "layers": [
+            {
+                "layer": layer.layer,
+                "reason": layer.reason,
+                "decided_s": _round(layer.decided_s),
+                "references": [_reference(r) for r in layer.references],
+                "cut": layer.cut,
+                "agreement": layer.agreement,
+            }
+            for layer in report.layers
+        ],
+        "agents": [_agent(a) for a in report.agents],
+        "error": report.error,
+    }
+
+
+class ProgressEncoder:
+    """Turns the events of one run into progress comment frames (or nothing).
+
+    Keeps per-layer token counts so that ``proposer.delta`` events become a periodic
+    ``proposer.tokens`` item instead of one line per token.
+    """
+
+    __slots__ = ("_agents", "_counts", "_last_tokens_at")
+
+    def __init__(self) -> None:
+        self._counts: dict[int, list[int]] = {}
+        self._agents: dict[int, list[str]] = {}
+        self._last_tokens_at: dict[int, float] = {}
+
+    @staticmethod
+    def _frame(payload: dict[str, Any]) -> bytes:
+        return PREFIX + orjson.dumps(payload) + b"\n\n"
+
+    def _slot(self, layer: int, index: int, agent: str) -> None:
+        counts = self._counts.setdefault(layer, [])
+        agents = self._agents.setdefault(layer, [])
+        while len(counts) <= index:
+            counts.append(0)
+            agents.append("")
+        agents[index] = agent
+
+    def _tokens(self, layer: int, t: float) -> dict[str, Any]:
+        self._last_tokens_at[layer] = t
+        return {
+            "type": "proposer.tokens",
+            "layer": layer,
+            "tokens": dict(zip(self._agents[layer], self._counts[layer], strict=True)),
+            "t": _round(t),
+        }
+
+    def frame(self, event: Event) -> bytes | None:
+        """The progress frame for ``event``, or None when it adds nothing worth sending.
+
+        ``aggregator.delta`` is never a progress item: it is the answer itself.
+        """
+        t = event.t
+        if event.type == "proposer.delta":
+            counts = self._counts.get(event.layer)
+            if counts is None or event.index >= len(counts):
+                self._slot(event.layer, event.index, event.agent)
+                counts = self._counts[event.layer]
+            counts[event.index] += 1
+            if t - self._last_tokens_at.get(event.layer, 0.0) < TOKENS_INTERVAL:
+                return None
+            return self._frame(self._tokens(event.layer, t))
+        if event.type == "proposer.started":
+            self._slot(event.layer, event.index, event.agent)
+            payload: dict[str, Any] = {
+                "type": event.type,
+                "layer": event.layer,
+                "index": event.index,
+                "agent": event.agent,
+                "t": _round(t),
+            }
+        elif event.type == "proposer.done":
+            payload = {
+                "type": event.type,
+                "layer": event.layer,
+                "index": event.index,
+                "agent": event.agent,
+                "ttft_s": _round(event.ttft_s),
+                "tokens": event.usage.completion_tokens,
+                "chars": len(event.text),
+                "finish_reason": event.finish_reason,
+                "t": _round(t),
+            }
+        elif event.type == "proposer.failed":
+            payload = {
+                "type": event.type,
+                "layer": event.layer,
+                "index": event.index,
+                "agent": event.agent,
+                "kind": event.kind,
+                "error": event.error,
+                "t": _round(t),
+            }
+        elif event.type == "layer.done":
+            payload = {
+                "type": event.type,
+                "layer": event.layer,
+                "reason": event.reason,
+                "references": [_reference(r) for r in event.references],
+                "cut": event.cut,
+                "agreement": event.agreement,
+                "t": _round(t),
+            }
+        elif event.type == "aggregator.started":
+            payload = {
+                "type": event.type,
+                "agent": event.agent,
+                "attempt": event.attempt,
+                "t": _round(t),
+            }
+        elif event.type == "aggregator.failed":
+            payload = {
+                "type": event.type,
+                "agent": event.agent,
+                "attempt": event.attempt,
+                "kind": event.kind,
+                "error": event.error,
+                "t": _round(t),
+            }
+        elif event.type == "aggregator.done":
+            payload = {
+                "type": event.type,
+                "agent": event.agent,
+                "ttft_s": _round(event.ttft_s),
+                "tokens": event.usage.completion_tokens,
+                "finish_reason": event.finish_reason,
+                "t": _round(t),
+            }
+        elif event.type == "run.done":
+            payload = {"type": event.type, "report": report_object(event.report), "t": _round(t)}
+        else:
+            return None
+        return self._frame(payload)

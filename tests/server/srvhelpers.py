@@ -1,0 +1,253 @@
+"""Helpers for the server tests: a fast simulated config, a running app, SSE reading."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from moa_stream.config import Config, Runtime, ServerConfig, loads_config
+from moa_stream.server import create_app
+from moa_stream.server.app import MoAServer
+
+# Every model has a fixed latency of tens of milliseconds, so a run takes about 0.1 s.
+# Agents that fail do so on every request (probability 1) and are never retried.
+CONFIG = """
+[providers.sim]
+kind = "sim"
+timeouts = { connect = 2, first_token = 5, idle = 5, total = 30 }
+retry = { max_attempts = 1 }
+
+[sim]
+seed = 0
+
+[sim.models.p-fast]
+ttft = 0.02
+tokens_per_s = 1000
+answer_tokens = 8
+
+[sim.models.p-slow]
+ttft = 0.04
+tokens_per_s = 1000
+answer_tokens = 8
+
+[sim.models.agg]
+ttft = 0.02
+tokens_per_s = 1000
+answer_tokens = 12
+
+[sim.models.p-crawl]
+ttft = 0.01
+tokens_per_s = 20
+answer_tokens = 400
+
+[sim.models.agg-crawl]
+ttft = 0.01
+tokens_per_s = 20
+answer_tokens = 400
+
+[sim.models.broken]
+ttft = 0.01
+tokens_per_s = 1000
+answer_tokens = 8
+faults = { server_error = 1.0 }
+
+[sim.models.agg-midfail]
+ttft = 0.01
+tokens_per_s = 1000
+answer_tokens = 40
+faults = { error_frame = 1.0 }
+
+[agents.a]
+provider = "sim"
+model = "p-fast"
+
+[agents.b]
+provider = "sim"
+model = "p-slow"
+
+[agents.agg]
+provider = "sim"
+model = "agg"
+
+[agents.crawl1]
+provider = "sim"
+model = "p-crawl"
+
+[agents.crawl2]
+provider = "sim"
+model = "p-crawl"
+
+[agents.agg-crawl]
+provider = "sim"
+model = "agg-crawl"
+
+[agents.broken]
+provider = "sim"
+model = "broken"
+
+[agents.agg-midfail]
+provider = "sim"
+model = "agg-midfail"
+
+[moa.fast]
+description = "Two fast proposers, wait for both."
+proposers = ["a", "b"]
+aggregator = "agg"
+policy = "wait_all"
+
+[moa.single]
+preset = "single"
+aggregator = "agg"
+
+[moa.degraded]
+description = "One proposer always fails; the layer goes on with the other."
+proposers = ["a", "broken"]
+aggregator = "agg"
+policy = "wait_all"
+
+[moa.layer-raise]
+proposers = ["broken"]
+aggregator = "agg"
+on_unmet = "raise"
+
+[moa.agg-broken]
+proposers = ["a"]
+aggregator = "broken"
+
+[moa.agg-midfail]
+proposers = ["a"]
+aggregator = "agg-midfail"
+
+[moa.crawl-proposers]
+description = "Proposers that take 20 s: the client is gone long before."
+proposers = ["crawl1", "crawl2"]
+aggregator = "agg"
+policy = "wait_all"
+
+[moa.crawl-aggregator]
+proposers = ["a"]
+aggregator = "agg-crawl"
+"""
+
+MOA_IDS = [
+    "fast",
+    "single",
+    "degraded",
+    "layer-raise",
+    "agg-broken",
+    "agg-midfail",
+    "crawl-proposers",
+    "crawl-aggregator",
+]
+
+CHAT = "/v1/chat/completions"
+
+
+def config(**server: Any) -> Config:
+    """The test config, with ``[server]`` fields replaced by ``server``."""
+    cfg = loads_config(CONFIG, "<test config>")
+    return dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, **server))
+
+
+def body(
+    model: str = "fast", content: str = "Why is the sky blue?", **extra: Any
+) -> dict[str, Any]:
+    """A chat-completions body with one user message."""
+    return {"model": model, "messages": [{"role": "user", "content": content}], **extra}
+
+
+@dataclass
+class Running:
+    """A server on a free loopback port, its runtime and its state."""
+
+    url: str
+    runtime: Runtime
+    state: MoAServer
+
+    @property
+    def sim(self) -> Any:
+        return self.runtime.sim
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    cfg: Config | None = None, server: ServerConfig | None = None
+) -> AsyncIterator[Running]:
+    """Start the runtime and the app as ``moa-stream serve`` does (handler cancellation on)."""
+    cfg = cfg if cfg is not None else config()
+    async with Runtime(cfg) as runtime:
+        app = create_app(runtime, server)
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            port = runner.addresses[0][1]
+            yield Running(f"http://127.0.0.1:{port}", runtime, app[MoAServer.KEY])
+        finally:
+            await runner.cleanup()
+
+
+@dataclass
+class SSE:
+    """A streamed response read to its end: data payloads and comment lines, in order."""
+
+    status: int
+    headers: Any
+    items: list[tuple[str, str]]
+
+    @property
+    def data(self) -> list[str]:
+        return [text for kind, text in self.items if kind == "data"]
+
+    @property
+    def comments(self) -> list[str]:
+        return [text for kind, text in self.items if kind == "comment"]
+
+    @property
+    def chunks(self) -> list[dict[str, Any]]:
+        """The JSON data payloads other than ``[DONE]``."""
+        return [orjson.loads(d) for d in self.data if d != "[DONE]"]
+
+    @property
+    def text(self) -> str:
+        return "".join(
+            c["choices"][0]["delta"].get("content") or "" for c in self.chunks if c.get("choices")
+        )
+
+    def progress(self) -> list[dict[str, Any]]:
+        """The ``: moa.progress {json}`` comments, decoded."""
+        prefix = " moa.progress "
+        return [orjson.loads(c[len(prefix) :]) for c in self.comments if c.startswith(prefix)]
+
+
+def parse_sse(raw: bytes) -> list[tuple[str, str]]:
+    """Data and comment lines of a complete SSE body (the server frames with LF)."""
+    items = []
+    for block in raw.decode().split("\n\n"):
+        for line in block.split("\n"):
+            if line.startswith(":"):
+                items.append(("comment", line[1:]))
+            elif line.startswith("data: "):
+                items.append(("data", line[len("data: ") :]))
+            elif line:
+                raise AssertionError(f"unexpected SSE line {line!r}")
+    return items
+
+
+async def stream(
+    session: aiohttp.ClientSession, url: str, payload: dict[str, Any], **kwargs: Any
+) -> SSE:
+    """POST a streaming request and read the whole body."""
+    async with session.post(url + CHAT, json={**payload, "stream": True}, **kwargs) as resp:
+        raw = await resp.read()
+        if resp.content_type != "text/event-stream":
+            return SSE(resp.status, resp.headers, [("data", raw.decode())])
+        return SSE(resp.status, resp.headers, parse_sse(raw))

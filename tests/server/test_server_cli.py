@@ -1,0 +1,215 @@
+"""``moa-stream serve`` as a process: start-up, config errors, SIGTERM, several workers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from srvhelpers import CHAT, CONFIG, body, parse_sse
+
+KEY = "sk-cli-test-5a9b3c"
+
+# An aggregator whose answer takes about a second: long enough to send SIGTERM mid-stream.
+EXTRA = """
+[sim.models.agg-second]
+ttft = 0.01
+tokens_per_s = 50
+answer_tokens = 50
+
+[agents.agg-second]
+provider = "sim"
+model = "agg-second"
+
+[moa.second]
+proposers = ["a"]
+aggregator = "agg-second"
+"""
+
+
+@dataclass
+class Proc:
+    process: asyncio.subprocess.Process
+    lines: list[str] = field(default_factory=list)
+    listening: list[dict[str, Any]] = field(default_factory=list)
+    reader: asyncio.Task[None] | None = None
+
+    @property
+    def url(self) -> str:
+        return str(self.listening[0]["url"])
+
+    def logs(self) -> list[dict[str, Any]]:
+        return [orjson.loads(line) for line in self.lines]
+
+
+async def _read(proc: Proc, ready: asyncio.Event, workers: int) -> None:
+    assert proc.process.stderr is not None
+    async for raw in proc.process.stderr:
+        line = raw.decode().rstrip("\n")
+        proc.lines.append(line)
+        with contextlib.suppress(orjson.JSONDecodeError):
+            entry = orjson.loads(line)
+            if isinstance(entry, dict) and entry.get("event") == "server.listening":
+                proc.listening.append(entry)
+                if len(proc.listening) == workers:
+                    ready.set()
+    ready.set()
+
+
+@contextlib.asynccontextmanager
+async def serve_process(
+    config_path: Path | None, *args: str, workers: int = 1
+) -> AsyncIterator[Proc]:
+    argv = [sys.executable, "-m", "moa_stream.cli", "serve", "--port", "0", *args]
+    if config_path is not None:
+        argv += ["--config", str(config_path)]
+    if workers > 1:
+        argv += ["--workers", str(workers)]
+    env = {**os.environ, "MOA_CLI_TEST_KEYS": KEY}
+    process = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=env
+    )
+    proc = Proc(process)
+    ready = asyncio.Event()
+    proc.reader = asyncio.create_task(_read(proc, ready, workers))
+    try:
+        async with asyncio.timeout(20):
+            await ready.wait()
+        assert len(proc.listening) == workers, "\n".join(proc.lines)
+        yield proc
+    finally:
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+        # Workers run in a session of their own: a failed test must not leave them behind.
+        for entry in proc.listening:
+            if entry["pid"] != process.pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(entry["pid"], signal.SIGKILL)
+        await proc.reader
+
+
+def write_config(tmp_path: Path, server: str = "") -> Path:
+    path = tmp_path / "moa.toml"
+    path.write_text(CONFIG + EXTRA + "\n[server]\napi_keys_env = 'MOA_CLI_TEST_KEYS'\n" + server)
+    return path
+
+
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+async def test_sigterm_lets_the_running_stream_finish(tmp_path: Path) -> None:
+    async with serve_process(write_config(tmp_path)) as proc, aiohttp.ClientSession() as session:
+        payload = body("second", stream=True)
+        async with session.post(proc.url + CHAT, json=payload, headers=AUTH) as resp:
+            assert resp.status == 200
+            head = await resp.content.readuntil(b'"content":"')
+            head += await resp.content.readuntil(b'"content":"')
+            proc.process.send_signal(signal.SIGTERM)
+            rest = await resp.content.read()
+        items = parse_sse(head + rest)
+        data = [text for kind, text in items if kind == "data"]
+        assert data[-1] == "[DONE]"
+        finish = orjson.loads(data[-2])
+        assert finish["choices"][0]["finish_reason"] == "stop"
+        # The listening socket closed at the signal: new connections are refused.
+        with pytest.raises(aiohttp.ClientConnectionError):
+            async with session.get(proc.url + "/healthz"):
+                pass
+        assert await asyncio.wait_for(proc.process.wait(), 10) == 0
+    events = [e["event"] for e in proc.logs()]
+    assert events[0] == "server.listening"
+    assert events[-3:] == ["server.stopping", "request", "server.stopped"]
+    request = proc.logs()[-2]
+    assert request["status"] == 200 and request["outcome"] == "ok"
+    assert KEY not in "\n".join(proc.lines)
+
+
+async def test_sigterm_after_the_grace_period_ends_streams_with_an_error_frame(
+    tmp_path: Path,
+) -> None:
+    config = write_config(tmp_path, "shutdown_grace = 0.3\n")
+    async with serve_process(config) as proc, aiohttp.ClientSession() as session:
+        payload = body("crawl-aggregator", stream=True)
+        async with session.post(proc.url + CHAT, json=payload, headers=AUTH) as resp:
+            head = await resp.content.readuntil(b'"content":"')
+            head += await resp.content.readuntil(b"\n\n")
+            started = time.monotonic()
+            proc.process.send_signal(signal.SIGTERM)
+            rest = await resp.content.read()
+        data = [text for kind, text in parse_sse(head + rest) if kind == "data"]
+        assert data[-1] == "[DONE]"
+        assert orjson.loads(data[-2])["error"]["code"] == "shutting_down"
+        assert await asyncio.wait_for(proc.process.wait(), 10) == 0
+        assert time.monotonic() - started < 3.0
+    request = next(e for e in proc.logs() if e["event"] == "request")
+    assert request["outcome"] == "shutting_down"
+
+
+async def test_embedded_default_config_serves(tmp_path: Path) -> None:
+    async with serve_process(None) as proc, aiohttp.ClientSession() as session:
+        async with session.get(proc.url + "/v1/models") as resp:
+            ids = [m["id"] for m in (await resp.json())["data"]]
+        assert "moa-quorum" in ids and "single" in ids
+        proc.process.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(proc.process.wait(), 10) == 0
+
+
+async def test_config_errors_exit_2_naming_field_and_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(CONFIG.replace('policy = "wait_all"', 'policy = "quorum(x)"', 1))
+    missing = tmp_path / "missing.toml"
+    env_missing = tmp_path / "env.toml"
+    env_missing.write_text(
+        CONFIG.replace('kind = "sim"', 'kind = "sim"\napi_key_env = "MOA_CLI_UNSET_VARIABLE"', 1)
+    )
+    for path, expected in (
+        (bad, "moa.fast.policy"),
+        (missing, "cannot read"),
+        (env_missing, "providers.sim.api_key_env"),
+    ):
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "moa_stream.cli",
+            "serve",
+            "--port",
+            "0",
+            "--config",
+            str(path),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await process.communicate()
+        assert process.returncode == 2, err.decode()
+        assert expected in err.decode()
+        assert str(path) in err.decode()
+
+
+async def test_workers_share_one_port(tmp_path: Path) -> None:
+    async with serve_process(write_config(tmp_path), workers=2) as proc:
+        urls = {entry["url"] for entry in proc.listening}
+        pids = {entry["pid"] for entry in proc.listening}
+        assert len(urls) == 1 and len(pids) == 2
+        async with aiohttp.ClientSession() as session:
+            for _ in range(4):
+                sse_raw = await session.post(
+                    proc.url + CHAT, json=body("single", stream=True), headers=AUTH
+                )
+                async with sse_raw as resp:
+                    assert resp.status == 200
+                    assert (await resp.read()).endswith(b"data: [DONE]\n\n")
+        proc.process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.process.wait(), 10) == 0
+    assert sum(1 for e in proc.logs() if e["event"] == "server.stopped") == 2
