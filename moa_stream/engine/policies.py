@@ -242,8 +242,7 @@ class AnyOf(_Combinable):
         return all(p.unreachable(status) for p in self.policies)
 
     def next_check(self, status: LayerStatus) -> float | None:
-        times = [t for p in self.policies if (t := p.next_check(status)) is not None]
-        return min(times) if times else None
+        return _earliest_check(self.policies, status)
 
     def __or__(self, other: Policy) -> Policy:
         return AnyOf((*self.policies, other))
@@ -271,14 +270,18 @@ class AllOf(_Combinable):
         return any(p.unreachable(status) for p in self.policies)
 
     def next_check(self, status: LayerStatus) -> float | None:
-        times = [t for p in self.policies if (t := p.next_check(status)) is not None]
-        return min(times) if times else None
+        return _earliest_check(self.policies, status)
 
     def __and__(self, other: Policy) -> Policy:
         return AllOf((*self.policies, other))
 
     def __repr__(self) -> str:
         return " & ".join(_paren(p) for p in self.policies)
+
+
+def _earliest_check(policies: tuple[Policy, ...], status: LayerStatus) -> float | None:
+    times = [t for p in policies if (t := p.next_check(status)) is not None]
+    return min(times) if times else None
 
 
 def _paren(p: Policy) -> str:
