@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "chat": "moa_stream._demo",
     "sim": "moa_stream.sim._cli",
     "serve": "moa_stream.server._cli",
+    "bench": "moa_stream.bench._cli",
 }
 
 

@@ -1,0 +1,225 @@
+"""The benchmark's plots (matplotlib, Agg backend, imported only when plots are drawn).
+
+Per scenario: the TTFT CDF of every strategy, the Pareto chart of TTFT p50 against quality, and
+the timeline of one run per strategy (the same question for each, so the same proposer
+schedule): each proposer's request as a bar (waiting, then streaming), when the policy fired,
+when the aggregator started and when its first token arrived.
+
+matplotlib's objects are typed loosely, so they are handled as ``Any`` here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from moa_stream.bench.report import CellResult
+from moa_stream.bench.trace import RunTrace
+
+__all__ = ["draw_timeline", "write_plots"]
+
+#: Strategies shown in a scenario's timeline, in this order, when they were run.
+TIMELINE_STRATEGIES = ("reference-moa", "wait-all", "quorum-2", "partial", "deadline-partial")
+
+_WAIT = "#c9d6e8"
+_STREAM = "#3b6ea8"
+_WHOLE = "#8a8a8a"
+_FIRED = "#c0392b"
+_FIRST = "#1e8449"
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display, and no GUI toolkit imported
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in name)
+
+
+def _ttft_cdf(plt: Any, scenario: str, cells: Sequence[CellResult], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    for cell in cells:
+        values = sorted(s.ttft_s for s in cell.samples if s.ttft_s is not None)
+        if not values:
+            continue
+        n = len(values)
+        ax.step(values, [(i + 1) / n for i in range(n)], where="post", label=cell.strategy)
+    ax.set_xlabel("TTFT (s)")
+    ax.set_ylabel("fraction of runs")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"TTFT CDF · {scenario}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _pareto(plt: Any, scenario: str, rows: Sequence[Mapping[str, Any]], path: Path) -> bool:
+    points = [r for r in rows if r["ttft_p50_s"] is not None and r["quality"] is not None]
+    if not points:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in points:
+        ci = r.get("quality_ci95")
+        yerr = None
+        if ci:
+            yerr = [[max(0.0, r["quality"] - ci[0])], [max(0.0, ci[1] - r["quality"])]]
+        baseline = r["strategy"] == "reference-moa"
+        ax.errorbar(
+            r["ttft_p50_s"],
+            r["quality"],
+            yerr=yerr,
+            fmt="s" if baseline else "o",
+            color="black" if baseline else _STREAM,
+            ecolor="#bbbbbb",
+            capsize=2,
+            markersize=7,
+        )
+    # Strategies that land on the same spot (wait-all and the reference MoA, say) share one
+    # label, so that their names don't print over each other.
+    spots: dict[tuple[float, float], list[str]] = {}
+    span = max(r["ttft_p50_s"] for r in points) or 1.0
+    for r in points:
+        key = (round(r["ttft_p50_s"] / span, 2), round(r["quality"], 2))
+        spots.setdefault(key, []).append(r["strategy"])
+    for names in spots.values():
+        first = next(r for r in points if r["strategy"] == names[0])
+        ax.annotate(
+            ", ".join(names),
+            (first["ttft_p50_s"], first["quality"]),
+            textcoords="offset points",
+            xytext=(5, 4),
+            fontsize=8,
+        )
+    # The Pareto front: no other strategy is both faster and better.
+    front: list[Mapping[str, Any]] = []
+    for r in sorted(points, key=lambda r: (r["ttft_p50_s"], -r["quality"])):
+        if not front or r["quality"] > front[-1]["quality"]:
+            front.append(r)
+    ax.step(
+        [r["ttft_p50_s"] for r in front],
+        [r["quality"] for r in front],
+        where="post",
+        color=_FIRST,
+        alpha=0.6,
+        label="Pareto front",
+    )
+    ax.set_xlabel("TTFT p50 (s) · lower is better")
+    ax.set_ylabel("quality: fraction answered correctly · higher is better")
+    ax.set_title(f"TTFT against quality · {scenario}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def draw_timeline(ax: Any, trace: RunTrace, title: str) -> None:
+    """One run on ``ax``: a row per request, a bar from its start to its first token (light)
+    and on to its end (dark; grey for an answer that came whole), the layer decisions (red,
+    dashed) and the first answer token (green)."""
+    calls = list(trace.calls)
+    labels = []
+    for row, call in enumerate(calls):
+        y = len(calls) - 1 - row
+        prefix = f"L{call.layer} " if call.role == "proposer" else "agg "
+        labels.append((y, prefix + call.agent))
+        end = call.started_s + (call.duration_s if call.duration_s is not None else 0.0)
+        if call.duration_s is None:
+            end = trace.total_s
+        if call.ttft_s is not None:
+            first = call.started_s + call.ttft_s
+            ax.barh(y, first - call.started_s, left=call.started_s, color=_WAIT, height=0.6)
+            ax.barh(y, end - first, left=first, color=_STREAM, height=0.6)
+        else:
+            color = _WHOLE if not call.streamed else _WAIT
+            ax.barh(y, end - call.started_s, left=call.started_s, color=color, height=0.6)
+        if call.status in ("cancelled", "failed"):
+            ax.plot([end], [y], marker="x", color=_FIRED, markersize=7)
+    for layer in trace.layers:
+        ax.axvline(layer.decided_s, color=_FIRED, linestyle="--", linewidth=1.2)
+    if trace.ttft_s is not None:
+        ax.axvline(trace.ttft_s, color=_FIRST, linewidth=1.5)
+        ax.annotate(
+            f"TTFT {trace.ttft_s:.2f} s",
+            xy=(trace.ttft_s, 1.0),
+            xycoords=("data", "axes fraction"),
+            xytext=(4, -10),
+            textcoords="offset points",
+            fontsize=8,
+            color=_FIRST,
+        )
+    ax.set_yticks([y for y, _ in labels], [text for _, text in labels], fontsize=8)
+    ax.set_title(title, fontsize=9, loc="left")
+    ax.grid(True, axis="x", alpha=0.3)
+
+
+def _timeline(plt: Any, scenario: str, chosen: Sequence[CellResult], path: Path) -> bool:
+    if not chosen:
+        return False
+    rows = sum(len(c.timeline.calls) for c in chosen if c.timeline is not None)
+    fig, axes = plt.subplots(
+        len(chosen), 1, figsize=(9, 1.2 + 0.32 * rows + 0.5 * len(chosen)), sharex=True
+    )
+    if len(chosen) == 1:
+        axes = [axes]
+    for ax, cell in zip(axes, chosen, strict=True):
+        assert cell.timeline is not None
+        draw_timeline(ax, cell.timeline, f"{cell.strategy}: {cell.policy}")
+    axes[-1].set_xlabel(
+        "seconds since the run started · bars: waiting (light), streaming (dark), whole answer "
+        "(grey) · red: policy fired · green: first answer token"
+    )
+    axes[-1].xaxis.label.set_fontsize(8)
+    fig.suptitle(f"One run, same question for every strategy · {scenario}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_plots(
+    out: Path,
+    cells: Sequence[CellResult],
+    results: Sequence[Mapping[str, Any]],
+    head: Mapping[str, Any] | None = None,
+) -> list[Path]:
+    """Draw every plot into ``out``; the files written."""
+    plt = _pyplot()
+    files: list[Path] = []
+    scenarios = list(dict.fromkeys(c.scenario for c in cells))
+    for scenario in scenarios:
+        mine = [c for c in cells if c.scenario == scenario]
+        slug = _slug(scenario)
+        path = out / f"ttft-cdf-{slug}.png"
+        _ttft_cdf(plt, scenario, mine, path)
+        files.append(path)
+        path = out / f"pareto-{slug}.png"
+        if _pareto(plt, scenario, [r for r in results if r["scenario"] == scenario], path):
+            files.append(path)
+        path = out / f"timeline-{slug}.png"
+        if _timeline(plt, scenario, _timeline_cells(mine, head), path):
+            files.append(path)
+    return files
+
+
+def _timeline_cells(
+    cells: Sequence[CellResult], head: Mapping[str, Any] | None
+) -> list[CellResult]:
+    """The cells a scenario's timeline shows: the usual ones, and the headline's best policy
+    in its scenario (it belongs next to the baseline)."""
+    cells = [c for c in cells if c.timeline is not None]
+    names = list(TIMELINE_STRATEGIES)
+    is_headline = head is not None and cells and cells[0].scenario == head["scenario"]
+    if is_headline and head is not None and head["strategy"] not in names:
+        names = [*names[:3], head["strategy"]]
+    chosen = [c for name in names for c in cells if c.strategy == name]
+    return chosen or cells[:4]

@@ -1,0 +1,354 @@
+"""Turning runs into figures: per-cell statistics, ``results.json``, ``summary.md``, headline.
+
+``results.json`` is read by other tools; its shape is::
+
+    {"metadata": {...machine, python, loop, seed, requests, date, command...},
+     "headline": {...} | null,
+     "results": [{"strategy", "scenario", "ttft_p50_s", "ttft_p99_s", "total_p50_s",
+                  "tokens", "quality", "oracle_ttft_p50_s", ...}, ...],
+     "timelines": {"<scenario>/<strategy>": {...one run's trace...}}}
+
+Times are seconds. ``tokens`` is the mean of prompt plus completion tokens over every request
+of a run (proposers, cancelled ones included, and the aggregator). ``quality`` is the fraction
+of runs whose final answer was exactly right (``None`` for open-ended prompts).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from moa_stream.bench.trace import RunTrace
+
+__all__ = [
+    "CellResult",
+    "RunSample",
+    "headline",
+    "headline_sentence",
+    "percentile",
+    "render_summary",
+    "summarize",
+    "wilson_interval",
+    "write_results",
+]
+
+#: Strategies that are not MoA policies, so never "the best policy".
+NOT_POLICIES = frozenset({"reference-moa", "single"})
+
+
+@dataclass(slots=True)
+class RunSample:
+    """One run's outcome. ``correct`` is ``None`` for open-ended prompts."""
+
+    index: int
+    question_id: str
+    ttft_s: float | None
+    total_s: float
+    prompt_tokens: int
+    completion_tokens: int
+    refs_complete: int
+    refs_partial: int
+    refs_failed: int
+    correct: bool | None
+    decided_s: float | None = None
+    oracle_ttft_s: float | None = None
+    decision_over_s: float | None = None
+    aggregator_over_s: float | None = None
+    judge_score: float | None = None
+    error: str | None = None
+    text: str = field(default="", repr=False)
+    trace: RunTrace | None = field(default=None, repr=False)
+
+
+@dataclass(slots=True)
+class CellResult:
+    """Every run of one strategy on one scenario."""
+
+    strategy: str
+    description: str
+    policy: str
+    scenario: str
+    concurrency: int
+    layers: int
+    samples: list[RunSample]
+    wall_s: float
+    client_cpu_s: float
+    timeline: RunTrace | None = None
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The ``q``-th percentile (0-100) with linear interpolation; ``None`` for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    if len(ordered) == 1:
+        return ordered[0]
+    pos = (len(ordered) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float] | None:
+    """The Wilson score interval of a proportion (95% by default); ``None`` for ``n == 0``."""
+    if n == 0:
+        return None
+    p = successes / n
+    denom = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def _present(values: Iterable[float | None]) -> list[float]:
+    return [v for v in values if v is not None]
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _round(value: float | None, digits: int = 4) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def summarize(cell: CellResult) -> dict[str, Any]:
+    """The figures of one cell, as one item of ``results.json``'s ``results``."""
+    samples = cell.samples
+    ttfts = [s.ttft_s for s in samples if s.ttft_s is not None]
+    totals = [s.total_s for s in samples if s.ttft_s is not None]
+    oracles = [s.oracle_ttft_s for s in samples if s.oracle_ttft_s is not None]
+    paired = [
+        (s.ttft_s, s.oracle_ttft_s)
+        for s in samples
+        if s.ttft_s is not None and s.oracle_ttft_s is not None
+    ]
+    overheads = [m - o for m, o in paired]
+    ratios = [m / o for m, o in paired if o > 0]
+    decided = [s.decided_s for s in samples if s.decided_s is not None]
+    graded = [s.correct for s in samples if s.correct is not None]
+    judged = [s.judge_score for s in samples if s.judge_score is not None]
+    n = len(samples)
+    tokens_in = [float(s.prompt_tokens) for s in samples]
+    tokens_out = [float(s.completion_tokens) for s in samples]
+    right = sum(1 for c in graded if c)
+    interval = wilson_interval(right, len(graded))
+    mean_in = _mean(tokens_in) or 0.0
+    mean_out = _mean(tokens_out) or 0.0
+    return {
+        "strategy": cell.strategy,
+        "scenario": cell.scenario,
+        "description": cell.description,
+        "policy": cell.policy,
+        "concurrency": cell.concurrency,
+        "layers": cell.layers,
+        "requests": n,
+        "errors": sum(1 for s in samples if s.error is not None),
+        "ttft_p50_s": _round(percentile(ttfts, 50)),
+        "ttft_p95_s": _round(percentile(ttfts, 95)),
+        "ttft_p99_s": _round(percentile(ttfts, 99)),
+        "ttft_mean_s": _round(_mean(ttfts)),
+        "total_p50_s": _round(percentile(totals, 50)),
+        "total_p95_s": _round(percentile(totals, 95)),
+        "total_p99_s": _round(percentile(totals, 99)),
+        "decided_p50_s": _round(percentile(decided, 50)),
+        "oracle_ttft_p50_s": _round(percentile(oracles, 50)),
+        "oracle_ttft_p99_s": _round(percentile(oracles, 99)),
+        "overhead_p50_s": _round(percentile(overheads, 50), 5),
+        "overhead_p99_s": _round(percentile(overheads, 99), 5),
+        "oracle_ratio_p50": _round(percentile(ratios, 50)),
+        "decision_over_p50_s": _round(
+            percentile(_present(s.decision_over_s for s in samples), 50), 5
+        ),
+        "aggregator_over_p50_s": _round(
+            percentile(_present(s.aggregator_over_s for s in samples), 50), 5
+        ),
+        "oracle_ratio_p99": _round(percentile(ratios, 99)),
+        "tokens": round(mean_in + mean_out, 1),
+        "tokens_in_mean": round(mean_in, 1),
+        "tokens_out_mean": round(mean_out, 1),
+        "tokens_in_total": int(sum(tokens_in)),
+        "tokens_out_total": int(sum(tokens_out)),
+        "refs_complete_mean": _round(_mean([float(s.refs_complete) for s in samples]), 3),
+        "refs_partial_mean": _round(_mean([float(s.refs_partial) for s in samples]), 3),
+        "refs_failed_mean": _round(_mean([float(s.refs_failed) for s in samples]), 3),
+        "quality": _round(right / len(graded)) if graded else None,
+        "quality_n": len(graded),
+        "quality_ci95": None if interval is None else [_round(x) for x in interval],
+        "judge_score": _round(_mean(judged)),
+        "wall_s": round(cell.wall_s, 3),
+        "client_cpu_s": round(cell.client_cpu_s, 3),
+    }
+
+
+def headline(
+    results: Sequence[Mapping[str, Any]],
+    scenario: str = "heterogeneous",
+    *,
+    baseline: str = "reference-moa",
+    tolerance: float = 0.03,
+) -> dict[str, Any] | None:
+    """The best policy on ``scenario`` against ``baseline``: the MoA policy with the lowest TTFT
+    p50 whose quality is at most ``tolerance`` below the baseline's. ``None`` if the scenario
+    or the baseline was not run."""
+    rows = [r for r in results if r["scenario"] == scenario]
+    base = next((r for r in rows if r["strategy"] == baseline), None)
+    if base is None or base["ttft_p50_s"] is None:
+        return None
+    policies = [
+        r for r in rows if r["strategy"] not in NOT_POLICIES and r["ttft_p50_s"] is not None
+    ]
+    if base["quality"] is not None:
+        floor = base["quality"] - tolerance - 1e-9
+        eligible = [r for r in policies if r["quality"] is not None and r["quality"] >= floor]
+    else:
+        eligible = policies
+    if not eligible:
+        return None
+    best = min(eligible, key=lambda r: r["ttft_p50_s"])
+    fastest = min(policies, key=lambda r: r["ttft_p50_s"])
+
+    def delta(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None else round(a - b, 4)
+
+    return {
+        "scenario": scenario,
+        "baseline": baseline,
+        "strategy": best["strategy"],
+        "policy": best["policy"],
+        "ttft_p50_s": best["ttft_p50_s"],
+        "baseline_ttft_p50_s": base["ttft_p50_s"],
+        "ttft_p50_reduction": round(1.0 - best["ttft_p50_s"] / base["ttft_p50_s"], 4),
+        "quality": best["quality"],
+        "baseline_quality": base["quality"],
+        "quality_diff": delta(best["quality"], base["quality"]),
+        "tolerance": tolerance,
+        "fastest_strategy": fastest["strategy"],
+        "fastest_ttft_p50_reduction": round(1.0 - fastest["ttft_p50_s"] / base["ttft_p50_s"], 4),
+        "fastest_quality_diff": delta(fastest["quality"], base["quality"]),
+    }
+
+
+def headline_sentence(h: Mapping[str, Any]) -> str:
+    """The headline as one sentence."""
+    text = (
+        f"On the {h['scenario']} scenario, the best policy ({h['strategy']}: "
+        f"`{h['policy']}`) cuts TTFT p50 by {100 * h['ttft_p50_reduction']:.0f}% against the "
+        f"reference MoA ({h['ttft_p50_s']:.2f} s vs {h['baseline_ttft_p50_s']:.2f} s)"
+    )
+    if h["quality_diff"] is not None:
+        text += (
+            f", quality {100 * h['quality']:.1f}% vs {100 * h['baseline_quality']:.1f}% "
+            f"({100 * h['quality_diff']:+.1f} points)"
+        )
+    return text + "."
+
+
+def _s(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value * 1000:.0f} ms" if value < 1.0 else f"{value:.2f} s"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _cell(text: str) -> str:
+    # A "|" ends a Markdown table cell even inside a code span.
+    return text.replace("|", "\\|")
+
+
+def render_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """One scenario's results as a Markdown table."""
+    header = (
+        "| strategy | policy | TTFT p50 | p95 | p99 | oracle p50 | measured / oracle p50 "
+        "| total p50 | tokens in / out per run | refs complete / partial | quality (95% CI) "
+        "| errors |"
+    )
+    lines = [header, "|" + "---|" * 12]
+    for r in rows:
+        ci = r.get("quality_ci95")
+        quality = _pct(r["quality"])
+        if ci:
+            quality += f" ({100 * ci[0]:.0f}-{100 * ci[1]:.0f})"
+        ratio = r.get("oracle_ratio_p50")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["strategy"],
+                    _cell(f"`{r['policy']}`"),
+                    _s(r["ttft_p50_s"]),
+                    _s(r["ttft_p95_s"]),
+                    _s(r["ttft_p99_s"]),
+                    _s(r.get("oracle_ttft_p50_s")),
+                    "-" if ratio is None else f"{ratio:.2f}",
+                    _s(r["total_p50_s"]),
+                    f"{r['tokens_in_mean']:,.0f} / {r['tokens_out_mean']:,.0f}",
+                    f"{r['refs_complete_mean']:.2f} / {r['refs_partial_mean']:.2f}",
+                    quality,
+                    str(r["errors"]),
+                ]
+            )
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def render_summary(
+    results: Sequence[Mapping[str, Any]],
+    metadata: Mapping[str, Any],
+    scenarios: Mapping[str, str],
+    head: Mapping[str, Any] | None,
+    plots: Sequence[str] = (),
+) -> str:
+    """``summary.md``: the headline, then one table per scenario."""
+    out = ["# moa-stream bench", ""]
+    out.append(
+        f"{metadata['date']} · {metadata['mode']} · {metadata['machine']['cores']} cores "
+        f"({metadata['machine']['platform']}) · Python {metadata['python']} · "
+        f"{metadata['loop']} · seed {metadata['seed']}"
+    )
+    out += ["", f"Command: `{metadata['command']}`", ""]
+    if head is not None:
+        out += ["**" + headline_sentence(head) + "**", ""]
+    for name, description in scenarios.items():
+        rows = [r for r in results if r["scenario"] == name]
+        if not rows:
+            continue
+        first = rows[0]
+        out += [
+            f"## {name}",
+            "",
+            f"{description}. {first['concurrency']} run(s) in flight, "
+            f"{first['requests']} runs per strategy.",
+            "",
+            render_table(rows),
+            "",
+        ]
+    if plots:
+        out += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    return "\n".join(out)
+
+
+def write_results(
+    path: Path,
+    results: Sequence[Mapping[str, Any]],
+    metadata: Mapping[str, Any],
+    head: Mapping[str, Any] | None,
+    timelines: Mapping[str, RunTrace],
+) -> None:
+    """Write ``results.json``."""
+    document = {
+        "metadata": dict(metadata),
+        "headline": None if head is None else dict(head),
+        "results": list(results),
+        "timelines": {key: trace.to_json() for key, trace in timelines.items()},
+    }
+    path.write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n")

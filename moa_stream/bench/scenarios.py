@@ -1,0 +1,231 @@
+"""Benchmark scenarios: which simulated models answer, in how many layers, how many at once.
+
+A :class:`Scenario` is a set of :class:`~moa_stream.sim.SimModel` (built from the simulator's
+:data:`~moa_stream.sim.PROFILES`, each with a quiz accuracy), the number of proposer layers and
+the number of runs in flight at once. The built-in set, :data:`SCENARIOS`, covers the cases the
+benchmark report discusses; :data:`QUICK` is a tiny fixed-latency set for smoke runs and tests.
+
+Model names are unique within a scenario: on the quiz, a model's wrong answers are fixed per
+(model name, question), so distinct names give distinct mistakes, as distinct models make.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from types import MappingProxyType
+
+from moa_stream.sim import PROFILES, FaultProfile, LatencyProfile, SimModel
+
+__all__ = ["QUICK", "SCENARIOS", "Scenario", "get_scenarios"]
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    """One benchmark setting.
+
+    ``proposers`` answer in each of ``layers`` layers; ``aggregator`` writes the final answer.
+    ``concurrency`` runs are kept in flight at once. ``requests`` is the default number of runs
+    per strategy (the quiz has 120 questions, so up to 120 runs ask distinct questions).
+    ``strategies`` names the strategies run by default (``None``: all of them).
+    ``policy_scale`` multiplies the times in policies (deadlines), which are written for the
+    simulator's real-time profiles: a scenario of millisecond models needs millisecond deadlines.
+    ``ramp_s`` spreads the first ``concurrency`` runs' starts over that many seconds (about one
+    run's length), as users arrive over time rather than all in the same millisecond.
+    """
+
+    name: str
+    description: str
+    proposers: tuple[SimModel, ...]
+    aggregator: SimModel
+    layers: int = 1
+    concurrency: int = 64
+    requests: int = 120
+    strategies: tuple[str, ...] | None = None
+    policy_scale: float = 1.0
+    ramp_s: float = 3.0
+
+    def __post_init__(self) -> None:
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"scenario {self.name}: model names must be unique: {names}")
+        if self.layers < 1 or self.concurrency < 1 or self.requests < 1:
+            raise ValueError(f"scenario {self.name}: layers, concurrency, requests must be >= 1")
+
+    @property
+    def models(self) -> tuple[SimModel, ...]:
+        """Every model the simulator must host: the proposers, then the aggregator."""
+        return (*self.proposers, self.aggregator)
+
+    @property
+    def best(self) -> SimModel:
+        """The single best model: the most accurate one (the faster one on a tie)."""
+        return max(self.models, key=lambda m: (m.accuracy, -m.latency.ttft_p50))
+
+    def scaled(self, factor: float) -> Scenario:
+        """This scenario with every delay multiplied by ``factor`` (decode rates divided)."""
+        if factor == 1.0:
+            return self
+
+        def scale(m: SimModel) -> SimModel:
+            faults = replace(m.faults, retry_after_s=m.faults.retry_after_s * factor)
+            return replace(m, latency=m.latency.scaled(factor), faults=faults)
+
+        return replace(
+            self,
+            proposers=tuple(scale(m) for m in self.proposers),
+            aggregator=scale(self.aggregator),
+        )
+
+
+def _model(
+    name: str,
+    profile: str,
+    accuracy: float,
+    *,
+    tokens: int = 120,
+    faults: FaultProfile | None = None,
+    answer_at: str = "end",
+) -> SimModel:
+    return SimModel(
+        name=name,
+        latency=PROFILES[profile],
+        faults=faults or FaultProfile(),
+        answer_tokens=tokens,
+        answer_tokens_sigma=0.3,
+        accuracy=accuracy,
+        answer_at="start" if answer_at == "start" else "end",
+    )
+
+
+def _heterogeneous(answer_at: str = "end", flaky: bool = False) -> tuple[SimModel, ...]:
+    # The simulator's default set: four classes of model, from fast and weak to slow and strong.
+    medium_faults = None
+    if flaky:
+        # One provider that fails often: refusals (retried after their Retry-After or a short
+        # back-off) and connections reset part-way through an answer (not retried: the
+        # answer had started).
+        medium_faults = FaultProfile(
+            rate_limit=0.10, server_error=0.05, reset_mid=0.10, retry_after_s=0.5
+        )
+    return (
+        _model("small-fast", "small-fast", 0.55, answer_at=answer_at),
+        _model("medium", "medium", 0.70, answer_at=answer_at, faults=medium_faults),
+        _model("large-slow", "large-slow", 0.85, answer_at=answer_at),
+        _model("heavy-tail", "heavy-tail", 0.65, answer_at=answer_at),
+    )
+
+
+_AGGREGATOR = _model("aggregator", "medium", 0.80, tokens=160)
+
+#: Strategies worth running on every scenario; the heterogeneous one runs them all.
+_CORE = (
+    "single",
+    "reference-moa",
+    "wait-all",
+    "quorum-2",
+    "deadline",
+    "partial",
+    "deadline-partial",
+    "self-moa",
+)
+
+_BUILT_IN = (
+    Scenario(
+        "heterogeneous",
+        "four proposers of four classes (small-fast 0.55, medium 0.70, large-slow 0.85, "
+        "heavy-tail 0.65 accuracy), medium-class aggregator (0.80)",
+        _heterogeneous(),
+        _AGGREGATOR,
+    ),
+    Scenario(
+        "homogeneous",
+        "four medium-class proposers (0.70 accuracy each), medium-class aggregator (0.80)",
+        tuple(_model(f"medium-{i}", "medium", 0.70) for i in range(1, 5)),
+        _AGGREGATOR,
+        strategies=_CORE,
+    ),
+    Scenario(
+        "heavy-tail",
+        "four proposers on busy shared endpoints (TTFT p50 0.5 s, p95 4 s; 0.70 accuracy), "
+        "medium-class aggregator (0.80)",
+        tuple(_model(f"busy-{i}", "heavy-tail", 0.70) for i in range(1, 5)),
+        _AGGREGATOR,
+        strategies=_CORE,
+    ),
+    Scenario(
+        "flaky",
+        "the heterogeneous set with one flaky provider (medium: 10% HTTP 429, 5% HTTP 500, "
+        "10% connection reset mid-answer)",
+        _heterogeneous(flaky=True),
+        _AGGREGATOR,
+        strategies=_CORE,
+    ),
+    Scenario(
+        "two-layer",
+        "the heterogeneous set with one refinement layer (proposers answer twice)",
+        _heterogeneous(),
+        _AGGREGATOR,
+        layers=2,
+        strategies=(*_CORE, "quorum-cut"),
+    ),
+    Scenario(
+        "answer-first",
+        "the heterogeneous set, proposers prompted to state their answer first",
+        _heterogeneous(answer_at="start"),
+        _AGGREGATOR,
+        strategies=("reference-moa", "wait-all", "quorum-2", "partial", "deadline-partial"),
+    ),
+    Scenario(
+        "unloaded",
+        "the heterogeneous set, one run at a time",
+        _heterogeneous(),
+        _AGGREGATOR,
+        concurrency=1,
+        requests=12,
+        strategies=("reference-moa", "quorum-2", "partial", "deadline-partial"),
+    ),
+)
+
+#: The built-in scenarios by name.
+SCENARIOS: MappingProxyType[str, Scenario] = MappingProxyType({s.name: s for s in _BUILT_IN})
+
+
+def _quick_model(name: str, ttft: float, tps: float, accuracy: float, tokens: int) -> SimModel:
+    return SimModel(
+        name=name,
+        latency=LatencyProfile.fixed(ttft=ttft, tokens_per_s=tps),
+        answer_tokens=tokens,
+        accuracy=accuracy,
+    )
+
+
+#: A seconds-long smoke scenario: fixed, fast latencies and short answers.
+QUICK = Scenario(
+    "quick",
+    "three fixed-latency proposers (20, 40, 80 ms TTFT; 24 tokens) and a fixed aggregator",
+    (
+        _quick_model("fast", 0.02, 800.0, 0.55, 24),
+        _quick_model("mid", 0.04, 600.0, 0.70, 24),
+        _quick_model("slow", 0.08, 400.0, 0.85, 24),
+    ),
+    _quick_model("agg", 0.02, 1000.0, 0.80, 24),
+    concurrency=4,
+    requests=8,
+    policy_scale=0.04,
+    ramp_s=0.05,
+)
+
+
+def get_scenarios(names: Sequence[str] | None, *, quick: bool = False) -> list[Scenario]:
+    """The scenarios named (all built-in ones when ``names`` is empty; :data:`QUICK` with
+    ``quick``). Raises ``KeyError`` naming the unknown one."""
+    known = {**SCENARIOS, QUICK.name: QUICK}
+    if not names:
+        return [QUICK] if quick else list(SCENARIOS.values())
+    out = []
+    for name in names:
+        if name not in known:
+            raise KeyError(f"unknown scenario {name!r}; known: {', '.join(known)}")
+        out.append(known[name])
+    return out

@@ -1,0 +1,180 @@
+"""Strategies: the ways of answering a prompt that the benchmark compares.
+
+A :class:`Strategy` turns a :class:`Lineup` (the live agents of one scenario) into something
+runnable: a :class:`~moa_stream.engine.MoA` for the engine, or a
+:class:`~moa_stream.bench.baseline.ReferenceMoA` for the original, non-streaming method. It
+returns ``None`` where it does not apply (``quorum-3`` with three proposers).
+
+Adding a policy to the comparison is one entry in :data:`STRATEGIES` (or, from the command line,
+``--strategy "policy:quorum(2) | deadline(1.0)"`` for any policy the engine parses). Policies
+with times in them are written for the simulator's real-time profiles and scaled with
+:attr:`Lineup.time_scale`, so a scenario run faster keeps the same shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+
+from moa_stream.bench.baseline import Endpoint, ReferenceMoA
+from moa_stream.engine.policies import Deadline, Policy, Quorum, parse_policy
+from moa_stream.engine.similarity import final_line_match
+from moa_stream.engine.spec import Agent, LayerCut, MoA, moa, self_moa, single
+
+__all__ = [
+    "Lineup",
+    "Runnable",
+    "STRATEGIES",
+    "Strategy",
+    "get_strategies",
+    "policy_strategy",
+]
+
+#: What a strategy produces for one scenario.
+Runnable = MoA | ReferenceMoA
+
+
+@dataclass(frozen=True, slots=True)
+class Lineup:
+    """The live agents of one scenario: ``proposers`` (each layer), ``aggregator``, ``best``
+    (the single best model), the number of ``layers``, each agent's :class:`Endpoint` by name,
+    and the factor the scenario's delays were scaled by."""
+
+    proposers: tuple[Agent, ...]
+    aggregator: Agent
+    best: Agent
+    layers: int = 1
+    endpoints: MappingProxyType[str, Endpoint] = field(default_factory=lambda: MappingProxyType({}))
+    time_scale: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Strategy:
+    """A named way of answering; ``make`` builds it for a lineup (``None``: not applicable)."""
+
+    name: str
+    description: str
+    make: Callable[[Lineup], Runnable | None] = field(repr=False)
+
+
+def policy_strategy(
+    name: str,
+    policy: str | Callable[[float], Policy],
+    description: str,
+    *,
+    cut: LayerCut | None = None,
+    min_proposers: int = 1,
+    min_layers: int = 1,
+) -> Strategy:
+    """A strategy that runs the lineup as a streamed MoA with ``policy`` on every layer.
+
+    ``policy`` is the policy language (``"quorum(2)"``) or a function of the lineup's time scale
+    (for policies with times in them). ``min_proposers``, ``min_layers``: skip lineups with
+    fewer proposers or layers.
+    """
+
+    def make(lineup: Lineup) -> MoA | None:
+        if len(lineup.proposers) < min_proposers or lineup.layers < min_layers:
+            return None
+        chosen = parse_policy(policy) if isinstance(policy, str) else policy(lineup.time_scale)
+        return moa(
+            lineup.proposers,
+            lineup.aggregator,
+            layers=lineup.layers,
+            policy=chosen,
+            cut=cut,
+            name=name,
+        )
+
+    return Strategy(name, description, make)
+
+
+def _single(lineup: Lineup) -> MoA:
+    return single(lineup.best, name="single")
+
+
+def _reference(lineup: Lineup) -> ReferenceMoA:
+    return ReferenceMoA(lineup.proposers, lineup.aggregator, layers=lineup.layers)
+
+
+def _self_moa(lineup: Lineup) -> MoA:
+    spec = self_moa(lineup.best, 4, policy=Quorum(3))
+    # Every layer of the lineup, so a two-layer scenario refines the samples too.
+    return replace(spec, layers=spec.layers * lineup.layers)
+
+
+_BUILT_IN = (
+    Strategy("single", "the single best model alone (no proposers)", _single),
+    Strategy(
+        "reference-moa",
+        "the original MoA: proposers not streamed (one JSON response each), wait for all, "
+        "then the streamed aggregator",
+        _reference,
+    ),
+    policy_strategy("wait-all", "wait_all", "streamed proposers, wait for every one"),
+    *(
+        policy_strategy(
+            f"quorum-{k}",
+            f"quorum({k})",
+            f"start the aggregator when {k} proposer{'s' if k > 1 else ''} finished",
+            min_proposers=k + 1,
+        )
+        for k in (1, 2, 3)
+    ),
+    policy_strategy(
+        "deadline",
+        lambda scale: Deadline(2.0 * scale, min_k=2),
+        "at 2 s, go on with the finished proposers (at least 2: else when the second finishes)",
+    ),
+    policy_strategy(
+        "quorum-3-deadline",
+        lambda scale: Quorum(3) | Deadline(3.0 * scale, min_k=2),
+        "quorum(3), but at 3 s go on with 2 if the third is late (policies combine with |)",
+        min_proposers=4,
+    ),
+    policy_strategy(
+        "quorum-cut",
+        "quorum(2)",
+        "quorum(2), and skip refinement layers when the finished answers agree",
+        cut=LayerCut(agreement=0.99, similarity=final_line_match),
+        min_layers=2,  # with one layer there is nothing to cut: it is quorum-2
+    ),
+    policy_strategy(
+        "partial",
+        "partial(3, min_tokens=24)",
+        "staircase: start on partial answers once 3 proposers have 24 tokens",
+    ),
+    policy_strategy(
+        "deadline-partial",
+        lambda scale: Deadline(1.0 * scale, min_k=2, partial=True),
+        "staircase by time: at 1 s, take every answer so far (partial ones marked)",
+    ),
+    Strategy(
+        "self-moa",
+        "four samples of the single best model, quorum(3), aggregated by the same model",
+        _self_moa,
+    ),
+)
+
+#: The built-in strategies by name, in the order reports list them.
+STRATEGIES: MappingProxyType[str, Strategy] = MappingProxyType({s.name: s for s in _BUILT_IN})
+
+
+def get_strategies(names: list[str] | tuple[str, ...] | None) -> list[Strategy]:
+    """The strategies named (all built-in ones when ``names`` is empty). A name of the form
+    ``policy:TEXT`` is an ad-hoc strategy with that policy. Raises ``KeyError`` (unknown
+    name) or ``ValueError`` (a policy that does not parse)."""
+    if not names:
+        return list(STRATEGIES.values())
+    out = []
+    for name in names:
+        if name.startswith("policy:"):
+            text = name.removeprefix("policy:").strip()
+            parse_policy(text)  # fail now, not in the middle of a run
+            out.append(policy_strategy(name, text, f"ad-hoc policy {text}"))
+        elif name in STRATEGIES:
+            out.append(STRATEGIES[name])
+        else:
+            raise KeyError(f"unknown strategy {name!r}; known: {', '.join(STRATEGIES)}")
+    return out

@@ -1,0 +1,139 @@
+"""The oracle: hand-made schedules, and agreement with what the simulator really scheduled."""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+
+import pytest
+from benchhelpers import MODELS
+
+from moa_stream._types import ChatRequest
+from moa_stream.bench._recording import CallLog, RecordingProvider, current_log
+from moa_stream.bench.oracle import SimSchedule, attempt_cost, oracle_ttft, ready_at, run_oracle
+from moa_stream.bench.trace import CallTrace, LayerTrace, RefTrace, RunTrace, trace_from_report
+from moa_stream.engine import Agent, Quorum, moa
+from moa_stream.providers import OpenAIProvider
+from moa_stream.sim import SimServer
+from moa_stream.sim._plan import Plan
+
+
+def plan(offsets: list[float], tokens: list[str] | None = None, **kw: object) -> Plan:
+    tokens = tokens if tokens is not None else ["tok "] * len(offsets)
+    end = kw.pop("end_offset", offsets[-1] if offsets else 0.0)
+    return Plan(tokens, "stop", 10, offsets, end, **kw)  # type: ignore[arg-type]
+
+
+def test_oracle_adds_the_slowest_used_reference_of_each_layer_and_the_aggregator() -> None:
+    assert oracle_ttft([[0.5, 1.25, 0.75], [0.25]], 0.5) == pytest.approx(2.0)
+    assert oracle_ttft([[], [0.25]], 0.5) == pytest.approx(0.75)
+    assert oracle_ttft([], 0.3) == pytest.approx(0.3)
+
+
+def test_ready_at_a_complete_reference_is_its_end() -> None:
+    assert ready_at([plan([0.1, 0.2, 0.3], end_offset=0.31)]) == pytest.approx(0.31)
+
+
+def test_ready_at_a_partial_reference_is_its_last_used_token() -> None:
+    p = plan([0.1, 0.2, 0.3], ["a ", "bb ", "c"])
+    assert ready_at([p], used_chars=2) == pytest.approx(0.1)
+    assert ready_at([p], used_chars=3) == pytest.approx(0.2)
+    assert ready_at([p], used_chars=5) == pytest.approx(0.2)
+    assert ready_at([p], used_chars=6) == pytest.approx(0.3)
+
+
+def test_failed_attempts_cost_what_the_simulator_made_them_cost() -> None:
+    refused = plan([0.5], fault="rate_limit", retry_after_s=0.75)
+    broken = plan([0.5], fault="server_error")
+    reset = plan([0.1, 0.2, 0.4], fault="reset_mid", fault_at=2)
+    assert attempt_cost(refused) == pytest.approx(0.75)
+    assert attempt_cost(broken) == 0.0
+    assert attempt_cost(reset) == pytest.approx(0.4)
+    final = plan([0.1, 0.2])
+    assert ready_at([refused, broken, final]) == pytest.approx(0.95)
+
+
+class _Schedule:
+    """Plans by model name, one per attempt."""
+
+    def __init__(self, plans: dict[str, list[Plan]]) -> None:
+        self._plans = plans
+
+    def plans(self, request: ChatRequest, tries: int = 1) -> list[Plan]:
+        return self._plans[request.model][:tries]
+
+
+def _call(role: str, layer: int, index: int, model: str, tries: int = 1) -> CallTrace:
+    return CallTrace(
+        role=role,  # type: ignore[arg-type]
+        layer=layer,
+        index=index,
+        agent=model,
+        model=model,
+        status="complete",
+        started_s=0.0,
+        ttft_s=0.1,
+        duration_s=1.0,
+        request=ChatRequest(messages=[], model=model),
+        tries=tries,
+    )
+
+
+def test_run_oracle_on_a_hand_made_run() -> None:
+    schedule = _Schedule(
+        {
+            "a": [plan([0.2, 0.4], ["x ", "y"])],
+            "b": [plan([0.5], fault="rate_limit", retry_after_s=1.0), plan([0.3, 0.6])],
+            "c": [plan([2.0, 3.0], ["xx ", "yy"])],
+            "agg": [plan([0.25, 0.5])],
+        }
+    )
+    trace = RunTrace(
+        calls=(
+            _call("proposer", 0, 0, "a"),
+            _call("proposer", 0, 1, "b", tries=2),
+            _call("proposer", 0, 2, "c"),
+            _call("aggregator", 1, 0, "agg"),
+        ),
+        layers=(
+            LayerTrace(
+                0,
+                "partial",
+                1.7,
+                (RefTrace(0, "complete", 3), RefTrace(1, "complete", 8), RefTrace(2, "partial", 2)),
+            ),
+        ),
+        ttft_s=2.0,
+        total_s=3.0,
+    )
+    # a ready at 0.4, b at 1.0 (Retry-After) + 0.6, c's first token (2.0); aggregator 0.25.
+    assert run_oracle(trace, schedule) == pytest.approx(2.25)
+    no_answer = RunTrace(trace.calls, trace.layers, None, 3.0)
+    assert run_oracle(no_answer, schedule) is None
+
+
+async def test_recomputed_schedule_matches_what_the_simulator_scheduled(sim: SimServer) -> None:
+    provider = RecordingProvider(OpenAIProvider(sim.base_url, name="sim"))
+    agents = {m.name: Agent(m.name, provider, m.name) for m in MODELS}
+    spec = moa([agents["fast"], agents["mid"], agents["slow"]], agents["agg"], policy=Quorum(2))
+    log = CallLog()
+    token = current_log.set(log)
+    try:
+        async with spec.stream([{"role": "user", "content": "[Q3] the question"}]) as run:
+            result = await run.final()
+    finally:
+        current_log.reset(token)
+        await provider.aclose()
+    await sim.wait_idle()
+    schedule = SimSchedule(MappingProxyType({m.name: m for m in MODELS}), seed=sim.seed)
+    records = {r.model: r for r in sim.records}
+    assert len(log.calls) == 4
+    for call in log.calls:
+        record = records[call.model]
+        (p,) = schedule.plans(call.request)
+        assert record.scheduled_ttft_s is not None and record.queued_s is not None
+        assert p.first_offset == pytest.approx(record.scheduled_ttft_s - record.queued_s, abs=1e-9)
+        assert p.question_id == record.question_id == "Q3"
+    trace = trace_from_report(result.report, log.calls)
+    oracle = run_oracle(trace, schedule)
+    assert result.report.ttft_s is not None and oracle is not None
+    assert 0 < oracle <= result.report.ttft_s
