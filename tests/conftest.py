@@ -1,11 +1,20 @@
-"""Suite-wide checks: every async test must leave no task of its own behind."""
+"""Suite-wide checks: every async test must leave no task of its own behind, and no test's
+logging set-up reaches the next."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
+import structlog
+
+
+@pytest.fixture(autouse=True)
+def _fresh_structlog() -> Iterator[None]:
+    """Commands called in-process configure structlog globally; no test may see another's."""
+    yield
+    structlog.reset_defaults()
 
 
 @pytest.fixture(autouse=True)
