@@ -40,10 +40,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Literal, Self, cast
 
 from moa_stream._exceptions import ConfigError
+from moa_stream._resource import AsyncResource
 from moa_stream.engine.policies import Policy, WaitAll, parse_policy
 from moa_stream.engine.prompts import PromptTemplates
 from moa_stream.engine.similarity import Similarity, final_line_match, word_jaccard
@@ -424,7 +424,7 @@ def default_config() -> Config:
 # ---------------------------------------------------------------------------------------------
 
 
-class Runtime:
+class Runtime(AsyncResource):
     """Live objects for a :class:`Config`: providers, agents and MoAs by id.
 
     ``async with Runtime(config) as rt: rt.moas["fast"]``. Starts the simulated upstream when a
@@ -446,14 +446,6 @@ class Runtime:
             await self.aclose()
             raise
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def start(self) -> None:
         config = self.config

@@ -12,10 +12,10 @@ import asyncio
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Self
 
 from moa_stream._exceptions import ProviderError
+from moa_stream._resource import AsyncResource
 from moa_stream._types import ChatRequest, Delta, StreamTimings, Usage
 from moa_stream.engine.events import Event
 from moa_stream.engine.run import MoARun
@@ -71,7 +71,7 @@ class ScriptedProvider:
         return self.opened - self.closed
 
 
-class ScriptedStream:
+class ScriptedStream(AsyncResource):
     """The stream a :class:`ScriptedProvider` returns."""
 
     def __init__(self, provider: ScriptedProvider, script: Script) -> None:
@@ -90,14 +90,6 @@ class ScriptedStream:
     async def __aenter__(self) -> Self:
         self._open()
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     def _open(self) -> AsyncIterator[Delta]:
         if self._gen is None:

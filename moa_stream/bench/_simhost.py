@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, Protocol, Self
 
+from moa_stream._resource import AsyncResource
 from moa_stream.sim import SimModel, SimRecord, SimServer
 
 __all__ = ["InProcessSimHost", "ProcessSimHost", "SimHost", "record_fields"]
@@ -68,7 +69,7 @@ def record_fields(record: SimRecord) -> dict[str, Any]:
     }
 
 
-class InProcessSimHost:
+class InProcessSimHost(AsyncResource):
     """A :class:`SimHost` that runs the server in the calling event loop."""
 
     def __init__(self) -> None:
@@ -90,17 +91,6 @@ class InProcessSimHost:
 
     async def aclose(self) -> None:
         await self.stop()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
 
 _HEADER = struct.Struct("!I")
@@ -155,7 +145,7 @@ async def child_serve() -> None:
             await server.aclose()
 
 
-class ProcessSimHost:
+class ProcessSimHost(AsyncResource):
     """A :class:`SimHost` whose server runs in a child process (``python -m
     moa_stream.bench._simchild``), on uvloop by default: the simulator's fastest setting.
     ``cpu`` pins the child to that CPU (Linux)."""
@@ -222,14 +212,3 @@ class ProcessSimHost:
         except (OSError, TimeoutError):
             process.kill()
             await process.wait()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()

@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, Literal, Self
 
 import structlog
@@ -29,6 +28,7 @@ from moa_stream._exceptions import (
     LayerFailedError,
     ProviderError,
 )
+from moa_stream._resource import AsyncResource
 from moa_stream._types import ChatMessage, ChatRequest, Usage
 from moa_stream.engine.events import (
     AgentReport,
@@ -125,7 +125,7 @@ def _prompt_chars(messages: Sequence[ChatMessage]) -> int:
     return sum(len(m["content"]) for m in messages)
 
 
-class MoARun:
+class MoARun(AsyncResource):
     """One run of a :class:`~moa_stream.engine.spec.MoA`; create it with ``moa.stream(...)``.
 
     Use it as an async context manager. Inside, consume exactly one of :meth:`events` (every
@@ -175,14 +175,6 @@ class MoARun:
     async def __aenter__(self) -> Self:
         self._start()
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     def _start(self) -> None:
         if self._gen is not None:

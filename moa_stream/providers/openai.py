@@ -20,7 +20,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from types import SimpleNamespace, TracebackType
+from types import SimpleNamespace
 from typing import Any, Final, Literal, Self
 
 import aiohttp
@@ -47,6 +47,7 @@ from moa_stream._exceptions import (
     TransientError,
     TruncatedStreamError,
 )
+from moa_stream._resource import AsyncResource
 from moa_stream._types import ChatRequest, Delta, StreamTimings, Usage
 from moa_stream.providers._chunks import (
     DONE,
@@ -277,7 +278,7 @@ class _Watchdog:
         task.cancel()
 
 
-class OpenAIStream:
+class OpenAIStream(AsyncResource):
     """One streamed chat completion from an :class:`OpenAIProvider`.
 
     Use it as ``async with provider.stream(request) as stream: async for delta in stream``.
@@ -456,14 +457,6 @@ class OpenAIStream:
                 self._close(_CLOSED)
                 raise
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Close the stream and its connection. Safe to call more than once."""
@@ -838,7 +831,7 @@ async def _on_connection_reuse(
         stream._reused = True
 
 
-class OpenAIProvider:
+class OpenAIProvider(AsyncResource):
     """An OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, SGLang, llama.cpp, Ollama,
     Together, Groq, OpenRouter ...).
 
@@ -987,17 +980,6 @@ class OpenAIProvider:
         session, self._session = self._session, None
         if session is not None and not session.closed:
             await session.close()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     def _session_for_stream(self) -> aiohttp.ClientSession:
         if self._closed:

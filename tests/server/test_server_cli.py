@@ -20,11 +20,12 @@ from srvhelpers import CHAT, CONFIG, body, parse_sse
 
 KEY = "sk-cli-test-5a9b3c"
 
-# An aggregator whose answer takes about a second: long enough to send SIGTERM mid-stream.
+# An aggregator whose answer takes about two seconds: long enough to send SIGTERM mid-stream
+# even on a loaded machine.
 EXTRA = """
 [sim.models.agg-second]
 ttft = 0.01
-tokens_per_s = 50
+tokens_per_s = 25
 answer_tokens = 50
 
 [agents.agg-second]
@@ -123,10 +124,13 @@ async def test_sigterm_lets_the_running_stream_finish(tmp_path: Path) -> None:
         assert data[-1] == "[DONE]"
         finish = orjson.loads(data[-2])
         assert finish["choices"][0]["finish_reason"] == "stop"
-        # The listening socket closed at the signal: new connections are refused.
-        with pytest.raises(aiohttp.ClientConnectionError):
-            async with session.get(proc.url + "/healthz"):
-                pass
+        # The listening socket closed at the signal: new connections are refused. A session of
+        # its own, so that no kept-alive connection of the stream's can be reused.
+        fresh = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
+        async with fresh:
+            with pytest.raises(aiohttp.ClientConnectionError):
+                async with fresh.get(proc.url + "/healthz"):
+                    pass
         assert await asyncio.wait_for(proc.process.wait(), 10) == 0
     events = [e["event"] for e in proc.logs()]
     assert events[0] == "server.listening"
