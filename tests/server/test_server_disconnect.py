@@ -45,7 +45,7 @@ async def test_disconnect_while_proposers_run(
     with pytest.raises(asyncio.CancelledError):
         await task
     await sim.wait_idle(2)
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 3.0, "upstream requests of 20 s ended at once"
     assert sim.active_streams == 0
     records = [r for r in sim.records if r.model == "p-crawl"]
     assert len(records) == 2
