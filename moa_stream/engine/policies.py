@@ -75,6 +75,16 @@ def _running(s: LayerStatus) -> int:
     return s.n - s.done - s.failed
 
 
+def _all_finished(s: LayerStatus, k: int) -> Fire | None:
+    """Nothing is running: fire ``all`` if ``k`` completed (or every proposer, if fewer)."""
+    return _ALL if s.done >= min(k, s.n) else None
+
+
+def _out_of_reach(s: LayerStatus, k: int) -> bool:
+    """Too many failed for ``k`` (or all of them, if fewer) to complete."""
+    return s.done + _running(s) < min(k, s.n)
+
+
 @runtime_checkable
 class Policy(Protocol):
     def check(self, status: LayerStatus) -> Fire | None: ...
@@ -86,6 +96,10 @@ class Policy(Protocol):
 
 class _Combinable:
     __slots__ = ()
+
+    def next_check(self, status: LayerStatus) -> float | None:
+        """No timer needed: only events can make this policy fire."""
+        return None
 
     def __or__(self, other: Policy) -> Policy:
         return AnyOf((self, other))  # type: ignore[arg-type]
@@ -104,9 +118,6 @@ class WaitAll(_Combinable):
     def unreachable(self, status: LayerStatus) -> bool:
         return False
 
-    def next_check(self, status: LayerStatus) -> float | None:
-        return None
-
     def __repr__(self) -> str:
         return "wait_all"
 
@@ -123,16 +134,13 @@ class Quorum(_Combinable):
 
     def check(self, status: LayerStatus) -> Fire | None:
         if _running(status) == 0:
-            return _ALL if status.done >= min(self.k, status.n) else None
+            return _all_finished(status, self.k)
         if status.done >= self.k:
             return Fire("quorum")
         return None
 
     def unreachable(self, status: LayerStatus) -> bool:
-        return status.done + _running(status) < min(self.k, status.n)
-
-    def next_check(self, status: LayerStatus) -> float | None:
-        return None
+        return _out_of_reach(status, self.k)
 
     def __repr__(self) -> str:
         return f"quorum({self.k})"
@@ -165,13 +173,13 @@ class Deadline(_Combinable):
 
     def check(self, status: LayerStatus) -> Fire | None:
         if _running(status) == 0:
-            return _ALL if status.done >= min(self.min_k, status.n) else None
+            return _all_finished(status, self.min_k)
         if status.elapsed >= self.seconds and self._available(status) >= self.min_k:
             return Fire("deadline", partial=self.partial)
         return None
 
     def unreachable(self, status: LayerStatus) -> bool:
-        return status.done + _running(status) < min(self.min_k, status.n)
+        return _out_of_reach(status, self.min_k)
 
     def next_check(self, status: LayerStatus) -> float | None:
         return self.seconds if status.elapsed < self.seconds else None
@@ -201,7 +209,7 @@ class Partial(_Combinable):
 
     def check(self, status: LayerStatus) -> Fire | None:
         if _running(status) == 0:
-            return _ALL if status.done >= min(self.k, status.n) else None
+            return _all_finished(status, self.k)
         ready = 0
         complete = 0
         m = self.min_tokens
@@ -216,10 +224,7 @@ class Partial(_Combinable):
         return None
 
     def unreachable(self, status: LayerStatus) -> bool:
-        return status.done + _running(status) < min(self.k, status.n)
-
-    def next_check(self, status: LayerStatus) -> float | None:
-        return None
+        return _out_of_reach(status, self.k)
 
     def __repr__(self) -> str:
         return f"partial({self.k}, min_tokens={self.min_tokens})"
