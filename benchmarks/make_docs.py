@@ -265,14 +265,11 @@ def overhead_block(over: dict[str, Any]) -> list[str]:
         f"Fixed-latency models ({props}; aggregator {1e3 * agg['ttft_s']:.0f} ms TTFT), policy "
         f"`wait_all`, so every run's oracle TTFT is exactly {sched['oracle_ttft_ms']:.1f} ms. "
         f"The simulator runs in its own process; pinning: {over['pinning']}. "
-        "*all*: observed TTFT minus the oracle. *client*: the part of it spent on the client "
-        "side of the critical path (from the run's start until the simulator received the "
-        "slowest proposer's request, from that proposer's last token leaving the simulator "
-        "until the aggregator's request arrived, and from the aggregator's first token leaving "
-        "until the caller had it), measured on the monotonic clock both processes share; the "
-        "rest is the simulator's own request handling and lateness. The client share includes "
-        "loopback TCP and the simulator's time to accept a request, so it bounds the engine's "
-        "cost from above.",
+        "*all*: observed TTFT minus the oracle. *client*: the part of it the client spent on "
+        "the run's critical path, on its own clock: fan-out, turnaround and hand-off (defined "
+        "below). The rest of *all* is loopback TCP, process wake-ups (this is a virtual "
+        "machine) and the simulator's own request handling and lateness, which a real provider "
+        "would replace with its own.",
         "",
         "| loop | concurrent runs | runs | all p50 (ms) | all p99 (ms) | client p50 (ms) "
         "| client p99 (ms) | fan-out p50 | turnaround p50 | hand-off p50 | client CPU "
