@@ -98,6 +98,27 @@ def report_object(report: RunReport) -> dict[str, Any]:
     }
 
 
+def _payload(event: Event) -> dict[str, Any]:
+    """An event's fields as a progress item: texts become their length, usage its completion
+    tokens, times are rounded; everything else goes as it is."""
+    out: dict[str, Any] = {}
+    for name in event.__dataclass_fields__:
+        value = getattr(event, name)
+        if name == "text":
+            out["chars"] = len(value)
+        elif name == "usage":
+            out["tokens"] = value.completion_tokens
+        elif name == "references":
+            out[name] = [_reference(r) for r in value]
+        elif name == "report":
+            out[name] = report_object(value)
+        elif name == "t" or name.endswith("_s"):
+            out[name] = _round(value)
+        else:
+            out[name] = value
+    return out
+
+
 class ProgressEncoder:
     """Turns the events of one run into progress comment frames (or nothing).
 
@@ -148,74 +169,8 @@ class ProgressEncoder:
             if t - self._last_tokens_at.get(event.layer, 0.0) < TOKENS_INTERVAL:
                 return None
             return self._frame(self._tokens(event.layer, t))
+        if event.type == "aggregator.delta":
+            return None
         if event.type == "proposer.started":
             self._slot(event.layer, event.index, event.agent)
-            payload: dict[str, Any] = {
-                "type": event.type,
-                "layer": event.layer,
-                "index": event.index,
-                "agent": event.agent,
-                "t": _round(t),
-            }
-        elif event.type == "proposer.done":
-            payload = {
-                "type": event.type,
-                "layer": event.layer,
-                "index": event.index,
-                "agent": event.agent,
-                "ttft_s": _round(event.ttft_s),
-                "tokens": event.usage.completion_tokens,
-                "chars": len(event.text),
-                "finish_reason": event.finish_reason,
-                "t": _round(t),
-            }
-        elif event.type == "proposer.failed":
-            payload = {
-                "type": event.type,
-                "layer": event.layer,
-                "index": event.index,
-                "agent": event.agent,
-                "kind": event.kind,
-                "error": event.error,
-                "t": _round(t),
-            }
-        elif event.type == "layer.done":
-            payload = {
-                "type": event.type,
-                "layer": event.layer,
-                "reason": event.reason,
-                "references": [_reference(r) for r in event.references],
-                "cut": event.cut,
-                "agreement": event.agreement,
-                "t": _round(t),
-            }
-        elif event.type == "aggregator.started":
-            payload = {
-                "type": event.type,
-                "agent": event.agent,
-                "attempt": event.attempt,
-                "t": _round(t),
-            }
-        elif event.type == "aggregator.failed":
-            payload = {
-                "type": event.type,
-                "agent": event.agent,
-                "attempt": event.attempt,
-                "kind": event.kind,
-                "error": event.error,
-                "t": _round(t),
-            }
-        elif event.type == "aggregator.done":
-            payload = {
-                "type": event.type,
-                "agent": event.agent,
-                "ttft_s": _round(event.ttft_s),
-                "tokens": event.usage.completion_tokens,
-                "finish_reason": event.finish_reason,
-                "t": _round(t),
-            }
-        elif event.type == "run.done":
-            payload = {"type": event.type, "report": report_object(event.report), "t": _round(t)}
-        else:
-            return None
-        return self._frame(payload)
+        return self._frame(_payload(event))

@@ -11,7 +11,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from moa_stream._types import Usage
-from moa_stream.engine.events import ProposerDelta, ProposerStarted
+from moa_stream.engine.events import (
+    AggregatorDelta,
+    LayerDone,
+    ProposerDelta,
+    ProposerDone,
+    ProposerStarted,
+    ReferenceInfo,
+)
 from moa_stream.server import APIError
 from moa_stream.server.progress import PREFIX, TOKENS_INTERVAL, ProgressEncoder
 from moa_stream.server.wire import ChunkEncoder, parse_chat_request, truthy_header
@@ -177,6 +184,33 @@ def test_proposer_tokens_are_coalesced() -> None:
     last = frames[-1]
     assert last["type"] == "proposer.tokens" and last["layer"] == 0
     assert set(last["tokens"]) == {"a", "b"} and sum(last["tokens"].values()) <= 100
+
+
+def test_progress_items_carry_sizes_and_rounded_times_not_texts() -> None:
+    enc = ProgressEncoder()
+
+    def item(event: Any) -> dict[str, Any]:
+        frame = enc.frame(event)
+        assert frame is not None
+        return orjson.loads(frame[len(PREFIX) :])
+
+    done = item(ProposerDone(0, 1, "b", "secret answer", "stop", Usage(5, 7), 0.123456789, 1.5))
+    assert done == {
+        "type": "proposer.done",
+        "layer": 0,
+        "index": 1,
+        "agent": "b",
+        "chars": len("secret answer"),
+        "finish_reason": "stop",
+        "tokens": 7,
+        "ttft_s": 0.1235,
+        "t": 1.5,
+    }
+    ref = ReferenceInfo("b", 1, "partial", 40, 10)
+    layer = item(LayerDone(0, "partial", (ref,), None, 0.5, 2.0))
+    assert layer["reason"] == "partial" and layer["agreement"] == 0.5
+    assert len(layer["references"]) == 1 and layer["references"][0]["status"] == "partial"
+    assert enc.frame(AggregatorDelta("tok", 2.1)) is None, "the answer is not progress"
 
 
 @pytest.mark.parametrize("module_name", ["moa_stream.server"])
