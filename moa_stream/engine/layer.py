@@ -28,10 +28,7 @@ class ProposerSlot:
     index: int
     state: SlotState = "running"
     tokens: int = 0
-    chars: int = 0
     error: str | None = None
-    first_token_at: float | None = None
-    ended_at: float | None = None
     parts: list[str] = field(default_factory=list, repr=False)
 
     @property
@@ -123,9 +120,6 @@ class LayerState:
             return None
         slot.parts.append(text)
         slot.tokens += 1
-        slot.chars += len(text)
-        if slot.first_token_at is None:
-            slot.first_token_at = now
         self._tokens[index] = slot.tokens
         if self.decision is not None:
             return None
@@ -137,7 +131,6 @@ class LayerState:
         if slot.state != "running":
             return None
         slot.state = "done"
-        slot.ended_at = now
         self.done += 1
         self._finished[index] = True
         if self.decision is not None:
@@ -151,7 +144,6 @@ class LayerState:
             return None
         slot.state = "failed"
         slot.error = error
-        slot.ended_at = now
         self.failed += 1
         self._tokens[index] = (
             0  # a failed proposer's text is never used: policies must not count it
@@ -168,13 +160,12 @@ class LayerState:
         self.now = max(self.now, now)
         return self._evaluate()
 
-    def cancel_running(self, now: float) -> list[int]:
+    def cancel_running(self) -> list[int]:
         """Mark every running proposer cancelled; returns their indexes."""
         cancelled = []
         for slot in self.slots:
             if slot.state == "running":
                 slot.state = "cancelled"
-                slot.ended_at = now
                 cancelled.append(slot.index)
         return cancelled
 

@@ -156,6 +156,7 @@ class MoARun(AsyncResource):
         self._tasks: set[asyncio.Task[None]] = set()
         self._calls: list[_Call] = []
         self._layer_states: list[LayerState] = []
+        self._layer_calls: list[list[_Call]] = []  # [layer][proposer index]
         self._layer_reports: list[LayerReport] = []
         self._pending: list[Event] = []
         self._timer: asyncio.TimerHandle | None = None
@@ -259,6 +260,8 @@ class MoARun(AsyncResource):
         now = self._clock()
         state = LayerState([a.name for a in layer.agents], layer.policy, now)
         self._layer_states.append(state)
+        calls: list[_Call] = []
+        self._layer_calls.append(calls)
         events: list[Event] = []
         for index, agent in enumerate(layer.agents):
             if refs is None:
@@ -273,6 +276,7 @@ class MoARun(AsyncResource):
                 )
             call = _Call(agent, "proposer", li, index, now, _prompt_chars(messages))
             self._calls.append(call)
+            calls.append(call)
             call.task = self._spawn(self._propose(call, agent.request(messages)))
             events.append(ProposerStarted(li, index, agent.name, now - self._t0))
         return events
@@ -336,7 +340,7 @@ class MoARun(AsyncResource):
 
     async def _run_layer(self, li: int) -> AsyncGenerator[Event | Decision, None]:
         state = self._layer_states[li]
-        calls = {c.index: c for c in self._calls if c.layer == li and c.role == "proposer"}
+        calls = self._layer_calls[li]
         get = self._inbox.get
         clock = self._clock
         t0 = self._t0
@@ -408,9 +412,7 @@ class MoARun(AsyncResource):
                         f"({state.done} completed, {state.failed} failed of {state.n})",
                         layer=li,
                         errors={
-                            c.agent.name: c.exc
-                            for c in self._calls
-                            if c.layer == li and c.role == "proposer" and c.exc is not None
+                            c.agent.name: c.exc for c in self._layer_calls[li] if c.exc is not None
                         },
                     )
                 cut, agreement = self._cut(li, decision)
@@ -438,10 +440,11 @@ class MoARun(AsyncResource):
     def _settle_stragglers(self, li: int, layer: Layer) -> None:
         state = self._layer_states[li]
         if layer.stragglers == "cancel":
-            for index in state.cancel_running(self._clock()):
-                for call in self._calls:
-                    if call.layer == li and call.index == index and call.task is not None:
-                        call.task.cancel()
+            calls = self._layer_calls[li]
+            for index in state.cancel_running():
+                task = calls[index].task
+                if task is not None:
+                    task.cancel()
 
     def _cut(
         self, li: int, decision: Decision
