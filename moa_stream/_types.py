@@ -14,11 +14,13 @@ __all__ = ["ChatMessage", "ChatRequest", "Delta", "StreamTimings", "Usage"]
 
 
 class ChatMessage(TypedDict):
-    """One chat message in the OpenAI shape. Plain dicts, so orjson writes them as they are."""
+    """One chat message in the OpenAI shape. Plain dicts, so orjson writes them as they are.
+    ``prefix`` marks a final assistant message to be continued (DeepSeek, Mistral)."""
 
     role: str
     content: str
     name: NotRequired[str]
+    prefix: NotRequired[bool]
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,11 +43,14 @@ class ChatRequest:
 @dataclass(frozen=True, slots=True)
 class Usage:
     """Token counts of one request. ``estimated`` is true when the server sent none and the
-    figures were counted from chunks (output) and guessed from characters (input)."""
+    figures were counted from chunks (output) and guessed from characters (input).
+    ``cached_tokens`` is the part of ``prompt_tokens`` the server served from its prefix cache
+    (``usage.prompt_tokens_details.cached_tokens``; 0 when it reports none)."""
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     estimated: bool = False
+    cached_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -56,6 +61,7 @@ class Usage:
             self.prompt_tokens + other.prompt_tokens,
             self.completion_tokens + other.completion_tokens,
             self.estimated or other.estimated,
+            self.cached_tokens + other.cached_tokens,
         )
 
 

@@ -1,13 +1,22 @@
 """Building the prompt an aggregator (or a refinement-layer proposer) receives.
 
-Layout, chosen so that provider prefix caches help: the aggregator's instructions come first (in
-the system message), then the user's conversation unchanged, and only then, appended to the last
-user message, the numbered references. Everything before the references is identical for every
-aggregation of the same conversation, including a later refresh with newer partial text.
+Layout, chosen for provider prefix caches and against parroting:
+
+1. the agent's own system prompt, if any, merged into the conversation's system message;
+2. the user's conversation, unchanged: exactly what the proposers were sent, so the server
+   that just prefilled it for a proposer can serve the aggregator's prompt from its cache up
+   to the end of the last user message;
+3. appended to that last user message: a one-line note, then the references, each quoted
+   between ``<draft>`` and ``</draft>`` tags (they read as quoted material, not as a format
+   to continue: small models copied the old ``### Response N`` headings into their answers),
+   and only then the instructions, so the last thing the model reads is what to do.
 
 Each reference is marked ``complete``, ``partial`` (still being written when it was taken: it
 may stop mid-sentence and may not have reached its conclusion) or ``failed``. Only answer
 content is ever fed forward; reasoning text is never tracked, so it cannot leak into a prompt.
+
+A staircase aggregator (:mod:`moa_stream.engine.staircase`) extends this prompt step by step
+with :func:`render_update`: each step only appends to the previous step's request.
 """
 
 from __future__ import annotations
@@ -18,37 +27,60 @@ from dataclasses import dataclass
 from moa_stream._types import ChatMessage
 from moa_stream.engine.layer import Reference
 
-__all__ = ["PromptTemplates", "build_reference_messages", "with_system_prompt"]
+__all__ = [
+    "PromptTemplates",
+    "build_reference_messages",
+    "render_draft",
+    "render_references",
+    "render_update",
+    "with_system_prompt",
+]
 
 DEFAULT_INSTRUCTIONS = (
-    "You will be shown several candidate responses to the user's latest message, written "
-    "independently by other assistants. Read them critically: some may be wrong, biased or "
-    "incomplete. Write one answer of your own that keeps what is correct and well argued in "
-    "them, corrects or drops what is not, and fills any gaps. Do not copy any response as it "
-    "is and do not mention the candidates or their numbering; answer the user directly. A "
-    "response marked partial was still being written when it was given to you: it may stop "
-    "mid-sentence and may not have reached its conclusion, so weigh it accordingly. A "
-    "response marked failed produced nothing."
+    "Write your own answer to the user's message above. The drafts are material to weigh, "
+    "not part of the conversation: some may be wrong, biased or incomplete. Keep what is "
+    "correct and well argued in them, correct or drop what is not, and fill any gaps. Answer "
+    "the user directly: do not copy a draft as it is, do not mention the drafts, their "
+    "numbers or their tags, and do not imitate their quoting. A draft marked partial was "
+    "still being written: it may stop mid-sentence and may not have reached its conclusion. "
+    "A draft marked failed produced nothing."
 )
 
-DEFAULT_HEADER = "Candidate responses to the message above:"
+DEFAULT_HEADER = (
+    "Other assistants drafted answers to the message above. Their drafts are quoted below, "
+    'each between <draft n="..."> and </draft>.'
+)
+
+DEFAULT_UPDATE_HEADER = "The drafts went on. What they added since, quoted the same way:"
+
+DEFAULT_CONTINUE = (
+    "Continue your answer from exactly where it stopped, taking this into account. Do not "
+    "repeat what you already wrote and do not start over."
+)
 
 STATUS_LABELS = {
     "complete": "complete",
     "partial": "partial, still being written",
     "failed": "failed, no response",
+    "cancelled": "given up on, unfinished",
 }
 
 
 @dataclass(frozen=True, slots=True)
 class PromptTemplates:
-    """The words used around the references. ``reference`` is formatted with ``number``,
-    ``status`` (a label from ``status_labels``) and ``text``."""
+    """The words used around the references.
+
+    ``draft`` is formatted with ``number``, ``status`` (a label from ``STATUS_LABELS``) and
+    ``text``; ``update_header`` and ``continue_instruction`` are used by staircase steps.
+    """
 
     instructions: str = DEFAULT_INSTRUCTIONS
     header: str = DEFAULT_HEADER
-    reference: str = "### Response {number} ({status})\n{text}"
+    draft: str = '<draft n="{number}" status="{status}">\n{text}\n</draft>'
     truncated_marker: str = " [...]"
+    update_header: str = DEFAULT_UPDATE_HEADER
+    continued_draft: str = '<draft n="{number}" status="{status}" continued>\n{text}\n</draft>'
+    continue_instruction: str = DEFAULT_CONTINUE
 
 
 def _cap(text: str, limit: int | None, marker: str) -> str:
@@ -72,6 +104,55 @@ def with_system_prompt(
     return out
 
 
+def render_draft(
+    number: int, status: str, text: str, t: PromptTemplates, *, continued: bool = False
+) -> str:
+    """One quoted reference (or, ``continued``, the text it added since it was last quoted)."""
+    template = t.continued_draft if continued else t.draft
+    return template.format(number=number, status=STATUS_LABELS.get(status, status), text=text)
+
+
+def render_references(
+    references: Sequence[Reference],
+    t: PromptTemplates,
+    *,
+    max_reference_chars: int | None = None,
+    numbers: Sequence[int] | None = None,
+) -> str:
+    """The block appended to the last user message: note, quoted references, instructions.
+
+    References are numbered from 1 in the order given, unless ``numbers`` gives each one's.
+    """
+    blocks = [t.header]
+    for i, ref in enumerate(references):
+        text = _cap(ref.text, max_reference_chars, t.truncated_marker) if ref.text else ""
+        number = numbers[i] if numbers is not None else i + 1
+        blocks.append(render_draft(number, ref.status, text, t))
+    blocks.append(t.instructions)
+    return "\n\n".join(blocks)
+
+
+def render_update(parts: Sequence[str], t: PromptTemplates, *, ask_to_continue: bool) -> str:
+    """A staircase step's addition: what the references gained, already rendered with
+    :func:`render_draft` (``continued`` for references quoted before)."""
+    blocks = [t.update_header, *parts]
+    if ask_to_continue:
+        blocks.append(t.continue_instruction)
+    return "\n\n".join(blocks)
+
+
+def append_to_last_user(messages: list[ChatMessage], block: str) -> list[ChatMessage]:
+    """``messages`` with ``block`` appended to the last user message (a new user message if the
+    conversation does not end with one). Appending instead of adding a message keeps strict
+    user/assistant alternation, which several chat templates enforce."""
+    if messages and messages[-1]["role"] == "user":
+        last = messages[-1]
+        messages[-1] = {"role": "user", "content": f"{last['content']}\n\n{block}"}
+    else:
+        messages.append({"role": "user", "content": block})
+    return messages
+
+
 def build_reference_messages(
     messages: Sequence[ChatMessage],
     references: Sequence[Reference],
@@ -83,20 +164,6 @@ def build_reference_messages(
     """The messages for a model that synthesizes ``references`` into an answer to
     ``messages``. References keep the order given; they are numbered from 1."""
     t = templates or PromptTemplates()
-    system = t.instructions if not system_prompt else f"{system_prompt}\n\n{t.instructions}"
-    out = with_system_prompt(messages, system)
-    blocks = [t.header]
-    for number, ref in enumerate(references, 1):
-        text = _cap(ref.text, max_reference_chars, t.truncated_marker) if ref.text else ""
-        blocks.append(
-            t.reference.format(number=number, status=STATUS_LABELS[ref.status], text=text)
-        )
-    block = "\n\n".join(blocks)
-    # Appending to the last user message (instead of adding a message) keeps strict
-    # user/assistant alternation, which several chat templates enforce.
-    if out and out[-1]["role"] == "user":
-        last = out[-1]
-        out[-1] = {"role": "user", "content": f"{last['content']}\n\n{block}"}
-    else:
-        out.append({"role": "user", "content": block})
-    return out
+    out = with_system_prompt(messages, system_prompt)
+    block = render_references(references, t, max_reference_chars=max_reference_chars)
+    return append_to_last_user(out, block)

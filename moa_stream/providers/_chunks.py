@@ -106,9 +106,12 @@ def _int(value: object, what: str) -> int:
 def _usage(value: object) -> Usage:
     if type(value) is not dict:
         raise ProtocolError(f"usage is {type(value).__name__}, not an object")
+    details = value.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if type(details) is dict else None
     return Usage(
         _int(value.get("prompt_tokens"), "usage.prompt_tokens"),
         _int(value.get("completion_tokens"), "usage.completion_tokens"),
+        cached_tokens=_int(cached, "usage.prompt_tokens_details.cached_tokens"),
     )
 
 

@@ -1,0 +1,226 @@
+"""Staircase steps, the pure part: joins, what references hand over, each step's request."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from moa_stream._exceptions import ConfigError
+from moa_stream._types import ChatMessage
+from moa_stream.engine.layer import ProposerSlot
+from moa_stream.engine.prompts import PromptTemplates
+from moa_stream.engine.staircase import (
+    Continuation,
+    Joiner,
+    ReferenceTracker,
+    StepPrompts,
+    parse_continuation,
+    parse_steps,
+    stable_length,
+    step_sizes,
+)
+
+CONVERSATION: list[ChatMessage] = [{"role": "user", "content": "Why is the sea salty?"}]
+
+
+def render(messages: Sequence[ChatMessage]) -> str:
+    return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+
+
+def slot(index: int, text: str, state: str = "running") -> ProposerSlot:
+    s = ProposerSlot(f"p{index}", index)
+    s.parts.append(text)
+    s.state = state  # type: ignore[assignment]
+    return s
+
+
+# -- joins -----------------------------------------------------------------------------------
+
+words = st.lists(st.text(alphabet="abcdefghij.,", min_size=1, max_size=8), min_size=1, max_size=40)
+separators = st.sampled_from([" ", " ", " ", "\n", "\n\n"])
+
+
+@st.composite
+def answers(draw: st.DrawFn) -> str:
+    ws = draw(words)
+    out = ws[0]
+    for w in ws[1:]:
+        out += draw(separators) + w
+    return out
+
+
+def chop(draw: st.DrawFn, text: str) -> list[str]:
+    """``text`` cut into deltas at arbitrary points."""
+    if not text:
+        return []
+    cuts = sorted(set(draw(st.lists(st.integers(1, max(1, len(text) - 1)), max_size=6))))
+    bounds = [0, *[c for c in cuts if 0 < c < len(text)], len(text)]
+    return [text[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+@given(data=st.data(), answer=answers(), server=st.sampled_from(["vllm", "llama", "turns"]))
+def test_any_split_of_an_answer_into_steps_reassembles_exactly(
+    data: st.DataObject, answer: str, server: str
+) -> None:
+    """Whatever the step boundaries (mid-word included) and however the server splits its
+    deltas, echoes the prefill (llama-server) or re-sends a trailing space, the caller gets
+    the answer once: no character repeated or lost."""
+    cuts = sorted(set(data.draw(st.lists(st.integers(1, len(answer)), max_size=6))))
+    bounds = [0, *[c for c in cuts if c < len(answer)], len(answer)]
+    joiner = Joiner()
+    out = ""
+    for a, b in itertools.pairwise(bounds):
+        if server == "turns":
+            prefill = None
+            sent = answer[a:b]  # the model continues right after its previous turn
+        else:
+            prefill = out.rstrip()
+            start = len(prefill)
+            sent = answer[start:b]  # the server continues the prefill, trailing space included
+            if server == "llama" and prefill:
+                sent = prefill + sent  # ... and repeats the prefill first
+        joiner.begin(out, prefill, echoes=server == "llama")
+        for delta in chop(data.draw, sent):
+            out += joiner.feed(delta)
+        out += joiner.flush()
+        assert out == answer[:b]
+    assert out == answer
+
+
+def test_a_step_that_begins_mid_word_is_appended_as_it_is() -> None:
+    joiner = Joiner()
+    joiner.begin("The sea is va", None)
+    assert joiner.feed("st and") == "st and"
+
+
+def test_an_echoed_prefill_split_over_deltas_is_stripped() -> None:
+    joiner = Joiner()
+    joiner.begin("The sea is vast and ", "The sea is vast and", echoes=True)
+    assert joiner.feed("The sea is") == ""
+    assert joiner.feed(" vast and endless") == "endless"
+    assert joiner.feed(" blue") == " blue"
+
+
+def test_text_that_only_looks_like_the_start_of_the_prefill_is_kept() -> None:
+    joiner = Joiner()
+    joiner.begin("The sea", "The sea", echoes=True)
+    assert joiner.feed("The") == ""
+    assert joiner.feed("n it") == "Then it"
+
+
+def test_duplicated_whitespace_at_a_join_is_dropped() -> None:
+    joiner = Joiner()
+    joiner.begin("vast and ", None)  # appended turns: a space is not doubled
+    assert joiner.feed(" endless") == "endless"
+    joiner.begin("end.\n\n", "end.")  # a prefill without the trailing whitespace
+    assert joiner.feed("\n") == ""
+    assert joiner.feed("\nNext") == "Next"
+
+
+# -- schedule and config ---------------------------------------------------------------------
+
+
+def test_step_schedule_repeats_its_last_size() -> None:
+    sizes = step_sizes(parse_steps("8, 16 32"))
+    assert [next(sizes) for _ in range(5)] == [8, 16, 32, 32, 32]
+    for bad in ("", "8, x", "0", "-4"):
+        with pytest.raises(ValueError, match="step"):
+            parse_steps(bad)
+
+
+def test_continuation_names() -> None:
+    assert parse_continuation("turns") == Continuation("turns")
+    assert parse_continuation("prefill") == Continuation("prefill", "vllm")
+    assert str(parse_continuation("prefill:llama")) == "prefill:llama"
+    with pytest.raises(ValueError, match="flavour"):
+        parse_continuation("prefill:gpt")
+    with pytest.raises(ConfigError):
+        Continuation("telepathy")  # type: ignore[arg-type]
+
+
+# -- references across steps -----------------------------------------------------------------
+
+
+def test_a_partial_reference_is_handed_over_at_sentence_ends_and_never_mid_word() -> None:
+    assert stable_length("One two. Three fo", False) == len("One two. ")
+    long_line = "a" * 10 + " bbbbbbbbbb cccccccccc dddd"
+    assert stable_length(long_line, False) == long_line.rindex(" ") + 1
+    # a short unfinished line waits for its end: the answer line is never split
+    text = "It is so.\nAnswer: "
+    assert stable_length(text, False) == len("It is so.\n")
+    assert stable_length(text + "42", True) == len(text) + 2
+
+
+def test_the_tracker_reports_only_what_is_new() -> None:
+    tracker = ReferenceTracker(PromptTemplates(), None)
+    slots = [slot(0, "First sentence. Sec"), slot(1, "")]
+    block = tracker.first(slots)
+    assert "First sentence." in block and "Sec" not in block
+    assert 'n="2"' not in block  # no text yet: not shown
+    assert tracker.gains(slots) == []  # nothing new: no step needed
+    slots[0].parts.append("ond one. And")
+    slots[1].parts.append("Other view. ")
+    parts = tracker.gains(slots)
+    assert len(parts) == 2
+    assert "continued" in parts[0] and "ond one. " in parts[0] and "First" not in parts[0]
+    assert parts[1].startswith('<draft n="2" status="partial')
+    slots[0].state = "done"
+    (done,) = tracker.gains(slots)
+    assert 'status="complete" continued' in done and "And" in done
+    assert not tracker.settled(slots)
+    slots[1].state = "failed"
+    (failed,) = tracker.gains(slots)
+    assert "failed" in failed
+    assert tracker.settled(slots)
+    assert tracker.gains(slots) == []
+
+
+def test_given_up_references_are_marked_once() -> None:
+    tracker = ReferenceTracker(PromptTemplates(), None)
+    slots = [slot(0, "Half of it. ")]
+    tracker.first(slots)
+    (part,) = tracker.gains(slots, given_up=True)
+    assert "given up on" in part
+    assert tracker.gains(slots, given_up=True) == []
+
+
+# -- each step only appends to the previous request ------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["turns", "prefill:vllm", "prefill:prefix", "prefill:llama"])
+def test_each_step_extends_the_previous_request(method: str) -> None:
+    continuation = parse_continuation(method)
+    tracker = ReferenceTracker(PromptTemplates(), None)
+    prompts = StepPrompts(CONVERSATION, continuation, PromptTemplates())
+    slots = [slot(0, "Rivers carry salt. "), slot(1, "Rock weathers. ")]
+    first = prompts.first(tracker.first(slots))
+    assert render(first).startswith(render(CONVERSATION).removesuffix("<|im_end|>\n"))
+    answer = ""
+    previous = render(first)
+    for step_text, more in [("The sea ", "Then vents. "), ("is salty because ", "More. ")]:
+        answer += step_text
+        slots[0].parts.append(more)
+        messages, extra = prompts.next(tracker.gains(slots), step_text, answer)
+        rendered = render(messages)
+        if continuation.method == "turns":
+            assert rendered.startswith(previous)
+            assert messages[-2] == {"role": "assistant", "content": step_text}
+            assert extra == {}
+        else:
+            # the answer so far is the last message: everything before it extends the previous
+            # request without its own prefill
+            head = render(messages[:-1]).removesuffix("<|im_end|>\n")
+            assert head.startswith(
+                previous.split("<|im_start|>assistant")[0].removesuffix("<|im_end|>\n")
+            )
+            assert messages[-1]["role"] == "assistant"
+            assert messages[-1]["content"] == answer.rstrip()
+            if method == "prefill:vllm":
+                assert extra == {"continue_final_message": True, "add_generation_prompt": False}
+            if method == "prefill:prefix":
+                assert messages[-1].get("prefix") is True
+        previous = rendered
