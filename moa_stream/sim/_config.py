@@ -19,6 +19,11 @@
     [models.medium]              # a default model's name: change only what is listed
     accuracy = 0.9
 
+    [models.llama]               # continues a trailing assistant message and echoes it
+    profile = "medium"
+    continue_trailing_assistant = true
+    echo_prefill = true
+
 The same keys work in the ``[sim]`` table of a ``moa-stream`` config file (``[sim.models.fast]``);
 a file with a ``[sim]`` table is read from that table. ``models`` may also be an array of tables
 with a ``name`` key.
@@ -52,7 +57,8 @@ _FLOAT_KEYS = frozenset(
 )
 _INT_KEYS = frozenset({"answer_tokens", "max_answer_tokens", "slots"})
 _STR_KEYS = frozenset({"name", "profile", "answer_at", "owned_by"})
-_MODEL_KEYS = (_FLOAT_KEYS - _FAULT_KEYS) | _INT_KEYS | _STR_KEYS | {"faults"}
+_BOOL_KEYS = frozenset({"continue_trailing_assistant", "echo_prefill", "prefix_cache"})
+_MODEL_KEYS = (_FLOAT_KEYS - _FAULT_KEYS) | _INT_KEYS | _STR_KEYS | _BOOL_KEYS | {"faults"}
 _SIM_MODEL_FIELDS = frozenset(f.name for f in fields(SimModel))
 
 
@@ -73,6 +79,10 @@ def _typed(value: object, key: str, path: str, source: str | None) -> Any:
     if key in _INT_KEYS:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError("must be an integer", path=where, source=source)
+        return value
+    if key in _BOOL_KEYS:
+        if not isinstance(value, bool):
+            raise ConfigError("must be true or false", path=where, source=source)
         return value
     if not isinstance(value, str):
         raise ConfigError("must be a string", path=where, source=source)

@@ -13,9 +13,15 @@ from typing import Any, cast
 
 import orjson
 
+from moa_stream.sim._continue import ContinuationInfo, anchor_digest
 from moa_stream.sim._rng import seeded_rng
 from moa_stream.sim.profiles import FAULT_KINDS, FaultKind, SimModel
-from moa_stream.sim.quiz import choose_answer, compose_answer_tokens, find_question
+from moa_stream.sim.quiz import (
+    choose_answer,
+    compose_answer_tokens,
+    find_question,
+    visible_answers,
+)
 from moa_stream.sim.textgen import apply_stop, count_prompt_tokens, generate_tokens
 
 __all__ = [
@@ -93,6 +99,8 @@ class ParsedRequest:
     seed: int | None = None
     sim: SimOptions | None = None
     prompt_digest: str = ""
+    continue_final_message: bool = False
+    last_prefix: bool = False
 
     @property
     def prompt_text(self) -> str:
@@ -250,6 +258,7 @@ def parse_request(raw: bytes) -> ParsedRequest:
                 f"Invalid type for 'messages.[{i}].role': expected a string.",
             )
         messages.append((role, _content_text(message.get("content"), i)))
+    last_prefix = raw_messages[-1].get("prefix") is True
 
     stream = _opt_bool(body, "stream")
     include_usage = False
@@ -282,6 +291,15 @@ def parse_request(raw: bytes) -> ParsedRequest:
             "n", "Invalid 'n': this server returns one choice per request.", "unsupported_value"
         )
 
+    continue_final = _opt_bool(body, "continue_final_message")
+    if continue_final and body.get("add_generation_prompt", True) is not False:
+        # vLLM refuses the pair: a generation prompt opens a new message, not the last one.
+        raise _bad(
+            "continue_final_message",
+            "continue_final_message and add_generation_prompt can not both be true.",
+            "invalid_value",
+        )
+
     digest = hashlib.blake2b(orjson.dumps(messages), digest_size=16).hexdigest()
     return ParsedRequest(
         model=model,
@@ -293,6 +311,8 @@ def parse_request(raw: bytes) -> ParsedRequest:
         seed=cast("int | None", seed),
         sim=_parse_sim(body.get("sim")),
         prompt_digest=digest,
+        continue_final_message=continue_final,
+        last_prefix=last_prefix,
     )
 
 
@@ -316,6 +336,8 @@ class Plan:
     keepalive_interval_s: float = 0.5
     question_id: str | None = None
     answer: int | None = None
+    cached_tokens: int = 0
+    continuation: str | None = None
 
     @property
     def fault_label(self) -> str | None:
@@ -342,35 +364,53 @@ def build_plan(
     occurrence: int = 0,
     fault: FaultKind | None = None,
     random_faults: bool = True,
+    continuation: ContinuationInfo | None = None,
+    cached_chars: int = 0,
 ) -> Plan:
     """Decide a reply.
 
     Text depends on (seed, model, prompt, sample) only, so a retry gets the same text; timing
     and random faults also depend on ``occurrence`` (how many times this exact request was seen
     before), so a retry gets fresh draws. ``fault`` forces a fault; ``random_faults=False``
-    turns the model's own fault probabilities off.
+    turns the model's own fault probabilities off. ``continuation``: what the request
+    continues (see :mod:`moa_stream.sim._continue`); ``cached_chars``: how much of its prompt
+    the model's prefix cache held, which costs no prefill time.
     """
     sim = req.sim or SimOptions()
     contents = [content for _, content in req.messages]
     prompt_tokens = count_prompt_tokens(contents)
+    info = continuation or ContinuationInfo(None, "", req.messages)
+    cached_tokens = min(prompt_tokens, cached_chars // 4)
 
-    text_rng = seeded_rng("text", seed, model.name, req.prompt_digest, req.sample)
+    # The text belongs to the conversation's anchor, not the whole prompt, so the steps of a
+    # staircase, which only add to the prompt's end, continue one planned text.
+    text_rng = seeded_rng("text", seed, model.name, anchor_digest(info.base), req.sample)
     n = sim.tokens if sim.tokens is not None else model.sample_answer_tokens(text_rng)
-    prompt_text = req.prompt_text
+    prompt_text = "\n".join(content for _, content in info.base)
     question = find_question(prompt_text)
     answer: int | None = None
     if question is not None:
-        answer = choose_answer(
-            question,
-            prompt_text,
-            model=model.name,
-            seed=seed,
-            sample=req.sample,
-            accuracy=model.accuracy,
+        # An answer line already written stays: the model committed to it.
+        committed = visible_answers(info.answer)
+        answer = (
+            committed[-1]
+            if committed
+            else choose_answer(
+                question,
+                prompt_text,
+                model=model.name,
+                seed=seed,
+                sample=req.sample,
+                accuracy=model.accuracy,
+            )
         )
         tokens = compose_answer_tokens(text_rng, n, answer, model.answer_at)
     else:
         tokens = generate_tokens(text_rng, n)
+    if info.kind is not None:
+        tokens = _rest_of(tokens, info.answer)
+        if model.echo_prefill and info.kind == "prefill" and tokens:
+            tokens[0] = info.answer + tokens[0]  # llama-server repeats the prefill first
 
     tokens, _ = apply_stop(tokens, req.stop)
     finish_reason = "stop"
@@ -396,7 +436,7 @@ def build_plan(
     if sim.ttft is not None:
         ttft = sim.ttft
     else:
-        ttft = model.latency.sample_ttft(timing_rng, prompt_tokens)
+        ttft = model.latency.sample_ttft(timing_rng, prompt_tokens - cached_tokens)
     if fault == "stall_first":
         ttft += stall_s
     gaps = model.latency.sample_gaps(timing_rng, n)
@@ -425,4 +465,23 @@ def build_plan(
         keepalive_interval_s=faults.keepalive_interval_s,
         question_id=None if question is None else question.id,
         answer=answer,
+        cached_tokens=cached_tokens,
+        continuation=info.kind,
     )
+
+
+def _rest_of(planned: list[str], written: str) -> list[str]:
+    """The tokens of ``planned`` after the text already ``written`` (which may end mid-token).
+    If ``written`` is not the planned text's start (another text, edited), the reply goes on
+    from the planned token after as many words as were written."""
+    pos = 0
+    k = 0
+    if "".join(planned).startswith(written):
+        while k < len(planned) and pos + len(planned[k]) <= len(written):
+            pos += len(planned[k])
+            k += 1
+        rest = planned[k:]
+        if rest and pos < len(written):
+            rest[0] = rest[0][len(written) - pos :]
+        return rest
+    return planned[len(written.split()) :]

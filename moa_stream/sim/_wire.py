@@ -102,12 +102,12 @@ class ChunkEncoder:
             + b"}\n\n"
         )
 
-    def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
+    def usage(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> bytes:
         """The final usage chunk, with ``choices: []``."""
         return (
             self._head
             + b'],"usage":'
-            + orjson.dumps(_usage(prompt_tokens, completion_tokens))
+            + orjson.dumps(_usage(prompt_tokens, completion_tokens, cached_tokens))
             + b"}\n\n"
         )
 
@@ -121,11 +121,12 @@ def malformed_line(prefix: bytes) -> bytes:
     return prefix + b'"unterminated\n\n'
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
@@ -139,6 +140,7 @@ def completion_body(
     prompt_tokens: int,
     completion_tokens: int,
     x_sim: dict[str, Any],
+    cached_tokens: int = 0,
 ) -> bytes:
     """A non-streaming ``chat.completion`` object."""
     return orjson.dumps(
@@ -155,7 +157,7 @@ def completion_body(
                     "finish_reason": finish_reason,
                 }
             ],
-            "usage": _usage(prompt_tokens, completion_tokens),
+            "usage": _usage(prompt_tokens, completion_tokens, cached_tokens),
             "system_fingerprint": None,
             "x_sim": x_sim,
         }

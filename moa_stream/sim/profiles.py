@@ -301,6 +301,12 @@ class SimModel:
     ``answer_at`` drive the quiz (see :mod:`moa_stream.sim.quiz`). ``slots`` limits concurrent
     requests (more wait in a queue, which adds to their TTFT); None means unlimited.
     The default latency is fast and fixed, for tests; use :data:`PROFILES` for realism.
+
+    Continuations (see :mod:`moa_stream.sim._continue`): ``continue_trailing_assistant``
+    continues a final assistant message without being asked, and ``echo_prefill`` repeats it
+    at the start of the first delta, both as llama.cpp's llama-server does.
+    ``prefix_cache`` turns the model's prefix cache on (prompt blocks it served recently cost
+    no prefill time and are reported as ``cached_tokens``).
     """
 
     name: str
@@ -313,6 +319,9 @@ class SimModel:
     answer_at: Literal["end", "start"] = "end"
     slots: int | None = None
     owned_by: str = "moa-stream-sim"
+    continue_trailing_assistant: bool = False
+    echo_prefill: bool = False
+    prefix_cache: bool = True
 
     def __post_init__(self) -> None:
         where = f"sim.models.{self.name}"

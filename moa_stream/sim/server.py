@@ -26,6 +26,7 @@ import orjson
 from aiohttp import web
 
 from moa_stream._exceptions import ConfigError
+from moa_stream.sim._continue import PrefixCache, detect_continuation, render_prompt
 from moa_stream.sim._plan import (
     ParsedRequest,
     Plan,
@@ -93,6 +94,8 @@ class SimRecord:
     finish_reason: str | None = None
     question_id: str | None = None
     answer: int | None = None
+    cached_tokens: int = 0
+    continuation: str | None = None
 
     @property
     def ttft_s(self) -> float | None:
@@ -214,6 +217,7 @@ class SimServer:
         self._idle.set()
         self._occurrences = _BoundedCounts()
         self._forced = _BoundedCounts()
+        self._caches: dict[str, PrefixCache] = {}
 
     # -- public surface -------------------------------------------------------------------
 
@@ -436,6 +440,19 @@ class SimServer:
 
         forced, random_faults = self._forced_fault(req)
         occurrence = self._occurrences.bump((req.model, req.prompt_digest, req.sample))
+        continuation = detect_continuation(
+            req.messages,
+            continue_final_message=req.continue_final_message,
+            last_prefix=req.last_prefix,
+            continue_trailing_assistant=model.continue_trailing_assistant,
+        )
+        cached_chars = 0
+        if model.prefix_cache:
+            cache = self._caches.get(model.name)
+            if cache is None:
+                cache = self._caches[model.name] = PrefixCache()
+            prompt = render_prompt(req.messages, open_last=continuation.kind == "prefill")
+            cached_chars = cache.serve(prompt)
         plan = build_plan(
             model,
             req,
@@ -443,8 +460,12 @@ class SimServer:
             occurrence=occurrence,
             fault=forced,
             random_faults=random_faults,
+            continuation=continuation,
+            cached_chars=cached_chars,
         )
         record.prompt_tokens = plan.prompt_tokens
+        record.cached_tokens = plan.cached_tokens
+        record.continuation = plan.continuation
         record.fault = plan.fault_label
         record.question_id = plan.question_id
         record.answer = plan.answer
@@ -559,6 +580,7 @@ class SimServer:
             prompt_tokens=plan.prompt_tokens,
             completion_tokens=len(plan.tokens),
             x_sim=self._x_sim(record, now),
+            cached_tokens=plan.cached_tokens,
         )
         if plan.fault == "malformed":
             body = body[: len(body) // 2]
@@ -633,7 +655,7 @@ class SimServer:
         keepalive = plan.keepalive
         after_finish = DONE
         if req.include_usage:
-            after_finish = encoder.usage(plan.prompt_tokens, n) + DONE
+            after_finish = encoder.usage(plan.prompt_tokens, n, plan.cached_tokens) + DONE
         tail_sent = False
         i = 0
         while True:
