@@ -6,6 +6,7 @@
     base_url = "http://127.0.0.1:8000/v1"
     api_key_env = "LOCAL_API_KEY"     # the variable's name, never the key itself
     max_tokens_field = "max_tokens"   # or "max_completion_tokens"
+    continuation = ["turns", "prefill:vllm"]  # how a staircase may continue an answer here
     max_connections = 100             # pooled connections; every agent request holds one
     timeouts = { connect = 5, first_token = 20, idle = 20, total = 300 }
     retry = { max_attempts = 3 }
@@ -23,6 +24,12 @@
     aggregator = "qwen"
     policy = "quorum(2) | deadline(2.0)"
 
+    [moa.stairs]                      # a staircase: the policy is its start rule
+    proposers = ["qwen", "llama"]
+    aggregator = "qwen"
+    policy = "partial(2, min_tokens=8) | deadline(0.5, partial=true)"
+    staircase = { steps = [8, 16, 32, 64], lead = 32, continuation = "auto" }
+
     [server]
     api_keys_env = "MOA_STREAM_API_KEYS"
     cors_origins = ["*"]
@@ -37,7 +44,7 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Self, cast
@@ -48,6 +55,7 @@ from moa_stream.engine.policies import Policy, WaitAll, parse_policy
 from moa_stream.engine.prompts import PromptTemplates
 from moa_stream.engine.similarity import Similarity, final_line_match, word_jaccard
 from moa_stream.engine.spec import Agent, Layer, LayerCut, MoA
+from moa_stream.engine.staircase import Continuation, Staircase, parse_continuation, parse_steps
 from moa_stream.providers import OpenAIProvider, Provider, RetryPolicy, Timeouts
 
 __all__ = [
@@ -58,6 +66,7 @@ __all__ = [
     "Runtime",
     "ServerConfig",
     "SimConfig",
+    "StaircaseConfig",
     "default_config",
     "load_config",
     "parse_config",
@@ -78,6 +87,22 @@ class ProviderConfig:
     max_connections: int = 100
     timeouts: Timeouts = field(default_factory=Timeouts)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    #: How a staircase may continue an answer on this provider: ``turns`` works with any chat
+    #: API; ``prefill:<flavour>`` only where the server continues a final assistant message.
+    continuation: tuple[Continuation, ...] = (Continuation("turns"),)
+
+
+@dataclass(frozen=True, slots=True)
+class StaircaseConfig:
+    """A MoA's ``staircase`` table. ``continuation``: ``auto`` (prefill where the provider
+    supports it, else turns), ``prefill`` or ``turns``."""
+
+    steps: tuple[int, ...] = (8, 16, 32, 64, 128)
+    lead: int | None = 32
+    give_up_after: float | None = None
+    continuation: Literal["auto", "prefill", "turns"] = "auto"
+    #: The continuation each aggregator (and fallback) uses, resolved against its provider.
+    resolved: Mapping[str, Continuation] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +137,7 @@ class MoAConfig:
     max_reference_chars: int | None = None
     prewarm: bool = True
     description: str = ""
+    staircase: StaircaseConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,6 +285,15 @@ def _provider(t: _Table, name: str) -> ProviderConfig:
         backoff_cap=rt.positive("backoff_cap", float, rd.backoff_cap, allow_zero=True),
     )
     rt.done()
+    default_methods = ["turns", "prefill:vllm"] if kind == "sim" else ["turns"]
+    methods: list[Continuation] = []
+    for text in t.names("continuation", default_methods):
+        try:
+            methods.append(parse_continuation(text))
+        except ValueError as exc:
+            raise t.err("continuation", str(exc)) from None
+    if len({m.method for m in methods}) != len(methods):
+        raise t.err("continuation", "name each method (turns, prefill) at most once")
     config = ProviderConfig(
         name=name,
         kind=kind,
@@ -273,6 +308,32 @@ def _provider(t: _Table, name: str) -> ProviderConfig:
         max_connections=t.positive("max_connections", int, 100),
         timeouts=timeouts,
         retry=retry,
+        continuation=tuple(methods),
+    )
+    t.done()
+    return config
+
+
+def _staircase(t: _Table) -> StaircaseConfig:
+    d = StaircaseConfig()
+    raw_steps = t.get("steps", (list, str), list(d.steps))
+    try:
+        steps = parse_steps(raw_steps)
+    except ValueError as exc:
+        raise t.err("steps", str(exc)) from None
+    lead = t.get("lead", (int, bool), d.lead)
+    if lead is False:
+        lead = None
+    elif lead is True or (lead is not None and lead < 0):
+        raise t.err("lead", "must be a whole number >= 0, or false (never wait)")
+    config = StaircaseConfig(
+        steps=steps,
+        lead=lead,
+        give_up_after=t.positive("give_up_after", float, None, allow_zero=True),
+        continuation=cast(
+            Literal["auto", "prefill", "turns"],
+            t.choice("continuation", ("auto", "prefill", "turns"), "auto"),
+        ),
     )
     t.done()
     return config
@@ -318,6 +379,9 @@ def _moa(t: _Table, moa_id: str, agents: Mapping[str, AgentConfig]) -> MoAConfig
         policy = parse_policy(policy_text)
     except ValueError as exc:
         raise t.err("policy", f"{exc} in {policy_text!r}") from None
+    staircase = _staircase(t.sub("staircase")) if "staircase" in t.data else None
+    if staircase is not None and preset == "single":
+        raise t.err("staircase", "a single model has no references to refresh")
     similarity = t.choice("cut_similarity", tuple(SIMILARITIES), "word_jaccard")
     agreement = t.get("cut_agreement", float)
     if agreement is not None and not 0 <= agreement <= 1:
@@ -343,9 +407,29 @@ def _moa(t: _Table, moa_id: str, agents: Mapping[str, AgentConfig]) -> MoAConfig
         max_reference_chars=t.positive("max_reference_chars", int, None),
         prewarm=t.get("prewarm", bool, True),
         description=t.get("description", str, ""),
+        staircase=staircase,
     )
     t.done()
     return config
+
+
+def _choose_continuation(
+    wanted: str, provider: ProviderConfig, where: _Table, agent: str
+) -> Continuation:
+    """The continuation a staircase uses on ``provider``; a method it can't do is an error."""
+    by_method = {c.method: c for c in provider.continuation}
+    if wanted == "auto":
+        return by_method.get("prefill") or by_method.get("turns") or Continuation("turns")
+    chosen = next((c for c in provider.continuation if c.method == wanted), None)
+    if chosen is None:
+        can = ", ".join(str(c) for c in provider.continuation) or "none"
+        raise where.err(
+            "staircase",
+            f"continuation {wanted!r} is not supported by provider {provider.name!r} of "
+            f"aggregator {agent!r} (it supports: {can}; set providers.{provider.name}."
+            "continuation)",
+        )
+    return chosen
 
 
 def _server(t: _Table) -> ServerConfig:
@@ -385,6 +469,17 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
     }
     if not moas:
         raise ConfigError("at least one [moa.<id>] table is required", path="moa", source=source)
+    for name, m in moas.items():
+        if m.staircase is None:
+            continue
+        where = _Table({}, f"moa.{name}", source)
+        resolved = {
+            a: _choose_continuation(
+                m.staircase.continuation, providers[agents[a].provider], where, a
+            )
+            for a in (m.aggregator, *m.fallbacks)
+        }
+        moas[name] = replace(m, staircase=replace(m.staircase, resolved=resolved))
     server = _server(root.sub("server"))
     st = root.sub("sim")
     sim = SimConfig(seed=st.get("seed", int, 0), models=st.get("models", dict, {}))
@@ -517,6 +612,15 @@ def build_moa(m: MoAConfig, agents: Mapping[str, Agent]) -> MoA:
     else:
         layer = Layer(tuple(agents[a] for a in m.proposers), m.policy, m.stragglers, m.on_unmet)
         layers = (layer,) * m.layers
+    staircase = None
+    if m.staircase is not None:
+        sc = m.staircase
+        staircase = Staircase(
+            steps=sc.steps,
+            lead=sc.lead,
+            give_up_after=sc.give_up_after,
+            continuation=dict(sc.resolved),
+        )
     return MoA(
         layers=layers,
         aggregator=aggregator,
@@ -526,4 +630,5 @@ def build_moa(m: MoAConfig, agents: Mapping[str, Agent]) -> MoA:
         max_reference_chars=m.max_reference_chars,
         prewarm=m.prewarm,
         name=m.id,
+        staircase=staircase,
     )

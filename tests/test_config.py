@@ -171,3 +171,77 @@ def test_server_api_keys_come_from_config_and_environment(monkeypatch: pytest.Mo
     )
     assert config.server.resolved_api_keys() == ("k1", "k2", "k3")
     assert "k1" not in repr(config.server)
+
+
+def test_a_staircase_table_builds_a_staircase_with_each_providers_continuation() -> None:
+    from moa_stream.engine.staircase import Continuation
+
+    extra = (
+        '[providers.vllm]\nbase_url = "http://127.0.0.1:9/v1"\n'
+        'continuation = ["turns", "prefill:vllm"]\n'
+        '[agents.c]\nprovider = "vllm"\nmodel = "m-c"\n'
+        '[moa.x]\nproposers = ["a", "b"]\naggregator = "c"\nfallbacks = ["a"]\n'
+        'policy = "partial(2, min_tokens=8)"\n'
+        'staircase = { steps = "8, 16, 32", lead = false, give_up_after = 5 }\n'
+    )
+    config = config_with(extra)
+    sc = config.moas["x"].staircase
+    assert sc is not None and sc.steps == (8, 16, 32) and sc.lead is None
+    # auto: prefill where the provider can, appended turns elsewhere
+    assert sc.resolved == {"c": Continuation("prefill", "vllm"), "a": Continuation("turns")}
+    agents = {name: _agent(name) for name in ("a", "b", "c")}
+    built = build_moa(config.moas["x"], agents)
+    assert built.staircase is not None
+    assert built.staircase.for_agent("c") == Continuation("prefill", "vllm")
+    assert built.staircase.give_up_after == 5.0
+
+
+def _agent(name: str):
+    from moa_stream.engine import Agent
+
+    return Agent(name, ScriptedProvider([]), name)
+
+
+def test_the_default_config_ships_a_staircase_preset() -> None:
+    staircase = default_config().moas["staircase"]
+    assert staircase.staircase is not None
+    assert staircase.staircase.resolved["aggregator"].method == "prefill"
+
+
+@pytest.mark.parametrize(
+    ("extra", "path", "message"),
+    [
+        (
+            '[moa.x]\nproposers = ["a"]\naggregator = "a"\n'
+            'staircase = { continuation = "prefill" }\n',
+            "moa.x.staircase",
+            "continuation 'prefill' is not supported by provider 'local'",
+        ),
+        (
+            '[moa.x]\nproposers = ["a"]\naggregator = "a"\nstaircase = { steps = [8, 0] }\n',
+            "moa.x.staircase.steps",
+            "every step must be",
+        ),
+        (
+            '[moa.x]\nproposers = ["a"]\naggregator = "a"\nstaircase = { lead = -1 }\n',
+            "moa.x.staircase.lead",
+            "must be a whole number",
+        ),
+        (
+            '[moa.x]\npreset = "single"\naggregator = "a"\nstaircase = {}\n',
+            "moa.x.staircase",
+            "no references",
+        ),
+        (
+            '[moa.x]\npreset = "single"\naggregator = "a"\n'
+            '[providers.other]\nbase_url = "http://x/v1"\ncontinuation = ["prefill:gpt"]\n',
+            "providers.other.continuation",
+            "unknown prefill flavour",
+        ),
+    ],
+)
+def test_staircase_mistakes_name_the_field(extra: str, path: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config_with(extra)
+    assert info.value.path == path
+    assert message in str(info.value)

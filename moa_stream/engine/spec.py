@@ -21,6 +21,7 @@ from moa_stream._types import ChatMessage, ChatRequest
 from moa_stream.engine.policies import Policy, WaitAll
 from moa_stream.engine.prompts import PromptTemplates
 from moa_stream.engine.similarity import Similarity, word_jaccard
+from moa_stream.engine.staircase import Staircase
 from moa_stream.providers import Provider
 
 if TYPE_CHECKING:
@@ -113,6 +114,9 @@ class MoA:
     max_reference_chars: int | None = None
     prewarm: bool = True
     name: str = "moa"
+    #: A staircase aggregator (:mod:`moa_stream.engine.staircase`): the last layer's policy is
+    #: its start rule. ``None``: the aggregator is asked once.
+    staircase: Staircase | None = None
 
     def stream(
         self,
@@ -172,10 +176,13 @@ def moa(
     cut: LayerCut | None = None,
     max_reference_chars: int | None = None,
     name: str = "moa",
+    staircase: Staircase | None = None,
 ) -> MoA:
     """The paper's layout: ``layers`` layers of the same proposers, then ``aggregator``.
 
     ``layers=1`` is proposers then aggregator; each extra layer is one refinement round.
+    With ``staircase``, the aggregator starts when ``policy`` fires and is asked again, step
+    by step, as the last layer's proposers write on.
     """
     if layers < 1:
         raise ValueError("moa() needs layers >= 1; use single() for no proposers")
@@ -187,6 +194,7 @@ def moa(
         cut=cut or LayerCut(),
         max_reference_chars=max_reference_chars,
         name=name,
+        staircase=staircase,
     )
 
 

@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 from moa_stream._exceptions import ConfigError
 from moa_stream._types import ChatMessage
-from moa_stream.engine.layer import ProposerSlot, Reference
+from moa_stream.engine.layer import Reference
 from moa_stream.engine.prompts import (
     PromptTemplates,
     append_to_last_user,
@@ -48,6 +48,7 @@ __all__ = [
     "CONTINUATION_METHODS",
     "PREFILL_FLAVOURS",
     "Continuation",
+    "RefView",
     "Joiner",
     "ReferenceTracker",
     "Staircase",
@@ -199,7 +200,11 @@ def stable_length(text: str, complete: bool) -> int:
 
 # -- references across steps -----------------------------------------------------------------
 
-_STATUS_OF_SLOT = {"running": "partial", "done": "complete", "failed": "failed"}
+#: One reference as a step sees it: its proposer's index, its state (``running``,
+#: ``complete``, ``failed`` or ``cancelled``) and its text so far.
+RefView = tuple[int, str, str]
+
+_GIVEN_STATUS = {"running": "partial", "complete": "complete", "failed": "failed"}
 
 
 @dataclass(slots=True)
@@ -211,7 +216,7 @@ class _Given:
 
 class ReferenceTracker:
     """What each step has handed the aggregator of every reference: numbers in order of first
-    appearance, characters given, status given. Reads :class:`ProposerSlot` objects."""
+    appearance, characters given, status given."""
 
     def __init__(self, templates: PromptTemplates, max_reference_chars: int | None) -> None:
         self._t = templates
@@ -222,45 +227,43 @@ class ReferenceTracker:
         return n if self._cap is None else min(n, self._cap)
 
     @staticmethod
-    def _status(slot: ProposerSlot, given_up: bool) -> str | None:
-        if slot.state == "cancelled" or (given_up and slot.state == "running"):
+    def _status(state: str, given_up: bool) -> str | None:
+        if state == "cancelled" or (given_up and state == "running"):
             return "cancelled"
-        return _STATUS_OF_SLOT.get(slot.state)
+        return _GIVEN_STATUS.get(state)
 
-    def first(self, slots: Sequence[ProposerSlot]) -> str:
+    def first(self, refs: Sequence[RefView]) -> str:
         """The reference block of the first step (every reference with text, or failed)."""
-        refs: list[Reference] = []
+        quoted: list[Reference] = []
         numbers: list[int] = []
-        for slot in slots:
-            status = self._status(slot, False)
+        for index, state, text in refs:
+            status = self._status(state, False)
             if status is None or status == "cancelled":
                 continue
-            text = slot.text
             n = self._limit(stable_length(text, status == "complete"))
             if n == 0 and status == "partial":
                 continue
             number = len(self._given) + 1
-            self._given[slot.index] = _Given(number, n, status)
-            refs.append(Reference(slot.agent, slot.index, status, text[:n]))  # type: ignore[arg-type]
+            self._given[index] = _Given(number, n, status)
+            quoted.append(Reference(str(index), index, status, text[:n]))  # type: ignore[arg-type]
             numbers.append(number)
-        return render_references(refs, self._t, numbers=numbers)
+        return render_references(quoted, self._t, numbers=numbers)
 
-    def gains(self, slots: Sequence[ProposerSlot], *, given_up: bool = False) -> list[str]:
+    def gains(self, refs: Sequence[RefView], *, given_up: bool = False) -> list[str]:
         """The rendered additions since the last step (empty: nothing new), and records them
         as given. ``given_up``: references still running are reported as given up on."""
         parts: list[str] = []
-        for slot in slots:
-            status = self._status(slot, given_up)
+        for index, state, text in refs:
+            status = self._status(state, given_up)
             if status is None:
                 continue
-            text = slot.text
             n = self._limit(stable_length(text, status == "complete"))
-            given = self._given.get(slot.index)
+            given = self._given.get(index)
             if given is None:
                 if status == "cancelled" or (n == 0 and status == "partial"):
                     continue
                 number = len(self._given) + 1
-                self._given[slot.index] = _Given(number, n, status)
+                self._given[index] = _Given(number, n, status)
                 parts.append(render_draft(number, status, text[:n], self._t))
                 continue
             if status in ("failed", "cancelled"):
@@ -272,22 +275,22 @@ class ReferenceTracker:
                 given.status = status
         return parts
 
-    def settled(self, slots: Sequence[ProposerSlot]) -> bool:
+    def settled(self, refs: Sequence[RefView]) -> bool:
         """Whether the last step saw every reference in its final state."""
-        for slot in slots:
-            given = self._given.get(slot.index)
-            if slot.state == "running":
+        for index, state, _ in refs:
+            given = self._given.get(index)
+            if state == "running":
                 return False
-            if slot.state == "done":
-                if given is None or given.status != "complete":
-                    return False
-            elif slot.state == "failed" and given is not None and given.status != "failed":
+            if state == "complete" and (given is None or given.status != "complete"):
+                return False
+            if state == "failed" and given is not None and given.status != "failed":
                 return False
         return True
 
-    @property
-    def given_chars(self) -> int:
-        return sum(g.chars for g in self._given.values())
+    def given_chars(self, index: int) -> int:
+        """Characters of reference ``index`` handed over so far."""
+        given = self._given.get(index)
+        return 0 if given is None else given.chars
 
 
 # -- the requests of each step ---------------------------------------------------------------

@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 
 from moa_stream._exceptions import ConfigError
 from moa_stream._types import ChatMessage
-from moa_stream.engine.layer import ProposerSlot
 from moa_stream.engine.prompts import PromptTemplates
 from moa_stream.engine.staircase import (
     Continuation,
@@ -31,11 +30,18 @@ def render(messages: Sequence[ChatMessage]) -> str:
     return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
 
 
-def slot(index: int, text: str, state: str = "running") -> ProposerSlot:
-    s = ProposerSlot(f"p{index}", index)
-    s.parts.append(text)
-    s.state = state  # type: ignore[assignment]
-    return s
+class Ref:
+    """A proposer's progress as the run holds it."""
+
+    def __init__(self, index: int, text: str, state: str = "running") -> None:
+        self.index, self.text, self.state = index, text, state
+
+    def grow(self, more: str) -> None:
+        self.text += more
+
+
+def view(refs: Sequence[Ref]) -> list[tuple[int, str, str]]:
+    return [(r.index, r.state, r.text) for r in refs]
 
 
 # -- joins -----------------------------------------------------------------------------------
@@ -157,35 +163,35 @@ def test_a_partial_reference_is_handed_over_at_sentence_ends_and_never_mid_word(
 
 def test_the_tracker_reports_only_what_is_new() -> None:
     tracker = ReferenceTracker(PromptTemplates(), None)
-    slots = [slot(0, "First sentence. Sec"), slot(1, "")]
-    block = tracker.first(slots)
+    refs = [Ref(0, "First sentence. Sec"), Ref(1, "")]
+    block = tracker.first(view(refs))
     assert "First sentence." in block and "Sec" not in block
     assert 'n="2"' not in block  # no text yet: not shown
-    assert tracker.gains(slots) == []  # nothing new: no step needed
-    slots[0].parts.append("ond one. And")
-    slots[1].parts.append("Other view. ")
-    parts = tracker.gains(slots)
+    assert tracker.gains(view(refs)) == []  # nothing new: no step needed
+    refs[0].grow("ond one. And")
+    refs[1].grow("Other view. ")
+    parts = tracker.gains(view(refs))
     assert len(parts) == 2
     assert "continued" in parts[0] and "ond one. " in parts[0] and "First" not in parts[0]
     assert parts[1].startswith('<draft n="2" status="partial')
-    slots[0].state = "done"
-    (done,) = tracker.gains(slots)
+    refs[0].state = "complete"
+    (done,) = tracker.gains(view(refs))
     assert 'status="complete" continued' in done and "And" in done
-    assert not tracker.settled(slots)
-    slots[1].state = "failed"
-    (failed,) = tracker.gains(slots)
+    assert not tracker.settled(view(refs))
+    refs[1].state = "failed"
+    (failed,) = tracker.gains(view(refs))
     assert "failed" in failed
-    assert tracker.settled(slots)
-    assert tracker.gains(slots) == []
+    assert tracker.settled(view(refs))
+    assert tracker.gains(view(refs)) == []
 
 
 def test_given_up_references_are_marked_once() -> None:
     tracker = ReferenceTracker(PromptTemplates(), None)
-    slots = [slot(0, "Half of it. ")]
-    tracker.first(slots)
-    (part,) = tracker.gains(slots, given_up=True)
+    refs = [Ref(0, "Half of it. ")]
+    tracker.first(view(refs))
+    (part,) = tracker.gains(view(refs), given_up=True)
     assert "given up on" in part
-    assert tracker.gains(slots, given_up=True) == []
+    assert tracker.gains(view(refs), given_up=True) == []
 
 
 # -- each step only appends to the previous request ------------------------------------------
@@ -196,15 +202,15 @@ def test_each_step_extends_the_previous_request(method: str) -> None:
     continuation = parse_continuation(method)
     tracker = ReferenceTracker(PromptTemplates(), None)
     prompts = StepPrompts(CONVERSATION, continuation, PromptTemplates())
-    slots = [slot(0, "Rivers carry salt. "), slot(1, "Rock weathers. ")]
-    first = prompts.first(tracker.first(slots))
+    refs = [Ref(0, "Rivers carry salt. "), Ref(1, "Rock weathers. ")]
+    first = prompts.first(tracker.first(view(refs)))
     assert render(first).startswith(render(CONVERSATION).removesuffix("<|im_end|>\n"))
     answer = ""
     previous = render(first)
     for step_text, more in [("The sea ", "Then vents. "), ("is salty because ", "More. ")]:
         answer += step_text
-        slots[0].parts.append(more)
-        messages, extra = prompts.next(tracker.gains(slots), step_text, answer)
+        refs[0].grow(more)
+        messages, extra = prompts.next(tracker.gains(view(refs)), step_text, answer)
         rendered = render(messages)
         if continuation.method == "turns":
             assert rendered.startswith(previous)
