@@ -155,7 +155,9 @@ def oracle_parts(trace: RunTrace, schedule: Schedule) -> OracleParts | None:
             ready.append(ready_at(plans, ref.chars if ref.status == "partial" else None))
         layers.append(ready)
     aggregator_calls = [c for c in trace.calls if c.role == "aggregator"]
-    answered = next((c for c in reversed(aggregator_calls) if c.ttft_s is not None), None)
+    # The first aggregator request that answered gave the first token (later ones, if any,
+    # are staircase steps).
+    answered = next((c for c in aggregator_calls if c.ttft_s is not None), None)
     if answered is None or answered.request is None:
         return None
     before = 0.0

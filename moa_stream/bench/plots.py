@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from moa_stream.bench.report import CellResult
-from moa_stream.bench.trace import RunTrace
+from moa_stream.bench.trace import CallTrace, RunTrace
 
 __all__ = ["draw_timeline", "write_plots"]
 
 #: Strategies shown in a scenario's timeline, in this order, when they were run.
-TIMELINE_STRATEGIES = ("reference-moa", "wait-all", "quorum-2", "partial", "deadline-partial")
+TIMELINE_STRATEGIES = ("reference-moa", "wait-all", "quorum-2", "partial", "staircase")
 
 _WAIT = "#c9d6e8"
 _STREAM = "#3b6ea8"
@@ -125,25 +125,31 @@ def _pareto(plt: Any, scenario: str, rows: Sequence[Mapping[str, Any]], path: Pa
 def draw_timeline(ax: Any, trace: RunTrace, title: str) -> None:
     """One run on ``ax``: a row per request, a bar from its start to its first token (light)
     and on to its end (dark; grey for an answer that came whole), the layer decisions (red,
-    dashed) and the first answer token (green)."""
+    dashed) and the first answer token (green). A staircase's aggregator requests share one
+    row, each step's start marked with a black tick."""
     calls = list(trace.calls)
+    aggregators = [c for c in calls if c.role == "aggregator"]
+    staircase = len(aggregators) > 1
+    rows: list[list[CallTrace]] = []
+    for call in calls:
+        if staircase and call.role == "aggregator":
+            if call is aggregators[0]:
+                rows.append(aggregators)
+            continue
+        rows.append([call])
     labels = []
-    for row, call in enumerate(calls):
-        y = len(calls) - 1 - row
-        prefix = f"L{call.layer} " if call.role == "proposer" else "agg "
-        labels.append((y, prefix + call.agent))
-        end = call.started_s + (call.duration_s if call.duration_s is not None else 0.0)
-        if call.duration_s is None:
-            end = trace.total_s
-        if call.ttft_s is not None:
-            first = call.started_s + call.ttft_s
-            ax.barh(y, first - call.started_s, left=call.started_s, color=_WAIT, height=0.6)
-            ax.barh(y, end - first, left=first, color=_STREAM, height=0.6)
-        else:
-            color = _WHOLE if not call.streamed else _WAIT
-            ax.barh(y, end - call.started_s, left=call.started_s, color=color, height=0.6)
-        if call.status in ("cancelled", "failed"):
-            ax.plot([end], [y], marker="x", color=_FIRED, markersize=7)
+    for row, group in enumerate(rows):
+        y = len(rows) - 1 - row
+        first_call = group[0]
+        prefix = f"L{first_call.layer} " if first_call.role == "proposer" else "agg "
+        label = prefix + first_call.agent
+        if len(group) > 1:
+            label = f"agg: {len(group)} steps"
+        labels.append((y, label))
+        for call in group:
+            _bar(ax, y, call, trace.total_s)
+            if len(group) > 1:
+                ax.plot([call.started_s] * 2, [y - 0.38, y + 0.38], color="black", linewidth=0.8)
     for layer in trace.layers:
         ax.axvline(layer.decided_s, color=_FIRED, linestyle="--", linewidth=1.2)
     if trace.ttft_s is not None:
@@ -162,10 +168,30 @@ def draw_timeline(ax: Any, trace: RunTrace, title: str) -> None:
     ax.grid(True, axis="x", alpha=0.3)
 
 
+def _bar(ax: Any, y: int, call: CallTrace, total_s: float) -> None:
+    end = call.started_s + (call.duration_s if call.duration_s is not None else 0.0)
+    if call.duration_s is None:
+        end = total_s
+    if call.ttft_s is not None:
+        first = call.started_s + call.ttft_s
+        ax.barh(y, first - call.started_s, left=call.started_s, color=_WAIT, height=0.6)
+        ax.barh(y, end - first, left=first, color=_STREAM, height=0.6)
+    else:
+        color = _WHOLE if not call.streamed else _WAIT
+        ax.barh(y, end - call.started_s, left=call.started_s, color=color, height=0.6)
+    if call.status == "failed" or (call.status == "cancelled" and call.role == "proposer"):
+        ax.plot([end], [y], marker="x", color=_FIRED, markersize=7)
+
+
+def _rows(trace: RunTrace) -> int:
+    aggregators = sum(1 for c in trace.calls if c.role == "aggregator")
+    return len(trace.calls) - max(0, aggregators - 1)
+
+
 def _timeline(plt: Any, scenario: str, chosen: Sequence[CellResult], path: Path) -> bool:
     if not chosen:
         return False
-    rows = sum(len(c.timeline.calls) for c in chosen if c.timeline is not None)
+    rows = sum(_rows(c.timeline) for c in chosen if c.timeline is not None)
     fig, axes = plt.subplots(
         len(chosen), 1, figsize=(9, 1.2 + 0.32 * rows + 0.5 * len(chosen)), sharex=True
     )
@@ -176,7 +202,7 @@ def _timeline(plt: Any, scenario: str, chosen: Sequence[CellResult], path: Path)
         draw_timeline(ax, cell.timeline, f"{cell.strategy}: {cell.policy}")
     axes[-1].set_xlabel(
         "seconds since the run started · bars: waiting (light), streaming (dark), whole answer "
-        "(grey) · red: policy fired · green: first answer token"
+        "(grey) · red: policy fired · green: first answer token · black ticks: staircase steps"
     )
     axes[-1].xaxis.label.set_fontsize(8)
     fig.suptitle(f"One run, same question for every strategy · {scenario}", fontsize=10)

@@ -9,8 +9,11 @@
      "timelines": {"<scenario>/<strategy>": {...one run's trace...}}}
 
 Times are seconds. ``tokens`` is the mean of prompt plus completion tokens over every request
-of a run (proposers, cancelled ones included, and the aggregator). ``quality`` is the fraction
-of runs whose final answer was exactly right (``None`` for open-ended prompts).
+of a run (proposers, cancelled ones included, and the aggregator); ``tokens_in_cached_mean``
+is the part of the prompt tokens the servers served from their prefix caches, and
+``aggregator_requests_mean`` the aggregator requests per run (one per staircase step).
+``quality`` is the fraction of runs whose final answer was exactly right (``None`` for
+open-ended prompts).
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ class RunSample:
     refs_partial: int
     refs_failed: int
     correct: bool | None
+    cached_tokens: int = 0
+    aggregator_requests: int = 1
     decided_s: float | None = None
     oracle_ttft_s: float | None = None
     decision_over_s: float | None = None
@@ -140,6 +145,7 @@ def summarize(cell: CellResult) -> dict[str, Any]:
     interval = wilson_interval(right, len(graded))
     mean_in = _mean(tokens_in) or 0.0
     mean_out = _mean(tokens_out) or 0.0
+    mean_cached = _mean([float(s.cached_tokens) for s in samples]) or 0.0
     return {
         "strategy": cell.strategy,
         "scenario": cell.scenario,
@@ -172,6 +178,11 @@ def summarize(cell: CellResult) -> dict[str, Any]:
         "tokens": round(mean_in + mean_out, 1),
         "tokens_in_mean": round(mean_in, 1),
         "tokens_out_mean": round(mean_out, 1),
+        "tokens_in_cached_mean": round(mean_cached, 1),
+        "tokens_in_uncached_mean": round(mean_in - mean_cached, 1),
+        "aggregator_requests_mean": _round(
+            _mean([float(s.aggregator_requests) for s in samples]), 2
+        ),
         "tokens_in_total": int(sum(tokens_in)),
         "tokens_out_total": int(sum(tokens_out)),
         "refs_complete_mean": _round(_mean([float(s.refs_complete) for s in samples]), 3),
@@ -264,14 +275,20 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
+def _tokens_in_out(r: Mapping[str, Any]) -> str:
+    cached = r.get("tokens_in_cached_mean") or 0.0
+    share = f" ({100 * cached / r['tokens_in_mean']:.0f}%)" if r["tokens_in_mean"] else ""
+    return f"{r['tokens_in_mean']:,.0f}{share} / {r['tokens_out_mean']:,.0f}"
+
+
 def render_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """One scenario's results as a Markdown table."""
     header = (
         "| strategy | policy | TTFT p50 | p95 | p99 | oracle p50 | measured / oracle p50 "
-        "| total p50 | tokens in / out per run | refs complete / partial | quality (95% CI) "
-        "| errors |"
+        "| total p50 | tokens in (cached) / out per run | aggregator requests "
+        "| refs complete / partial | quality (95% CI) | errors |"
     )
-    lines = [header, "|" + "---|" * 12]
+    lines = [header, "|" + "---|" * 13]
     for r in rows:
         ci = r.get("quality_ci95")
         quality = _pct(r["quality"])
@@ -290,7 +307,8 @@ def render_table(rows: Sequence[Mapping[str, Any]]) -> str:
                     _s(r.get("oracle_ttft_p50_s")),
                     "-" if ratio is None else f"{ratio:.2f}",
                     _s(r["total_p50_s"]),
-                    f"{r['tokens_in_mean']:,.0f} / {r['tokens_out_mean']:,.0f}",
+                    _tokens_in_out(r),
+                    f"{r.get('aggregator_requests_mean') or 1:.1f}",
                     f"{r['refs_complete_mean']:.2f} / {r['refs_partial_mean']:.2f}",
                     quality,
                     str(r["errors"]),

@@ -17,7 +17,7 @@ from types import MappingProxyType
 
 from moa_stream.sim import PROFILES, FaultProfile, LatencyProfile, SimModel
 
-__all__ = ["QUICK", "SCENARIOS", "Scenario", "get_scenarios"]
+__all__ = ["QUICK", "SCENARIOS", "STAIRCASE_STRATEGIES", "Scenario", "get_scenarios"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +84,7 @@ def _model(
     accuracy: float,
     *,
     tokens: int = 120,
+    sigma: float = 0.3,
     faults: FaultProfile | None = None,
     answer_at: str = "end",
 ) -> SimModel:
@@ -92,7 +93,7 @@ def _model(
         latency=PROFILES[profile],
         faults=faults or FaultProfile(),
         answer_tokens=tokens,
-        answer_tokens_sigma=0.3,
+        answer_tokens_sigma=sigma,
         accuracy=accuracy,
         answer_at="start" if answer_at == "start" else "end",
     )
@@ -118,6 +119,26 @@ def _heterogeneous(answer_at: str = "end", flaky: bool = False) -> tuple[SimMode
 
 _AGGREGATOR = _model("aggregator", "medium", 0.80, tokens=160)
 
+
+def _long_form() -> tuple[SimModel, ...]:
+    # Chat-length answers: a median of 560 tokens, 95% of them within about 400 to 800.
+    return tuple(
+        _model(m.name, profile, m.accuracy, tokens=560, sigma=0.18)
+        for m, profile in zip(
+            _heterogeneous(), ("small-fast", "medium", "large-slow", "heavy-tail"), strict=True
+        )
+    )
+
+
+#: The staircase strategies, run on the scenarios where the first token is at stake.
+STAIRCASE_STRATEGIES = (
+    "staircase",
+    "staircase-turns",
+    "staircase-deadline",
+    "staircase-flat",
+    "staircase-unpaced",
+)
+
 #: Strategies worth running on every scenario; the heterogeneous one runs them all.
 _CORE = (
     "single",
@@ -128,6 +149,7 @@ _CORE = (
     "partial",
     "deadline-partial",
     "self-moa",
+    "staircase",
 )
 
 _BUILT_IN = (
@@ -137,6 +159,23 @@ _BUILT_IN = (
         "heavy-tail 0.65 accuracy), medium-class aggregator (0.80)",
         _heterogeneous(),
         _AGGREGATOR,
+    ),
+    Scenario(
+        "long-form",
+        "the heterogeneous set writing chat-length answers (400-800 tokens; the aggregator "
+        "about 700), as MoA is used for chat",
+        _long_form(),
+        _model("aggregator", "medium", 0.80, tokens=700, sigma=0.18),
+        ramp_s=10.0,
+        strategies=(
+            "single",
+            "reference-moa",
+            "wait-all",
+            "quorum-2",
+            "partial",
+            "deadline-partial",
+            *STAIRCASE_STRATEGIES,
+        ),
     ),
     Scenario(
         "homogeneous",
@@ -174,7 +213,14 @@ _BUILT_IN = (
         "the heterogeneous set, proposers prompted to state their answer first",
         _heterogeneous(answer_at="start"),
         _AGGREGATOR,
-        strategies=("reference-moa", "wait-all", "quorum-2", "partial", "deadline-partial"),
+        strategies=(
+            "reference-moa",
+            "wait-all",
+            "quorum-2",
+            "partial",
+            "deadline-partial",
+            "staircase",
+        ),
     ),
     Scenario(
         "unloaded",

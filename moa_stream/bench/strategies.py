@@ -18,9 +18,10 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from moa_stream.bench.baseline import Endpoint, ReferenceMoA
-from moa_stream.engine.policies import Deadline, Policy, Quorum, parse_policy
+from moa_stream.engine.policies import Deadline, Partial, Policy, Quorum, parse_policy
 from moa_stream.engine.similarity import final_line_match
-from moa_stream.engine.spec import Agent, LayerCut, MoA, moa, self_moa, single
+from moa_stream.engine.spec import Agent, Layer, LayerCut, MoA, moa, self_moa, single
+from moa_stream.engine.staircase import Continuation, Staircase
 
 __all__ = [
     "Lineup",
@@ -29,6 +30,7 @@ __all__ = [
     "Strategy",
     "get_strategies",
     "policy_strategy",
+    "staircase_strategy",
 ]
 
 #: What a strategy produces for one scenario.
@@ -88,6 +90,42 @@ def policy_strategy(
         )
 
     return Strategy(name, description, make)
+
+
+_PREFILL = Continuation("prefill", "vllm")
+
+
+def staircase_strategy(
+    name: str,
+    start: Callable[[float], Policy],
+    description: str,
+    *,
+    steps: tuple[int, ...] = (8, 16, 32, 64, 128),
+    lead: int | None = 32,
+    continuation: Continuation = _PREFILL,
+) -> Strategy:
+    """A staircase aggregator starting when ``start`` (a function of the lineup's time scale)
+    fires on the last layer; earlier layers, if any, wait for a quorum of two."""
+
+    def make(lineup: Lineup) -> MoA:
+        spec = moa(
+            lineup.proposers,
+            lineup.aggregator,
+            layers=lineup.layers,
+            policy=start(lineup.time_scale),
+            name=name,
+            staircase=Staircase(steps=steps, lead=lead, default=continuation),
+        )
+        if lineup.layers == 1:
+            return spec
+        earlier = Layer(tuple(lineup.proposers), Quorum(2))
+        return replace(spec, layers=(*(earlier,) * (lineup.layers - 1), spec.layers[-1]))
+
+    return Strategy(name, description, make)
+
+
+def _start(scale: float) -> Policy:
+    return Partial(2, min_tokens=8) | Deadline(0.5 * scale, min_k=1, partial=True)
 
 
 def _single(lineup: Lineup) -> MoA:
@@ -154,6 +192,38 @@ _BUILT_IN = (
         "self-moa",
         "four samples of the single best model, quorum(3), aggregated by the same model",
         _self_moa,
+    ),
+    staircase_strategy(
+        "staircase",
+        _start,
+        "staircase by assistant prefill: start once 2 proposers have 8 tokens (or at 0.5 s "
+        "with any text), steps of 8, 16, 32, 64, 128 tokens, each seeing what the proposers "
+        "wrote since; the answer waits to stay at most 32 tokens ahead of any running proposer",
+    ),
+    staircase_strategy(
+        "staircase-turns",
+        _start,
+        "the staircase by appended turns (any chat API): each step adds the previous step's "
+        "text as an assistant turn and what the proposers wrote since as a user turn",
+        continuation=Continuation("turns"),
+    ),
+    staircase_strategy(
+        "staircase-deadline",
+        lambda scale: Deadline(0.3 * scale, min_k=1, partial=True),
+        "the staircase started by time: at 0.3 s with whatever text there is",
+    ),
+    staircase_strategy(
+        "staircase-flat",
+        _start,
+        "the staircase with steps of a fixed 32 tokens",
+        steps=(32,),
+    ),
+    staircase_strategy(
+        "staircase-unpaced",
+        _start,
+        "the staircase that never waits for the proposers (no lead limit): steps only when "
+        "something new arrived",
+        lead=None,
     ),
 )
 
