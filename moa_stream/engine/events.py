@@ -18,6 +18,7 @@ __all__ = [
     "AggregatorDone",
     "AggregatorFailed",
     "AggregatorStarted",
+    "AggregatorStep",
     "Event",
     "LayerDone",
     "LayerEndReason",
@@ -152,6 +153,23 @@ class AggregatorFailed:
 
 
 @dataclass(frozen=True, slots=True)
+class AggregatorStep:
+    """A staircase step was asked (``step`` 0 is the first request). ``references`` is the
+    state of every reference the step sees (``chars``: how much of it the prompt holds);
+    ``answer_chars`` what the answer had when it was asked; ``final``: every reference was
+    complete, failed or given up on, so this step runs to the end."""
+
+    type: Literal["aggregator.step"] = field(default="aggregator.step", init=False)
+    agent: str
+    step: int
+    continuation: str
+    references: tuple[ReferenceInfo, ...]
+    answer_chars: int
+    final: bool
+    t: float
+
+
+@dataclass(frozen=True, slots=True)
 class AggregatorDone:
     type: Literal["aggregator.done"] = field(default="aggregator.done", init=False)
     agent: str
@@ -229,6 +247,7 @@ Event = (
     | LayerDone
     | AggregatorStarted
     | AggregatorDelta
+    | AggregatorStep
     | AggregatorFailed
     | AggregatorDone
     | RunDone

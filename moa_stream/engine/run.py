@@ -30,6 +30,7 @@ from moa_stream._exceptions import (
 )
 from moa_stream._resource import AsyncResource
 from moa_stream._types import ChatMessage, ChatRequest, Usage
+from moa_stream.engine._staircase_run import run_staircase
 from moa_stream.engine.events import (
     AgentReport,
     AggregatorDelta,
@@ -50,6 +51,7 @@ from moa_stream.engine.layer import Decision, LayerState, Reference
 from moa_stream.engine.prompts import build_reference_messages, with_system_prompt
 from moa_stream.engine.similarity import agreement as mean_agreement
 from moa_stream.engine.spec import Agent, Layer, MoA
+from moa_stream.engine.staircase import RefView
 from moa_stream.providers import ProviderStream
 
 __all__ = ["MoARun", "RunResult"]
@@ -390,6 +392,7 @@ class MoARun(AsyncResource):
             self._pending.clear()
             refs: tuple[Reference, ...] | None = None
             layers = self.spec.layers
+            staircase_layer: int | None = None
             for li, layer in enumerate(layers):
                 if li > 0:
                     for event in self._start_layer(li, refs):
@@ -402,7 +405,8 @@ class MoARun(AsyncResource):
                         else:
                             yield item
                 assert decision is not None
-                self._settle_stragglers(li, layer)
+                if self.spec.staircase is None or li < len(layers) - 1:
+                    self._settle_stragglers(li, layer)
                 if layer.on_unmet == "raise" and (
                     decision.reason == "degraded" or decision.usable == 0
                 ):
@@ -426,9 +430,18 @@ class MoARun(AsyncResource):
                 refs = decision.references
                 if cut is not None:
                     break
-            async with contextlib.aclosing(self._aggregate(refs)) as aggregator_events:
-                async for event in aggregator_events:
+            if self.spec.staircase is not None and self._layer_states:
+                staircase_layer = len(self._layer_states) - 1
+                self._settle_stragglers(staircase_layer, layers[staircase_layer], only_if_cut=True)
+            if staircase_layer is not None and refs is not None:
+                aggregator_events = self._staircase(staircase_layer)
+            else:
+                aggregator_events = self._aggregate(refs)
+            async with contextlib.aclosing(aggregator_events) as events:
+                async for event in events:
                     yield event
+            if staircase_layer is not None:
+                self._settle_stragglers(staircase_layer, layers[staircase_layer])
             self._ended_at = self._clock()
             yield RunDone(self.report, self._ended_at - self._t0)
         except BaseException as exc:
@@ -437,8 +450,10 @@ class MoARun(AsyncResource):
             self._ended_at = self._clock()
             raise
 
-    def _settle_stragglers(self, li: int, layer: Layer) -> None:
+    def _settle_stragglers(self, li: int, layer: Layer, *, only_if_cut: bool = False) -> None:
         state = self._layer_states[li]
+        if only_if_cut and li == len(self.spec.layers) - 1:
+            return  # a staircase's last layer runs on; its stragglers are settled at the end
         if layer.stragglers == "cancel":
             calls = self._layer_calls[li]
             for index in state.cancel_running():
@@ -541,6 +556,20 @@ class MoARun(AsyncResource):
             errors=errors,
         )
 
+    def _staircase(self, li: int) -> AsyncGenerator[Event, None]:
+        temperature, max_tokens, stop = self._overrides
+        return run_staircase(
+            _StaircaseHost(self, li),
+            self.spec,
+            self.messages,
+            self._answer,
+            clock=self._clock,
+            t0=self._t0,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            stop=stop,
+        )
+
     # -- report ------------------------------------------------------------------------------
     def _build_report(self) -> RunReport:
         t0 = self._t0
@@ -587,3 +616,125 @@ class MoARun(AsyncResource):
             finish_reason=self._finish_reason,
             error=None if self._error is None else f"{type(self._error).__name__}: {self._error}",
         )
+
+
+_REF_STATE = {
+    "running": "running",
+    "done": "complete",
+    "failed": "failed",
+    "cancelled": "cancelled",
+}
+
+
+class _StaircaseHost:
+    """The run's side of a staircase (:class:`~moa_stream.engine._staircase_run.StaircaseHost`):
+    the last layer's references, and the proposers' queued chunks taken in between the
+    aggregator's deltas."""
+
+    def __init__(self, run: MoARun, li: int) -> None:
+        self.run = run
+        self.li = li
+        self.state = run._layer_states[li]
+        self.calls = run._layer_calls[li]
+
+    def references(self) -> list[RefView]:
+        return [
+            (slot.index, slot.agent, _REF_STATE[slot.state], slot.text) for slot in self.state.slots
+        ]
+
+    def running_tokens(self) -> list[int]:
+        return [slot.tokens for slot in self.state.slots if slot.state == "running"]
+
+    def _take(self, item: _Item, out: list[Event]) -> None:
+        kind, layer, index, payload = item
+        if layer != self.li or kind == _TICK:
+            return
+        state, t0 = self.state, self.run._t0
+        now = self.run._clock()
+        if kind == _DELTA:
+            state.on_delta(index, payload, now)
+            out.append(ProposerDelta(self.li, index, state.slots[index].agent, payload, now - t0))
+        elif kind == _DONE:
+            state.on_done(index, now)
+            call = self.calls[index]
+            out.append(
+                ProposerDone(
+                    self.li,
+                    index,
+                    call.agent.name,
+                    state.slots[index].text,
+                    payload,
+                    call.usage(),
+                    None if call.first_token_at is None else call.first_token_at - call.started_at,
+                    now - t0,
+                )
+            )
+        else:
+            state.on_failed(index, str(payload), now)
+            kind_name = payload.kind if isinstance(payload, ProviderError) else "internal"
+            out.append(
+                ProposerFailed(
+                    self.li, index, state.slots[index].agent, str(payload), kind_name, now - t0
+                )
+            )
+
+    def drain(self) -> list[Event]:
+        out: list[Event] = []
+        inbox = self.run._inbox
+        while True:
+            try:
+                item = inbox.get_nowait()
+            except asyncio.QueueEmpty:
+                return out
+            self._take(item, out)
+
+    async def wait(self, until: float | None) -> list[Event]:
+        out: list[Event] = []
+        timeout = None if until is None else max(0.0, until - self.run._clock())
+        try:
+            async with asyncio.timeout(timeout):
+                item = await self.run._inbox.get()
+        except TimeoutError:
+            return out
+        self._take(item, out)
+        out.extend(self.drain())
+        return out
+
+    def give_up(self) -> None:
+        layer = self.run.spec.layers[self.li]
+        self.run._settle_stragglers(self.li, layer)
+
+    def open_step(
+        self, agent: Agent, step: int, messages: Sequence[ChatMessage], stream: ProviderStream
+    ) -> _Call:
+        run = self.run
+        now = run._clock()
+        call = _Call(
+            agent, "aggregator", len(run._layer_states), step, now, _prompt_chars(messages)
+        )
+        call.stream = stream
+        run._calls.append(call)
+        if run._aggregator is None or run._aggregator.status == "failed":
+            run._aggregator = call
+        return call
+
+    def step_delta(self, record: _Call, text: str, now: float) -> None:
+        record.tokens += 1
+        if not text:
+            return
+        if record.first_token_at is None:
+            record.first_token_at = now
+        if self.run._first_token_at is None:
+            self.run._first_token_at = now
+        record.chars += len(text)
+
+    def close_step(
+        self, record: _Call, status: str, finish_reason: str | None, error: BaseException | None
+    ) -> None:
+        record.ended_at = self.run._clock()
+        record.status = status  # type: ignore[assignment]
+        if error is not None and status == "failed":
+            record.error = str(error)
+            record.exc = error
+        if status == "complete":
+            self.run._finish_reason = finish_reason

@@ -34,6 +34,7 @@ from typing import Any, Literal
 
 from moa_stream._exceptions import ConfigError
 from moa_stream._types import ChatMessage
+from moa_stream.engine.events import ReferenceInfo, ReferenceStatus
 from moa_stream.engine.layer import Reference
 from moa_stream.engine.prompts import (
     PromptTemplates,
@@ -200,11 +201,17 @@ def stable_length(text: str, complete: bool) -> int:
 
 # -- references across steps -----------------------------------------------------------------
 
-#: One reference as a step sees it: its proposer's index, its state (``running``,
+#: One reference as a step sees it: its proposer's index and name, its state (``running``,
 #: ``complete``, ``failed`` or ``cancelled``) and its text so far.
-RefView = tuple[int, str, str]
+RefView = tuple[int, str, str, str]
 
 _GIVEN_STATUS = {"running": "partial", "complete": "complete", "failed": "failed"}
+_INFO_STATUS: dict[str, ReferenceStatus] = {
+    "partial": "partial",
+    "complete": "complete",
+    "failed": "failed",
+    "cancelled": "cancelled",
+}
 
 
 @dataclass(slots=True)
@@ -236,7 +243,7 @@ class ReferenceTracker:
         """The reference block of the first step (every reference with text, or failed)."""
         quoted: list[Reference] = []
         numbers: list[int] = []
-        for index, state, text in refs:
+        for index, _, state, text in refs:
             status = self._status(state, False)
             if status is None or status == "cancelled":
                 continue
@@ -253,7 +260,7 @@ class ReferenceTracker:
         """The rendered additions since the last step (empty: nothing new), and records them
         as given. ``given_up``: references still running are reported as given up on."""
         parts: list[str] = []
-        for index, state, text in refs:
+        for index, _, state, text in refs:
             status = self._status(state, given_up)
             if status is None:
                 continue
@@ -277,7 +284,7 @@ class ReferenceTracker:
 
     def settled(self, refs: Sequence[RefView]) -> bool:
         """Whether the last step saw every reference in its final state."""
-        for index, state, _ in refs:
+        for index, _, state, _ in refs:
             given = self._given.get(index)
             if state == "running":
                 return False
@@ -287,10 +294,35 @@ class ReferenceTracker:
                 return False
         return True
 
-    def given_chars(self, index: int) -> int:
-        """Characters of reference ``index`` handed over so far."""
-        given = self._given.get(index)
-        return 0 if given is None else given.chars
+    def has_news(self, refs: Sequence[RefView], *, given_up: bool = False) -> bool:
+        """Whether :meth:`gains` would report anything (it records nothing)."""
+        for index, _, state, text in refs:
+            status = self._status(state, given_up)
+            if status is None:
+                continue
+            given = self._given.get(index)
+            if given is None:
+                if status != "cancelled" and (status != "partial" or stable_length(text, False)):
+                    return True
+                continue
+            if status != given.status:
+                return True
+            if status in ("partial", "complete"):
+                n = self._limit(stable_length(text, status == "complete"))
+                if n > given.chars:
+                    return True
+        return False
+
+    def infos(self, refs: Sequence[RefView]) -> tuple[ReferenceInfo, ...]:
+        """What the last step holds of each reference, for :class:`AggregatorStep`."""
+        out = []
+        for index, agent, _, _ in refs:
+            given = self._given.get(index)
+            if given is None:
+                continue
+            status = _INFO_STATUS.get(given.status, "partial")
+            out.append(ReferenceInfo(agent, index, status, given.chars, (given.chars + 3) // 4))
+        return tuple(out)
 
 
 # -- the requests of each step ---------------------------------------------------------------

@@ -386,7 +386,13 @@ def build_plan(
     # staircase, which only add to the prompt's end, continue one planned text.
     text_rng = seeded_rng("text", seed, model.name, anchor_digest(info.base), req.sample)
     n = sim.tokens if sim.tokens is not None else model.sample_answer_tokens(text_rng)
-    prompt_text = "\n".join(content for _, content in info.base)
+    # What the model reads: the whole prompt but its own answer so far (a prefill, or the
+    # assistant turns of appended ones).
+    later = req.messages[len(info.base) :]
+    prompt_text = "\n".join(
+        [content for _, content in info.base]
+        + [content for role, content in later if role != "assistant"]
+    )
     question = find_question(prompt_text)
     answer: int | None = None
     if question is not None:

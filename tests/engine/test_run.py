@@ -134,7 +134,7 @@ async def test_a_failed_proposer_is_an_event_and_the_layer_goes_on() -> None:
     layer = next(e for e in events if e.type == "layer.done")
     assert [r.status for r in layer.references] == ["complete", "failed", "complete"]
     prompt = p.requests[-1].messages[-1]["content"]
-    assert "(failed, no response)" in prompt
+    assert 'status="failed, no response"' in prompt
 
 
 async def test_unreachable_policy_degrades_by_default_and_raises_when_asked() -> None:
@@ -281,7 +281,7 @@ async def test_partial_aggregation_feeds_running_proposers_text_marked_partial()
     assert layer.reason == "partial"
     assert [r.status for r in layer.references] == ["partial", "partial"]
     prompt = p.requests[-1].messages[-1]["content"]
-    assert prompt.count("(partial, still being written)") == 2
+    assert prompt.count('status="partial, still being written"') == 2
     assert "a4 " in prompt and "a199" not in prompt
     assert result.report.ttft_s < 1.0, "did not wait for 200 tokens"
 

@@ -40,8 +40,8 @@ class Ref:
         self.text += more
 
 
-def view(refs: Sequence[Ref]) -> list[tuple[int, str, str]]:
-    return [(r.index, r.state, r.text) for r in refs]
+def view(refs: Sequence[Ref]) -> list[tuple[int, str, str, str]]:
+    return [(r.index, f"p{r.index}", r.state, r.text) for r in refs]
 
 
 # -- joins -----------------------------------------------------------------------------------
@@ -167,10 +167,13 @@ def test_the_tracker_reports_only_what_is_new() -> None:
     block = tracker.first(view(refs))
     assert "First sentence." in block and "Sec" not in block
     assert 'n="2"' not in block  # no text yet: not shown
+    assert not tracker.has_news(view(refs))
     assert tracker.gains(view(refs)) == []  # nothing new: no step needed
     refs[0].grow("ond one. And")
+    assert tracker.has_news(view(refs))
     refs[1].grow("Other view. ")
     parts = tracker.gains(view(refs))
+    assert not tracker.has_news(view(refs))
     assert len(parts) == 2
     assert "continued" in parts[0] and "ond one. " in parts[0] and "First" not in parts[0]
     assert parts[1].startswith('<draft n="2" status="partial')
@@ -183,6 +186,8 @@ def test_the_tracker_reports_only_what_is_new() -> None:
     assert "failed" in failed
     assert tracker.settled(view(refs))
     assert tracker.gains(view(refs)) == []
+    infos = tracker.infos(view(refs))
+    assert [(i.agent, i.status) for i in infos] == [("p0", "complete"), ("p1", "failed")]
 
 
 def test_given_up_references_are_marked_once() -> None:
