@@ -66,6 +66,8 @@ def record_fields(record: SimRecord) -> dict[str, Any]:
         "scheduled_first_token_at": record.scheduled_first_token_at,
         "first_token_sent_at": record.first_token_sent_at,
         "last_token_sent_at": record.last_token_sent_at,
+        "prompt_tokens": record.prompt_tokens,
+        "cached_tokens": record.cached_tokens,
     }
 
 

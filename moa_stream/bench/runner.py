@@ -289,10 +289,13 @@ async def _offline_cell(
             ramp_s=0.0 if concurrency == 1 else scenario.ramp_s * settings.time_scale,
             on_run=lambda s: progress.run_done(s.error is not None),
         )
+        records = {r["request_id"]: r for r in await host.records()}
     finally:
         for provider in providers.values():
             await provider.aclose()
         await host.stop()
+    for sample in samples:
+        _server_prompt_tokens(sample, records)
     for sample in samples:
         trace = sample.trace
         parts = None if trace is None else oracle_parts(trace, schedule)
@@ -306,6 +309,20 @@ async def _offline_cell(
             sample.decision_over_s = decided - sum(parts.layers)
             sample.aggregator_over_s = trace.ttft_s - decided - parts.aggregator
     return _cell(strategy, runnable, scenario.name, concurrency, scen.layers, samples, wall, cpu)
+
+
+def _server_prompt_tokens(sample: rep.RunSample, records: Mapping[str, Any]) -> None:
+    """An engine run's prompt tokens as the simulator counted them, cached ones included. A
+    stream closed early (a staircase step) never receives its usage chunk, so only the
+    server's own record says how much of its prompt came from the cache."""
+    trace = sample.trace
+    if trace is None or not trace.calls or not all(c.streamed for c in trace.calls):
+        return
+    found = [records.get(c.request_id) if c.request_id else None for c in trace.calls]
+    if any(r is None for r in found):
+        return
+    sample.prompt_tokens = sum(int(r["prompt_tokens"]) for r in found if r is not None)
+    sample.cached_tokens = sum(int(r["cached_tokens"]) for r in found if r is not None)
 
 
 def _by_name(scenario: Scenario) -> dict[str, SimModel]:

@@ -16,10 +16,11 @@ text depends on the seed, model, sample and the conversation's *anchor* (the mes
 the continuation, the last one cut to its first :data:`ANCHOR_CHARS` characters, which later
 steps only append to), so every step of one staircase continues one planned text.
 
-**Prefix cache.** Each model keeps the prompts it served recently as chained hashes of
-:data:`BLOCK_CHARS`-character blocks of the prompt rendered as a chat template would, as
-vLLM's automatic prefix caching does with token blocks. A request pays prefill time only for
-the blocks past the longest cached prefix, and reports those as ``cached_tokens``.
+**Prefix cache.** Each model keeps the prompts it served recently, followed by the text it
+generated for them, as chained hashes of :data:`BLOCK_CHARS`-character blocks of the prompt
+rendered as a chat template would, as vLLM's automatic prefix caching does with token blocks
+(and llama-server's slots with their context). A request pays prefill time only for the blocks
+past the longest cached prefix, and reports the others as ``cached_tokens``.
 """
 
 from __future__ import annotations
@@ -102,13 +103,16 @@ def anchor_digest(base: Sequence[Message]) -> str:
 
 def render_prompt(messages: Sequence[Message], *, open_last: bool) -> str:
     """The prompt as a ChatML-like template renders it: what a server tokenizes and caches.
-    ``open_last``: the last message is continued (a prefill), so it is left open."""
+    ``open_last``: the last message is continued (a prefill), so it is left open; otherwise
+    the prompt ends with the opening of the assistant's reply (the generation prompt)."""
     parts = []
     last = len(messages) - 1
     for i, (role, content) in enumerate(messages):
         parts.append(f"<|{role}|>\n{content}")
         if not (open_last and i == last):
             parts.append("<|end|>\n")
+    if not open_last:
+        parts.append("<|assistant|>\n")
     return "".join(parts)
 
 
@@ -124,6 +128,19 @@ class PrefixCache:
 
     def __len__(self) -> int:
         return len(self._blocks)
+
+    def add(self, text: str) -> None:
+        """Cache ``text``'s whole blocks (a prompt followed by the output generated for it:
+        servers keep generated tokens in the cache too)."""
+        blocks = self._blocks
+        chain = 0
+        full = len(text) - len(text) % BLOCK_CHARS
+        for start in range(0, full, BLOCK_CHARS):
+            chain = hash((chain, text[start : start + BLOCK_CHARS]))
+            blocks[chain] = None
+            blocks.move_to_end(chain)
+        while len(blocks) > self._max:
+            blocks.popitem(last=False)
 
     def serve(self, prompt: str) -> int:
         """Characters of ``prompt`` found cached (whole blocks from its start); then the

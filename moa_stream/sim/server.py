@@ -447,6 +447,8 @@ class SimServer:
             continue_trailing_assistant=model.continue_trailing_assistant,
         )
         cached_chars = 0
+        cache: PrefixCache | None = None
+        prompt = ""
         if model.prefix_cache:
             cache = self._caches.get(model.name)
             if cache is None:
@@ -475,9 +477,17 @@ class SimServer:
         if plan.fault == "server_error":
             return self._refuse(record, 500, plan)
         completion_id = _new_id("chatcmpl-")
-        if req.stream:
-            return await self._stream(request, record, model, req, plan, completion_id)
-        return await self._complete(request, record, model, req, plan, completion_id)
+        try:
+            if req.stream:
+                return await self._stream(request, record, model, req, plan, completion_id)
+            return await self._complete(request, record, model, req, plan, completion_id)
+        finally:
+            if cache is not None and record.completion_tokens:
+                # What was generated stays cached after the prompt, as far as it got.
+                generated = "".join(plan.tokens[: record.completion_tokens])
+                if model.echo_prefill and continuation.kind == "prefill":
+                    generated = generated[len(continuation.answer) :]
+                cache.add(prompt + generated)
 
     def _forced_fault(self, req: ParsedRequest) -> tuple[FaultKind | None, bool]:
         """The fault the request's ``sim`` field forces, and whether random faults may apply.
