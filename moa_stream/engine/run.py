@@ -2,8 +2,8 @@
 
 Design, in brief:
 
-- The run owns every task it starts (one per proposer request, one per aggregator request
-  while it is being sent, plus the aggregator pre-warm) in a plain set, cancelled and awaited
+- The run owns every task it starts (one per proposer request, plus the aggregator pre-warm)
+  in a plain set, cancelled and awaited
   in :meth:`MoARun.aclose`. No task group is held open across a ``yield``: the event generator
   only reads.
 - Each request has one record, a :class:`~moa_stream.engine.layer.Call`. A proposer's task
@@ -15,10 +15,10 @@ Design, in brief:
   last chunk and its end, read in the same loop turn, are decided on together.
 - A proposer is done at its finish chunk: its task reads the stream's tail (usage, ``[DONE]``)
   on its own while the run goes on.
-- The aggregator's request is sent (its task started and given one loop turn) before the
-  layer's decision is handed to the caller, so the caller's handling of ``layer.done`` costs no
-  TTFT. Its stream is then read in the consumer's task itself: a token is handed to the caller
-  in the same loop turn it was parsed in.
+- The aggregator's request is sent from the consumer's task, in the same loop turn as the
+  decision and before ``layer.done`` is handed to the caller, so neither a task hop nor the
+  caller's handling of ``layer.done`` costs TTFT. Its stream is then read in the same task: a
+  token is handed to the caller in the same loop turn it was parsed in.
 - Deadlines are one ``loop.call_at`` timer per layer that puts ``None`` (a tick) in the queue.
 - Leaving before ``run.done`` (``break``, an exception, a cancelled caller, ``aclose()`` from
   another task) cancels every request at once. Only proposers of ``keep`` layers still running
@@ -459,7 +459,7 @@ class MoARun(AsyncResource):
             self._pending.clear()
             refs: tuple[Reference, ...] | None = None
             layers = self.spec.layers
-            aggregator_open: tuple[Call, asyncio.Task[None]] | None = None
+            aggregator_open: tuple[Call, ProviderError | None] | None = None
             for li, layer in enumerate(layers):
                 if li > 0:
                     for event in self._start_layer(li, refs):
@@ -538,6 +538,10 @@ class MoARun(AsyncResource):
             self._ended_at = self._clock()
             raise
         finally:
+            agg = self._aggregator
+            if agg is not None and agg.stream is not None:
+                # Sent before layer.done was handed out: the caller may leave in between.
+                await agg.stream.aclose()
             self._gen_exited.set()
 
     def _infos(self, state: LayerState, decision: Decision) -> tuple[ReferenceInfo, ...]:
@@ -575,8 +579,10 @@ class MoARun(AsyncResource):
     # -- the aggregator ----------------------------------------------------------------------
     async def _open_aggregator(
         self, attempt: int, agent: Agent, refs: tuple[Reference, ...] | None
-    ) -> tuple[Call, asyncio.Task[None]]:
-        """Build the aggregator's request and send it; returns once it is on its way."""
+    ) -> tuple[Call, ProviderError | None]:
+        """Build the aggregator's request and send it, in this task: no loop turn between the
+        decision and the request. Returns once the response headers arrived (real servers send
+        them at once; the first token comes much later) or the attempt failed."""
         spec = self.spec
         if refs is None:
             messages = with_system_prompt(self.messages, agent.system_prompt)
@@ -594,21 +600,26 @@ class MoARun(AsyncResource):
             agent, "aggregator", len(self._states), attempt, self._clock(), messages
         )
         self._aggregator = call
-        opener = self._spawn(self._send(call, agent, request))
-        # One loop turn: the task writes the request (it stops at waiting for the response),
-        # before the caller gets to handle the layer's decision.
-        await asyncio.sleep(0)
-        return call, opener
-
-    async def _send(self, call: Call, agent: Agent, request: ChatRequest) -> None:
-        stream = agent.provider.stream(request)
-        call.stream = stream
-        await stream.__aenter__()
+        try:
+            stream = agent.provider.stream(request)
+            call.stream = stream
+            await stream.__aenter__()
+        except ProviderError as exc:
+            if call.stream is not None:
+                await call.stream.aclose()
+            return call, exc
+        except BaseException:
+            call.status = "cancelled"
+            call.ended_at = self._clock()
+            if call.stream is not None:
+                await call.stream.aclose()
+            raise
+        return call, None
 
     async def _aggregate(
         self,
         refs: tuple[Reference, ...] | None,
-        opened: tuple[Call, asyncio.Task[None]] | None,
+        opened: tuple[Call, ProviderError | None] | None,
     ) -> AsyncGenerator[Event, None]:
         spec = self.spec
         errors: dict[str, BaseException] = {}
@@ -618,14 +629,15 @@ class MoARun(AsyncResource):
         for attempt, agent in enumerate((spec.aggregator, *spec.fallbacks)):
             if opened is None:
                 opened = await self._open_aggregator(attempt, agent, refs)
-            call, opener = opened
+            call, open_error = opened
             opened = None
             yield AggregatorStarted(agent.name, attempt, call.started_at - t0)
+            stream = call.stream
             try:
+                if open_error is not None:
+                    raise open_error
+                assert stream is not None
                 try:
-                    await opener
-                    stream = call.stream
-                    assert stream is not None
                     async for delta in stream:
                         content = delta.content
                         if content:
@@ -638,15 +650,16 @@ class MoARun(AsyncResource):
                             answer.append(content)
                             yield AggregatorDelta(content, now - t0)
                 finally:
-                    if call.stream is not None:
-                        await call.stream.aclose()
+                    await stream.aclose()
             except ProviderError as exc:
                 call.status = "failed"
                 call.exc = exc
                 call.error = str(exc)
                 call.ended_at = clock()
                 errors[agent.name] = exc
-                yield AggregatorFailed(agent.name, attempt, call.error, exc.kind, call.ended_at - t0)
+                yield AggregatorFailed(
+                    agent.name, attempt, call.error, exc.kind, call.ended_at - t0
+                )
                 if call.first_token_at is not None:
                     raise AggregatorError(
                         f"aggregator {agent.name} failed after it started answering: {exc}",
@@ -660,8 +673,7 @@ class MoARun(AsyncResource):
                 raise
             call.status = "complete"
             call.ended_at = clock()
-            assert call.stream is not None
-            call.finish_reason = self._finish_reason = call.stream.finish_reason
+            call.finish_reason = self._finish_reason = stream.finish_reason
             yield AggregatorDone(
                 agent.name,
                 call.finish_reason,

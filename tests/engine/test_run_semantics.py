@@ -7,10 +7,9 @@ how long it took: scripted streams sleep on the real clock, and the machine may 
 
 from __future__ import annotations
 
-import asyncio
 import ast
+import asyncio
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Self
 
@@ -70,17 +69,32 @@ async def test_leaving_before_run_done_cancels_every_proposer_at_once() -> None:
     assert p.open_streams == 0
 
 
+async def test_leaving_at_layer_done_closes_the_aggregator_request_already_sent() -> None:
+    p = provider(a=Script(["a"]), agg=Script(["x"] * 50, ttft=0.01, interval=0.01))
+    run = moa(agents(p, "a"), Agent("agg", p, "agg")).stream(USER)
+    async with run:
+        async for event in run.events():
+            if event.type == "layer.done":
+                assert p.requests[-1].model == "agg", "sent before layer.done"
+                break
+    assert p.open_streams == 0
+
+
 async def test_an_exception_in_the_callers_loop_cancels_every_proposer() -> None:
     p = provider(
         a=Script(["a "] * 200, ttft=0.01, interval=0.01),
         agg=Script(["x"]),
     )
     run = moa(agents(p, "a"), Agent("agg", p, "agg")).stream(USER)
-    with pytest.raises(KeyError):
+
+    async def consume() -> None:
         async with run:
             async for event in run.events():
                 if event.type == "proposer.delta":
                     raise KeyError("caller's bug")
+
+    with pytest.raises(KeyError):
+        await consume()
     assert agent_report(run.report, "a").status == "cancelled"
     assert p.open_streams == 0
 
@@ -197,7 +211,7 @@ async def test_a_last_chunk_and_its_end_read_together_are_decided_together() -> 
     assert "still being written" not in p.requests[-1].messages[-1]["content"]
 
 
-# -- 4. & does not depend on operand order ----------------------------------------------------------
+# -- 4. & does not depend on operand order -------------------------------------------------------
 
 
 class _Status:
@@ -294,9 +308,7 @@ async def test_what_counts_as_usable_is_configurable_on_the_layer() -> None:
 
     p = provider(cut=Script(["half an"], finish_reason="length"), agg=Script(["x"]))
     spec = moa(agents(p, "cut"), Agent("agg", p, "agg"))
-    spec = spec.with_policy(
-        WaitAll(), usable=UsableAnswer(finish_reasons=("stop", "length"))
-    )
+    spec = spec.with_policy(WaitAll(), usable=UsableAnswer(finish_reasons=("stop", "length")))
     result = await spec.stream(USER).final()
     assert [r.status for r in result.report.layers[0].references] == ["complete"]
     assert replace(spec.layers[0]).usable.finish_reasons == ("stop", "length")
@@ -453,10 +465,14 @@ async def test_an_aggregator_failing_mid_stream_emits_aggregator_failed_before_t
     )
     run = moa(agents(p, "a"), Agent("agg", p, "agg")).stream(USER)
     seen: list[Event] = []
-    with pytest.raises(AggregatorError):
+
+    async def consume() -> None:
         async with run:
             async for event in run.events():
                 seen.append(event)
+
+    with pytest.raises(AggregatorError):
+        await consume()
     assert seen[-1].type == "aggregator.failed"
     assert seen[-1].agent == "agg"
 
@@ -473,9 +489,10 @@ def test_engine_modules_import_each_other_without_a_cycle() -> None:
     def imports(node: ast.AST, deps: set[str]) -> None:
         if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING":
             return
-        if isinstance(node, ast.ImportFrom) and node.module:
-            if node.module.startswith("moa_stream.engine."):
-                deps.add(node.module.rsplit(".", 1)[1])
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+            "moa_stream.engine."
+        ):
+            deps.add((node.module or "").rsplit(".", 1)[1])
         for child in ast.iter_child_nodes(node):
             imports(child, deps)
 
