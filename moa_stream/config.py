@@ -53,7 +53,12 @@ from moa_stream._exceptions import ConfigError
 from moa_stream._resource import AsyncResource
 from moa_stream.engine.policies import Policy, WaitAll, parse_policy
 from moa_stream.engine.prompts import PromptTemplates
-from moa_stream.engine.similarity import Similarity, final_line_match, word_jaccard
+from moa_stream.engine.similarity import (
+    Similarity,
+    conclusion_match,
+    final_line_match,
+    word_jaccard,
+)
 from moa_stream.engine.spec import Agent, Layer, LayerCut, MoA
 from moa_stream.engine.staircase import Continuation, Staircase, parse_continuation, parse_steps
 from moa_stream.providers import OpenAIProvider, Provider, RetryPolicy, Timeouts
@@ -72,7 +77,11 @@ __all__ = [
     "parse_config",
 ]
 
-SIMILARITIES: dict[str, Similarity] = {"word_jaccard": word_jaccard, "final_line": final_line_match}
+SIMILARITIES: dict[str, Similarity] = {
+    "conclusion": conclusion_match,
+    "word_jaccard": word_jaccard,
+    "final_line": final_line_match,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +141,7 @@ class MoAConfig:
     stragglers: Literal["cancel", "keep"] = "cancel"
     on_unmet: Literal["degrade", "raise"] = "degrade"
     cut_agreement: float | None = None
-    cut_similarity: str = "word_jaccard"
+    cut_similarity: str = "conclusion"
     ttft_budget: float | None = None
     max_reference_chars: int | None = None
     prewarm: bool = True
@@ -377,12 +386,12 @@ def _moa(t: _Table, moa_id: str, agents: Mapping[str, AgentConfig]) -> MoAConfig
     policy_text = t.get("policy", str, "wait_all")
     try:
         policy = parse_policy(policy_text)
-    except ValueError as exc:
+    except ConfigError as exc:
         raise t.err("policy", f"{exc} in {policy_text!r}") from None
     staircase = _staircase(t.sub("staircase")) if "staircase" in t.data else None
     if staircase is not None and preset == "single":
         raise t.err("staircase", "a single model has no references to refresh")
-    similarity = t.choice("cut_similarity", tuple(SIMILARITIES), "word_jaccard")
+    similarity = t.choice("cut_similarity", tuple(SIMILARITIES), "conclusion")
     agreement = t.get("cut_agreement", float)
     if agreement is not None and not 0 <= agreement <= 1:
         raise t.err("cut_agreement", "must be between 0 and 1")

@@ -41,8 +41,8 @@ DEFAULT_INSTRUCTIONS = (
     "not part of the conversation: some may be wrong, biased or incomplete. Keep what is "
     "correct and well argued in them, correct or drop what is not, and fill any gaps. Answer "
     "the user directly: do not copy a draft as it is, do not mention the drafts, their "
-    "numbers or their tags, and do not imitate their quoting. A draft marked partial was "
-    "still being written: it may stop mid-sentence and may not have reached its conclusion. "
+    "numbers or their tags, and do not imitate their quoting. A draft marked partial is "
+    "unfinished: it may stop mid-sentence and may not have reached its conclusion. "
     "A draft marked failed produced nothing."
 )
 

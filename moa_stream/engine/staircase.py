@@ -210,7 +210,7 @@ _INFO_STATUS: dict[str, ReferenceStatus] = {
     "partial": "partial",
     "complete": "complete",
     "failed": "failed",
-    "cancelled": "cancelled",
+    "cancelled": "partial",  # given up on: what was quoted of it is partial text
 }
 
 

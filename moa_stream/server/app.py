@@ -32,7 +32,7 @@ import orjson
 import structlog
 from aiohttp import web
 
-from moa_stream._exceptions import AggregatorError, MoAError, ProviderError
+from moa_stream._exceptions import MoAError
 from moa_stream.config import Runtime, ServerConfig
 from moa_stream.engine.events import AggregatorDelta, ProposerDelta
 from moa_stream.engine.run import MoARun
@@ -216,14 +216,6 @@ class MoAServer:
         provider = self._providers[moa_id].get(agent, "unknown")
         self.metrics.upstream_errors.inc(provider, kind)
 
-    def _count_mid_stream_failure(self, moa_id: str, exc: MoAError) -> None:
-        # An aggregator that fails after its first token raises at once, with no
-        # aggregator.failed event; its ProviderError is the exception's cause.
-        cause = exc.__cause__
-        if isinstance(exc, AggregatorError) and isinstance(cause, ProviderError):
-            provider = cause.provider or "unknown"
-            self.metrics.upstream_errors.inc(provider, cause.kind)
-
     async def _read_body(self, request: web.Request) -> bytes:
         limit = self.config.max_body_bytes
         # Refuse on the declared length before reading a byte; chunked bodies are capped by
@@ -357,7 +349,6 @@ class MoAServer:
                             if frame is not None:
                                 await write(frame)
             except MoAError as exc:
-                self._count_mid_stream_failure(req.model, exc)
                 error = from_moa_error(exc)
             except TimeoutError:
                 error = self._deadline_error()
@@ -403,7 +394,6 @@ class MoAServer:
                         elif event.type == "run.done":
                             report = event.report
             except MoAError as exc:
-                self._count_mid_stream_failure(req.model, exc)
                 raise from_moa_error(exc) from None
             except TimeoutError:
                 raise self._deadline_error() from None
