@@ -29,7 +29,7 @@ __all__ = ["add_parser"]
 # A quiz question of the simulator's (its models write a final "Answer: N" line, right or wrong
 # with their configured accuracy), so the demo can show whether each answer is correct.
 DEFAULT_PROMPT = get_question("Q7").prompt
-DEMO_STRATEGIES = ("moa-wait-all", "moa-quorum")
+DEMO_STRATEGIES = ("moa-wait-all", "staircase")
 
 
 class Progress:
