@@ -28,6 +28,7 @@ from moa_stream._types import ChatMessage, ChatRequest, Delta, StreamTimings, Us
 from moa_stream.config import Config, Runtime, default_config, load_config
 from moa_stream.engine import (
     Agent,
+    Continuation,
     Deadline,
     Event,
     Layer,
@@ -39,6 +40,7 @@ from moa_stream.engine import (
     Quorum,
     RunReport,
     RunResult,
+    Staircase,
     WaitAll,
     moa,
     moa_lite,
@@ -67,6 +69,7 @@ __all__ = [
     "ConfigError",
     "ConnectError",
     "ConnectTimeout",
+    "Continuation",
     "Deadline",
     "Delta",
     "Event",
@@ -97,6 +100,7 @@ __all__ = [
     "RunResult",
     "Runtime",
     "ServerError",
+    "Staircase",
     "StreamInterruptedError",
     "StreamTimings",
     "Timeouts",

@@ -6,6 +6,7 @@ from moa_stream.engine.events import (
     AggregatorDone,
     AggregatorFailed,
     AggregatorStarted,
+    AggregatorStep,
     Event,
     LayerDone,
     LayerReport,
@@ -39,6 +40,7 @@ from moa_stream.engine.similarity import (
     word_jaccard,
 )
 from moa_stream.engine.spec import Agent, Layer, LayerCut, MoA, moa, moa_lite, self_moa, single
+from moa_stream.engine.staircase import Continuation, Staircase
 
 __all__ = [
     "Agent",
@@ -47,10 +49,12 @@ __all__ = [
     "AggregatorDone",
     "AggregatorFailed",
     "AggregatorStarted",
+    "AggregatorStep",
     "AllOf",
     "AnyOf",
     "Call",
     "CallStatus",
+    "Continuation",
     "Deadline",
     "Decision",
     "Event",
@@ -75,6 +79,7 @@ __all__ = [
     "RunDone",
     "RunReport",
     "RunResult",
+    "Staircase",
     "UsableAnswer",
     "WaitAll",
     "agreement",

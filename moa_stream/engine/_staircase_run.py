@@ -211,8 +211,8 @@ async def run_staircase(
             host.close_step(record, "cancelled", None, None)
             # The next step: wait while the answer is too far ahead (or, having stopped for
             # that, while there is nothing new yet), then ask with the news.
-            while host.running_tokens() and (
-                _ahead(answer, host.running_tokens(), staircase.lead, given_up)
+            while (running := host.running_tokens()) and (
+                _ahead(answer, running, staircase.lead, given_up)
                 or not tracker.has_news(host.references(), given_up=given_up)
             ):
                 if given_up:

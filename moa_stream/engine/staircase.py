@@ -182,6 +182,21 @@ _SENTENCE_END = re.compile(r"[.!?;]\s|\n")
 _SHORT_TAIL = 24
 
 
+def _last_sentence_end(text: str) -> int:
+    """End of the last sentence end or line break in ``text`` (0: none). Searched from the end
+    in growing windows: it is asked at every step boundary, of texts that only grow."""
+    end = len(text)
+    window = 256
+    while True:
+        start = max(0, end - window)
+        cut = 0
+        for match in _SENTENCE_END.finditer(text, start):
+            cut = match.end()
+        if cut or start == 0:
+            return cut
+        window *= 4
+
+
 def stable_length(text: str, complete: bool) -> int:
     """How much of a reference's ``text`` a step hands over: all of it once complete; while
     it is still being written, up to its last sentence end or line break (so an unfinished
@@ -189,9 +204,7 @@ def stable_length(text: str, complete: bool) -> int:
     reference is never handed over mid-word, and what is handed over never changes."""
     if complete:
         return len(text)
-    cut = 0
-    for match in _SENTENCE_END.finditer(text):
-        cut = match.end()
+    cut = _last_sentence_end(text)
     tail_start = max(cut, text.rfind("\n") + 1)
     space = max(text.rfind(" "), text.rfind("\t"))
     if space + 1 > tail_start and len(text) - tail_start >= _SHORT_TAIL:

@@ -235,3 +235,15 @@ def test_each_step_extends_the_previous_request(method: str) -> None:
             if method == "prefill:prefix":
                 assert messages[-1].get("prefix") is True
         previous = rendered
+
+
+@given(st.text(alphabet="ab .!?;\n", max_size=3000))
+def test_the_backward_search_finds_the_last_sentence_end(text: str) -> None:
+    import re
+
+    naive = 0
+    for match in re.finditer(r"[.!?;]\s|\n", text):
+        naive = match.end()
+    from moa_stream.engine.staircase import _last_sentence_end
+
+    assert _last_sentence_end(text) == naive
