@@ -11,7 +11,8 @@ One command (``make docs``)::
    plots into docs/benchmarks/;
 3. runs ``benchmarks/overhead.py`` (engine TTFT overhead at 1/64/256 concurrent runs and
    provider throughput, on asyncio and uvloop), writing docs/benchmarks/overhead.json;
-4. writes docs/benchmarks.md from both, and prints the headline.
+4. writes docs/benchmarks.md from both (the staircase against its targets first), updates the
+   README's benchmark sentence from the staircase's figures, and prints the headline.
 
 ``--reuse`` rewrites the page from the JSON files already there, without measuring.
 ``--quick`` measures a small version (a smoke test of this script, not for publishing).
@@ -37,7 +38,11 @@ import overhead  # noqa: E402  (a sibling script, not a package)
 from moa_stream import _aio  # noqa: E402
 from moa_stream.bench import BenchSettings, run_bench  # noqa: E402
 from moa_stream.bench._cli import quiet_logs  # noqa: E402
-from moa_stream.bench.report import headline_sentence, render_table  # noqa: E402
+from moa_stream.bench.report import (  # noqa: E402
+    headline_sentence,
+    render_table,
+    staircase_figures,
+)
 from moa_stream.bench.scenarios import SCENARIOS  # noqa: E402
 from moa_stream.bench.strategies import STRATEGIES  # noqa: E402
 
@@ -174,6 +179,99 @@ def headline_block(matrix: dict[str, Any]) -> list[str]:
         "",
     ]
     return lines
+
+
+STAIRCASE_TARGETS = {"long-form": 0.90, "heterogeneous": 0.65}
+
+
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def staircase_block(matrix: dict[str, Any]) -> list[str]:
+    """The staircase against its targets, per scenario (see docs/architecture.md)."""
+    rows = matrix["results"]
+    lines = [
+        "### The staircase against its targets",
+        "",
+        "Per scenario, the staircase strategy with the lowest TTFT p50 whose quality is within "
+        "1 point of the reference MoA's (quality paired: the same questions for every "
+        "strategy). Targets: TTFT p50 at least 90% (long-form) or 65% (heterogeneous) below "
+        "the reference MoA's, within 1.6x of the single best model's; in long-form, total time "
+        "p50 no more than wait-all's and prompt tokens per run no more than 1.5x wait-all's. "
+        "*Uncached* prompt tokens are the ones no prefix cache served (each step re-sends its "
+        "prompt; the cached part of it costs no prefill).",
+        "",
+        "| scenario | staircase | TTFT p50 (vs reference MoA) | quality (vs reference) "
+        "| TTFT / single best | total p50 (wait-all) | prompt tokens per run: all (cached) "
+        "| uncached / wait-all | aggregator requests |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    found = False
+    for name in SCENARIOS:
+        f = staircase_figures(rows, name)
+        if f is None:
+            continue
+        found = True
+        quality = "-"
+        if f["quality"] is not None and f["quality_diff"] is not None:
+            quality = f"{_pct(f['quality'])} ({100 * f['quality_diff']:+.1f} points)"
+        target = STAIRCASE_TARGETS.get(name)
+        reduction = f"{100 * f['ttft_p50_reduction']:.0f}% lower"
+        if target is not None:
+            reduction += (
+                " (target met)" if f["ttft_p50_reduction"] >= target else " (target missed)"
+            )
+        cached_share = (
+            f"{100 * f['tokens_in_cached_mean'] / f['tokens_in_mean']:.0f}%"
+            if f["tokens_in_mean"]
+            else "-"
+        )
+        lines.append(
+            f"| {name} | {f['strategy']} | {f['ttft_p50_s']:.2f} s vs "
+            f"{f['reference_ttft_p50_s']:.2f} s: {reduction} | {quality}"
+            + ("" if f["within_tolerance"] else " (none within 1 point)")
+            + f" | {_x(f['ttft_over_single'])} | {_ms(f['total_p50_s'])} s "
+            f"({_ms(f['wait_all_total_p50_s'])} s) | {f['tokens_in_mean']:,.0f} ({cached_share}) "
+            f"| {_x(f['uncached_over_wait_all'])} | {f['aggregator_requests_mean'] or 1:.1f} |"
+        )
+    return [*lines, ""] if found else []
+
+
+README = ROOT / "README.md"
+README_START = "<!-- staircase-headline:start -->"
+README_END = "<!-- staircase-headline:end -->"
+
+
+def readme_headline(matrix: dict[str, Any]) -> str | None:
+    """The README's benchmark sentence, from the staircase's long-form figures (heterogeneous
+    if long-form was not run)."""
+    for name in ("long-form", "heterogeneous"):
+        f = staircase_figures(matrix["results"], name)
+        if f is None or f["quality_diff"] is None:
+            continue
+        text = (
+            f"On the simulator's {name} scenario (four proposers of four model classes, "
+            f"64 runs in flight, a 2-core machine), the **staircase** ({f['strategy']}) shows "
+            f"the first token **{100 * f['ttft_p50_reduction']:.0f}% sooner at the median than "
+            f"the reference MoA** ({f['ttft_p50_s']:.2f} s against "
+            f"{f['reference_ttft_p50_s']:.2f} s) at {100 * f['quality_diff']:+.1f} points of "
+            f"quiz accuracy ({_pct(f['quality'])} against {_pct(f['reference_quality'])})"
+        )
+        if f["ttft_over_single"] is not None:
+            text += f", {f['ttft_over_single']:.1f}x the single best model's TTFT"
+        return text + "."
+    return None
+
+
+def update_readme(matrix: dict[str, Any]) -> None:
+    sentence = readme_headline(matrix)
+    text = README.read_text(encoding="utf-8")
+    if sentence is None or README_START not in text or README_END not in text:
+        return
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    README.write_text(f"{head}{README_START}\n{sentence}\n{README_END}{tail}", encoding="utf-8")
 
 
 def machine_block(matrix: dict[str, Any], over: dict[str, Any], busy: float | None) -> list[str]:
@@ -418,7 +516,7 @@ def write_page(matrix: dict[str, Any], over: dict[str, Any], busy: float | None)
     lines += machine_block(matrix, over, busy)
     lines += [METHOD, "### Strategies", "", *strategies_block()]
     lines += ["### Scenarios", "", *scenarios_block(matrix)]
-    lines += ["## Results", "", *results_block(matrix)]
+    lines += ["## Results", "", *staircase_block(matrix), *results_block(matrix)]
     lines += ["## Engine overhead", "", *overhead_block(over)]
     lines += [CAVEATS, REPRODUCE]
     PAGE.write_text("\n".join(lines), encoding="utf-8")
@@ -451,6 +549,8 @@ def main(argv: list[str] | None = None) -> int:
         over["background_cores"] = round(watch.background_share, 3)
         (OUT / "overhead.json").write_bytes(orjson.dumps(over, option=orjson.OPT_INDENT_2) + b"\n")
     write_page(matrix, over, busy)
+    if not args.quick:
+        update_readme(matrix)
     sys.stdout.write(f"wrote {PAGE.relative_to(ROOT)} and {OUT.relative_to(ROOT)}/\n")
     if matrix.get("headline"):
         sys.stdout.write("headline: " + headline_sentence(matrix["headline"]) + "\n")

@@ -35,6 +35,7 @@ __all__ = [
     "headline_sentence",
     "percentile",
     "render_summary",
+    "staircase_figures",
     "summarize",
     "wilson_interval",
     "write_results",
@@ -242,6 +243,70 @@ def headline(
         "fastest_strategy": fastest["strategy"],
         "fastest_ttft_p50_reduction": round(1.0 - fastest["ttft_p50_s"] / base["ttft_p50_s"], 4),
         "fastest_quality_diff": delta(fastest["quality"], base["quality"]),
+    }
+
+
+def staircase_figures(
+    results: Sequence[Mapping[str, Any]], scenario: str, *, tolerance: float = 0.01
+) -> dict[str, Any] | None:
+    """The staircase on ``scenario`` against the reference MoA, wait-all and the single best
+    model: the staircase strategy with the lowest TTFT p50 whose quality is at most
+    ``tolerance`` below the reference MoA's (else the most accurate one). ``None`` if no
+    staircase or no reference MoA ran there."""
+    rows = {r["strategy"]: r for r in results if r["scenario"] == scenario}
+    base = rows.get("reference-moa")
+    stairs = [
+        r
+        for name, r in rows.items()
+        if name.startswith("staircase") and r["ttft_p50_s"] is not None
+    ]
+    if base is None or base["ttft_p50_s"] is None or not stairs:
+        return None
+    floor = None if base["quality"] is None else base["quality"] - tolerance - 1e-9
+    eligible = [r for r in stairs if floor is None or (r["quality"] or 0.0) >= floor]
+    if eligible:
+        best = min(eligible, key=lambda r: r["ttft_p50_s"])
+    else:
+        best = max(stairs, key=lambda r: (r["quality"] or 0.0, -r["ttft_p50_s"]))
+    wait_all = rows.get("wait-all")
+    single = rows.get("single")
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return None if a is None or not b else round(a / b, 3)
+
+    quality_diff = None
+    if best["quality"] is not None and base["quality"] is not None:
+        quality_diff = round(best["quality"] - base["quality"], 4)
+    return {
+        "scenario": scenario,
+        "strategy": best["strategy"],
+        "policy": best["policy"],
+        "within_tolerance": bool(eligible),
+        "tolerance": tolerance,
+        "ttft_p50_s": best["ttft_p50_s"],
+        "reference_ttft_p50_s": base["ttft_p50_s"],
+        "ttft_p50_reduction": round(1.0 - best["ttft_p50_s"] / base["ttft_p50_s"], 4),
+        "quality": best["quality"],
+        "reference_quality": base["quality"],
+        "quality_diff": quality_diff,
+        "single_ttft_p50_s": None if single is None else single["ttft_p50_s"],
+        "ttft_over_single": ratio(
+            best["ttft_p50_s"], None if single is None else single["ttft_p50_s"]
+        ),
+        "total_p50_s": best["total_p50_s"],
+        "wait_all_total_p50_s": None if wait_all is None else wait_all["total_p50_s"],
+        "tokens_in_mean": best["tokens_in_mean"],
+        "tokens_in_cached_mean": best.get("tokens_in_cached_mean", 0.0),
+        "tokens_in_uncached_mean": best.get("tokens_in_uncached_mean", best["tokens_in_mean"]),
+        "wait_all_tokens_in_mean": None if wait_all is None else wait_all["tokens_in_mean"],
+        "tokens_in_over_wait_all": ratio(
+            best["tokens_in_mean"], None if wait_all is None else wait_all["tokens_in_mean"]
+        ),
+        "uncached_over_wait_all": ratio(
+            best.get("tokens_in_uncached_mean", best["tokens_in_mean"]),
+            None if wait_all is None else wait_all["tokens_in_mean"],
+        ),
+        "aggregator_requests_mean": best.get("aggregator_requests_mean"),
     }
 
 
