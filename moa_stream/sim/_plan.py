@@ -7,7 +7,9 @@ streams, so the server's per-chunk work is only waiting and writing.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -17,8 +19,8 @@ from moa_stream.sim._continue import ContinuationInfo, anchor_digest
 from moa_stream.sim._rng import seeded_rng
 from moa_stream.sim.profiles import FAULT_KINDS, FaultKind, SimModel
 from moa_stream.sim.quiz import (
+    AnswerAt,
     choose_answer,
-    compose_answer_tokens,
     find_question,
     visible_answers,
 )
@@ -384,8 +386,7 @@ def build_plan(
 
     # The text belongs to the conversation's anchor, not the whole prompt, so the steps of a
     # staircase, which only add to the prompt's end, continue one planned text.
-    text_rng = seeded_rng("text", seed, model.name, anchor_digest(info.base), req.sample)
-    n = sim.tokens if sim.tokens is not None else model.sample_answer_tokens(text_rng)
+    anchor = anchor_digest(info.base)
     # What the model reads: the whole prompt but its own answer so far (a prefill, or the
     # assistant turns of appended ones).
     later = req.messages[len(info.base) :]
@@ -410,9 +411,10 @@ def build_plan(
                 accuracy=model.accuracy,
             )
         )
-        tokens = compose_answer_tokens(text_rng, n, answer, model.answer_at)
+        n, body = _planned_body(model, seed, anchor, req.sample, sim.tokens, True)
+        tokens = _with_answer(body, n, answer, model.answer_at)
     else:
-        tokens = generate_tokens(text_rng, n)
+        tokens = list(_planned_body(model, seed, anchor, req.sample, sim.tokens, False)[1])
     if info.kind is not None:
         tokens = _rest_of(tokens, info.answer)
         if model.echo_prefill and info.kind == "prefill" and tokens:
@@ -474,6 +476,29 @@ def build_plan(
         cached_tokens=cached_tokens,
         continuation=info.kind,
     )
+
+
+@functools.lru_cache(maxsize=4096)
+def _planned_body(
+    model: SimModel,
+    seed: int,
+    anchor: str,
+    sample: object,
+    tokens: int | None,
+    quiz: bool,
+) -> tuple[int, tuple[str, ...]]:
+    """A reply's length and filler text, drawn once per conversation: every step of a
+    staircase asks for the same planned text again, and drawing 700 words costs milliseconds."""
+    text_rng = seeded_rng("text", seed, model.name, anchor, sample)
+    n = tokens if tokens is not None else model.sample_answer_tokens(text_rng)
+    return n, tuple(generate_tokens(text_rng, max(0, n - 2) if quiz else n))
+
+
+def _with_answer(body: Sequence[str], n: int, answer: int, answer_at: AnswerAt) -> list[str]:
+    """:func:`~moa_stream.sim.quiz.compose_answer_tokens` on an already drawn filler."""
+    if answer_at == "start":
+        return ["Answer: ", f"{answer}\n" if body else str(answer), *body]
+    return [*body, "\nAnswer: " if body else "Answer: ", str(answer)]
 
 
 def _rest_of(planned: list[str], written: str) -> list[str]:
