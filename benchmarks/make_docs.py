@@ -433,11 +433,15 @@ same proposer timings and the same proposer answers: the differences are the str
 
 - **TTFT**: from the run's start to the first token of the final answer at the caller.
   **total**: to the last token. p50/p95/p99 over the runs (linear interpolation).
-- **tokens in / out per run**: prompt and completion tokens of every request of a run
+- **tokens in (cached) / out per run**: prompt and completion tokens of every request of a run
   (proposers, cancelled ones included, counted up to where they were cancelled, and the
-  aggregator), as the upstream reports them.
+  aggregator), as the upstream counted them (for engine runs, from the simulator's own
+  records: a staircase step closed early never receives its usage chunk); in brackets the share
+  of prompt tokens the model's prefix cache served, which cost no prefill time.
+- **aggregator requests**: per run; one per staircase step.
 - **refs complete / partial**: references per run that went forward complete, or partial (a
-  staircase policy took a proposer's text before it finished).
+  partial policy took a proposer's text before it finished; for a staircase, what the start
+  rule took: later steps see more).
 - **quality**: the fraction of runs whose final answer is exactly right (Wilson 95% interval).
 - **oracle**: the TTFT the same references would have allowed with zero orchestration cost,
   from the simulator's own schedule. The simulator plans every reply before writing a byte (the
@@ -463,7 +467,10 @@ models tend to be wrong differently. A model that sees answers in its prompt (an
 or a refinement layer) gives the most common one it can see, and on a tie answers as it would
 alone. Every reply ends with its `Answer: N` line (in the answer-first scenario it starts with
 it), so a partial reference taken before that line shows no answer. A run is right when the
-last `Answer: N` of its final text is the gold answer.
+last `Answer: N` of its final text is the gold answer. A staircase aggregator continues one
+planned text across its steps and writes its answer line from what the step that writes it
+shows, so its quality depends on whether the step that concludes has seen the proposers'
+answer lines (the `lead` makes it wait for them; `staircase-unpaced` does not).
 
 This illustrates the trade the strategies make (waiting for more references against answering
 sooner); it is not a claim about how real models reason or how much real aggregation helps.
