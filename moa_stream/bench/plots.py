@@ -202,7 +202,7 @@ def _timeline(plt: Any, scenario: str, chosen: Sequence[CellResult], path: Path)
         draw_timeline(ax, cell.timeline, f"{cell.strategy}: {cell.policy}")
     axes[-1].set_xlabel(
         "seconds since the run started · bars: waiting (light), streaming (dark), whole answer "
-        "(grey) · red: policy fired · green: first answer token · black ticks: staircase steps"
+        "(grey) · red: policy fired · green: first token · ticks: staircase steps"
     )
     axes[-1].xaxis.label.set_fontsize(8)
     fig.suptitle(f"One run, same question for every strategy · {scenario}", fontsize=10)

@@ -181,12 +181,13 @@ _BUILT_IN = (
     policy_strategy(
         "partial",
         "partial(3, min_tokens=24)",
-        "staircase: start on partial answers once 3 proposers have 24 tokens",
+        "start on partial answers once 3 proposers have 24 tokens (the references are frozen "
+        "there)",
     ),
     policy_strategy(
         "deadline-partial",
         lambda scale: Deadline(1.0 * scale, min_k=2, partial=True),
-        "staircase by time: at 1 s, take every answer so far (partial ones marked)",
+        "start by time: at 1 s, take every answer so far (partial ones marked, frozen there)",
     ),
     Strategy(
         "self-moa",
