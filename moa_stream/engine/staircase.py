@@ -327,11 +327,14 @@ class ReferenceTracker:
         return False
 
     def infos(self, refs: Sequence[RefView]) -> tuple[ReferenceInfo, ...]:
-        """What the last step holds of each reference, for :class:`AggregatorStep`."""
+        """What the last step holds of every reference (``chars`` 0: nothing of it yet), for
+        :class:`AggregatorStep`."""
         out = []
-        for index, agent, _, _ in refs:
+        for index, agent, state, _ in refs:
             given = self._given.get(index)
-            if given is None:
+            if given is None:  # not quoted yet: no text so far, or failed before any
+                status = _INFO_STATUS.get(_GIVEN_STATUS.get(state, "cancelled"), "partial")
+                out.append(ReferenceInfo(agent, index, status, 0, 0))
                 continue
             status = _INFO_STATUS.get(given.status, "partial")
             out.append(ReferenceInfo(agent, index, status, given.chars, (given.chars + 3) // 4))
