@@ -133,7 +133,7 @@ def _long_form() -> tuple[SimModel, ...]:
 #: The staircase strategies, run on the scenarios where the first token is at stake.
 STAIRCASE_STRATEGIES = (
     "staircase",
-    "staircase-turns",
+    "staircase-prefill",
     "staircase-deadline",
     "staircase-flat",
     "staircase-unpaced",

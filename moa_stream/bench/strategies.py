@@ -93,6 +93,7 @@ def policy_strategy(
 
 
 _PREFILL = Continuation("prefill", "vllm")
+_TURNS = Continuation("turns")
 
 
 def staircase_strategy(
@@ -102,7 +103,7 @@ def staircase_strategy(
     *,
     steps: tuple[int, ...] = (8, 16, 32, 64, 128),
     lead: int | None = 32,
-    continuation: Continuation = _PREFILL,
+    continuation: Continuation = _TURNS,
 ) -> Strategy:
     """A staircase aggregator starting when ``start`` (a function of the lineup's time scale)
     fires on the last layer; earlier layers, if any, wait for a quorum of two."""
@@ -197,16 +198,17 @@ _BUILT_IN = (
     staircase_strategy(
         "staircase",
         _start,
-        "staircase by assistant prefill: start once 2 proposers have 8 tokens (or at 0.5 s "
-        "with any text), steps of 8, 16, 32, 64, 128 tokens, each seeing what the proposers "
-        "wrote since; the answer waits to stay at most 32 tokens ahead of any running proposer",
+        "staircase by appended turns (any chat API): start once 2 proposers have 8 tokens (or "
+        "at 0.5 s with any text); steps of 8, 16, 32, 64, 128 tokens, each adding the previous "
+        "step's text as an assistant turn and what the proposers wrote since as a user turn; "
+        "the answer waits to stay at most 32 tokens ahead of any running proposer",
     ),
     staircase_strategy(
-        "staircase-turns",
+        "staircase-prefill",
         _start,
-        "the staircase by appended turns (any chat API): each step adds the previous step's "
-        "text as an assistant turn and what the proposers wrote since as a user turn",
-        continuation=Continuation("turns"),
+        "the staircase by assistant prefill (vLLM continue_final_message): each step ends with "
+        "the answer so far for the server to continue",
+        continuation=_PREFILL,
     ),
     staircase_strategy(
         "staircase-deadline",
