@@ -92,3 +92,34 @@ def test_cli_bench_runs_and_rejects_unknown_names(
 
     assert cli.main(["bench", "--strategy", "nope", "--out", str(out)]) == 2
     assert "unknown strategy 'nope'" in capsys.readouterr().err
+
+
+async def test_staircase_rows_count_steps_and_cached_prompt_tokens(tmp_path: Path) -> None:
+    """A staircase asks its aggregator several times; the simulator's records say how much of
+    those prompts its prefix cache served, and the timeline draws the steps on one row."""
+    settings = BenchSettings(
+        out=tmp_path,
+        quick=True,
+        strategies=("wait-all", "staircase", "staircase-prefill"),
+        requests=4,
+        concurrency=2,
+        sim_process=False,
+    )
+    await run_bench(settings)
+    document = orjson.loads((tmp_path / "results.json").read_bytes())
+    rows = {r["strategy"]: r for r in document["results"]}
+    wait_all = rows["wait-all"]
+    assert wait_all["aggregator_requests_mean"] == 1.0
+    for name in ("staircase", "staircase-prefill"):
+        row = rows[name]
+        assert row["errors"] == 0
+        assert row["aggregator_requests_mean"] > 1.0
+        assert 0 < row["tokens_in_cached_mean"] < row["tokens_in_mean"]
+        assert row["tokens_in_uncached_mean"] == pytest.approx(
+            row["tokens_in_mean"] - row["tokens_in_cached_mean"], abs=0.2
+        )
+        timeline = document["timelines"][f"quick/{name}"]
+        assert sum(1 for c in timeline["calls"] if c["role"] == "aggregator") > 1
+    summary = (tmp_path / "summary.md").read_text()
+    assert "aggregator requests" in summary
+    assert (tmp_path / "timeline-quick.png").exists()
