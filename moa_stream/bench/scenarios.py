@@ -229,7 +229,7 @@ _BUILT_IN = (
         _AGGREGATOR,
         concurrency=1,
         requests=12,
-        strategies=("reference-moa", "quorum-2", "partial", "deadline-partial"),
+        strategies=("reference-moa", "quorum-2", "partial", "deadline-partial", "staircase"),
     ),
 )
 
