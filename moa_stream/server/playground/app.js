@@ -303,7 +303,13 @@ class RunView {
   progress(item) {
     this.log(item);
     const handler = this.handlers[item.type];
-    if (handler) handler.call(this, item);
+    if (!handler) return;
+    try {
+      handler.call(this, item);
+    } catch (error) {
+      // An item this page misreads must not end the run's display; it is a bug all the same.
+      console.error(`moa-stream playground: could not show a ${item.type} item`, error);
+    }
   }
 
   content(text) {
@@ -358,9 +364,15 @@ class RunView {
     );
   }
 
-  drawTimeline() {
+  /** Where the run's timeline ends: its last request or its total time, whichever is later. */
+  timelineEnd() {
     const r = this.report;
-    const end = Math.max(r.total_s, ...r.agents.map((a) => a.started_s + (a.duration_s || 0))) || 1;
+    return r ? Math.max(r.total_s, ...r.agents.map((a) => a.started_s + (a.duration_s || 0))) : 0;
+  }
+
+  /** The timeline from the run's report; `end` puts two runs on one scale in compare mode. */
+  drawTimeline(end = this.timelineEnd() || 1) {
+    const r = this.report;
     const pct = (s) => `${Math.min(100, Math.max(0, (s / end) * 100)).toFixed(2)}%`;
     const rows = r.agents.map((a) => {
       const first = a.ttft_s === null ? null : a.started_s + a.ttft_s;
@@ -373,7 +385,7 @@ class RunView {
         }),
       );
       if (first !== null) {
-        track.append(el("span", { class: `bar run ${a.role} ${a.status}`, style: { left: pct(first), width: pct(stop - first) } }));
+        track.append(el("span", { class: `bar seg ${a.role} ${a.status}`, style: { left: pct(first), width: pct(stop - first) } }));
       }
       const role = a.role === "aggregator" ? "aggregator" : `proposer${r.layers.length > 1 ? ` L${a.layer + 1}` : ""}`;
       const words =
@@ -477,7 +489,8 @@ RunView.prototype.handlers = {
   },
   "aggregator.step"(item) {
     // Staircase steps: the shape may grow; show what is there and never depend on it.
-    const n = item.step ?? item.index ?? this.steps.length + 1;
+    const n = Number.isInteger(item.step) ? item.step : (this.lastStep || 1) + 1;
+    this.lastStep = n;
     const refs = Array.isArray(item.references)
       ? item.references.map((r) => `${r.agent}: ${r.status}${r.tokens !== undefined ? ` (${r.tokens} tokens)` : ""}`).join("; ")
       : "";
@@ -499,6 +512,12 @@ RunView.prototype.handlers = {
       if (agent.status === "cancelled") lane.setStatus("cancelled");
       else if (agent.status === "complete" && lane.status !== "complete") lane.setStatus("complete");
       if (lane.root.dataset.used === "no" && agent.status !== "failed") lane.badge.textContent += " · not used";
+      if (agent.status !== "failed") {
+        const ended = agent.duration_s === null ? null : agent.started_s + agent.duration_s;
+        lane.meta.textContent =
+          `${plural(agent.usage.completion_tokens, "token")} · first token ${seconds(agent.ttft_s)}` +
+          ` · ${agent.status === "cancelled" ? "cancelled" : "done"} at ${seconds(ended)}`;
+      }
     }
     this.setStats();
   },
@@ -606,6 +625,7 @@ async function runOne(view, prompt, signal) {
       view.fail("Stopped: the server cancelled every request of the run.");
       view.finish("stopped");
     } else {
+      if (!(error instanceof ApiError)) console.error("moa-stream playground:", error);
       view.fail(error.message);
       view.finish("failed");
       if (error.status === 401) askForKey("The server refused the key.");
@@ -655,6 +675,9 @@ async function run() {
   controller = null;
   setRunning(false);
   if (views.length > 1) {
+    // One time scale for both timelines, so that their bars compare at a glance.
+    const end = Math.max(...views.map((v) => v.timelineEnd()));
+    for (const view of views) if (view.report && end > 0) view.drawTimeline(end);
     ui.summary.replaceChildren(el("h2", { text: "Compared" }), compareSummary(views[0], views[1]));
     ui.summary.hidden = false;
   }
