@@ -106,8 +106,13 @@ def seconds(text: str) -> float:
 def screenshot(driver: Any, path: Path) -> None:
     """The whole page: the window is grown to the page's height first."""
     width = driver.get_window_size()["width"]
-    height = driver.execute_script("return document.documentElement.scrollHeight")
-    driver.set_window_size(width, height + 90)  # the window's frame takes some of it
+    for _ in range(3):  # the window's frame takes some height, and the layout may reflow
+        missing = driver.execute_script(
+            "return document.documentElement.scrollHeight - window.innerHeight"
+        )
+        if missing <= 0:
+            break
+        driver.set_window_size(width, driver.get_window_size()["height"] + missing)
     driver.save_screenshot(str(path))
     assert path.stat().st_size > 10_000
 

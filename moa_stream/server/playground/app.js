@@ -374,7 +374,14 @@ class RunView {
   drawTimeline(end = this.timelineEnd() || 1) {
     const r = this.report;
     const pct = (s) => `${Math.min(100, Math.max(0, (s / end) * 100)).toFixed(2)}%`;
+    // A proposer the aggregator read part of is drawn as partial, though its request was then
+    // cancelled: what matters on the timeline is what its text was used for.
+    const partial = new Set();
+    for (const layer of r.layers) {
+      for (const ref of layer.references) if (ref.status === "partial") partial.add(`${layer.layer}:${ref.index}`);
+    }
     const rows = r.agents.map((a) => {
+      const status = a.role === "proposer" && partial.has(`${a.layer}:${a.index}`) ? "partial" : a.status;
       const first = a.ttft_s === null ? null : a.started_s + a.ttft_s;
       const stop = a.duration_s === null ? r.total_s : a.started_s + a.duration_s;
       const track = el("div", { class: "track" });
@@ -385,12 +392,12 @@ class RunView {
         }),
       );
       if (first !== null) {
-        track.append(el("span", { class: `bar seg ${a.role} ${a.status}`, style: { left: pct(first), width: pct(stop - first) } }));
+        track.append(el("span", { class: `bar seg ${a.role} ${status}`, style: { left: pct(first), width: pct(stop - first) } }));
       }
       const role = a.role === "aggregator" ? "aggregator" : `proposer${r.layers.length > 1 ? ` L${a.layer + 1}` : ""}`;
       const words =
         `${a.agent} (${role}): sent at ${seconds(a.started_s)}, first token ${seconds(first)}, ` +
-        `ended ${seconds(stop)}, ${a.status}`;
+        `ended ${seconds(stop)}, ${status}`;
       return el(
         "li",
         { class: "tl-row", title: words },
@@ -508,15 +515,16 @@ RunView.prototype.handlers = {
       if (agent.role !== "proposer") continue;
       const lane = this.lanes.get(`${agent.layer}:${agent.index}`);
       if (!lane) continue;
-      // The run's final word: a lane the policy did not wait for was cancelled, or went on.
-      if (agent.status === "cancelled") lane.setStatus("cancelled");
+      // The run's final word: a lane the policy did not wait for was cancelled, or went on (a
+      // partial reference stays "partial": its text so far is what the aggregator read).
+      if (agent.status === "cancelled" && lane.status !== "partial") lane.setStatus("cancelled");
       else if (agent.status === "complete" && lane.status !== "complete") lane.setStatus("complete");
-      if (lane.root.dataset.used === "no" && agent.status !== "failed") lane.badge.textContent += " · not used";
+      if (lane.root.dataset.used === "no" && agent.status === "complete") lane.badge.textContent += " · not used";
       if (agent.status !== "failed") {
         const ended = agent.duration_s === null ? null : agent.started_s + agent.duration_s;
         lane.meta.textContent =
           `${plural(agent.usage.completion_tokens, "token")} · first token ${seconds(agent.ttft_s)}` +
-          ` · ${agent.status === "cancelled" ? "cancelled" : "done"} at ${seconds(ended)}`;
+          ` · ${agent.status === "cancelled" ? "stopped" : "done"} at ${seconds(ended)}`;
       }
     }
     this.setStats();
