@@ -82,6 +82,37 @@ async def test_the_page_refers_only_to_files_that_are_served(
             assert resp.status == 200, ref
 
 
+def test_the_files_fetch_nothing_from_elsewhere() -> None:
+    """No URL of another origin anywhere (the SVG's XML namespace is a name, not a fetch)."""
+    for name in FILES:
+        text = (PLAYGROUND / name).read_text().replace('xmlns="http://www.w3.org/2000/svg"', "")
+        assert not re.search(r"https?://|//[a-z0-9.-]+\.[a-z]{2,}/", text, re.IGNORECASE), name
+
+
+def _luminance(colour: str) -> float:
+    channels = [int(colour[i : i + 2], 16) / 255 for i in (1, 3, 5)]
+    r, g, b = (c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in channels)
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def _contrast(a: str, b: str) -> float:
+    high, low = sorted((_luminance(a), _luminance(b)), reverse=True)
+    return (high + 0.05) / (low + 0.05)
+
+
+def test_text_colours_meet_wcag_aa_contrast() -> None:
+    """Every text colour of the style sheet on the backgrounds it is drawn on: at least 4.5:1."""
+    css = (PLAYGROUND / "style.css").read_text()
+    var = dict(re.findall(r"--([a-z-]+):\s*(#[0-9a-f]{6})", css))
+    pairs = [("text", "panel"), ("muted", "panel"), ("muted", "bg"), ("accent", "panel")]
+    pairs += [("accent-text", "accent"), ("policy-fg", "policy-bg"), ("failed-fg", "panel")]
+    for status in ("streaming", "complete", "partial", "failed", "cancelled", "waiting"):
+        pairs += [(f"{status}-fg", f"{status}-bg"), (f"{status}-fg", "panel")]
+    for fg, bg in pairs:
+        ratio = _contrast(var[fg], var[bg])
+        assert ratio >= 4.5, f"--{fg} on --{bg}: {ratio:.2f}:1"
+
+
 async def test_unknown_playground_files_are_json_404s(
     srv: Running, session: aiohttp.ClientSession
 ) -> None:

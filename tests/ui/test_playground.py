@@ -284,3 +284,16 @@ def test_the_page_asks_for_a_key_when_the_server_has_keys(
             assert not page_errors(driver)
         finally:
             driver.quit()
+
+
+def test_the_embedded_default_config_needs_no_key(driver: Any) -> None:
+    """What ``make serve`` starts: simulated agents, no key; the page runs its first MoA."""
+    with serve(None) as default:
+        open_page(driver, default.url)
+        assert not driver.find_element(By.ID, "key-form").is_displayed()
+        (panel,) = run_and_wait(driver)
+        assert len(lanes(panel)) == 4
+        for agent, lane in lanes(panel).items():
+            assert lane.get_attribute("data-status") in ("complete", "partial", "cancelled"), agent
+        assert panel.find_element(By.CSS_SELECTOR, "[data-role=answer]").text.strip()
+        assert panel.find_elements(By.CSS_SELECTOR, ".policy-marker")

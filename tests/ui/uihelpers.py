@@ -54,9 +54,12 @@ class Server:
 
 
 @contextlib.contextmanager
-def serve(config: Path, env: dict[str, str] | None = None) -> Iterator[Server]:
-    """``moa-stream serve --config config --port 0``, stopped with SIGTERM afterwards."""
-    argv = [sys.executable, "-m", "moa_stream.cli", "serve", "--config", str(config), "--port", "0"]
+def serve(config: Path | None, env: dict[str, str] | None = None) -> Iterator[Server]:
+    """``moa-stream serve --port 0`` (on ``config``, or the embedded default), stopped with
+    SIGTERM afterwards."""
+    argv = [sys.executable, "-m", "moa_stream.cli", "serve", "--port", "0"]
+    if config is not None:
+        argv += ["--config", str(config)]
     process = subprocess.Popen(
         argv,
         stdin=subprocess.DEVNULL,
