@@ -126,7 +126,6 @@ const api = {
       for (const choice of chunk.choices || []) {
         const text = choice.delta && choice.delta.content;
         if (text) yield { content: text };
-        if (choice.finish_reason) yield { finish: choice.finish_reason };
       }
     }
     throw new ApiError(0, "The stream ended before [DONE]: the connection was cut.", null);
@@ -166,15 +165,6 @@ async function* sseEvents(body) {
 
 // -- one run, drawn -----------------------------------------------------------------------------
 
-const LANE_STATUS = {
-  waiting: "waiting",
-  streaming: "streaming",
-  complete: "complete",
-  partial: "partial",
-  failed: "failed",
-  cancelled: "cancelled",
-};
-
 class Lane {
   constructor({ kind, title, subtitle }) {
     this.badge = el("span", { class: "badge" });
@@ -194,10 +184,11 @@ class Lane {
     this.setStatus("waiting");
   }
 
+  /** `status` (waiting, streaming, complete, partial, failed, cancelled) styles the lane. */
   setStatus(status, label) {
     this.status = status;
     this.root.dataset.status = status;
-    this.badge.textContent = label || LANE_STATUS[status] || status;
+    this.badge.textContent = label || status;
   }
 
   append(text) {
@@ -223,7 +214,6 @@ class RunView {
     this.report = null;
     this.usage = null;
     this.clientTtft = null;
-    this.finishReason = null;
 
     this.state = el("span", { class: "run-state", text: "running" });
     this.layersBox = el("div", { class: "layers" });
@@ -288,6 +278,10 @@ class RunView {
       this.byAgent.set(`${layer}:${agent}`, lane);
     }
     return lane;
+  }
+
+  layerLanes(layer) {
+    return [...this.lanes.keys()].filter((key) => key.startsWith(`${layer}:`));
   }
 
   log(item) {
@@ -531,10 +525,6 @@ RunView.prototype.handlers = {
   },
 };
 
-RunView.prototype.layerLanes = function layerLanes(layer) {
-  return [...this.lanes.keys()].filter((key) => key.startsWith(`${layer}:`));
-};
-
 // -- the page ---------------------------------------------------------------------------------
 
 const ui = {
@@ -620,7 +610,6 @@ async function runOne(view, prompt, signal) {
       if (item.progress) view.progress(item.progress);
       else if (item.content) view.content(item.content);
       else if (item.usage) view.usage = item.usage;
-      else if (item.finish) view.finishReason = item.finish;
       else if (item.error) {
         view.fail(item.error.message || "The run failed.");
         view.finish("failed");
