@@ -134,6 +134,7 @@ class ServerConfig:
     max_concurrent_streams: int = 1024
     shutdown_grace: float = 30.0
     request_timeout: float = 600.0
+    ui: bool = True  # the playground page at / (moa_stream.server.playground)
 
     def resolved_api_keys(self) -> tuple[str, ...]:
         """Keys from the config plus the comma-separated ones in ``api_keys_env``."""
@@ -372,6 +373,7 @@ def _server(t: _Table) -> ServerConfig:
         max_concurrent_streams=t.positive("max_concurrent_streams", int, d.max_concurrent_streams),
         shutdown_grace=t.positive("shutdown_grace", float, d.shutdown_grace, allow_zero=True),
         request_timeout=t.positive("request_timeout", float, d.request_timeout),
+        ui=t.get("ui", bool, d.ui),
     )
     t.done()
     return config
