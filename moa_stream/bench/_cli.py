@@ -118,7 +118,8 @@ def quiet_logs() -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run the benchmark ``args`` describe; the exit code."""
-    quiet_logs()
+    if not (getattr(args, "log_level", None) or getattr(args, "verbose", 0)):
+        quiet_logs()
     settings = BenchSettings(
         out=args.out,
         scenarios=tuple(args.scenario),

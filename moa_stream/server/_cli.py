@@ -12,10 +12,10 @@ import os
 import sys
 
 from moa_stream import _aio
+from moa_stream._cli_logging import configure_from_args, format_from_args, level_from_args
 from moa_stream._exceptions import ConfigError
 from moa_stream.config import Config, default_config, load_config
 from moa_stream.server._serve import reserve_port, serve, supervise, worker_argv
-from moa_stream.server.logs import LEVELS, configure_logging
 
 __all__ = ["add_parser", "run"]
 
@@ -40,9 +40,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default=1,
         metavar="N",
         help="processes sharing the port (SO_REUSEPORT), each with its own runtime (default: 1)",
-    )
-    parser.add_argument(
-        "--log-level", choices=list(LEVELS), default="info", help="default: %(default)s"
     )
     # Set by the supervisor on the workers it starts.
     parser.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
@@ -74,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         return _fail("--workers must be at least 1", 2)
     if args.port is not None and not 0 <= args.port <= 65535:
         return _fail("--port must be between 0 and 65535", 2)
-    configure_logging(level=args.log_level, secrets=_secrets(config))
+    configure_from_args(args, secrets=_secrets(config))
     host = config.server.host if args.host is None else args.host
     port = config.server.port if args.port is None else args.port
 
@@ -86,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
             return _fail(f"cannot bind {host}:{port}: {exc.strerror or exc}", 1)
         try:
             options = ["--host", host, "--port", str(reserved.getsockname()[1])]
-            options += ["--workers", "1", "--reuse-port", "--log-level", args.log_level]
+            options += ["--workers", "1", "--reuse-port", "--log-level", level_from_args(args)]
+            options += ["--log-format", format_from_args(args)]
             if args.config:
                 options += ["--config", args.config]
             return _aio.run(supervise(worker_argv(options), args.workers))
