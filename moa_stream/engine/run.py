@@ -162,6 +162,7 @@ class MoARun(AsyncResource):
         self._timer: asyncio.TimerHandle | None = None
         self._gen: AsyncGenerator[Event, None] | None = None
         self._consumed = False
+        self._entered = False
         self._closed = False
         self._t0 = 0.0
         self._answer: list[str] = []
@@ -174,6 +175,7 @@ class MoARun(AsyncResource):
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def __aenter__(self) -> Self:
+        self._entered = True
         self._start()
         return self
 
@@ -215,6 +217,13 @@ class MoARun(AsyncResource):
     # -- consuming ---------------------------------------------------------------------------
     def events(self) -> AsyncIterator[Event]:
         """Every event of the run, in order, ending with ``run.done``. Consume once."""
+        if not self._entered:
+            # Outside `async with` nothing would close the run's requests if the caller left
+            # early: stragglers and their connections would outlive the loop.
+            raise RuntimeError(
+                "consume a run inside `async with spec.stream(messages) as run:`, "
+                "or call `await run.final()`, which closes it"
+            )
         self._start()
         if self._consumed:
             raise RuntimeError("a run's events can be consumed only once")
@@ -230,6 +239,7 @@ class MoARun(AsyncResource):
 
     async def final(self) -> RunResult:
         """Run to the end and return the whole answer and the report; closes the run."""
+        self._entered = True  # closed below, so safe outside `async with`
         try:
             async for _ in self.events():
                 pass

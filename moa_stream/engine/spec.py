@@ -24,6 +24,7 @@ from moa_stream.engine.similarity import Similarity, word_jaccard
 from moa_stream.providers import Provider
 
 if TYPE_CHECKING:
+    from moa_stream._easy import EndpointMoA
     from moa_stream.engine.run import MoARun
 
 __all__ = ["Agent", "Layer", "LayerCut", "MoA", "moa", "moa_lite", "self_moa", "single"]
@@ -43,6 +44,11 @@ class Agent:
     max_tokens: int | None = None
     system_prompt: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, provider: Provider, model: str, *, name: str | None = None, **params: Any) -> Agent:
+        """An agent named after its model unless ``name`` is given: ``Agent.of(local, "qwen")``."""
+        return cls(name or model, provider, model, **params)
 
     def request(
         self,
@@ -137,6 +143,14 @@ class MoA:
             stop=tuple(stop) if stop else None,
             clock=clock,
         )
+
+    @classmethod
+    def from_endpoints(cls, *args: Any, **kwargs: Any) -> EndpointMoA:
+        """A MoA over OpenAI-compatible endpoints that owns its providers; see
+        :func:`moa_stream.from_endpoints` for the arguments."""
+        from moa_stream._easy import from_endpoints
+
+        return from_endpoints(*args, **kwargs)
 
     def with_policy(self, policy: Policy, **layer_changes: Any) -> MoA:
         """The same MoA with ``policy`` (and any other :class:`Layer` field) on every layer."""
