@@ -401,6 +401,8 @@ CAVEATS = """\
 REPRODUCE = """\
 ## Reproducing
 
+_Not run by the docs test: the whole matrix takes about ten minutes._
+
 ```sh
 make docs                                          # this page (about ten minutes)
 .venv/bin/moa-stream bench --quick --out /tmp/b    # a seconds-long smoke run
