@@ -35,7 +35,8 @@ class LiveView:
     ``progress``: where the proposers' status and the layer decisions go (``None``: nowhere).
     ``answer``: where the answer's text goes. ``live``: redraw the status line in place (a
     terminal) instead of writing one line per finished proposer. ``verbose``: also say when
-    the layer moved on and when the aggregator started.
+    the layer moved on, when the aggregator started and what failed on the way (otherwise the
+    status line marks failed proposers, and the caller reports a failed run in one line).
     """
 
     def __init__(
@@ -126,7 +127,10 @@ class LiveView:
                 )
         elif event.type == "proposer.failed":
             self.state[event.agent] = "failed"
-            self._say(f"  proposer {event.agent} failed at {event.t:.2f} s: {event.error}")
+            if self.verbose:
+                self._say(f"  proposer {event.agent} failed at {event.t:.2f} s: {event.error}")
+            else:
+                self._redraw()
         elif event.type == "layer.done":
             self._layer_done(event.layer, event.references, event.reason, event.cut, event.t)
         elif event.type == "aggregator.started":
@@ -134,7 +138,7 @@ class LiveView:
                 who = "aggregator" if event.agent == "aggregator" else f"aggregator {event.agent}"
                 kind = "fallback " if event.attempt else ""
                 self._say(f"  {kind}{who} started at {event.t:.2f} s")
-        elif event.type == "aggregator.failed":
+        elif event.type == "aggregator.failed" and self.verbose:
             self._say(f"  aggregator {event.agent} failed at {event.t:.2f} s: {event.error}")
         elif event.type == "aggregator.delta":
             if not self.answering:
