@@ -58,6 +58,7 @@ class LiveView:
         self.answering = False
         self._status_shown = False
         self._drawn_at = 0.0
+        self._settled = False  # the layer decided: its status line is final until the next
 
     # -- drawing -----------------------------------------------------------------------------
     def status_line(self) -> str:
@@ -82,7 +83,7 @@ class LiveView:
 
     def _redraw(self, throttle: bool = False) -> None:
         out = self.progress
-        if out is None or not self.live or not self.tokens or self.answering:
+        if out is None or not self.live or not self.tokens or self.answering or self._settled:
             return
         now = time.monotonic()
         if throttle and now - self._drawn_at < _REDRAW_EVERY:
@@ -110,6 +111,7 @@ class LiveView:
     # -- events ------------------------------------------------------------------------------
     def __call__(self, event: Event) -> None:
         if event.type == "proposer.started":
+            self._settled = False
             self.tokens[event.agent] = 0
             self.state[event.agent] = "running"
             self._redraw()
@@ -171,6 +173,7 @@ class LiveView:
         for agent in cancelled:
             self.state[agent] = "cancelled"
         self._settle_status()
+        self._settled = True
         if not self.verbose:
             return
         refs = ", ".join(f"{a} ({s})" for a, s in used.items()) or "none"
