@@ -5,7 +5,8 @@
   default address) and ``127.0.0.1:8080`` the server (``moa-stream serve``'s); the test starts
   both on free ports and points the block at them.
 - ``sh`` / ``console``: run with bash (``console`` blocks: the lines after ``$ ``), under the
-  same address substitution; they must print something.
+  same address substitution, in a scratch directory whose ``.venv`` is this test's
+  environment; they must print something.
 
 Blocks run with ``LOCAL_API_KEY`` set (the simulator takes any key), as the pages that use it
 ask the reader to do.
@@ -183,7 +184,15 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
         "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
         "LOCAL_API_KEY": "sk-docs-test",
     }
-    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        args,
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -230,7 +239,10 @@ def test_block_runs_as_written(block: Block, servers: dict[str, str], tmp_path: 
     else:
         if block.lang == "console":
             text = "\n".join(ln[2:] for ln in text.splitlines() if ln.startswith("$ "))
-        result = _run(["bash", "-eo", "pipefail", "-c", text], cwd=ROOT)
+        # In a scratch directory (files a block writes stay out of the repository) whose
+        # `.venv` is the environment running this test.
+        (tmp_path / ".venv").symlink_to(Path(sys.executable).parent.parent)
+        result = _run(["bash", "-eo", "pipefail", "-c", text], cwd=tmp_path)
         assert result.stdout.strip(), f"{block.id} printed nothing:\n{result.stderr}"
     assert result.returncode == 0, (
         f"{block.id} failed ({result.returncode}):\n{text}\n--- stdout\n{result.stdout}"

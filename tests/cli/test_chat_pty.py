@@ -3,6 +3,7 @@ an answer and not the session, a failed turn is one line, exit/quit/Ctrl-D leave
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -107,3 +108,41 @@ aggregator = "fast"
     chat.expect(r"you> ")
     chat.send("quit\r")
     assert chat.wait() == 0
+
+
+async def test_ctrl_c_closes_the_upstream_request_of_the_answer(spawn, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from moa_stream.sim import LatencyProfile, SimModel, SimServer
+
+    models = [
+        SimModel("p1", latency=LatencyProfile.fixed(ttft=0.02, tokens_per_s=400), answer_tokens=5),
+        # An answer of about forty seconds: Ctrl-C always lands in the middle of it.
+        SimModel(
+            "agg", latency=LatencyProfile.fixed(ttft=0.02, tokens_per_s=50), answer_tokens=2000
+        ),
+    ]
+    async with SimServer(models=models, seed=0) as sim:
+        config = tmp_path / "slow.toml"
+        config.write_text(
+            f'[providers.up]\nbase_url = "{sim.base_url}"\n'
+            '[agents.p1]\nprovider = "up"\nmodel = "p1"\n'
+            '[agents.agg]\nprovider = "up"\nmodel = "agg"\n'
+            '[moa.slow]\nproposers = ["p1"]\naggregator = "agg"\n'
+        )
+        chat = spawn(["chat", "--config", str(config)])
+        await asyncio.to_thread(chat.expect, r"you> ")
+        chat.send("Tell me a long story.\r")
+        for _ in range(600):  # until the answer streams
+            agg = [r for r in sim.records if r.model == "agg" and r.first_token_sent_at]
+            if agg:
+                break
+            await asyncio.sleep(0.05)
+        assert agg, "the aggregator never started answering"
+        assert sim.active_streams == 1
+        chat.send("\x03")
+        await asyncio.to_thread(chat.expect, r"\(answer cancelled\)")
+        await sim.wait_idle(10)
+        assert sim.active_streams == 0, "the cancelled answer's upstream stream was closed"
+        assert agg[0].completion_tokens < 2000
+        assert chat.proc.poll() is None
+        chat.send("/exit\r")
+        assert await asyncio.to_thread(chat.wait) == 0
