@@ -29,7 +29,7 @@ from aiohttp import web
 from moa_stream.config import Config, Runtime
 from moa_stream.server.app import MoAServer, build_app
 
-__all__ = ["reserve_port", "serve", "supervise", "worker_argv"]
+__all__ = ["listen", "reserve_port", "serve", "supervise", "worker_argv"]
 
 log = structlog.get_logger("moa_stream.server")
 
@@ -88,12 +88,10 @@ async def serve(
                 shutdown_timeout=_AFTER_GRACE,
             )
             await runner.setup()
+            listener: asyncio.Server | None = None
             try:
-                site = web.TCPSite(
-                    runner, settings.host, settings.port, reuse_port=reuse_port or None
-                )
-                await site.start()
-                bound = runner.addresses[0]
+                listener = await listen(state, runner, settings.host, settings.port, reuse_port)
+                bound = listener.sockets[0].getsockname()
                 url = _url(settings.host, int(bound[1]))
                 log.info(
                     "server.listening",
@@ -107,14 +105,16 @@ async def serve(
                 await stop.wait()
                 log.info("server.stopping", in_flight=state.active, grace_s=settings.shutdown_grace)
                 state.begin_shutdown()
-                for s in list(runner.sites):
-                    await s.stop()
+                # Closes the listening socket now; open connections are runner.cleanup()'s.
+                listener.close()
                 drained = await _drain(state, settings.shutdown_grace, force)
                 if not drained:
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(_AFTER_GRACE):
                             await state.wait_idle()
             finally:
+                if listener is not None:
+                    listener.close()
                 await runner.cleanup()
     finally:
         for sig in installed:
@@ -135,6 +135,29 @@ async def _drain(state: MoAServer, grace: float, force: asyncio.Event) -> bool:
     with contextlib.suppress(asyncio.CancelledError):
         await drain
     return await state.drain(0)
+
+
+async def listen(
+    state: MoAServer, runner: web.AppRunner, host: str, port: int, reuse_port: bool = False
+) -> asyncio.Server:
+    """Accept connections for ``runner`` (set up) on ``host:port``, each through the
+    connection cap and the header deadline of ``state`` (see ``_connections``)."""
+    server = runner.server
+    if server is None:
+        raise RuntimeError("call runner.setup() first")
+    loop = asyncio.get_running_loop()
+    factory = state.connections.protocol_factory(
+        server,
+        keepalive_timeout=state.config.keepalive_timeout,
+        access_log=None,  # one structured line per request is written by the app
+    )
+    return await loop.create_server(
+        factory,
+        host,
+        port,
+        reuse_port=reuse_port or None,
+        backlog=1024,
+    )
 
 
 def reserve_port(host: str, port: int) -> socket.socket:

@@ -21,11 +21,12 @@ and leaving the run's ``async with`` cancels every upstream request of that run 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import orjson
@@ -33,29 +34,36 @@ import structlog
 from aiohttp import web
 
 from moa_stream._exceptions import AggregatorError, MoAError, ProviderError
+from moa_stream._wire import (
+    ChatCompletionRequest,
+    ChunkEncoder,
+    WireError,
+    completion_object,
+    extension,
+    optional_bool,
+    parse_chat_request,
+)
 from moa_stream.config import Runtime, ServerConfig
-from moa_stream.engine.events import AggregatorDelta, ProposerDelta
+from moa_stream.engine.events import AggregatorDelta, Event
 from moa_stream.engine.run import MoARun
 from moa_stream.engine.spec import MoA
+from moa_stream.server._connections import ConnectionGuard
 from moa_stream.server.errors import APIError, from_http_exception, from_moa_error, timeout_error
 from moa_stream.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from moa_stream.server.metrics import ServerMetrics
 from moa_stream.server.progress import ProgressEncoder, report_object
-from moa_stream.server.wire import (
-    DONE,
-    ChatCompletionRequest,
-    ChunkEncoder,
-    completion_object,
-    parse_chat_request,
-    truthy_header,
-)
+from moa_stream.server.stream import StreamWriter, is_degraded
 
-__all__ = ["PROGRESS_HEADER", "MoAServer", "create_app"]
+__all__ = ["DEGRADED_HEADER", "PROGRESS_HEADER", "REASONING_HEADER", "MoAServer", "create_app"]
 
 log = structlog.get_logger("moa_stream.server")
 
 #: The request header that turns progress on (``1``, ``true``, ``yes`` or ``on``).
 PROGRESS_HEADER = "X-MoA-Progress"
+#: The request header that turns the proposers' progress as ``reasoning_content`` on.
+REASONING_HEADER = "X-MoA-Reasoning"
+#: The response header of an answer written with no proposer's help (every one failed).
+DEGRADED_HEADER = "X-MoA-Degraded"
 
 _SSE_HEADERS = {
     "Content-Type": "text/event-stream",
@@ -66,8 +74,13 @@ _SSE_HEADERS = {
 _JSON = "application/json"
 _CHAT_PATH = "/v1/chat/completions"
 _TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
-_ALWAYS_ALLOWED_HEADERS = ("Authorization", "Content-Type", PROGRESS_HEADER)
+_ALWAYS_ALLOWED_HEADERS = ("Authorization", "Content-Type", PROGRESS_HEADER, REASONING_HEADER)
 _QUIET_PATHS = frozenset({"/healthz", "/metrics"})
+
+
+def truthy_header(value: str | None) -> bool:
+    """Whether a flag header (``X-MoA-Progress``) is set: ``1``, ``true``, ``yes`` or ``on``."""
+    return value is not None and value.strip().lower() in ("1", "true", "yes", "on")
 
 
 class RequestContext:
@@ -77,6 +90,7 @@ class RequestContext:
         "chat",
         "completion_id",
         "created",
+        "degraded",
         "error",
         "first_token_at",
         "model",
@@ -103,6 +117,7 @@ class RequestContext:
         self.error: APIError | None = None
         self.first_token_at: float | None = None
         self.run: MoARun | None = None
+        self.degraded = False
 
     def fail(self, error: APIError) -> None:
         """Record ``error`` as the request's result."""
@@ -140,6 +155,10 @@ class MoAServer:
         self._idle.set()
         self._expired = False
         self._timeouts: set[asyncio.Timeout] = set()
+        #: Open connections, when they are accepted through :meth:`listen`.
+        self.connections = ConnectionGuard(
+            max_connections=config.max_connections, header_timeout=config.header_timeout
+        )
         # Agent name -> provider name, per MoA id: proposer.failed events carry the agent only.
         self._providers = {
             moa_id: {agent.name: agent.provider.name for agent in spec.agents}
@@ -202,7 +221,11 @@ class MoAServer:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer":
             return False
-        given = token.strip().encode()
+        try:
+            given = token.strip().encode()
+        except UnicodeEncodeError:
+            # aiohttp keeps undecodable header bytes as surrogates; no key is made of those.
+            return False
         ok = False
         for key in self._keys:
             ok |= hmac.compare_digest(given, key)
@@ -231,9 +254,13 @@ class MoAServer:
         if request.content_length is not None and request.content_length > limit:
             raise APIError.body_too_large(limit)
         try:
-            return await request.read()
+            async with asyncio.timeout(self.config.body_timeout):
+                return await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise APIError.body_too_large(limit) from None
+        except TimeoutError:
+            # The rest of the body may never come: the connection cannot be reused.
+            raise APIError.body_timeout(self.config.body_timeout) from None
 
     # -- handlers ----------------------------------------------------------------------------
     async def healthz(self, request: web.Request) -> web.Response:
@@ -266,15 +293,24 @@ class MoAServer:
         if self.shutting_down:
             raise APIError.shutting_down()
         raw = await self._read_body(request)
-        req = parse_chat_request(
-            raw, progress_header=truthy_header(request.headers.get(PROGRESS_HEADER))
-        )
+        try:
+            req = parse_chat_request(raw)
+            options = extension(req.body, "moa_stream")
+            progress = optional_bool(options, "progress", "moa_stream.progress")
+            reasoning = optional_bool(options, "reasoning", "moa_stream.reasoning")
+        except WireError as exc:
+            raise APIError.from_wire(exc) from None
         spec = self.moas.get(req.model)
         if spec is None:
             raise APIError.model_not_found(req.model, list(self.moas))
         ctx.model = req.model
         ctx.stream = req.stream
-        ctx.progress = req.progress
+        ctx.progress = progress or truthy_header(request.headers.get(PROGRESS_HEADER))
+        reasoning = (
+            reasoning
+            or truthy_header(request.headers.get(REASONING_HEADER))
+            or self._reasoning_by_default(req.model)
+        )
         if self.active >= self.config.max_concurrent_streams:
             raise APIError.too_many_streams(self.config.max_concurrent_streams)
         self.active += 1
@@ -285,13 +321,23 @@ class MoAServer:
                 req.messages, temperature=req.temperature, max_tokens=req.max_tokens, stop=req.stop
             )
             if req.stream:
-                return await self._stream(request, ctx, req, run)
+                writer = StreamWriter(
+                    ChunkEncoder(ctx.completion_id, ctx.created, req.model, req.include_usage),
+                    include_usage=req.include_usage,
+                    progress=ProgressEncoder() if ctx.progress else None,
+                    reasoning=reasoning,
+                )
+                return await self._stream(request, ctx, req, run, writer)
             return await self._complete(ctx, req, run)
         finally:
             self.active -= 1
             self.metrics.active_streams.dec()
             if self.active == 0:
                 self._idle.set()
+
+    def _reasoning_by_default(self, model: str) -> bool:
+        chosen = self.config.reasoning_progress
+        return "*" in chosen or model in chosen
 
     def _deadline_error(self) -> APIError:
         return (
@@ -300,79 +346,84 @@ class MoAServer:
             else timeout_error(self.config.request_timeout)
         )
 
+    def _observe(self, model: str, event: Event) -> None:
+        """Count a failed agent request in the metrics (by its provider and error kind)."""
+        if event.type == "proposer.failed" or event.type == "aggregator.failed":
+            self._count_failure(model, event.agent, event.kind)
+
+    @contextlib.asynccontextmanager
+    async def _guarded(self, ctx: RequestContext, model: str) -> AsyncIterator[None]:
+        """Around the consumption of one run: the request's deadline (registered, so that the
+        end of a shutdown's grace period can expire it) and the mapping of whatever ends the
+        run early to the error the client gets, recorded in ``ctx.error``.
+
+        A client gone mid-write sets ``ctx.outcome`` instead; cancellation passes through.
+        """
+        deadline = asyncio.timeout(self.config.request_timeout)
+        try:
+            async with deadline:
+                self._timeouts.add(deadline)
+                yield
+        except MoAError as exc:
+            self._count_mid_stream_failure(model, exc)
+            ctx.fail(from_moa_error(exc))
+        except TimeoutError:
+            ctx.fail(self._deadline_error())
+        except ConnectionResetError:
+            # The client went away while we wrote; leaving the run's block cancels the run.
+            ctx.outcome = "client_disconnected"
+            ctx.status = 499
+        except Exception:
+            # A bug: the log gets the traceback; the client an error it can act on.
+            log.exception("request.crashed", request_id=ctx.request_id)
+            ctx.fail(APIError.internal())
+        finally:
+            self._timeouts.discard(deadline)
+
     async def _stream(
-        self, request: web.Request, ctx: RequestContext, req: ChatCompletionRequest, run: MoARun
+        self,
+        request: web.Request,
+        ctx: RequestContext,
+        req: ChatCompletionRequest,
+        run: MoARun,
+        writer: StreamWriter,
     ) -> web.StreamResponse:
         resp = web.StreamResponse(headers=_SSE_HEADERS)
-        enc = ChunkEncoder(ctx.completion_id, ctx.created, req.model, req.include_usage)
-        progress = ProgressEncoder() if req.progress else None
         write = resp.write
-        first = True
         finished = False
-        error: APIError | None = None
         async with run:
             ctx.run = run
-            deadline = asyncio.timeout(self.config.request_timeout)
-            try:
-                async with deadline:
-                    # Registered so that the end of a shutdown's grace period can expire it.
-                    self._timeouts.add(deadline)
-                    if progress is not None:
-                        await resp.prepare(request)
-                    async for event in run.events():
-                        # isinstance, not event.type: the cheapest test on the per-token path.
-                        if isinstance(event, AggregatorDelta):
-                            if first:
-                                first = False
-                                if not resp.prepared:
-                                    await resp.prepare(request)
-                                ctx.first_token_at = time.monotonic()
-                                # One write: the role chunk and the first token leave together.
-                                await write(enc.role() + enc.content(event.text))
-                            else:
-                                await write(enc.content(event.text))
-                            continue
-                        if progress is None and isinstance(event, ProposerDelta):
-                            continue
-                        if event.type == "proposer.failed" or event.type == "aggregator.failed":
-                            self._count_failure(req.model, event.agent, event.kind)
-                        elif event.type == "run.done":
-                            # Written here, not after the run is closed: closing may wait for
-                            # "keep" stragglers, and the client must not.
-                            tail = [b""] if progress is None else [progress.frame(event) or b""]
+            async with self._guarded(ctx, req.model):
+                if writer.eager:
+                    await resp.prepare(request)
+                async for event in run.events():
+                    # isinstance, not event.type: the cheapest test on the per-token path.
+                    if isinstance(event, AggregatorDelta):
+                        if ctx.first_token_at is None:
                             if not resp.prepared:
+                                self._mark_degraded(resp, ctx, writer.degraded)
                                 await resp.prepare(request)
-                            if first:
-                                tail.append(enc.role())
-                            tail.append(enc.finish(event.report.finish_reason or "stop"))
-                            if req.include_usage:
-                                tail.append(enc.usage(event.report.usage))
-                            tail.append(DONE)
-                            await write(b"".join(tail))
-                            await resp.write_eof()
-                            finished = True
-                            continue
-                        if progress is not None:
-                            frame = progress.frame(event)
-                            if frame is not None:
-                                await write(frame)
-            except MoAError as exc:
-                self._count_mid_stream_failure(req.model, exc)
-                error = from_moa_error(exc)
-            except TimeoutError:
-                error = self._deadline_error()
-            except ConnectionResetError:
-                # The client went away while we wrote; leaving the block cancels the run.
-                ctx.outcome = "client_disconnected"
-                ctx.status = 499
+                            ctx.first_token_at = time.monotonic()
+                        await write(writer.answer(event.text))
+                    elif event.type == "run.done":
+                        # Written here, not after the run is closed: closing may wait for
+                        # "keep" stragglers, and the client must not.
+                        tail = writer.done(event)
+                        if not resp.prepared:
+                            self._mark_degraded(resp, ctx, writer.degraded)
+                            await resp.prepare(request)
+                        await write(tail)
+                        await resp.write_eof()
+                        finished = True
+                    else:
+                        self._observe(req.model, event)
+                        frames = writer.event(event)
+                        if frames is not None:
+                            await write(frames)
+            ctx.degraded = ctx.degraded or writer.degraded
+            if ctx.outcome == "client_disconnected":
                 return resp
-            except Exception:
-                # A bug: the log gets the traceback; the client an error it can act on, in the
-                # stream if it has started (a new response can no longer be sent then).
-                log.exception("request.crashed", request_id=ctx.request_id)
-                error = APIError.internal()
-            finally:
-                self._timeouts.discard(deadline)
+            error = ctx.error
             if error is None and not finished:
                 log.error("stream.ended_without_report", request_id=ctx.request_id)
                 error = APIError.internal()
@@ -380,12 +431,16 @@ class MoAServer:
                 if not resp.prepared:
                     raise error
                 ctx.fail(error)
-                try:
-                    await write(error.frame() + DONE)
+                with contextlib.suppress(ConnectionResetError):
+                    await write(writer.error(error))
                     await resp.write_eof()
-                except ConnectionResetError:
-                    pass
         return resp
+
+    @staticmethod
+    def _mark_degraded(resp: web.StreamResponse, ctx: RequestContext, degraded: bool) -> None:
+        if degraded:
+            ctx.degraded = True
+            resp.headers[DEGRADED_HEADER] = "true"
 
     async def _complete(
         self, ctx: RequestContext, req: ChatCompletionRequest, run: MoARun
@@ -393,34 +448,36 @@ class MoAServer:
         report = None
         async with run:
             ctx.run = run
-            deadline = asyncio.timeout(self.config.request_timeout)
-            try:
-                async with deadline:
-                    self._timeouts.add(deadline)
-                    async for event in run.events():
-                        if event.type == "proposer.failed" or event.type == "aggregator.failed":
-                            self._count_failure(req.model, event.agent, event.kind)
-                        elif event.type == "run.done":
-                            report = event.report
-            except MoAError as exc:
-                self._count_mid_stream_failure(req.model, exc)
-                raise from_moa_error(exc) from None
-            except TimeoutError:
-                raise self._deadline_error() from None
-            finally:
-                self._timeouts.discard(deadline)
-        assert report is not None
-        extra = {"moa_stream": report_object(report)} if req.progress else None
+            async with self._guarded(ctx, req.model):
+                async for event in run.events():
+                    if event.type == "run.done":
+                        report = event.report
+                    else:
+                        self._observe(req.model, event)
+        if ctx.error is not None:
+            raise ctx.error
+        if report is None:
+            log.error("run.ended_without_report", request_id=ctx.request_id)
+            raise APIError.internal()
+        extension: dict[str, Any] = {}
+        if ctx.progress:
+            extension.update(report_object(report))
+        headers = {}
+        if is_degraded(report):
+            ctx.degraded = True
+            extension["degraded"] = True
+            headers[DEGRADED_HEADER] = "true"
         body = completion_object(
             completion_id=ctx.completion_id,
             created=ctx.created,
             model=req.model,
             text=report.text,
             finish_reason=report.finish_reason or "stop",
-            usage=report.usage,
-            extra=extra,
+            prompt_tokens=report.usage.prompt_tokens,
+            completion_tokens=report.usage.completion_tokens,
+            extra={"moa_stream": extension} if extension else None,
         )
-        return web.Response(body=orjson.dumps(body), content_type=_JSON)
+        return web.Response(body=orjson.dumps(body), content_type=_JSON, headers=headers)
 
     # -- middleware and signals -------------------------------------------------------------
     def _preflight(self, request: web.Request) -> web.Response:
@@ -428,19 +485,23 @@ class MoAServer:
         if not self.origin_allowed(origin):
             raise APIError(
                 403,
-                "This origin is not allowed.",
+                f"Browser requests from the origin {origin!r} are not allowed. Allow it with "
+                f"'moa-stream serve --cors-origin {origin}' or in [server] cors_origins.",
                 code="cors_origin_not_allowed",
                 outcome="forbidden",
             )
         requested = request.headers.get("Access-Control-Request-Headers", "")
         names = [h.strip() for h in requested.split(",") if h.strip()]
         # Browser SDKs add their own headers (x-stainless-*); the origin check is the guard.
-        allowed = dict.fromkeys([*_ALWAYS_ALLOWED_HEADERS, *(h for h in names if _TOKEN.match(h))])
+        # Header names are case-insensitive: list each once, however the browser spelled it.
+        allowed: dict[str, str] = {}
+        for name in (*_ALWAYS_ALLOWED_HEADERS, *(h for h in names if _TOKEN.match(h))):
+            allowed.setdefault(name.lower(), name)
         return web.Response(
             status=204,
             headers={
                 "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
-                "Access-Control-Allow-Headers": ", ".join(allowed),
+                "Access-Control-Allow-Headers": ", ".join(allowed.values()),
                 "Access-Control-Max-Age": "600",
             },
         )
@@ -457,9 +518,9 @@ class MoAServer:
         request[_CTX] = ctx
         response: web.StreamResponse
         try:
+            self.connections.request_started(request.transport)
             if (
                 request.method == "OPTIONS"
-                and self._origins
                 and "Origin" in request.headers
                 and "Access-Control-Request-Method" in request.headers
             ):
@@ -509,6 +570,7 @@ class MoAServer:
 
     def _finish(self, request: web.Request, ctx: RequestContext) -> None:
         """The request's one log line and its metrics."""
+        self.connections.request_finished(request.transport)
         now = time.monotonic()
         if ctx.outcome is None:
             ctx.outcome = "ok" if ctx.status < 400 else "error"
@@ -544,6 +606,8 @@ class MoAServer:
                 fields["completion_tokens"] = report.usage.completion_tokens
                 m.tokens.inc(model, "prompt", amount=report.usage.prompt_tokens)
                 m.tokens.inc(model, "completion", amount=report.usage.completion_tokens)
+        if ctx.degraded:
+            fields["degraded"] = True
         if ctx.error is not None:
             fields["error_code"] = ctx.error.code
             fields["error"] = ctx.error.message

@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 
 from moa_stream._types import Usage
+from moa_stream._wire import usage_object
 from moa_stream.engine.events import AgentReport, Event, ReferenceInfo, RunReport
 
 __all__ = ["PREFIX", "TOKENS_INTERVAL", "ProgressEncoder", "report_object"]
@@ -37,12 +38,7 @@ def _round(value: float | None) -> float | None:
 
 
 def _usage(usage: Usage) -> dict[str, Any]:
-    return {
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.total_tokens,
-        "estimated": usage.estimated,
-    }
+    return usage_object(usage.prompt_tokens, usage.completion_tokens, estimated=usage.estimated)
 
 
 def _reference(ref: ReferenceInfo) -> dict[str, Any]:

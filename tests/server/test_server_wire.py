@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from moa_stream._types import Usage
+from moa_stream._wire import ChunkEncoder, WireError, parse_chat_request
 from moa_stream.engine.events import (
     AggregatorDelta,
     LayerDone,
@@ -19,13 +20,12 @@ from moa_stream.engine.events import (
     ProposerStarted,
     ReferenceInfo,
 )
-from moa_stream.server import APIError
+from moa_stream.server.app import truthy_header
 from moa_stream.server.progress import PREFIX, TOKENS_INTERVAL, ProgressEncoder
-from moa_stream.server.wire import ChunkEncoder, parse_chat_request, truthy_header
 
 
-def parse(payload: dict[str, Any], **kwargs: Any) -> Any:
-    return parse_chat_request(orjson.dumps(payload), **kwargs)
+def parse(payload: dict[str, Any]) -> Any:
+    return parse_chat_request(orjson.dumps(payload))
 
 
 BASE = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -35,7 +35,7 @@ def test_defaults() -> None:
     req = parse(BASE)
     assert req.model == "m"
     assert req.messages == ({"role": "user", "content": "hi"},)
-    assert (req.stream, req.include_usage, req.progress) == (False, False, False)
+    assert (req.stream, req.include_usage) == (False, False)
     assert (req.temperature, req.max_tokens, req.stop) == (None, None, None)
 
 
@@ -52,7 +52,8 @@ def test_fields_that_apply() -> None:
             "moa_stream": {"progress": True},
         }
     )
-    assert req.stream and req.include_usage and req.progress
+    assert req.stream and req.include_usage
+    assert req.body["moa_stream"] == {"progress": True}, "extensions are left to the server"
     assert req.temperature == 1.0 and isinstance(req.temperature, float)
     assert req.max_tokens == 20  # the current name wins over the deprecated one
     assert req.stop == ("a", "b")
@@ -92,9 +93,7 @@ def test_messages_forms() -> None:
     )
 
 
-def test_progress_header() -> None:
-    assert parse(BASE, progress_header=True).progress
-    assert parse({**BASE, "moa_stream": {"progress": False}}, progress_header=True).progress
+def test_flag_headers() -> None:
     assert [truthy_header(v) for v in ("1", "true", " Yes ", "on", "0", "", None)] == [
         True,
         True,
@@ -108,13 +107,13 @@ def test_progress_header() -> None:
 
 @pytest.mark.parametrize("raw", [b"", b"not json", b'{"model": "m",}', b"\xff\xfe"])
 def test_malformed_json(raw: bytes) -> None:
-    with pytest.raises(APIError) as exc:
+    with pytest.raises(WireError) as exc:
         parse_chat_request(raw)
     assert exc.value.status == 400 and exc.value.code == "invalid_json"
 
 
 def test_error_body_shape() -> None:
-    with pytest.raises(APIError) as exc:
+    with pytest.raises(WireError) as exc:
         parse({"model": "m", "messages": [{"role": "user", "content": 1}]})
     assert orjson.loads(exc.value.body()) == {
         "error": {
@@ -156,7 +155,7 @@ def test_chunk_encoder(include_usage: bool) -> None:
     assert chunk(enc.role()) == choice({"role": "assistant", "content": ""})
     assert chunk(enc.content('hé\n"x"')) == choice({"content": 'hé\n"x"'})
     assert chunk(enc.finish("length")) == choice({}, "length")
-    assert chunk(enc.usage(Usage(3, 4))) == {
+    assert chunk(enc.usage(3, 4)) == {
         **head,
         "choices": [],
         "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7},
