@@ -47,6 +47,7 @@ from moa_stream._exceptions import (
     TruncatedStreamError,
 )
 from moa_stream._resource import AsyncResource
+from moa_stream._secrets import mask_secrets
 from moa_stream._types import ChatRequest, Delta, StreamTimings, Usage
 from moa_stream._wire import chat_request_body, parse_retry_after
 from moa_stream.providers._chunks import (
@@ -623,6 +624,10 @@ class OpenAIStream(AsyncResource):
         except ProviderError:
             pass  # the status says enough; the body was only for the message
         body = b"".join(parts)
+        key = self._provider._api_key
+        if key:
+            # Before parse_error_body cuts the text: a key straddling the cut would half leak.
+            body = mask_secrets(body.decode("utf-8", "replace"), (key,)).encode()
         message, code, error_type = parse_error_body(body)
         if not message:
             message = resp.reason or "error"
@@ -735,9 +740,11 @@ class OpenAIStream(AsyncResource):
             exc.request_id = self._request_id
         exc.delivered = self._delivered
         key = self._provider._api_key
-        if key and key in exc.message:
-            exc.message = exc.message.replace(key, "***")
-            exc.args = (exc.message,)
+        if key:
+            masked = mask_secrets(exc.message, (key,))
+            if masked != exc.message:
+                exc.message = masked
+                exc.args = (masked,)
 
     def _fail(self, exc: ProviderError) -> None:
         self._contextualize(exc)

@@ -149,6 +149,9 @@ async def listen(
     factory = state.connections.protocol_factory(
         server,
         keepalive_timeout=state.config.keepalive_timeout,
+        # After an error response, aiohttp reads what is left of an unread body for this long
+        # (default 10 s) before closing; a client whose body stalled would hold it that long.
+        lingering_time=1.0,
         access_log=None,  # one structured line per request is written by the app
     )
     return await loop.create_server(
