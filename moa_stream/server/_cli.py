@@ -11,7 +11,9 @@ import argparse
 import asyncio
 import contextlib
 import os
+import shutil
 import sys
+import tempfile
 from dataclasses import replace
 
 from moa_stream import _aio
@@ -66,6 +68,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     # Set by the supervisor on the workers it starts.
     parser.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--metrics-dir", help=argparse.SUPPRESS)
     parser.set_defaults(func=run)
 
 
@@ -154,9 +157,11 @@ def run(args: argparse.Namespace) -> int:
             reserved = reserve_port(host, port)
         except OSError as exc:
             return _fail(f"cannot bind {host}:{port}: {exc.strerror or exc}", 1)
+        # Where the workers add up their metrics, so any one's /metrics shows them all.
+        metrics_dir = tempfile.mkdtemp(prefix="moa-stream-metrics-")
         try:
             port = reserved.getsockname()[1]
-            options = ["--host", host, "--port", str(port)]
+            options = ["--host", host, "--port", str(port), "--metrics-dir", metrics_dir]
             options += ["--workers", "1", "--reuse-port", "--log-level", args.log_level]
             for origin in args.cors_origin:
                 options += ["--cors-origin", origin]
@@ -170,13 +175,23 @@ def run(args: argparse.Namespace) -> int:
             )
         finally:
             reserved.close()
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
     def on_ready(url: str) -> None:
         if not args.reuse_port:  # a worker: its supervisor announces the server
             _announce(url, config)
 
     try:
-        _aio.run(serve(config, host=host, port=port, reuse_port=args.reuse_port, on_ready=on_ready))
+        _aio.run(
+            serve(
+                config,
+                host=host,
+                port=port,
+                reuse_port=args.reuse_port,
+                on_ready=on_ready,
+                metrics_dir=args.metrics_dir,
+            )
+        )
     except ConfigError as exc:
         return _fail(str(exc), 2)
     except OSError as exc:

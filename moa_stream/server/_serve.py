@@ -27,7 +27,9 @@ import structlog
 from aiohttp import web
 
 from moa_stream.config import Config, Runtime
+from moa_stream.server._shared_metrics import SharedMetrics
 from moa_stream.server.app import MoAServer, build_app
+from moa_stream.server.metrics import ServerMetrics
 
 __all__ = ["listen", "reserve_port", "serve", "supervise", "worker_argv"]
 
@@ -50,12 +52,15 @@ async def serve(
     reuse_port: bool = False,
     stop: asyncio.Event | None = None,
     on_ready: Callable[[str], None] | None = None,
+    metrics_dir: str | None = None,
 ) -> None:
     """Serve ``config``'s MoAs until SIGTERM or SIGINT (or until ``stop`` is set).
 
     ``host``/``port`` override the ``[server]`` table; ``reuse_port`` binds with
     ``SO_REUSEPORT`` so that several processes share the port. ``on_ready`` is called with the
     base URL once the socket listens (the port is the real one when 0 was asked for).
+    ``metrics_dir`` is the directory where the workers of one server share their metrics
+    (see ``_shared_metrics``).
     """
     settings = config.server
     settings = replace(
@@ -80,7 +85,13 @@ async def serve(
     try:
         async with Runtime(config) as runtime:
             descriptions = {moa_id: m.description for moa_id, m in config.moas.items()}
-            state = MoAServer(runtime.moas, settings, descriptions=descriptions)
+            metrics = ServerMetrics()
+            flusher: asyncio.Future[None] | None = None
+            if metrics_dir is not None:
+                metrics.shared = SharedMetrics(metrics_dir, metrics.registry)
+                metrics.shared.write()
+                flusher = asyncio.ensure_future(metrics.shared.run())
+            state = MoAServer(runtime.moas, settings, descriptions=descriptions, metrics=metrics)
             runner = web.AppRunner(
                 build_app(state),
                 handler_cancellation=True,
@@ -116,6 +127,10 @@ async def serve(
                 if listener is not None:
                     listener.close()
                 await runner.cleanup()
+                if flusher is not None:
+                    flusher.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await flusher
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)

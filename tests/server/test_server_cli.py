@@ -297,3 +297,56 @@ async def test_a_proposer_listed_twice_is_a_config_error(tmp_path: Path) -> None
     assert process.returncode == 2, err.decode()
     assert "moa.dup.proposers" in err.decode()
     assert "Traceback" not in err.decode()
+
+
+def _shared_dir(worker_pid: int) -> Path:
+    """The metrics directory a worker was given by its supervisor."""
+    argv = Path(f"/proc/{worker_pid}/cmdline").read_bytes().split(b"\0")
+    return Path(argv[argv.index(b"--metrics-dir") + 1].decode())
+
+
+def _temp_entries(directory: Path) -> set[str]:
+    return {p.name for p in directory.iterdir()}
+
+
+def _requests_in(files: list[Path]) -> list[float]:
+    """Chat requests in each worker's last snapshot."""
+    counts = []
+    for path in files:
+        snapshot = orjson.loads(path.read_bytes())
+        counts.append(sum(value for _, value in snapshot.get("moa_stream_requests_total", [])))
+    return counts
+
+
+async def test_metrics_add_up_over_workers(tmp_path: Path) -> None:
+    """With two workers, any scrape reports the requests of both."""
+    async with serve_process(write_config(tmp_path), workers=2) as proc:
+        worker_pids = [e["pid"] for e in proc.listening]
+        shared = _shared_dir(worker_pids[0])
+        files = [shared / f"worker-{pid}.json" for pid in worker_pids]
+        sent = 0
+        headers = {**AUTH, "Connection": "close"}  # a fresh connection: either worker
+        async with aiohttp.ClientSession() as session:
+            for _ in range(200):
+                async with session.post(
+                    proc.url + CHAT, json=body("single"), headers=headers
+                ) as resp:
+                    assert resp.status == 200
+                sent += 1
+                await asyncio.sleep(1.1)  # past one flush of the snapshots
+                counts = _requests_in(files)
+                if all(counts):
+                    break
+            assert all(counts), "the kernel gave every connection to one worker"
+            for _ in range(8):  # each scrape lands on either worker
+                async with session.get(proc.url + "/metrics", headers=headers) as resp:
+                    text = await resp.text()
+                total = sum(
+                    float(line.rsplit(" ", 1)[1])
+                    for line in text.splitlines()
+                    if line.startswith("moa_stream_requests_total{")
+                )
+                assert total == sent, text
+        proc.process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.process.wait(), 10) == 0
+    assert shared.name not in _temp_entries(shared.parent), "the supervisor removes it"
