@@ -21,7 +21,7 @@ import orjson
 
 from moa_stream._types import Usage
 from moa_stream._wire import usage_object
-from moa_stream.engine.events import AgentReport, Event, ReferenceInfo, RunReport
+from moa_stream.engine.events import AgentReport, Event, LayerReport, ReferenceInfo, RunReport
 
 __all__ = ["PREFIX", "TOKENS_INTERVAL", "ProgressEncoder", "report_object"]
 
@@ -68,6 +68,22 @@ def _agent(a: AgentReport) -> dict[str, Any]:
     }
 
 
+def _layer_references(report: RunReport, layer: LayerReport) -> list[dict[str, Any]]:
+    # A finished proposer's tokens as its own report (and its proposer.done item) counts them.
+    finished = {
+        a.index: a.usage.completion_tokens
+        for a in report.agents
+        if a.role == "proposer" and a.layer == layer.layer and a.status == "complete"
+    }
+    items = []
+    for ref in layer.references:
+        item = _reference(ref)
+        if ref.status == "complete" and ref.index in finished:
+            item["tokens"] = finished[ref.index]
+        items.append(item)
+    return items
+
+
 def report_object(report: RunReport) -> dict[str, Any]:
     """A run's report as JSON-ready data, without the answer's text (the client has it)."""
     return {
@@ -83,7 +99,7 @@ def report_object(report: RunReport) -> dict[str, Any]:
                 "layer": layer.layer,
                 "reason": layer.reason,
                 "decided_s": _round(layer.decided_s),
-                "references": [_reference(r) for r in layer.references],
+                "references": _layer_references(report, layer),
                 "cut": layer.cut,
                 "agreement": layer.agreement,
             }
@@ -119,15 +135,29 @@ class ProgressEncoder:
     """Turns the events of one run into progress comment frames (or nothing).
 
     Keeps per-layer token counts so that ``proposer.delta`` events become a periodic
-    ``proposer.tokens`` item instead of one line per token.
+    ``proposer.tokens`` item instead of one line per token. A ``layer.done`` item reports each
+    reference's tokens as the items before it did: the ``proposer.done`` figure for a finished
+    proposer, the ``proposer.tokens`` count for one still streaming or failed, so that a client
+    never sees two sizes for the same answer.
     """
 
-    __slots__ = ("_agents", "_counts", "_last_tokens_at")
+    __slots__ = ("_agents", "_counts", "_done_tokens", "_last_tokens_at")
 
     def __init__(self) -> None:
         self._counts: dict[int, list[int]] = {}
         self._agents: dict[int, list[str]] = {}
         self._last_tokens_at: dict[int, float] = {}
+        self._done_tokens: dict[tuple[int, int], int] = {}
+
+    def _reference_tokens(self, layer: int, ref: ReferenceInfo) -> dict[str, Any]:
+        item = _reference(ref)
+        done = self._done_tokens.get((layer, ref.index))
+        if done is not None:
+            item["tokens"] = done
+        else:
+            counts = self._counts.get(layer, [])
+            item["tokens"] = counts[ref.index] if ref.index < len(counts) else 0
+        return item
 
     @staticmethod
     def _frame(payload: dict[str, Any]) -> bytes:
@@ -169,4 +199,12 @@ class ProgressEncoder:
             return None
         if event.type == "proposer.started":
             self._slot(event.layer, event.index, event.agent)
+        elif event.type == "proposer.done":
+            self._done_tokens[(event.layer, event.index)] = event.usage.completion_tokens
+        elif event.type == "layer.done":
+            payload = _payload(event)
+            payload["references"] = [
+                self._reference_tokens(event.layer, r) for r in event.references
+            ]
+            return self._frame(payload)
         return self._frame(_payload(event))

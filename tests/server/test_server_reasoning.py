@@ -116,3 +116,17 @@ reasoning_progress = ["two"]
         loads_config(text)
     assert err.value.path == "server.reasoning_progress"
     assert loads_config(text.replace('["two"]', '["*"]')).server.reasoning_progress == ("*",)
+
+
+async def test_layer_done_counts_tokens_as_proposer_done_does(
+    session: aiohttp.ClientSession,
+) -> None:
+    async with serving() as srv:
+        sse = await stream(session, srv.url, body(moa_stream={"progress": True}))
+    items = sse.progress()
+    done = {p["agent"]: p["tokens"] for p in items if p["type"] == "proposer.done"}
+    (layer,) = [p for p in items if p["type"] == "layer.done"]
+    assert {r["agent"]: r["tokens"] for r in layer["references"]} == done
+    (run,) = [p for p in items if p["type"] == "run.done"]
+    (reported,) = run["report"]["layers"]
+    assert {r["agent"]: r["tokens"] for r in reported["references"]} == done
