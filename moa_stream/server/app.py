@@ -10,9 +10,13 @@
 
 When a stream's headers go out: at its first answer token (together with the role chunk and
 that token), so a run that fails before answering still gets a real error status (502) that
-clients and their retry logic understand. A client that asks for progress gets the headers at
-once, because the progress is what it wants to see meanwhile. ``docs/server.md`` has the
-details.
+clients and their retry logic understand. A client that asks for progress (or for it as
+``reasoning_content``) gets the headers at once, because the progress is what it wants to see
+meanwhile. ``docs/server.md`` has the details.
+
+The handlers stay short: :class:`~moa_stream.server.stream.StreamWriter` maps a run's events to
+bytes (pure), and :meth:`MoAServer._guarded` owns the deadline, its registration for shutdown
+and the mapping of failures to the client's error, for streamed and whole answers alike.
 
 A client that disconnects cancels its handler (``handler_cancellation=True`` on the runner),
 and leaving the run's ``async with`` cancels every upstream request of that run at once.
@@ -389,40 +393,15 @@ class MoAServer:
         writer: StreamWriter,
     ) -> web.StreamResponse:
         resp = web.StreamResponse(headers=_SSE_HEADERS)
-        write = resp.write
         finished = False
         async with run:
             ctx.run = run
             async with self._guarded(ctx, req.model):
-                if writer.eager:
-                    await resp.prepare(request)
-                async for event in run.events():
-                    # isinstance, not event.type: the cheapest test on the per-token path.
-                    if isinstance(event, AggregatorDelta):
-                        if ctx.first_token_at is None:
-                            if not resp.prepared:
-                                self._mark_degraded(resp, ctx, writer.degraded)
-                                await resp.prepare(request)
-                            ctx.first_token_at = time.monotonic()
-                        await write(writer.answer(event.text))
-                    elif event.type == "run.done":
-                        # Written here, not after the run is closed: closing may wait for
-                        # "keep" stragglers, and the client must not.
-                        tail = writer.done(event)
-                        if not resp.prepared:
-                            self._mark_degraded(resp, ctx, writer.degraded)
-                            await resp.prepare(request)
-                        await write(tail)
-                        await resp.write_eof()
-                        finished = True
-                    else:
-                        self._observe(req.model, event)
-                        frames = writer.event(event)
-                        if frames is not None:
-                            await write(frames)
+                finished = await self._write_events(request, resp, ctx, run, writer)
             ctx.degraded = ctx.degraded or writer.degraded
             if ctx.outcome == "client_disconnected":
                 return resp
+            # Written before the run is closed, like the tail: closing may wait for stragglers.
             error = ctx.error
             if error is None and not finished:
                 log.error("stream.ended_without_report", request_id=ctx.request_id)
@@ -432,15 +411,59 @@ class MoAServer:
                     raise error
                 ctx.fail(error)
                 with contextlib.suppress(ConnectionResetError):
-                    await write(writer.error(error))
+                    await resp.write(writer.error(error))
                     await resp.write_eof()
         return resp
 
+    async def _write_events(
+        self,
+        request: web.Request,
+        resp: web.StreamResponse,
+        ctx: RequestContext,
+        run: MoARun,
+        writer: StreamWriter,
+    ) -> bool:
+        """Write the stream of ``run``'s events; True once the run's tail is written.
+
+        Reads the events to their end even after ``run.done``, so the generator finishes.
+        """
+        write = resp.write
+        finished = False
+        if writer.eager:
+            await resp.prepare(request)
+        async for event in run.events():
+            # isinstance, not event.type: the cheapest test on the per-token path.
+            if isinstance(event, AggregatorDelta):
+                if ctx.first_token_at is None:
+                    await self._prepare(request, resp, ctx, writer)
+                    ctx.first_token_at = time.monotonic()
+                await write(writer.answer(event.text))
+            elif event.type == "run.done":
+                # Written here, not after the run is closed: closing may wait for "keep"
+                # stragglers, and the client must not.
+                tail = writer.done(event)
+                await self._prepare(request, resp, ctx, writer)
+                await write(tail)
+                await resp.write_eof()
+                finished = True
+            else:
+                self._observe(ctx.model or "unknown", event)
+                frames = writer.event(event)
+                if frames is not None:
+                    await write(frames)
+        return finished
+
     @staticmethod
-    def _mark_degraded(resp: web.StreamResponse, ctx: RequestContext, degraded: bool) -> None:
-        if degraded:
+    async def _prepare(
+        request: web.Request, resp: web.StreamResponse, ctx: RequestContext, writer: StreamWriter
+    ) -> None:
+        """Send the headers, if they have not gone out yet (with the degraded mark, if due)."""
+        if resp.prepared:
+            return
+        if writer.degraded:
             ctx.degraded = True
             resp.headers[DEGRADED_HEADER] = "true"
+        await resp.prepare(request)
 
     async def _complete(
         self, ctx: RequestContext, req: ChatCompletionRequest, run: MoARun
