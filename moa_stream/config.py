@@ -136,6 +136,11 @@ class ServerConfig:
     shutdown_grace: float = 30.0
     request_timeout: float = 600.0
     ui: bool = True  # the playground page at / (moa_stream.server.playground)
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    keepalive_timeout: float = 15.0
+    max_connections: int = 1024
+    reasoning_progress: tuple[str, ...] = ()
 
     def resolved_api_keys(self) -> tuple[str, ...]:
         """Keys from the config plus the comma-separated ones in ``api_keys_env``."""
@@ -331,6 +336,10 @@ def _moa(t: _Table, moa_id: str, agents: Mapping[str, AgentConfig]) -> MoAConfig
         t.choice("preset", ("moa", "self_moa", "single"), "moa"),
     )
     proposers = tuple(agent_ref("proposers", a) for a in t.names("proposers"))
+    twice = sorted({a for a in proposers if proposers.count(a) > 1})
+    if twice:
+        # Results are keyed by agent name; use self_moa (or a second [agents] entry) for samples.
+        raise t.err("proposers", f"lists {', '.join(map(repr, twice))} more than once")
     if preset in ("moa", "self_moa") and not proposers:
         raise t.err("proposers", f"a {preset} preset needs at least one proposer")
     policy_text = t.get("policy", str, "wait_all")
@@ -384,6 +393,11 @@ def _server(t: _Table) -> ServerConfig:
         shutdown_grace=t.positive("shutdown_grace", float, d.shutdown_grace, allow_zero=True),
         request_timeout=t.positive("request_timeout", float, d.request_timeout),
         ui=t.get("ui", bool, d.ui),
+        header_timeout=t.positive("header_timeout", float, d.header_timeout),
+        body_timeout=t.positive("body_timeout", float, d.body_timeout),
+        keepalive_timeout=t.positive("keepalive_timeout", float, d.keepalive_timeout),
+        max_connections=t.positive("max_connections", int, d.max_connections),
+        reasoning_progress=t.names("reasoning_progress"),
     )
     t.done()
     return config
@@ -407,6 +421,13 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
     if not moas:
         raise ConfigError("at least one [moa.<id>] table is required", path="moa", source=source)
     server = _server(root.sub("server"))
+    unknown = [m for m in server.reasoning_progress if m != "*" and m not in moas]
+    if unknown:
+        raise ConfigError(
+            f"unknown MoA id {unknown[0]!r} (known: {', '.join(moas)})",
+            path="server.reasoning_progress",
+            source=source,
+        )
     st = root.sub("sim")
     sim = SimConfig(seed=st.get("seed", int, 0), models=st.get("models", dict, {}))
     st.done()

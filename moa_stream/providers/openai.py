@@ -13,7 +13,6 @@ This module is the single place where transport errors are translated: no aiohtt
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import math
 import os
 import random
@@ -48,7 +47,9 @@ from moa_stream._exceptions import (
     TruncatedStreamError,
 )
 from moa_stream._resource import AsyncResource
+from moa_stream._secrets import mask_secrets
 from moa_stream._types import ChatRequest, Delta, StreamTimings, Usage
+from moa_stream._wire import chat_request_body, parse_retry_after
 from moa_stream.providers._chunks import (
     DONE,
     Done,
@@ -144,33 +145,6 @@ class RetryPolicy:
         """Back-off before retry number ``retry`` (1-based); ``rand`` is uniform in [0, 1)."""
         base = min(self.backoff_cap, self.backoff_base * 2.0 ** (retry - 1))
         return base * (1.0 - self.jitter * rand)
-
-
-def _parse_retry_after(headers: Mapping[str, str]) -> float | None:
-    """Seconds from ``retry-after-ms`` or ``Retry-After`` (seconds or an HTTP date)."""
-    value = headers.get("retry-after-ms")
-    if value:
-        try:
-            ms = float(value)
-        except ValueError:
-            pass
-        else:
-            if ms >= 0 and math.isfinite(ms):
-                return ms / 1000.0
-    value = headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        if when.tzinfo is None:
-            return None
-        return max(0.0, when.timestamp() - time.time())
-    return seconds if seconds >= 0 and math.isfinite(seconds) else None
 
 
 def _status_error_class(status: int) -> type[ProviderError]:
@@ -650,11 +624,15 @@ class OpenAIStream(AsyncResource):
         except ProviderError:
             pass  # the status says enough; the body was only for the message
         body = b"".join(parts)
+        key = self._provider._api_key
+        if key:
+            # Before parse_error_body cuts the text: a key straddling the cut would half leak.
+            body = mask_secrets(body.decode("utf-8", "replace"), (key,)).encode()
         message, code, error_type = parse_error_body(body)
         if not message:
             message = resp.reason or "error"
         cls = _status_error_class(status)
-        retry_after = _parse_retry_after(resp.headers)
+        retry_after = parse_retry_after(resp.headers)
         return cls(
             f"HTTP {status}: {message}",
             status=status,
@@ -762,9 +740,11 @@ class OpenAIStream(AsyncResource):
             exc.request_id = self._request_id
         exc.delivered = self._delivered
         key = self._provider._api_key
-        if key and key in exc.message:
-            exc.message = exc.message.replace(key, "***")
-            exc.args = (exc.message,)
+        if key:
+            masked = mask_secrets(exc.message, (key,))
+            if masked != exc.message:
+                exc.message = masked
+                exc.args = (masked,)
 
     def _fail(self, exc: ProviderError) -> None:
         self._contextualize(exc)
@@ -1006,21 +986,12 @@ class OpenAIProvider(AsyncResource):
         return session
 
     def _encode(self, request: ChatRequest) -> bytes:
-        messages = request.messages
-        body: dict[str, Any] = {
-            "model": request.model,
-            "messages": messages if isinstance(messages, list | tuple) else list(messages),
-            "stream": True,
-        }
-        if request.temperature is not None:
-            body["temperature"] = request.temperature
-        if request.max_tokens is not None:
-            body[self.max_tokens_field] = request.max_tokens
-        if request.stop:
-            body["stop"] = request.stop
-        if self.stream_options_usage:
-            body["stream_options"] = {"include_usage": True}
-        body.update(request.extra)
+        body = chat_request_body(
+            request,
+            stream=True,
+            max_tokens_field=self.max_tokens_field,
+            include_usage=self.stream_options_usage,
+        )
         try:
             return orjson.dumps(body)
         except TypeError as exc:

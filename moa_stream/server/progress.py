@@ -24,7 +24,8 @@ from typing import Any
 import orjson
 
 from moa_stream._types import Usage
-from moa_stream.engine.events import AgentReport, Event, ReferenceInfo, RunReport
+from moa_stream._wire import usage_object
+from moa_stream.engine.events import AgentReport, Event, LayerReport, ReferenceInfo, RunReport
 
 __all__ = ["PREFIX", "TEXT_INTERVAL", "TOKENS_INTERVAL", "ProgressEncoder", "report_object"]
 
@@ -45,12 +46,7 @@ def _round(value: float | None) -> float | None:
 
 
 def _usage(usage: Usage) -> dict[str, Any]:
-    return {
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.total_tokens,
-        "estimated": usage.estimated,
-    }
+    return usage_object(usage.prompt_tokens, usage.completion_tokens, estimated=usage.estimated)
 
 
 def _reference(ref: ReferenceInfo) -> dict[str, Any]:
@@ -80,6 +76,22 @@ def _agent(a: AgentReport) -> dict[str, Any]:
     }
 
 
+def _layer_references(report: RunReport, layer: LayerReport) -> list[dict[str, Any]]:
+    # A finished proposer's tokens as its own report (and its proposer.done item) counts them.
+    finished = {
+        a.index: a.usage.completion_tokens
+        for a in report.agents
+        if a.role == "proposer" and a.layer == layer.layer and a.status == "complete"
+    }
+    items = []
+    for ref in layer.references:
+        item = _reference(ref)
+        if ref.status == "complete" and ref.index in finished:
+            item["tokens"] = finished[ref.index]
+        items.append(item)
+    return items
+
+
 def report_object(report: RunReport) -> dict[str, Any]:
     """A run's report as JSON-ready data, without the answer's text (the client has it)."""
     return {
@@ -95,7 +107,7 @@ def report_object(report: RunReport) -> dict[str, Any]:
                 "layer": layer.layer,
                 "reason": layer.reason,
                 "decided_s": _round(layer.decided_s),
-                "references": [_reference(r) for r in layer.references],
+                "references": _layer_references(report, layer),
                 "cut": layer.cut,
                 "agreement": layer.agreement,
             }
@@ -131,11 +143,21 @@ class ProgressEncoder:
     """Turns the events of one run into progress comment frames (or nothing).
 
     Keeps per-layer token counts so that ``proposer.delta`` events become a periodic
-    ``proposer.tokens`` item instead of one line per token. With ``text=True`` it also keeps
-    each proposer's text not yet sent, and sends it as ``proposer.text`` items.
+    ``proposer.tokens`` item instead of one line per token. A ``layer.done`` item reports each
+    reference's tokens as the items before it did: the ``proposer.done`` figure for a finished
+    proposer, the ``proposer.tokens`` count for one still streaming or failed, so that a client
+    never sees two sizes for the same answer. With ``text=True`` it also keeps each proposer's
+    text not yet sent, and sends it as ``proposer.text`` items.
     """
 
-    __slots__ = ("_agents", "_counts", "_last_text_at", "_last_tokens_at", "_pending")
+    __slots__ = (
+        "_agents",
+        "_counts",
+        "_done_tokens",
+        "_last_text_at",
+        "_last_tokens_at",
+        "_pending",
+    )
 
     def __init__(self, *, text: bool = False) -> None:
         self._counts: dict[int, list[int]] = {}
@@ -144,6 +166,17 @@ class ProgressEncoder:
         self._last_text_at: dict[int, float] = {}
         # Layer -> agent -> text pieces not sent yet; None when text is not forwarded.
         self._pending: dict[int, dict[str, list[str]]] | None = {} if text else None
+        self._done_tokens: dict[tuple[int, int], int] = {}
+
+    def _reference_tokens(self, layer: int, ref: ReferenceInfo) -> dict[str, Any]:
+        item = _reference(ref)
+        done = self._done_tokens.get((layer, ref.index))
+        if done is not None:
+            item["tokens"] = done
+        else:
+            counts = self._counts.get(layer, [])
+            item["tokens"] = counts[ref.index] if ref.index < len(counts) else 0
+        return item
 
     @staticmethod
     def _frame(payload: dict[str, Any]) -> bytes:
@@ -201,7 +234,16 @@ class ProgressEncoder:
             return None
         if event.type == "proposer.started":
             self._slot(event.layer, event.index, event.agent)
-        frame = self._frame(_payload(event))
+        elif event.type == "proposer.done":
+            self._done_tokens[(event.layer, event.index)] = event.usage.completion_tokens
+        if event.type == "layer.done":
+            payload = _payload(event)
+            payload["references"] = [
+                self._reference_tokens(event.layer, r) for r in event.references
+            ]
+            frame = self._frame(payload)
+        else:
+            frame = self._frame(_payload(event))
         if self._pending:
             # Text still held back goes first: a client must have a proposer's whole text
             # before it reads that the proposer is done, or that the layer went on without it.

@@ -665,7 +665,8 @@ class SimServer:
             if i == 0:
                 record.first_token_sent_at = now
                 parts.append(encoder.role())
-                parts.append(encoder.content_with_extra(tokens[0], self._x_sim(record, now)))
+                timing = {"x_sim": self._x_sim(record, now)}
+                parts.append(encoder.content_with_extra(tokens[0], timing))
                 parts.extend([encoder.content(t) for t in tokens[1:j]])
             else:
                 parts.extend([encoder.content(t) for t in tokens[i:j]])
@@ -683,12 +684,12 @@ class SimServer:
             parts = pending
             if keepalive:
                 parts.append(KEEPALIVE)
-            x_sim = None
+            x_sim: dict[str, Any] | None = None
             if n == 0:
                 # No content at all: the timing field rides on the finish chunk instead.
                 record.first_token_sent_at = now
                 parts.append(encoder.role())
-                x_sim = self._x_sim(record, now)
+                x_sim = {"x_sim": self._x_sim(record, now)}
             parts.append(encoder.finish(plan.finish_reason, x_sim))
             parts.append(after_finish)
             await resp.write(b"".join(parts))

@@ -19,6 +19,7 @@ from test_server_cli import AUTH, serve_process, write_config
 
 from moa_stream._exceptions import ConfigError
 from moa_stream._types import Usage
+from moa_stream._wire import WireError
 from moa_stream.config import loads_config
 from moa_stream.engine.events import (
     LayerDone,
@@ -30,9 +31,9 @@ from moa_stream.engine.events import (
     RunDone,
     RunReport,
 )
+from moa_stream.server.app import progress_level
 from moa_stream.server.playground import FILES
 from moa_stream.server.progress import PREFIX, TEXT_INTERVAL, ProgressEncoder
-from moa_stream.server.wire import parse_chat_request
 
 PLAYGROUND = Path(__file__).parents[2] / "moa_stream" / "server" / "playground"
 
@@ -170,16 +171,15 @@ async def test_no_ui_flag_turns_the_page_off(tmp_path: Path, workers: int) -> No
 
 
 def test_text_level_is_asked_for_by_header_or_body() -> None:
-    base = orjson.dumps(body())
-    assert not parse_chat_request(base).progress_text
+    assert progress_level({}, None) == (False, False)
     for value in ("text", " Text "):
-        req = parse_chat_request(base, progress_header=value)
-        assert req.progress and req.progress_text
-    counts = parse_chat_request(base, progress_header="1")
-    assert counts.progress and not counts.progress_text
-    assert not parse_chat_request(base, progress_header="nonsense").progress
-    req = parse_chat_request(orjson.dumps(body(moa_stream={"progress": "text"})))
-    assert req.progress and req.progress_text
+        assert progress_level({}, value) == (True, True)
+    assert progress_level({}, "1") == (True, False)
+    assert progress_level({}, "nonsense") == (False, False)
+    assert progress_level({"progress": "text"}, None) == (True, True)
+    assert progress_level({"progress": True}, None) == (True, False)
+    with pytest.raises(WireError, match="boolean or"):
+        progress_level({"progress": "loud"}, None)
 
 
 def frames(raw: bytes | None) -> list[dict[str, Any]]:

@@ -22,6 +22,7 @@ from aiohttp import web
 from test_playground import finish, lanes, open_page
 
 from moa_stream._types import Usage
+from moa_stream._wire import DONE, ChunkEncoder
 from moa_stream.engine.events import (
     AgentReport,
     AggregatorDone,
@@ -37,7 +38,6 @@ from moa_stream.engine.events import (
 )
 from moa_stream.server.playground import add_playground_routes
 from moa_stream.server.progress import PREFIX, ProgressEncoder
-from moa_stream.server.wire import DONE, ChunkEncoder
 
 pytest.importorskip("selenium", reason="selenium is not installed: pip install -e '.[ui]'")
 
