@@ -2,11 +2,17 @@
 
 from moa_stream.providers._base import Continuation, Provider, ProviderStream
 from moa_stream.providers._estimate import estimate_prompt_tokens
+from moa_stream.providers.anthropic import AnthropicProvider, AnthropicStream
+from moa_stream.providers.litellm import LiteLLMProvider, LiteLLMStream
 from moa_stream.providers.openai import OpenAIProvider, OpenAIStream, RetryPolicy, Timeouts
 from moa_stream.providers.sse import SSEDecoder, SSEEvent
 
 __all__ = [
+    "AnthropicProvider",
+    "AnthropicStream",
     "Continuation",
+    "LiteLLMProvider",
+    "LiteLLMStream",
     "OpenAIProvider",
     "OpenAIStream",
     "Provider",

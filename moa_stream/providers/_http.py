@@ -80,8 +80,8 @@ class Endpoint:
     """
 
     name: str
-    url: yarl.URL
-    headers: Mapping[str, str] = field(repr=False)
+    url: yarl.URL | None = None
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
     timeouts: Timeouts = field(default_factory=Timeouts)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     secret: str | None = field(default=None, repr=False)
@@ -462,6 +462,7 @@ class ResponseReader:
         """Send the request and wait for the response headers."""
         session = self._pool.session()
         endpoint = self._endpoint
+        assert endpoint.url is not None, "an HTTP endpoint has a URL"
         timings = self._timings
         timings.attempts += 1
         timeouts = endpoint.timeouts

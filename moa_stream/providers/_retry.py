@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Final, Self, TypeVar
+from typing import Final, Protocol, Self, TypeVar
 
 import structlog
 
@@ -26,7 +26,7 @@ from moa_stream._types import ChatMessage, ChatRequest, Delta, StreamTimings, Us
 from moa_stream.providers._estimate import estimate_prompt_tokens
 from moa_stream.providers._http import ConnectionPool, Endpoint, EventParser, ResponseReader
 
-__all__ = ["RetryingStream"]
+__all__ = ["Attempt", "HTTPStream", "RetryingStream"]
 
 _log = structlog.get_logger("moa_stream.providers")
 
@@ -42,6 +42,35 @@ _ENDED: Final = 2  # finished normally
 _FAILED: Final = 3
 _CLOSED: Final = 4  # closed by the caller before the end
 _STATE_NAMES: Final = ("new", "open", "ended", "failed", "closed")
+
+
+class Attempt(Protocol):
+    """One try at a streamed completion, as :class:`RetryingStream` drives it.
+
+    ``open()`` sends the request (raising its error); ``take()`` hands out the next delta
+    already received without awaiting (``None`` when there is none); ``fill()`` waits for more,
+    raising ``StopAsyncIteration`` at a proper end; ``finish()`` ends a complete answer
+    cleanly, ``close()`` abandons the attempt. The attributes describe what happened so far.
+    :class:`~moa_stream.providers._http.ResponseReader` is the HTTP one.
+    """
+
+    delivered: bool
+    reused: bool
+    status: int | None
+    request_id: str | None
+    finish_reason: str | None
+    usage: Usage | None
+    content_count: int
+
+    async def open(self) -> None: ...
+
+    def take(self) -> Delta | None: ...
+
+    async def fill(self) -> None: ...
+
+    async def finish(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class RetryingStream(AsyncResource):
@@ -62,35 +91,18 @@ class RetryingStream(AsyncResource):
     connection, so the server sees the client go. A stream that ran to its end returns its
     connection to the pool.
 
-    Wire formats subclass it with :meth:`_parser` (a fresh parser per attempt) and give the
-    encoded request ``body``.
+    Subclasses make the attempts (:meth:`_new_attempt`); :class:`HTTPStream` is the one for
+    HTTP endpoints.
     """
 
-    __slots__ = (
-        "_body",
-        "_endpoint",
-        "_pool",
-        "_reader",
-        "_request",
-        "_state",
-        "_timings",
-        "_total_dl",
-    )
+    __slots__ = ("_endpoint", "_reader", "_request", "_state", "_timings", "_total_dl")
 
-    def __init__(
-        self,
-        endpoint: Endpoint,
-        pool: ConnectionPool,
-        request: ChatRequest,
-        body: Callable[[], bytes],
-    ) -> None:
+    def __init__(self, endpoint: Endpoint, request: ChatRequest) -> None:
         self._endpoint = endpoint
-        self._pool = pool
         self._request = request
-        self._body: bytes | Callable[[], bytes] = body
         self._state = _NEW
         self._timings = StreamTimings()
-        self._reader: ResponseReader | None = None
+        self._reader: Attempt | None = None
         self._total_dl = _INF
 
     def __repr__(self) -> str:
@@ -99,8 +111,14 @@ class RetryingStream(AsyncResource):
             f"model={self._request.model!r} state={_STATE_NAMES[self._state]}>"
         )
 
-    def _parser(self) -> EventParser:
+    def _new_attempt(self) -> Attempt:
+        """A fresh attempt, not yet opened."""
         raise NotImplementedError
+
+    @property
+    def total_deadline(self) -> float:
+        """When the ``total`` timeout ends the stream, on ``time.monotonic()``."""
+        return self._total_dl
 
     # -- the ProviderStream protocol -------------------------------------------------------
 
@@ -197,7 +215,7 @@ class RetryingStream(AsyncResource):
             self._close(_CLOSED)
             raise
 
-    async def _connect(self) -> ResponseReader:
+    async def _connect(self) -> Attempt:
         """Send attempts until one has its response headers (retrying what may be retried)."""
         if self._state == _NEW:
             self._state = _OPEN
@@ -205,14 +223,8 @@ class RetryingStream(AsyncResource):
             self._timings.started = now
             total = self._endpoint.timeouts.total
             self._total_dl = now + total if total is not None else _INF
-        body = self._body
-        if not isinstance(body, bytes):
-            body = self._body = body()
         while True:
-            reader = ResponseReader(
-                self._endpoint, self._pool, body, self._parser(), self._timings, self._total_dl
-            )
-            self._reader = reader
+            self._reader = reader = self._new_attempt()
             try:
                 await reader.open()
             except ProviderError as exc:
@@ -333,3 +345,35 @@ def _explain_overflow(exc: ContextLengthError, messages: Sequence[ChatMessage]) 
         "max_reference_chars so that an aggregator's references fit"
     )
     exc.args = (exc.message,)
+
+
+class HTTPStream(RetryingStream):
+    """A :class:`RetryingStream` whose attempts are HTTP requests on a provider's pool.
+
+    ``body`` encodes the request, called once on the first attempt (its errors end the stream
+    like any other). Wire formats subclass it with :meth:`_parser`: a parser per attempt.
+    """
+
+    __slots__ = ("_body", "_pool")
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        pool: ConnectionPool,
+        request: ChatRequest,
+        body: Callable[[], bytes],
+    ) -> None:
+        super().__init__(endpoint, request)
+        self._pool = pool
+        self._body: bytes | Callable[[], bytes] = body
+
+    def _parser(self) -> EventParser:
+        raise NotImplementedError
+
+    def _new_attempt(self) -> ResponseReader:
+        body = self._body
+        if not isinstance(body, bytes):
+            body = self._body = body()
+        return ResponseReader(
+            self._endpoint, self._pool, body, self._parser(), self._timings, self._total_dl
+        )

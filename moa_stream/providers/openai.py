@@ -27,7 +27,7 @@ from moa_stream.providers._base import Continuation
 from moa_stream.providers._chunks import Done, parse_chunk, parse_completion, upstream_error
 from moa_stream.providers._http import ConnectionPool, Endpoint
 from moa_stream.providers._policy import RetryPolicy, Timeouts
-from moa_stream.providers._retry import RetryingStream
+from moa_stream.providers._retry import HTTPStream
 from moa_stream.providers.sse import SSEEvent
 
 __all__ = ["OpenAIProvider", "OpenAIStream", "RetryPolicy", "Timeouts"]
@@ -54,7 +54,7 @@ class _OpenAIParser:
 _PARSER = _OpenAIParser()
 
 
-class OpenAIStream(RetryingStream):
+class OpenAIStream(HTTPStream):
     """One streamed chat completion from an :class:`OpenAIProvider`; see
     :class:`~moa_stream.providers._retry.RetryingStream` for its behaviour."""
 

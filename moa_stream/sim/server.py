@@ -26,6 +26,7 @@ import orjson
 from aiohttp import web
 
 from moa_stream._exceptions import ConfigError
+from moa_stream.sim._anthropic import MessagesRoute
 from moa_stream.sim._overflow import overflow_response
 from moa_stream.sim._plan import (
     ParsedRequest,
@@ -293,6 +294,7 @@ class SimServer:
         """The aiohttp application (for embedding in another runner)."""
         app = web.Application(middlewares=[_openai_errors], client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self._handle_chat)
+        app.router.add_post("/v1/messages", MessagesRoute(self).handle)
         app.router.add_get("/v1/models", self._handle_models)
         app.router.add_get("/v1/models/{model}", self._handle_model)
         app.router.add_get("/health", self._handle_health)
