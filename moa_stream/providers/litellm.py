@@ -62,7 +62,7 @@ def _import_litellm() -> Any:
     # Without this, importing LiteLLM fetches its model price list from the internet.
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     try:
-        litellm = importlib.import_module("litellm")
+        litellm: Any = importlib.import_module("litellm")
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ConfigError("needs LiteLLM: pip install 'moa_stream[litellm]'", path="kind") from exc
     # Its errors are ours to report, not to be printed with a help banner on stdout.

@@ -19,6 +19,7 @@ from moa_stream import (
     ProtocolError,
     RateLimitError,
     ServerError,
+    StreamInterruptedError,
     Usage,
 )
 from moa_stream.providers import AnthropicProvider, RetryPolicy, Timeouts
@@ -346,3 +347,39 @@ async def test_the_official_sdk_accepts_the_simulator(sim: SimServer) -> None:
             await client.messages.create(
                 model="nope", max_tokens=8, messages=[{"role": "user", "content": "Hi"}]
             )
+
+
+async def test_leaving_early_disconnects_and_faults_mid_stream(sim: SimServer) -> None:
+    slow = SimModel(name="slow", latency=LatencyProfile.fixed(ttft=0.01, tokens_per_s=20))
+    sim.add_model(slow)
+    async with (
+        provider_for(sim.url) as provider,
+        provider.stream(ChatRequest([{"role": "user", "content": "Hi"}], "slow")) as stream,
+    ):
+        async for delta in stream:
+            if delta.content:
+                break
+    await sim.wait_idle(10)
+    assert sim.records[-1].outcome == "client_disconnected"
+
+    keepalive = ChatRequest(
+        [{"role": "user", "content": "Hi"}], "claude-sim", extra={"sim": {"fault": "keepalive"}}
+    )
+    reset = ChatRequest(
+        [{"role": "user", "content": "Hi"}],
+        "claude-sim",
+        extra={"sim": {"fault": "reset_mid", "after": 3}},
+    )
+    malformed = ChatRequest(
+        [{"role": "user", "content": "Hi"}],
+        "claude-sim",
+        extra={"sim": {"fault": "malformed", "after": 3}},
+    )
+    async with provider_for(sim.url) as provider:
+        assert len((await read(provider, keepalive)).split()) == 12
+        got: list[str] = []
+        with pytest.raises(StreamInterruptedError) as info:
+            await read(provider, reset, got)
+        assert info.value.delivered and "".join(got)
+        with pytest.raises(ProtocolError):
+            await read(provider, malformed)
