@@ -27,6 +27,7 @@ from moa_stream import (
     ProviderError,
     RequestRejectedError,
     UpstreamError,
+    Usage,
     UsageError,
 )
 from moa_stream.providers import estimate_prompt_tokens
@@ -244,3 +245,11 @@ async def test_a_closed_provider_is_a_usage_error_not_an_upstream_failure() -> N
     assert not isinstance(info.value, ProviderError)
     assert not isinstance(info.value, UpstreamError)
     assert server.seen == []
+
+
+def test_usage_sums_keep_the_estimated_label_and_cache_reads() -> None:
+    measured = Usage(10, 5, cached_prompt_tokens=4)
+    guessed = Usage(3, 2, estimated=True)
+    total = measured + guessed
+    assert total == Usage(13, 7, estimated=True, cached_prompt_tokens=4)
+    assert (measured + measured).estimated is False
