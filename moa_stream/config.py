@@ -79,7 +79,6 @@ class ProviderConfig:
     max_connections: int = 100
     timeouts: Timeouts = field(default_factory=Timeouts)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
-    continuation: Literal["append", "prefill"] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,10 +276,7 @@ def _provider(t: _Table, name: str) -> ProviderConfig:
         max_connections=t.positive("max_connections", int, 100),
         timeouts=timeouts,
         retry=retry,
-        continuation=cast('Literal["append", "prefill"] | None', t.get("continuation", str)),
     )
-    if config.continuation not in (None, "append", "prefill"):
-        raise t.err("continuation", "must be 'append' or 'prefill'")
     t.done()
     return config
 
@@ -481,7 +477,6 @@ class Runtime(AsyncResource):
                 limit=p.max_connections,
                 timeouts=p.timeouts,
                 retry=p.retry,
-                continuation=p.continuation,
             )
         for name, a in config.agents.items():
             self.agents[name] = Agent(

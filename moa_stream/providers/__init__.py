@@ -1,6 +1,6 @@
 """Providers: where a MoA's agents get their streamed completions from."""
 
-from moa_stream.providers._base import Continuation, Provider, ProviderStream
+from moa_stream.providers._base import Provider, ProviderStream
 from moa_stream.providers._estimate import estimate_prompt_tokens
 from moa_stream.providers.anthropic import AnthropicProvider, AnthropicStream
 from moa_stream.providers.litellm import LiteLLMProvider, LiteLLMStream
@@ -10,7 +10,6 @@ from moa_stream.providers.sse import SSEDecoder, SSEEvent
 __all__ = [
     "AnthropicProvider",
     "AnthropicStream",
-    "Continuation",
     "LiteLLMProvider",
     "LiteLLMStream",
     "OpenAIProvider",

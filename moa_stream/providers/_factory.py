@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 from moa_stream._exceptions import ConfigError
-from moa_stream.providers._base import Continuation, Provider
+from moa_stream.providers._base import Provider
 from moa_stream.providers._policy import RetryPolicy, Timeouts
 
 __all__ = ["PROVIDER_KINDS", "build_provider"]
@@ -28,9 +28,13 @@ def build_provider(
     limit: int = 100,
     timeouts: Timeouts | None = None,
     retry: RetryPolicy | None = None,
-    continuation: Continuation | None = None,
+    continuation: Sequence[str] | None = None,
 ) -> Provider:
-    """The provider a configuration describes; ``kind`` is one of :data:`PROVIDER_KINDS`."""
+    """The provider a configuration describes; ``kind`` is one of :data:`PROVIDER_KINDS`.
+
+    ``continuation`` (the staircase's notation) replaces the kind's default where the kind
+    lets it (not for ``anthropic``, whose API fixes it).
+    """
     if kind in ("openai", "sim"):
         from moa_stream.providers.openai import OpenAIProvider
 
@@ -46,13 +50,11 @@ def build_provider(
             limit=limit,
             timeouts=timeouts,
             retry=retry,
-            continuation=continuation,
+            continuation=continuation or ("turns",),
         )
     if kind == "anthropic":
         from moa_stream.providers.anthropic import AnthropicProvider
 
-        if continuation == "append":
-            raise ConfigError("an Anthropic provider continues by prefill", path="continuation")
         return AnthropicProvider(
             base_url or "https://api.anthropic.com",
             name=name,
@@ -74,6 +76,6 @@ def build_provider(
             options={"extra_headers": dict(headers)} if headers else None,
             timeouts=timeouts,
             retry=retry,
-            continuation=continuation,
+            continuation=continuation or ("turns",),
         )
     raise ConfigError(f"must be one of {', '.join(PROVIDER_KINDS)}, got {kind!r}", path="kind")

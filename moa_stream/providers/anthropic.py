@@ -17,7 +17,7 @@ The transport, the four timeouts and the retries before the first delta are the 
   :class:`~moa_stream.ContextLengthError`. HTTP 429 and 529 come with ``retry-after``.
 
 System messages become the top-level ``system`` field. A trailing assistant message is
-continued by the model (prefill), so ``continuation = "prefill"``.
+continued by the model (prefill), so ``continuation`` is ``("prefill:anthropic", "turns")``.
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ from moa_stream._exceptions import (
 )
 from moa_stream._resource import AsyncResource
 from moa_stream._types import ChatMessage, ChatRequest, Delta, Usage
-from moa_stream.providers._base import Continuation
 from moa_stream.providers._chunks import DONE, Done, context_length_error, error_fields, make_delta
 from moa_stream.providers._http import ConnectionPool, Endpoint
 from moa_stream.providers._policy import RetryPolicy, Timeouts
@@ -251,8 +250,9 @@ class AnthropicProvider(AsyncResource):
     given.
     """
 
-    #: A trailing assistant message is continued: the API's assistant prefill.
-    continuation: ClassVar[Continuation] = "prefill"
+    #: A trailing assistant message is continued (the API's assistant prefill); new turns work
+    #: too. In the staircase's notation, see :func:`~moa_stream.providers._base.check_continuation`.
+    continuation: ClassVar[tuple[str, ...]] = ("prefill:anthropic", "turns")
 
     def __init__(
         self,

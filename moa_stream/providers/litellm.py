@@ -19,8 +19,8 @@ import math
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any, ClassVar, Final
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import Any, Final
 
 from moa_stream._exceptions import (
     AuthenticationError,
@@ -44,7 +44,7 @@ from moa_stream._exceptions import (
 )
 from moa_stream._resource import AsyncResource
 from moa_stream._types import ChatRequest, Delta, StreamTimings, Usage
-from moa_stream.providers._base import Continuation
+from moa_stream.providers._base import check_continuation
 from moa_stream.providers._chunks import context_length_error, make_delta
 from moa_stream.providers._http import Endpoint
 from moa_stream.providers._policy import RetryPolicy, Timeouts, parse_retry_after
@@ -333,12 +333,9 @@ class LiteLLMProvider(AsyncResource):
     passed to every call, as are ``options`` (any other ``acompletion`` argument); the request's
     ``extra`` fields too. ``name``, ``timeouts``, ``retry``, ``sleep`` and ``rng`` mean what
     they mean for :class:`~moa_stream.providers.OpenAIProvider`. ``continuation`` is
-    ``"append"`` unless set: whether a trailing assistant message is continued depends on the
+    ``("turns",)`` unless set: whether a trailing assistant message is continued depends on the
     backend.
     """
-
-    #: The default of ``continuation``.
-    default_continuation: ClassVar[Continuation] = "append"
 
     def __init__(
         self,
@@ -350,7 +347,7 @@ class LiteLLMProvider(AsyncResource):
         options: Mapping[str, Any] | None = None,
         timeouts: Timeouts | None = None,
         retry: RetryPolicy | None = None,
-        continuation: Continuation | None = None,
+        continuation: Sequence[str] = ("turns",),
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: Callable[[], float] = random.random,
     ) -> None:
@@ -358,16 +355,12 @@ class LiteLLMProvider(AsyncResource):
             api_key = os.environ.get(api_key_env)
             if not api_key:
                 raise ConfigError(f"environment variable {api_key_env} is not set", path="api_key")
-        if continuation not in (None, "append", "prefill"):
-            raise ConfigError(
-                f"must be 'append' or 'prefill', got {continuation!r}", path="continuation"
-            )
         self._litellm = _import_litellm()
         self._name = name
         self._api_base = api_base
         self._api_key = api_key or None
         self._options = dict(options or {})
-        self.continuation: Continuation = continuation or self.default_continuation
+        self.continuation = check_continuation(tuple(continuation))
         self._endpoint = Endpoint(
             name=name,
             timeouts=timeouts or Timeouts(),

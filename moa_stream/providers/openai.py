@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, ClassVar, Literal
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Literal
 
 import aiohttp
 import orjson
@@ -23,7 +23,7 @@ import yarl
 from moa_stream._exceptions import ConfigError, RequestRejectedError, UsageError
 from moa_stream._resource import AsyncResource
 from moa_stream._types import ChatRequest, Delta
-from moa_stream.providers._base import Continuation
+from moa_stream.providers._base import check_continuation
 from moa_stream.providers._chunks import Done, parse_chunk, parse_completion, upstream_error
 from moa_stream.providers._http import ConnectionPool, Endpoint
 from moa_stream.providers._policy import RetryPolicy, Timeouts
@@ -77,10 +77,10 @@ class OpenAIProvider(AsyncResource):
     ``stream_options_usage`` asks for the final usage chunk (turn it off for servers that
     reject ``stream_options``). ``limit`` caps the pooled connections.
 
-    ``continuation`` says how an answer can be continued on this endpoint: ``"append"`` (a new
-    turn after the partial answer; works everywhere) or ``"prefill"`` (the last assistant
-    message is continued: llama.cpp's llama-server, vLLM with ``continue_final_message``).
-    OpenAI itself has no prefill, hence the default.
+    ``continuation`` lists how an answer can be continued on this endpoint, in the staircase's
+    notation (see :func:`~moa_stream.providers._base.check_continuation`): ``("turns",)`` by
+    default, since OpenAI itself has no prefill; add ``"prefill:llama"`` for llama.cpp's
+    llama-server or ``"prefill:vllm"`` for vLLM.
 
     ``sleep`` and ``rng`` (a callable returning a float in [0, 1)) are the back-off's sleep
     and jitter source; tests pass their own to make retries instant and deterministic.
@@ -91,10 +91,7 @@ class OpenAIProvider(AsyncResource):
     """
 
     #: How this provider's answers can be continued; see the class docstring.
-    continuation: Continuation
-
-    #: The default of ``continuation``.
-    default_continuation: ClassVar[Continuation] = "append"
+    continuation: tuple[str, ...]
 
     def __init__(
         self,
@@ -109,7 +106,7 @@ class OpenAIProvider(AsyncResource):
         retry: RetryPolicy | None = None,
         stream_options_usage: bool = True,
         limit: int = 100,
-        continuation: Continuation | None = None,
+        continuation: Sequence[str] = ("turns",),
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: Callable[[], float] = random.random,
     ) -> None:
@@ -123,10 +120,6 @@ class OpenAIProvider(AsyncResource):
             )
         if limit < 1:
             raise ConfigError("must be at least 1", path="limit")
-        if continuation not in (None, "append", "prefill"):
-            raise ConfigError(
-                f"must be 'append' or 'prefill', got {continuation!r}", path="continuation"
-            )
         if api_key is None and api_key_env is not None:
             api_key = os.environ.get(api_key_env)
             if not api_key:
@@ -137,7 +130,7 @@ class OpenAIProvider(AsyncResource):
         self._name = name or (f"{url.host}:{url.explicit_port}" if url.explicit_port else url.host)
         self.max_tokens_field = max_tokens_field
         self.stream_options_usage = stream_options_usage
-        self.continuation = continuation or self.default_continuation
+        self.continuation = check_continuation(tuple(continuation))
         common: dict[str, str] = {}
         if api_key:
             common["Authorization"] = f"Bearer {api_key}"

@@ -143,7 +143,7 @@ async def test_request_mapping_and_every_event() -> None:
     assert stream.finish_reason == "length"
     assert stream.usage == Usage(120, 7, cached_prompt_tokens=100)
     assert stream.request_id == "r1"
-    assert AnthropicProvider.continuation == "prefill"
+    assert AnthropicProvider.continuation == ("prefill:anthropic", "turns")
 
 
 @asynccontextmanager

@@ -1,5 +1,6 @@
 """Provider kinds in the configuration: ``anthropic`` and ``litellm`` build their providers,
-``continuation`` is read and checked, and the Anthropic kind streams from the simulator's
+providers say how their answers can be continued, and the Anthropic kind streams from the
+simulator's
 Messages route, for a MoA too."""
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ base_url = "{sim.url}"
 
 [providers.local]
 base_url = "{sim.base_url}"
-continuation = "prefill"
 {AGENTS}""",
             "test.toml",
         )
@@ -42,7 +42,8 @@ continuation = "prefill"
             local = runtime.providers["local"]
             assert isinstance(claude, AnthropicProvider)
             assert isinstance(local, OpenAIProvider)
-            assert claude.continuation == "prefill" == local.continuation
+            assert claude.continuation == ("prefill:anthropic", "turns")
+            assert local.continuation == ("turns",)
             req = ChatRequest([{"role": "user", "content": "Hi"}], "m")
             async with claude.stream(req) as stream:
                 text = "".join([d.content async for d in stream])
@@ -53,13 +54,15 @@ continuation = "prefill"
     assert [r.outcome for r in sim.records] == ["complete"] * 3
 
 
-def test_continuation_and_kind_are_checked() -> None:
-    with pytest.raises(ConfigError, match=r"providers\.claude\.continuation"):
-        loads_config(
-            '[providers.claude]\nkind = "openai"\nbase_url = "http://h/v1"\n'
-            f'continuation = "rewrite"\n{AGENTS}',
-            "t.toml",
-        )
+def test_kind_is_checked_and_continuation_notation_too() -> None:
+    with pytest.raises(ConfigError, match="continuation"):
+        OpenAIProvider("http://h/v1", continuation=("rewrite",))
+    with pytest.raises(ConfigError, match="continuation"):
+        OpenAIProvider("http://h/v1", continuation=("prefill",))
+    assert OpenAIProvider("http://h/v1", continuation=["turns", "prefill:llama"]).continuation == (
+        "turns",
+        "prefill:llama",
+    )
     with pytest.raises(ConfigError, match=r"providers\.claude\.kind"):
         loads_config(f'[providers.claude]\nkind = "bedrock"\n{AGENTS}', "t.toml")
     config = loads_config(f'[providers.claude]\nkind = "anthropic"\n{AGENTS}', "t.toml")
@@ -78,4 +81,4 @@ async def test_litellm_kind() -> None:
     async with Runtime(config) as runtime:
         provider = runtime.providers["claude"]
         assert isinstance(provider, LiteLLMProvider)
-        assert provider.continuation == "append"
+        assert provider.continuation == ("turns",)

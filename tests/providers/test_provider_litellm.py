@@ -69,7 +69,7 @@ async def test_streams_text_and_usage_from_the_simulator(sim: SimServer) -> None
     assert stream.usage.completion_tokens == 15
     assert stream.usage.prompt_tokens == record.prompt_tokens
     assert stream.timings.attempts == 1 and stream.timings.ttft is not None
-    assert provider.continuation == "append"
+    assert provider.continuation == ("turns",)
 
 
 async def test_rate_limit_is_retried_by_us_not_by_litellm(sim: SimServer) -> None:
