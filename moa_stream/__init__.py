@@ -7,6 +7,7 @@ from moa_stream._exceptions import (
     ConfigError,
     ConnectError,
     ConnectTimeout,
+    ContextLengthError,
     FirstTokenTimeout,
     IdleTimeout,
     LayerFailedError,
@@ -14,6 +15,7 @@ from moa_stream._exceptions import (
     MoAStreamError,
     ModelNotFoundError,
     ProtocolError,
+    ProviderClosedError,
     ProviderError,
     ProviderTimeout,
     RateLimitError,
@@ -24,8 +26,16 @@ from moa_stream._exceptions import (
     TransientError,
     TruncatedStreamError,
     UpstreamError,
+    UsageError,
 )
-from moa_stream._types import ChatMessage, ChatRequest, Delta, StreamTimings, Usage
+from moa_stream._types import (
+    ChatMessage,
+    ChatRequest,
+    Delta,
+    StreamTimings,
+    Usage,
+    estimate_tokens,
+)
 from moa_stream.config import Config, Runtime, default_config, load_config
 from moa_stream.engine import (
     Agent,
@@ -90,6 +100,7 @@ __all__ = [
     "ConfigError",
     "ConnectError",
     "ConnectTimeout",
+    "ContextLengthError",
     "Deadline",
     "Delta",
     "Endpoint",
@@ -117,6 +128,7 @@ __all__ = [
     "ProposerStarted",
     "ProtocolError",
     "Provider",
+    "ProviderClosedError",
     "ProviderError",
     "ProviderStream",
     "ProviderTimeout",
@@ -138,9 +150,11 @@ __all__ = [
     "TruncatedStreamError",
     "UpstreamError",
     "Usage",
+    "UsageError",
     "WaitAll",
     "__version__",
     "default_config",
+    "estimate_tokens",
     "from_endpoints",
     "load_config",
     "mixture_of_agents",

@@ -54,7 +54,8 @@ from moa_stream.engine.similarity import (
     word_jaccard,
 )
 from moa_stream.engine.spec import Agent, Layer, LayerCut, MoA
-from moa_stream.providers import OpenAIProvider, Provider, RetryPolicy, Timeouts
+from moa_stream.providers import Provider, RetryPolicy, Timeouts
+from moa_stream.providers._factory import PROVIDER_KINDS, build_provider
 
 __all__ = [
     "AgentConfig",
@@ -79,7 +80,7 @@ SIMILARITIES: dict[str, Similarity] = {
 @dataclass(frozen=True, slots=True)
 class ProviderConfig:
     name: str
-    kind: Literal["openai", "sim"] = "openai"
+    kind: Literal["openai", "sim", "anthropic", "litellm"] = "openai"
     base_url: str | None = None
     api_key_env: str | None = None
     api_key: str | None = field(default=None, repr=False)
@@ -260,7 +261,9 @@ def _kind_name(kinds: tuple[type, ...]) -> str:
 
 
 def _provider(t: _Table, name: str) -> ProviderConfig:
-    kind = cast(Literal["openai", "sim"], t.choice("kind", ("openai", "sim"), "openai"))
+    kind = cast(
+        Literal["openai", "sim", "anthropic", "litellm"], t.choice("kind", PROVIDER_KINDS, "openai")
+    )
     base_url = t.get("base_url", str)
     if kind == "openai" and not base_url:
         raise t.err("base_url", "is required for an OpenAI-compatible provider")
@@ -499,14 +502,14 @@ class Runtime(AsyncResource):
             await self.sim.start()
         for name, p in config.providers.items():
             base_url = self.sim.base_url if p.kind == "sim" else p.base_url
-            assert base_url is not None
             if p.api_key_env and not (p.api_key or os.environ.get(p.api_key_env)):
                 raise ConfigError(
                     f"environment variable {p.api_key_env} is not set",
                     path=f"providers.{name}.api_key_env",
                     source=config.source,
                 )
-            self.providers[name] = OpenAIProvider(
+            self.providers[name] = build_provider(
+                p.kind,
                 base_url,
                 name=name,
                 api_key=p.api_key,
