@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import orjson
@@ -35,9 +35,9 @@ from moa_stream.server.wire import (
 )
 
 __all__ = [
-    "SSE_HEADERS",
     "ChatEndpoints",
     "SSEOutput",
+    "SSE_HEADERS",
     "complete_run",
     "new_completion_id",
     "stream_run",
@@ -205,13 +205,16 @@ class ChatEndpoints:
         self,
         moas: Mapping[str, MoA],
         *,
+        model_ids: Sequence[str] | None = None,
         descriptions: Mapping[str, str] | None = None,
         request_timeout: float | None = 600.0,
         max_body_bytes: int = 1 << 20,
     ) -> None:
-        if not moas:
+        # Not copied: a Runtime fills its ``moas`` when it starts, which may be after this.
+        self.moas = moas
+        ids = list(moas) if model_ids is None else list(model_ids)
+        if not ids:
             raise ValueError("at least one MoA is needed")
-        self.moas = dict(moas)
         self.request_timeout = request_timeout
         self.max_body_bytes = max_body_bytes
         created = int(time.time())
@@ -224,7 +227,7 @@ class ChatEndpoints:
                 "owned_by": "moa-stream",
                 "description": descriptions.get(moa_id, ""),
             }
-            for moa_id in self.moas
+            for moa_id in ids
         }
         self.models_body = orjson.dumps(
             {"object": "list", "data": list(self._model_objects.values())}
@@ -234,7 +237,7 @@ class ChatEndpoints:
         """One ``model`` object, or a 404 :class:`APIError`."""
         obj = self._model_objects.get(model_id)
         if obj is None:
-            raise APIError.model_not_found(model_id, list(self.moas))
+            raise APIError.model_not_found(model_id, list(self._model_objects))
         return orjson.dumps(obj)
 
     def check_length(self, content_length: int | None) -> None:
@@ -249,9 +252,18 @@ class ChatEndpoints:
         if len(raw) > self.max_body_bytes:
             raise APIError.body_too_large(self.max_body_bytes)
         req = parse_chat_request(raw, progress_header=progress_header)
+        if req.model not in self._model_objects:
+            raise APIError.model_not_found(req.model, list(self._model_objects))
         spec = self.moas.get(req.model)
         if spec is None:
-            raise APIError.model_not_found(req.model, list(self.moas))
+            raise APIError(
+                503,
+                "The MoA runtime has not started yet. Retry shortly.",
+                error_type="server_error",
+                code="not_ready",
+                outcome="not_ready",
+                headers={"Retry-After": "1"},
+            )
         run = spec.stream(
             req.messages, temperature=req.temperature, max_tokens=req.max_tokens, stop=req.stop
         )

@@ -238,8 +238,11 @@ def moa_router(
     max_body_bytes: int | None = None,
     **router_options: Any,
 ) -> APIRouter:
-    """An ``APIRouter`` serving ``moas`` (a started :class:`~moa_stream.config.Runtime`, or MoAs
-    by model id) as OpenAI-compatible models.
+    """An ``APIRouter`` serving ``moas`` (a :class:`~moa_stream.config.Runtime`, or MoAs by
+    model id) as OpenAI-compatible models.
+
+    A runtime may be started after the router is made, in the application's lifespan; until
+    then chat requests get 503 ``not_ready``.
 
     Routes: ``POST /v1/chat/completions`` (streamed with ``"stream": true``, the server's
     ``X-MoA-Progress`` header and ``moa_stream.progress`` field included) and ``GET /v1/models``,
@@ -248,8 +251,12 @@ def moa_router(
     runtime's ``[server]`` table, or 600 s and 1 MiB. ``router_options`` go to ``APIRouter``
     (``tags``, ``dependencies`` ...).
     """
+    ids: list[str] | None = None
     if isinstance(moas, Runtime):
+        # The runtime may start later (in the application's lifespan): its MoAs are looked up
+        # per request, and its config already names them.
         server = moas.config.server
+        ids = list(moas.config.moas)
         descriptions = descriptions or {k: m.description for k, m in moas.config.moas.items()}
         timeout = server.request_timeout if request_timeout is None else request_timeout
         limit = server.max_body_bytes if max_body_bytes is None else max_body_bytes
@@ -259,7 +266,11 @@ def moa_router(
         limit = (1 << 20) if max_body_bytes is None else max_body_bytes
         specs = moas
     endpoints = ChatEndpoints(
-        specs, descriptions=descriptions, request_timeout=timeout, max_body_bytes=limit
+        specs,
+        model_ids=ids,
+        descriptions=descriptions,
+        request_timeout=timeout,
+        max_body_bytes=limit,
     )
 
     async def chat_completions(request: Request) -> Response:

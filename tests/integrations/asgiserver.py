@@ -11,13 +11,13 @@ import uvicorn
 
 
 @contextlib.asynccontextmanager
-async def uvicorn_serving(app: Any) -> AsyncIterator[str]:
+async def uvicorn_serving(app: Any, *, lifespan: str = "off") -> AsyncIterator[str]:
     """Serve ``app`` with uvicorn on 127.0.0.1; yields its ``http://host:port`` URL."""
     config = uvicorn.Config(
         app,
         host="127.0.0.1",
         port=0,
-        lifespan="off",
+        lifespan=lifespan,
         ws="none",
         log_level="warning",
         access_log=False,

@@ -251,3 +251,17 @@ def test_sse_response_is_a_starlette_response() -> None:
     assert isinstance(response, SSEResponse)
     assert response.status_code == 200
     assert response.headers["content-type"] == "text/event-stream"
+
+
+def test_router_answers_503_until_its_runtime_starts() -> None:
+    """The router can be made before the runtime starts (in a lifespan): the models are
+    listed from the config, and chat requests are told to retry."""
+    app = FastAPI()
+    app.include_router(moa_router(Runtime(config())))
+    with TestClient(app) as client:
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == MOA_IDS
+        resp = client.post("/v1/chat/completions", json=body())
+        assert resp.status_code == 503
+        assert resp.headers["retry-after"] == "1"
+        assert resp.json()["error"]["code"] == "not_ready"
+        assert client.post("/v1/chat/completions", json=body("x")).status_code == 404
