@@ -91,6 +91,10 @@ proposers = ["a"]
 aggregator = "agg-crawl"
 """
 
+# Options of the pytest runs inside tests (pytester): neither a cache nor hypothesis's plugin,
+# whose report imports all of hypothesis (seconds per run on a loaded machine).
+INNER = ("-p", "no:cacheprovider", "-p", "no:hypothesispytest")
+
 MOA_IDS = ["fast", "agg-broken", "crawl-proposers", "crawl-aggregator"]
 
 

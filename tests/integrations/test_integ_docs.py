@@ -15,7 +15,7 @@ import openai
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from asgiserver import uvicorn_serving
-from integhelpers import sse_text
+from integhelpers import INNER, sse_text
 
 from moa_stream.config import Runtime, default_config
 
@@ -95,7 +95,7 @@ def test_pytest_example(pytester: pytest.Pytester) -> None:
         "filterwarnings = error\n"
     )
     pytester.makepyfile(test_example_plugin=examples()["test_example_plugin.py"])
-    result = pytester.runpytest("-p", "no:cacheprovider")
+    result = pytester.runpytest(*INNER)
     result.assert_outcomes(passed=2)
 
 

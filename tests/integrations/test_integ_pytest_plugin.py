@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import pytest
+from integhelpers import INNER
 
 from moa_stream.sim import PROFILES, FaultProfile, SimModel
 
@@ -57,7 +58,7 @@ def test_fixtures_in_a_fresh_process(pytester: pytest.Pytester) -> None:
     """A separate pytest process finds the plugin through the entry point alone."""
     pytester.makeini(ASYNCIO_INI.format(mode="auto"))
     pytester.makepyfile(test_uses=USES_THE_FIXTURES)
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result = pytester.runpytest_subprocess(*INNER)
     result.assert_outcomes(passed=3)
 
 
@@ -75,7 +76,7 @@ def test_strict_mode_and_a_second_registration(pytester: pytest.Pytester) -> Non
             assert moa_sim.port > 0
         """
     )
-    result = pytester.runpytest("-p", "no:cacheprovider")
+    result = pytester.runpytest(*INNER)
     result.assert_outcomes(passed=1)
 
 
@@ -98,7 +99,7 @@ def test_the_simulator_is_closed_after_the_test(pytester: pytest.Pytester) -> No
                     await s.get(sim.base_url + "/models")
         """
     )
-    result = pytester.runpytest("-p", "no:cacheprovider")
+    result = pytester.runpytest(*INNER)
     result.assert_outcomes(passed=2)
 
 
@@ -115,7 +116,7 @@ def test_a_stream_left_open_fails_the_test(pytester: pytest.Pytester) -> None:
             await stream.__anext__()  # opened, never closed
         """
     )
-    result = pytester.runpytest("-p", "no:cacheprovider")
+    result = pytester.runpytest(*INNER)
     result.assert_outcomes(passed=1, errors=1)
     result.stdout.fnmatch_lines(["*streams left open at the end of the test: leaky: 1*"])
 
@@ -135,7 +136,7 @@ def test_bad_marker_arguments_are_clear_errors(pytester: pytest.Pytester) -> Non
             pass
         """
     )
-    result = pytester.runpytest("-p", "no:cacheprovider")
+    result = pytester.runpytest(*INNER)
     result.assert_outcomes(errors=2)
     result.stdout.fnmatch_lines(
         [
@@ -148,7 +149,7 @@ def test_bad_marker_arguments_are_clear_errors(pytester: pytest.Pytester) -> Non
 def test_marker_is_registered(pytester: pytest.Pytester) -> None:
     """``--markers`` documents the marker (so ``--strict-markers`` accepts it)."""
     pytester.makeini(ASYNCIO_INI.format(mode="auto"))
-    result = pytester.runpytest("--markers")
+    result = pytester.runpytest("--markers", *INNER)
     result.stdout.fnmatch_lines(["@pytest.mark.moa_sim(*models, seed=0, speed=1.0, faults=None)*"])
 
 
