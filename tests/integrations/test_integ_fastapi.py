@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import openai
@@ -31,10 +32,18 @@ async def runtime() -> AsyncIterator[Runtime]:
         yield rt
 
 
-def host_app(runtime: Runtime) -> FastAPI:
+def host_app(runtime: Runtime, *, middleware: bool = False) -> FastAPI:
     """A host application with a route of its own, the MoA router under /moa, and a custom
-    endpoint that answers through ``sse_response``."""
+    endpoint that answers through ``sse_response``; ``middleware`` adds an ``@app.middleware``
+    (Starlette's BaseHTTPMiddleware, which wraps ``receive``), as many applications have."""
     app = FastAPI()
+    if middleware:
+
+        @app.middleware("http")
+        async def tag(request: Request, call_next: Any) -> Response:
+            response: Response = await call_next(request)
+            response.headers["X-Tagged"] = "1"
+            return response
 
     @app.get("/")
     async def index() -> dict[str, str]:
@@ -57,9 +66,11 @@ def host_app(runtime: Runtime) -> FastAPI:
     return app
 
 
-@pytest.fixture
-async def served(runtime: Runtime) -> AsyncIterator[str]:
-    async with uvicorn_serving(host_app(runtime)) as url:
+@pytest.fixture(params=[False, True], ids=["plain", "with-middleware"])
+async def served(runtime: Runtime, request: pytest.FixtureRequest) -> AsyncIterator[str]:
+    async with uvicorn_serving(host_app(runtime, middleware=request.param)) as url:
+        async with aiohttp.ClientSession() as session, session.get(url + "/") as resp:
+            assert ("X-Tagged" in resp.headers) is request.param
         yield url
 
 
