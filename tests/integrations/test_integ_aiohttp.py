@@ -254,3 +254,24 @@ async def test_subapp_needs_no_aiohttp_session_of_its_own() -> None:
                 assert (await resp.json())["id"] == "fast"
         finally:
             await client.close()
+
+
+async def test_helper_disconnect_before_the_answer_cancels_the_proposers(
+    custom: TestClient[web.Request, web.Application], runtime: Runtime
+) -> None:
+    """Nothing has been written yet (the headers wait for the first token): the handler is
+    cancelled, and the run with it."""
+    sim = runtime.sim
+
+    async def client() -> None:
+        async with custom.post("/chat", json=body("crawl-proposers")) as resp:
+            await resp.read()
+
+    task = asyncio.create_task(client())
+    await wait_for(lambda: sim.active_streams == 2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await sim.wait_idle(5)
+    records = [r for r in sim.records if r.model == "p-crawl"]
+    assert [r.outcome for r in records] == ["client_disconnected"] * 2
