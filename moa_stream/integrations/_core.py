@@ -179,6 +179,10 @@ async def complete_run(
             raise from_moa_error(exc) from None
         except TimeoutError:
             raise timeout_error(request_timeout or 0.0) from None
+        except Exception:
+            # A bug: the log gets the traceback, the client an error body it can act on.
+            log.exception("completion.crashed", model=model)
+            raise APIError.internal() from None
     if report is None:
         raise APIError.internal()
     body = completion_object(

@@ -19,11 +19,12 @@ from fastapi.testclient import TestClient
 from integhelpers import MOA_IDS, body, config, sse_chunks, sse_items, sse_text, wait_for
 from starlette.responses import Response
 
+from moa_stream import ChatRequest
 from moa_stream.config import Runtime
 from moa_stream.engine.spec import Agent, MoA, single
 from moa_stream.integrations.fastapi import SSEResponse, moa_router, sse_response
 from moa_stream.server.wire import parse_chat_request
-from moa_stream.testing import Script, ScriptedProvider
+from moa_stream.testing import Script, ScriptedProvider, ScriptedStream
 
 
 @pytest.fixture
@@ -276,3 +277,21 @@ def test_router_answers_503_until_its_runtime_starts() -> None:
         assert resp.headers["retry-after"] == "1"
         assert resp.json()["error"]["code"] == "not_ready"
         assert client.post("/v1/chat/completions", json=body("x")).status_code == 404
+
+
+class CrashingProvider(ScriptedProvider):
+    """A provider with a bug: its stream() raises something that is not a ProviderError."""
+
+    def stream(self, request: ChatRequest) -> ScriptedStream:
+        raise RuntimeError("a bug in a provider")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_crash_is_an_openai_500(stream: bool) -> None:
+    """Regression: a non-streamed request whose run crashed got Starlette's plain-text 500."""
+    app = FastAPI()
+    app.include_router(moa_router({"bug": single(Agent("a", CrashingProvider({}), "m"))}))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        resp = client.post("/v1/chat/completions", json=body("bug", stream=stream))
+        assert resp.status_code == 500
+        assert resp.json()["error"]["code"] == "internal_error"
