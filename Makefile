@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench docs serve clean
+.PHONY: demo test test-ui lint bench docs serve clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "$(PYTHON) not found; run: make PYTHON=/path/to/python3.11 ..." >&2; exit 1; }
@@ -20,7 +20,14 @@ test: $(STAMP)
 	$(BIN)/ruff check moa_stream tests benchmarks
 	$(BIN)/ruff format --check moa_stream tests benchmarks
 	$(BIN)/mypy
-	$(BIN)/pytest
+	$(BIN)/pytest -m "not ui"
+
+# The playground page in headless Chromium: needs Debian's chromium and chromium-driver
+# (apt-get install chromium chromium-driver); without them the tests are skipped with the reason.
+# Screenshots go to build/ui/.
+test-ui: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[ui]'
+	$(BIN)/pytest -m ui tests/ui
 
 serve: $(STAMP)
 	$(BIN)/moa-stream serve

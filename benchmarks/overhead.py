@@ -18,7 +18,8 @@ simulator's own lateness (first token written after its scheduled time) is repor
 same pre-built stream, at 1, 64 and 256 concurrent streams, on both loops (the server and the
 two readers are those of ``benchmarks/provider_throughput.py``).
 
-    .venv/bin/python benchmarks/overhead.py [--quick] [--json]
+    .venv/bin/python benchmarks/overhead.py [--quick] [--json] [--engine-only]
+        [--loop asyncio|uvloop]... [--level N]...
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ from moa_stream.sim import LatencyProfile, SimModel
 PROPOSERS = (("p1", 0.10, 80.0, 16), ("p2", 0.15, 80.0, 16), ("p3", 0.20, 80.0, 16))
 AGGREGATOR = ("agg", 0.10, 80.0, 8)
 LEVELS = (1, 64, 256)
+#: Content chunks one run reads: every proposer's answer and the aggregator's.
+CHUNKS_PER_RUN = sum(n for *_, n in PROPOSERS) + AGGREGATOR[3]
 LOOPS = ("asyncio", "uvloop")
 TARGET_P99_MS_AT_64 = 2.0
 
@@ -178,6 +181,10 @@ async def engine_overhead(level: int, quick: bool, host: ProcessSimHost) -> dict
         "turnaround_p50_ms": p([x[1] for x in parts], 50),
         "hand_off_p50_ms": p([x[2] for x in parts], 50),
         "client_cpu_share": cpu / wall,
+        # The client process's CPU time over the measured wave, per run and per content chunk
+        # (4 requests and CHUNKS_PER_RUN chunks a run): what one run costs the client's core.
+        "client_cpu_ms_per_run": cpu / len(samples) * ms,
+        "client_cpu_us_per_chunk": cpu / (len(samples) * CHUNKS_PER_RUN) * 1e6,
         "sim_cpu_share": sim_cpu / wall,
     }
 
@@ -228,7 +235,10 @@ def _run(coro: Any, loop: str) -> Any:
 
 
 def run_all(
-    quick: bool, loops: tuple[str, ...] = LOOPS, levels: tuple[int, ...] = LEVELS
+    quick: bool,
+    loops: tuple[str, ...] = LOOPS,
+    levels: tuple[int, ...] = LEVELS,
+    with_throughput: bool = True,
 ) -> dict[str, Any]:
     """Both measurements on every loop; the results as one JSON-ready dict."""
     started = time.monotonic()
@@ -262,7 +272,10 @@ def run_all(
             if len(cpus) > 1:
                 _set_cpus({cpus[0]})
             results["engine"][loop] = _run(engine_overheads(quick, levels), loop)
-            results["throughput"][loop] = _run(throughput(ports["throughput"], quick, levels), loop)
+            if with_throughput:
+                results["throughput"][loop] = _run(
+                    throughput(ports["throughput"], quick, levels), loop
+                )
     _set_cpus(set(cpus))
     results["seconds"] = round(time.monotonic() - started, 1)
     return results
@@ -279,7 +292,7 @@ def print_table(results: dict[str, Any]) -> None:
     print(
         f"{'loop':<8} {'runs':>5} {'conc':>5} {'all p50':>8} {'all p99':>8} "
         f"{'client p50':>11} {'client p99':>11} {'fan-out':>8} {'turn':>6} {'hand':>6} "
-        f"{'CPU client':>11} {'sim':>5}"
+        f"{'CPU client':>11} {'sim':>5} {'ms/run':>7} {'µs/chunk':>9}"
     )
     for loop, rows in results["engine"].items():
         for r in rows:
@@ -288,9 +301,13 @@ def print_table(results: dict[str, Any]) -> None:
                 f"{r['overhead_p99_ms']:>8.2f} {r['client_p50_ms']:>11.2f} "
                 f"{r['client_p99_ms']:>11.2f} {r['fan_out_p50_ms']:>8.2f} "
                 f"{r['turnaround_p50_ms']:>6.2f} {r['hand_off_p50_ms']:>6.2f} "
-                f"{100 * r['client_cpu_share']:>10.0f}% {100 * r['sim_cpu_share']:>4.0f}%"
+                f"{100 * r['client_cpu_share']:>10.0f}% {100 * r['sim_cpu_share']:>4.0f}% "
+                f"{r['client_cpu_ms_per_run']:>7.2f} {r['client_cpu_us_per_chunk']:>9.1f}"
             )
-    print(f"target: {results['target']}\n")
+    print(f"target: {results['target']}")
+    print("ms/run, µs/chunk: the client process's CPU time per run and per content chunk\n")
+    if not results["throughput"]:
+        return
     print("(b) proposer chunk throughput: OpenAIProvider against a bare aiohttp + orjson reader")
     print(
         f"{'loop':<8} {'streams':>7} {'bare/s':>10} {'provider/s':>11} {'ratio':>6} "
@@ -310,9 +327,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer runs and chunks")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--loop", choices=LOOPS, action="append", help="only this loop")
+    parser.add_argument("--level", type=int, action="append", help="only this many concurrent runs")
+    parser.add_argument("--engine-only", action="store_true", help="skip (b), the chunk throughput")
     args = parser.parse_args(argv)
     quiet_logs()
-    results = run_all(args.quick, tuple(args.loop or LOOPS))
+    results = run_all(
+        args.quick,
+        tuple(args.loop or LOOPS),
+        tuple(args.level or LEVELS),
+        with_throughput=not args.engine_only,
+    )
     if args.json:
         print(orjson.dumps(results, option=orjson.OPT_INDENT_2).decode())
     else:

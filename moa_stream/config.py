@@ -46,7 +46,12 @@ from moa_stream._exceptions import ConfigError
 from moa_stream._resource import AsyncResource
 from moa_stream.engine.policies import Policy, WaitAll, parse_policy
 from moa_stream.engine.prompts import PromptTemplates
-from moa_stream.engine.similarity import Similarity, final_line_match, word_jaccard
+from moa_stream.engine.similarity import (
+    Similarity,
+    conclusion_match,
+    final_line_match,
+    word_jaccard,
+)
 from moa_stream.engine.spec import Agent, Layer, LayerCut, MoA
 from moa_stream.providers import OpenAIProvider, Provider, RetryPolicy, Timeouts
 
@@ -63,7 +68,11 @@ __all__ = [
     "parse_config",
 ]
 
-SIMILARITIES: dict[str, Similarity] = {"word_jaccard": word_jaccard, "final_line": final_line_match}
+SIMILARITIES: dict[str, Similarity] = {
+    "conclusion": conclusion_match,
+    "word_jaccard": word_jaccard,
+    "final_line": final_line_match,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +116,7 @@ class MoAConfig:
     stragglers: Literal["cancel", "keep"] = "cancel"
     on_unmet: Literal["degrade", "raise"] = "degrade"
     cut_agreement: float | None = None
-    cut_similarity: str = "word_jaccard"
+    cut_similarity: str = "conclusion"
     ttft_budget: float | None = None
     max_reference_chars: int | None = None
     prewarm: bool = True
@@ -125,6 +134,7 @@ class ServerConfig:
     max_concurrent_streams: int = 1024
     shutdown_grace: float = 30.0
     request_timeout: float = 600.0
+    ui: bool = True  # the playground page at / (moa_stream.server.playground)
 
     def resolved_api_keys(self) -> tuple[str, ...]:
         """Keys from the config plus the comma-separated ones in ``api_keys_env``."""
@@ -316,9 +326,9 @@ def _moa(t: _Table, moa_id: str, agents: Mapping[str, AgentConfig]) -> MoAConfig
     policy_text = t.get("policy", str, "wait_all")
     try:
         policy = parse_policy(policy_text)
-    except ValueError as exc:
+    except ConfigError as exc:
         raise t.err("policy", f"{exc} in {policy_text!r}") from None
-    similarity = t.choice("cut_similarity", tuple(SIMILARITIES), "word_jaccard")
+    similarity = t.choice("cut_similarity", tuple(SIMILARITIES), "conclusion")
     agreement = t.get("cut_agreement", float)
     if agreement is not None and not 0 <= agreement <= 1:
         raise t.err("cut_agreement", "must be between 0 and 1")
@@ -363,6 +373,7 @@ def _server(t: _Table) -> ServerConfig:
         max_concurrent_streams=t.positive("max_concurrent_streams", int, d.max_concurrent_streams),
         shutdown_grace=t.positive("shutdown_grace", float, d.shutdown_grace, allow_zero=True),
         request_timeout=t.positive("request_timeout", float, d.request_timeout),
+        ui=t.get("ui", bool, d.ui),
     )
     t.done()
     return config

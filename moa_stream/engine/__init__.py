@@ -17,7 +17,7 @@ from moa_stream.engine.events import (
     RunDone,
     RunReport,
 )
-from moa_stream.engine.layer import Decision, LayerState, Reference
+from moa_stream.engine.layer import Call, CallStatus, Decision, LayerState, Reference, UsableAnswer
 from moa_stream.engine.policies import (
     AllOf,
     AnyOf,
@@ -31,7 +31,13 @@ from moa_stream.engine.policies import (
 )
 from moa_stream.engine.prompts import PromptTemplates, build_reference_messages
 from moa_stream.engine.run import MoARun, RunResult
-from moa_stream.engine.similarity import agreement, final_line_match, word_jaccard
+from moa_stream.engine.similarity import (
+    agreement,
+    conclusion,
+    conclusion_match,
+    final_line_match,
+    word_jaccard,
+)
 from moa_stream.engine.spec import Agent, Layer, LayerCut, MoA, moa, moa_lite, self_moa, single
 
 __all__ = [
@@ -43,6 +49,8 @@ __all__ = [
     "AggregatorStarted",
     "AllOf",
     "AnyOf",
+    "Call",
+    "CallStatus",
     "Deadline",
     "Decision",
     "Event",
@@ -67,9 +75,12 @@ __all__ = [
     "RunDone",
     "RunReport",
     "RunResult",
+    "UsableAnswer",
     "WaitAll",
     "agreement",
     "build_reference_messages",
+    "conclusion",
+    "conclusion_match",
     "final_line_match",
     "moa",
     "moa_lite",

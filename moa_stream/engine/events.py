@@ -38,15 +38,17 @@ __all__ = [
 #: policy could no longer be met and the layer went on with what it had.
 LayerEndReason = Literal["all", "quorum", "deadline", "partial", "degraded"]
 
-#: What a reference was when the next step took it: ``complete`` (finished), ``partial``
-#: (still streaming, its text so far), ``failed`` or ``cancelled`` (not used), ``unused``
-#: (finished after the layer ended, kept for accounting only).
-ReferenceStatus = Literal["complete", "partial", "failed", "cancelled", "unused"]
+#: What a reference was when the next step took it: ``complete`` (finished with a usable
+#: answer), ``partial`` (still streaming: its text so far) or ``failed`` (an error, or an
+#: answer that was not usable: empty, truncated, filtered). Proposers cancelled before the
+#: decision are left out of the references.
+ReferenceStatus = Literal["complete", "partial", "failed"]
 
 
 @dataclass(frozen=True, slots=True)
 class ReferenceInfo:
-    """One proposer's answer as the next step saw it."""
+    """One proposer's answer as the next step saw it. ``tokens`` is the call's completion
+    tokens as its provider counts them (the same figure as in ``proposer.done``)."""
 
     agent: str
     index: int
@@ -106,6 +108,10 @@ class ProposerFailed:
 class LayerDone:
     """A layer's decision: which references go forward and why it stopped waiting.
 
+    ``fallback`` is set (reason ``degraded``) when the policy could no longer be met and the
+    layer waited instead for the rule still reachable, written in the policy language
+    (``quorum(2)``).
+
     ``cut`` is set when the remaining refinement layers are skipped: ``"agreement"`` (the
     answers agree above the threshold) or ``"budget"`` (another layer would exceed the run's
     TTFT budget).
@@ -118,6 +124,7 @@ class LayerDone:
     cut: Literal["agreement", "budget"] | None
     agreement: float | None
     t: float
+    fallback: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +148,8 @@ class AggregatorDelta:
 
 @dataclass(frozen=True, slots=True)
 class AggregatorFailed:
-    """An aggregator failed before its first token; the next fallback, if any, follows."""
+    """An aggregator failed. Before its first token the next fallback, if any, follows; after
+    it the run ends with :class:`moa_stream.AggregatorError` right after this event."""
 
     type: Literal["aggregator.failed"] = field(default="aggregator.failed", init=False)
     agent: str
@@ -189,6 +197,7 @@ class LayerReport:
     references: tuple[ReferenceInfo, ...]
     cut: Literal["agreement", "budget"] | None = None
     agreement: float | None = None
+    fallback: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,7 +207,10 @@ class RunReport:
     ``ttft_s``: run start to the first aggregator token at the caller. ``time_to_quorum_s``:
     run start to the first layer's decision. ``aggregator_ttft_s``: the answering aggregator's
     own TTFT, from its request. ``usage`` adds up every request, cancelled ones included
-    (their completion tokens counted from what arrived).
+    (their completion tokens counted from what arrived), as their providers count them. In the
+    ``run.done`` event, proposers of ``keep`` layers may still be running (status
+    ``partial``): their figures so far are included and marked estimated; ``MoARun.report``
+    after the run closed has their final figures.
     """
 
     text: str

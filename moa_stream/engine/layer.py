@@ -1,42 +1,154 @@
-"""The state of one layer of proposers: a pure state machine, no I/O.
+"""One record per upstream call, and the state of a layer of proposers: a pure state machine.
 
-The runner feeds it what happens (``on_delta``, ``on_done``, ``on_failed``, ``on_tick``) with
-the time it happened; each call returns a :class:`Decision` once the layer should move on.
-Every proposer's text so far is kept, so the next step can take complete answers, partial ones,
-or refresh a partial aggregation later from newer text.
+:class:`Call` is the single record the run keeps of each request it sends (proposer or
+aggregator): its text, counts, status, timings, and the handles of its stream and task. The
+layer's state, the events, the run report and the accounting all read it; nothing else keeps a
+copy.
+
+:class:`LayerState` is fed what happens (``on_delta``, ``on_done``, ``on_failed``, ``on_tick``)
+with the time it happened, and updates the calls' records. :meth:`LayerState.decide` asks the
+policy once, after everything that arrived together has been fed in, and returns a
+:class:`Decision` once the layer should move on. It does no I/O, so any run can be replayed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Literal
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
-from moa_stream.engine.events import LayerEndReason, ReferenceInfo, ReferenceStatus
-from moa_stream.engine.policies import Policy
+from moa_stream._types import Usage, estimate_tokens
+from moa_stream.engine.events import LayerEndReason, ReferenceStatus
+from moa_stream.engine.policies import Policy, WaitAll, relax
 
-__all__ = ["Decision", "LayerState", "ProposerSlot", "Reference"]
+if TYPE_CHECKING:
+    import asyncio
 
-SlotState = Literal["running", "done", "failed", "cancelled"]
+    from moa_stream.providers import ProviderStream
+
+__all__ = ["Call", "CallStatus", "Decision", "LayerState", "Reference", "UsableAnswer"]
+
+#: What a call is doing: ``running`` until its answer ends; then ``complete`` (it finished),
+#: ``failed`` (an error, or an answer that is not usable) or ``cancelled`` (the run closed it).
+CallStatus = Literal["running", "complete", "failed", "cancelled"]
 
 
-@dataclass(slots=True)
-class ProposerSlot:
-    """One proposer's progress. ``parts`` are its content pieces in arrival order."""
+@dataclass(frozen=True, slots=True)
+class UsableAnswer:
+    """What a finished answer needs in order to count as complete.
 
-    agent: str
-    index: int
-    state: SlotState = "running"
-    tokens: int = 0
-    error: str | None = None
-    parts: list[str] = field(default_factory=list, repr=False)
+    An answer that fails this counts as failed for the policy (a quorum never counts it) and
+    goes to the next step marked failed: an empty answer, one cut by ``max_tokens``
+    (``length``) or by a content filter says nothing the next step can build on. Accept
+    truncated answers with ``UsableAnswer(finish_reasons=("stop", "length"))``.
+    ``finish_reasons=None`` accepts any finish reason (and none).
+    """
+
+    min_chars: int = 1
+    finish_reasons: Collection[str] | None = ("stop",)
+
+    def problem(self, text: str, finish_reason: str | None) -> str | None:
+        """Why the answer is not usable, or ``None`` when it is."""
+        if len(text.strip()) < self.min_chars:
+            return "empty answer" if not text.strip() else "answer too short"
+        if self.finish_reasons is not None and finish_reason not in self.finish_reasons:
+            return f"unusable answer: finish_reason {finish_reason!r}"
+        return None
+
+
+class Call:
+    """Everything the run knows about one upstream request.
+
+    ``parts`` holds the content pieces in arrival order (read :attr:`text`); ``chunks`` counts
+    them. ``pending`` is the hand-off from the task reading the stream to the run: pieces read
+    but not yet taken in (see ``run.py``). ``outcome`` is set by the reading task when the
+    answer ended (``complete`` or ``failed``), and applied to ``status`` by the run.
+    """
+
+    __slots__ = (
+        "agent",
+        "chunks",
+        "ended_at",
+        "error",
+        "exc",
+        "finish_reason",
+        "first_token_at",
+        "index",
+        "layer",
+        "model",
+        "outcome",
+        "parts",
+        "pending",
+        "prompt_chars",
+        "provider",
+        "queued",
+        "role",
+        "started_at",
+        "status",
+        "stream",
+        "task",
+    )
+
+    def __init__(
+        self,
+        agent: str,
+        index: int,
+        *,
+        role: Literal["proposer", "aggregator"] = "proposer",
+        layer: int = 0,
+        model: str = "",
+        provider: str = "",
+        started_at: float = 0.0,
+        prompt_chars: int = 0,
+    ) -> None:
+        self.agent = agent
+        self.index = index
+        self.role: Literal["proposer", "aggregator"] = role
+        self.layer = layer
+        self.model = model
+        self.provider = provider
+        self.started_at = started_at
+        self.prompt_chars = prompt_chars
+        self.status: CallStatus = "running"
+        self.parts: list[str] = []
+        self.chunks = 0
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        self.exc: BaseException | None = None
+        self.first_token_at: float | None = None
+        self.ended_at: float | None = None
+        self.pending: list[str] = []
+        self.queued = False
+        self.outcome: CallStatus = "running"
+        self.stream: ProviderStream | None = None
+        self.task: asyncio.Task[Any] | None = None
+
+    def __repr__(self) -> str:
+        return f"<Call {self.role} {self.agent!r} layer={self.layer} status={self.status}>"
 
     @property
     def text(self) -> str:
-        if len(self.parts) > 1:
+        parts = self.parts
+        if len(parts) > 1:
             # Join once and keep the result, so repeated reads cost nothing.
-            self.parts[:] = ["".join(self.parts)]
-        return self.parts[0] if self.parts else ""
+            parts[:] = ["".join(parts)]
+        return parts[0] if parts else ""
+
+    @property
+    def chars(self) -> int:
+        return len(self.text)
+
+    def usage(self) -> Usage:
+        """The provider's figures (the server's count when it sent one, else the provider's
+        estimate); the package's estimate only when the provider has none yet."""
+        stream = self.stream
+        if stream is not None:
+            usage = stream.usage
+            if usage is not None:
+                return usage
+        return Usage(
+            estimate_tokens(self.prompt_chars), estimate_tokens(self.chars), estimated=True
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,50 +164,59 @@ class Reference:
 @dataclass(frozen=True, slots=True)
 class Decision:
     """The layer moves on. ``references`` are in proposer order, failed ones included (marked
-    so), cancelled or not-yet-started ones left out. ``usable`` counts complete + partial."""
+    so), cancelled or not-yet-started ones left out. ``usable`` counts complete + partial.
+    ``fallback`` is the rule the layer fell back to when its policy could no longer be met."""
 
     reason: LayerEndReason
     references: tuple[Reference, ...]
     at: float
+    fallback: Policy | None = None
 
     @property
     def usable(self) -> int:
-        return sum(1 for r in self.references if r.status in ("complete", "partial"))
-
-    def infos(self) -> tuple[ReferenceInfo, ...]:
-        return tuple(
-            ReferenceInfo(r.agent, r.index, r.status, len(r.text), _approx_tokens(r.text))
-            for r in self.references
-        )
-
-
-def _approx_tokens(text: str) -> int:
-    return (len(text) + 3) // 4
+        return sum(1 for r in self.references if r.status != "failed")
 
 
 class LayerState:
-    """Tracks one layer and asks its policy after every change.
+    """Tracks one layer; asks its policy when :meth:`decide` is called.
 
     It implements :class:`moa_stream.engine.policies.LayerStatus` for the policy to read.
-    ``decision`` is set once, by the first call that makes the policy fire (or that makes it
-    unreachable: reason ``degraded``); later calls only update the record.
+    ``decision`` is set once; later inputs only update the records.
+
+    When the policy can no longer be met (too many failures) and ``degrade`` is true, the layer
+    falls back to the same rule with ``k`` lowered to what is still reachable (so it waits for
+    the survivors instead of dropping them) and reports reason ``degraded``. With
+    ``degrade=False`` it decides ``degraded`` at once, for the run to raise.
     """
 
-    def __init__(self, agents: Sequence[str], policy: Policy, started_at: float) -> None:
-        self.slots = [ProposerSlot(a, i) for i, a in enumerate(agents)]
+    def __init__(
+        self,
+        agents: Sequence[str] | Sequence[Call],
+        policy: Policy,
+        started_at: float,
+        *,
+        usable: UsableAnswer | None = None,
+        degrade: bool = True,
+    ) -> None:
+        self.calls: list[Call] = [
+            a if isinstance(a, Call) else Call(str(a), i) for i, a in enumerate(agents)
+        ]
         self.policy = policy
+        self.usable = usable or UsableAnswer()
+        self.degrade = degrade
         self.started_at = started_at
         self.now = started_at
         self.done = 0
         self.failed = 0
         self.decision: Decision | None = None
-        self._tokens = [0] * len(self.slots)
-        self._finished = [False] * len(self.slots)
+        self.fallback: Policy | None = None
+        self._tokens = [0] * len(self.calls)
+        self._finished = [False] * len(self.calls)
 
     # -- LayerStatus -------------------------------------------------------------------------
     @property
     def n(self) -> int:
-        return len(self.slots)
+        return len(self.calls)
 
     @property
     def elapsed(self) -> float:
@@ -114,84 +235,100 @@ class LayerState:
         return self.n - self.done - self.failed
 
     # -- inputs ------------------------------------------------------------------------------
-    def on_delta(self, index: int, text: str, now: float) -> Decision | None:
-        slot = self.slots[index]
-        if slot.state != "running":
-            return None
-        slot.parts.append(text)
-        slot.tokens += 1
-        self._tokens[index] = slot.tokens
-        if self.decision is not None:
-            return None
+    def on_delta(self, index: int, text: str, now: float) -> None:
+        call = self.calls[index]
+        if call.status != "running":
+            return
+        call.parts.append(text)
+        call.chunks += 1
+        self._tokens[index] = call.chunks
         self.now = now
-        return self._evaluate()
 
-    def on_done(self, index: int, now: float) -> Decision | None:
-        slot = self.slots[index]
-        if slot.state != "running":
-            return None
-        slot.state = "done"
-        self.done += 1
-        self._finished[index] = True
-        if self.decision is not None:
-            return None
+    def on_done(self, index: int, now: float, finish_reason: str | None = "stop") -> None:
+        """The answer ended; it counts as complete only if it is usable."""
+        call = self.calls[index]
+        if call.status != "running":
+            return
+        call.finish_reason = finish_reason
+        problem = self.usable.problem(call.text, finish_reason)
+        if problem is not None:
+            self._fail(index, problem)
+        else:
+            call.status = "complete"
+            self.done += 1
+            self._finished[index] = True
         self.now = now
-        return self._evaluate()
 
-    def on_failed(self, index: int, error: str, now: float) -> Decision | None:
-        slot = self.slots[index]
-        if slot.state != "running":
-            return None
-        slot.state = "failed"
-        slot.error = error
+    def on_failed(self, index: int, error: str, now: float) -> None:
+        if self.calls[index].status != "running":
+            return
+        self._fail(index, error)
+        self.now = now
+
+    def on_tick(self, now: float) -> None:
+        """Time passed (a deadline timer)."""
+        if now > self.now:
+            self.now = now
+
+    def _fail(self, index: int, error: str) -> None:
+        call = self.calls[index]
+        call.status = "failed"
+        call.error = error
         self.failed += 1
         self._tokens[index] = (
             0  # a failed proposer's text is never used: policies must not count it
         )
-        if self.decision is not None:
-            return None
-        self.now = now
-        return self._evaluate()
-
-    def on_tick(self, now: float) -> Decision | None:
-        """Time passed with nothing else happening (a deadline timer)."""
-        if self.decision is not None:
-            return None
-        self.now = max(self.now, now)
-        return self._evaluate()
 
     def cancel_running(self) -> list[int]:
         """Mark every running proposer cancelled; returns their indexes."""
         cancelled = []
-        for slot in self.slots:
-            if slot.state == "running":
-                slot.state = "cancelled"
-                cancelled.append(slot.index)
+        for call in self.calls:
+            if call.status == "running":
+                call.status = "cancelled"
+                cancelled.append(call.index)
         return cancelled
 
     def next_check_at(self) -> float | None:
         """Absolute time at which the policy must be asked again, if any."""
         if self.decision is not None:
             return None
-        t = self.policy.next_check(self)
+        t = (self.fallback or self.policy).next_check(self)
         return None if t is None else self.started_at + t
 
     # -- decision ----------------------------------------------------------------------------
-    def _evaluate(self) -> Decision | None:
-        fire = self.policy.check(self)
+    def decide(self) -> Decision | None:
+        """Ask the policy (or the rule it fell back to) once; the decision, if it fires."""
+        if self.decision is not None:
+            return self.decision
+        policy = self.fallback or self.policy
+        if self.fallback is None and policy.unreachable(self):
+            if not self.degrade or self.running == 0:
+                self.decision = self._decide("degraded", partial=False)
+                return self.decision
+            policy = relax(policy, self.done + self.running)
+            if policy.unreachable(self):
+                policy = WaitAll()
+            self.fallback = policy
+        fire = policy.check(self)
         if fire is not None:
-            self.decision = self._decide(fire.reason, fire.partial)
-        elif self.running == 0 or self.policy.unreachable(self):
+            reason = "degraded" if self.fallback is not None else fire.reason
+            self.decision = self._decide(reason, fire.partial)
+        elif self.running == 0:
             self.decision = self._decide("degraded", partial=False)
         return self.decision
 
     def _decide(self, reason: LayerEndReason, partial: bool) -> Decision:
+        """The references; a layer that has none usable is ``degraded`` whatever fired."""
         refs: list[Reference] = []
-        for slot in self.slots:
-            if slot.state == "done":
-                refs.append(Reference(slot.agent, slot.index, "complete", slot.text))
-            elif slot.state == "failed":
-                refs.append(Reference(slot.agent, slot.index, "failed", ""))
-            elif slot.state == "running" and partial and slot.tokens > 0:
-                refs.append(Reference(slot.agent, slot.index, "partial", slot.text))
-        return Decision(reason, tuple(refs), self.now)
+        usable = False
+        for call in self.calls:
+            status = call.status
+            if status == "complete":
+                refs.append(Reference(call.agent, call.index, "complete", call.text))
+                usable = True
+            elif status == "failed":
+                refs.append(Reference(call.agent, call.index, "failed", ""))
+            elif status == "running" and partial and call.chunks > 0:
+                refs.append(Reference(call.agent, call.index, "partial", call.text))
+                usable = True
+        return Decision(reason if usable else "degraded", tuple(refs), self.now, self.fallback)

@@ -17,15 +17,18 @@ They hold no state and do no I/O, so every decision can be replayed from a seque
 
 Every policy also fires with reason ``all`` once no proposer is running: there is nothing left
 to wait for.
+
+Invalid arguments raise :class:`moa_stream.ConfigError`, as every other invalid setting does.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Protocol, runtime_checkable
 
+from moa_stream._exceptions import ConfigError
 from moa_stream.engine.events import LayerEndReason
 
 __all__ = [
@@ -39,6 +42,8 @@ __all__ = [
     "Quorum",
     "WaitAll",
     "parse_policy",
+    "relax",
+    "required_completions",
 ]
 
 
@@ -130,7 +135,7 @@ class Quorum(_Combinable):
 
     def __post_init__(self) -> None:
         if self.k < 1:
-            raise ValueError("Quorum(k) needs k >= 1")
+            raise ConfigError("Quorum(k) needs k >= 1")
 
     def check(self, status: LayerStatus) -> Fire | None:
         if _running(status) == 0:
@@ -162,9 +167,9 @@ class Deadline(_Combinable):
 
     def __post_init__(self) -> None:
         if not self.seconds >= 0 or math.isinf(self.seconds):
-            raise ValueError("Deadline(seconds) needs a finite, non-negative number")
+            raise ConfigError("Deadline(seconds) needs a finite, non-negative number")
         if self.min_k < 0:
-            raise ValueError("Deadline(min_k) needs min_k >= 0")
+            raise ConfigError("Deadline(min_k) needs min_k >= 0")
 
     def _available(self, status: LayerStatus) -> int:
         if not self.partial:
@@ -203,9 +208,9 @@ class Partial(_Combinable):
 
     def __post_init__(self) -> None:
         if self.k < 1:
-            raise ValueError("Partial(k) needs k >= 1")
+            raise ConfigError("Partial(k) needs k >= 1")
         if self.min_tokens < 1:
-            raise ValueError("Partial(min_tokens) needs min_tokens >= 1")
+            raise ConfigError("Partial(min_tokens) needs min_tokens >= 1")
 
     def check(self, status: LayerStatus) -> Fire | None:
         if _running(status) == 0:
@@ -258,18 +263,24 @@ class AnyOf(_Combinable):
 
 @dataclass(frozen=True, slots=True, repr=False)
 class AllOf(_Combinable):
-    """Fires only when every one of its policies would fire; reason and partial come from the
-    last one, which is the condition that completed the set."""
+    """Fires only when every one of its policies would fire. The result does not depend on the
+    order of the operands: partial text goes in if any operand takes it, and the reason is the
+    most specific one among the operands' (``deadline``, then ``partial``, ``quorum``,
+    ``all``)."""
 
     policies: tuple[Policy, ...]
 
     def check(self, status: LayerStatus) -> Fire | None:
-        fire: Fire | None = None
+        reason: LayerEndReason = "all"
+        partial = False
         for p in self.policies:
             fire = p.check(status)
             if fire is None:
                 return None
-        return fire
+            partial = partial or fire.partial
+            if _RANK[fire.reason] > _RANK[reason]:
+                reason = fire.reason
+        return Fire(reason, partial)
 
     def unreachable(self, status: LayerStatus) -> bool:
         return any(p.unreachable(status) for p in self.policies)
@@ -282,6 +293,42 @@ class AllOf(_Combinable):
 
     def __repr__(self) -> str:
         return " & ".join(_paren(p) for p in self.policies)
+
+
+_RANK: dict[LayerEndReason, int] = {
+    "all": 0,
+    "quorum": 1,
+    "partial": 2,
+    "deadline": 3,
+    "degraded": 4,
+}
+
+
+def relax(policy: Policy, reachable: int) -> Policy:
+    """``policy`` with every ``k`` (and ``min_k``) lowered to ``reachable``: the best rule that
+    can still be met once too many proposers failed. Policies it does not know are returned
+    as they are."""
+    k = max(1, reachable)
+    if isinstance(policy, Quorum | Partial):
+        return replace(policy, k=min(policy.k, k))
+    if isinstance(policy, Deadline):
+        return replace(policy, min_k=min(policy.min_k, k))
+    if isinstance(policy, AnyOf | AllOf):
+        return type(policy)(tuple(relax(p, reachable) for p in policy.policies))
+    return policy
+
+
+def required_completions(policy: Policy) -> int:
+    """The largest number of proposers any part of ``policy`` asks for (0 for ``wait_all``).
+
+    A layer with fewer proposers than that could never meet it as written."""
+    if isinstance(policy, Quorum | Partial):
+        return policy.k
+    if isinstance(policy, Deadline):
+        return policy.min_k
+    if isinstance(policy, AnyOf | AllOf):
+        return max((required_completions(p) for p in policy.policies), default=0)
+    return 0
 
 
 def _earliest_check(policies: tuple[Policy, ...], status: LayerStatus) -> float | None:
@@ -326,7 +373,7 @@ def _tokenize(text: str) -> list[Token]:
             tokens.append((kind, word))
             i = j
         else:
-            raise ValueError(f"unexpected character {c!r} at position {i}")
+            raise ConfigError(f"unexpected character {c!r} at position {i}")
     tokens.append(("eof", ""))
     return tokens
 
@@ -343,7 +390,7 @@ class _Parser:
         tk, tv = self.tokens[self.pos]
         if tk != kind or (value is not None and tv != value):
             want = value or kind
-            raise ValueError(f"expected {want!r}, found {tv or 'end of text'!r}")
+            raise ConfigError(f"expected {want!r}, found {tv or 'end of text'!r}")
         self.pos += 1
         return tv
 
@@ -384,7 +431,7 @@ class _Parser:
                     kwargs[key] = self.value()
                 else:
                     if kwargs:
-                        raise ValueError("positional argument after keyword argument")
+                        raise ConfigError("positional argument after keyword argument")
                     args.append(self.value())
                 if self.peek() == ("op", ","):
                     self.pos += 1
@@ -398,12 +445,12 @@ class _Parser:
             return text == "true"
         if kind == "num":
             return float(text)
-        raise ValueError(f"expected a number or true/false, found {text or 'end of text'!r}")
+        raise ConfigError(f"expected a number or true/false, found {text or 'end of text'!r}")
 
 
 def _int(v: float | bool, what: str) -> int:
     if isinstance(v, bool) or v != int(v):
-        raise ValueError(f"{what} must be a whole number")
+        raise ConfigError(f"{what} must be a whole number")
     return int(v)
 
 
@@ -411,20 +458,20 @@ def _build(name: str, args: list[float | bool], kwargs: dict[str, float | bool])
     def arg(i: int, key: str, default: float | bool | None = None) -> float | bool:
         if i < len(args):
             if key in kwargs:
-                raise ValueError(f"{name}: {key} given twice")
+                raise ConfigError(f"{name}: {key} given twice")
             return args[i]
         if key in kwargs:
             return kwargs[key]
         if default is None:
-            raise ValueError(f"{name}: missing argument {key}")
+            raise ConfigError(f"{name}: missing argument {key}")
         return default
 
     def check_keys(allowed: set[str], max_args: int) -> None:
         unknown = set(kwargs) - allowed
         if unknown:
-            raise ValueError(f"{name}: unknown argument {sorted(unknown)[0]}")
+            raise ConfigError(f"{name}: unknown argument {sorted(unknown)[0]}")
         if len(args) > max_args:
-            raise ValueError(f"{name}: too many arguments")
+            raise ConfigError(f"{name}: too many arguments")
 
     if name in ("wait_all", "all"):
         check_keys(set(), 0)
@@ -436,7 +483,7 @@ def _build(name: str, args: list[float | bool], kwargs: dict[str, float | bool])
         check_keys({"seconds", "min_k", "partial"}, 3)
         seconds = arg(0, "seconds")
         if isinstance(seconds, bool):
-            raise ValueError("deadline seconds must be a number")
+            raise ConfigError("deadline seconds must be a number")
         return Deadline(
             float(seconds),
             _int(arg(1, "min_k", 1), "deadline min_k"),
@@ -447,12 +494,12 @@ def _build(name: str, args: list[float | bool], kwargs: dict[str, float | bool])
         return Partial(
             _int(arg(0, "k"), "partial k"), _int(arg(1, "min_tokens", 32), "partial min_tokens")
         )
-    raise ValueError(f"unknown policy {name!r} (known: wait_all, quorum, deadline, partial)")
+    raise ConfigError(f"unknown policy {name!r} (known: wait_all, quorum, deadline, partial)")
 
 
 def parse_policy(text: str) -> Policy:
     """Parse the policy language: ``"quorum(3) | deadline(2.0, min_k=1, partial=true)"``.
 
-    Raises ``ValueError`` with a message naming what is wrong.
+    Raises :class:`moa_stream.ConfigError` with a message naming what is wrong.
     """
     return _Parser(text).parse()

@@ -2,32 +2,40 @@
 
 Design, in brief:
 
-- The run owns every task it starts (one per proposer request, plus the aggregator pre-warm) in
-  a plain set, cancelled and awaited in :meth:`MoARun.aclose`. No task group is held open across
-  a ``yield``: the event generator only reads.
-- Proposer tasks push ``(kind, layer, index, payload)`` tuples into one ``asyncio.Queue``: the
-  single fan-in. The consumer's own task pulls from it, feeds the pure
-  :class:`~moa_stream.engine.layer.LayerState`, and acts on its decision.
-- The aggregator stream is read in the consumer's task itself, so a token is handed to the
-  caller in the same loop turn it was parsed in: no queue hop, no buffering.
-- Deadlines are one ``loop.call_at`` timer per layer that drops a tick into the same queue.
+- The run owns every task it starts (one per proposer request, plus the aggregator pre-warm)
+  in a plain set, cancelled and awaited
+  in :meth:`MoARun.aclose`. No task group is held open across a ``yield``: the event generator
+  only reads.
+- Each request has one record, a :class:`~moa_stream.engine.layer.Call`. A proposer's task
+  appends what it reads to its call's ``pending`` list and puts the *call* (not the chunk)
+  into one ``asyncio.Queue``, once until the run has taken it in: the single fan-in, one queue
+  operation per wake-up rather than per chunk. The consumer's own task takes from the queue,
+  drains everything already queued, feeds it all to the pure
+  :class:`~moa_stream.engine.layer.LayerState`, and only then asks the policy: a proposer's
+  last chunk and its end, read in the same loop turn, are decided on together.
+- A proposer is done at its finish chunk: its task reads the stream's tail (usage, ``[DONE]``)
+  on its own while the run goes on.
+- The aggregator's request is sent from the consumer's task, in the same loop turn as the
+  decision and before ``layer.done`` is handed to the caller, so neither a task hop nor the
+  caller's handling of ``layer.done`` costs TTFT. Its stream is then read in the same task: a
+  token is handed to the caller in the same loop turn it was parsed in.
+- Deadlines are one ``loop.call_at`` timer per layer that puts ``None`` (a tick) in the queue.
+- Leaving before ``run.done`` (``break``, an exception, a cancelled caller, ``aclose()`` from
+  another task) cancels every request at once. Only proposers of ``keep`` layers still running
+  after ``run.done`` get ``keep_grace`` seconds to finish, for their accounting.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Self
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 import structlog
 
-from moa_stream._exceptions import (
-    AggregatorError,
-    LayerFailedError,
-    ProviderError,
-)
+from moa_stream._exceptions import AggregatorError, LayerFailedError, ProviderError
 from moa_stream._resource import AsyncResource
 from moa_stream._types import ChatMessage, ChatRequest, Usage
 from moa_stream.engine.events import (
@@ -43,21 +51,20 @@ from moa_stream.engine.events import (
     ProposerDone,
     ProposerFailed,
     ProposerStarted,
+    ReferenceInfo,
     RunDone,
     RunReport,
 )
-from moa_stream.engine.layer import Decision, LayerState, Reference
+from moa_stream.engine.layer import Call, Decision, LayerState, Reference
 from moa_stream.engine.prompts import build_reference_messages, with_system_prompt
 from moa_stream.engine.similarity import agreement as mean_agreement
-from moa_stream.engine.spec import Agent, Layer, MoA
-from moa_stream.providers import ProviderStream
+
+if TYPE_CHECKING:
+    from moa_stream.engine.spec import Agent, MoA
 
 __all__ = ["MoARun", "RunResult"]
 
 log = structlog.get_logger(__name__)
-
-_DELTA, _DONE, _FAILED, _TICK = 0, 1, 2, 3
-_Item = tuple[int, int, int, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,61 +75,12 @@ class RunResult:
     report: RunReport
 
 
-class _Call:
-    """Book-keeping of one upstream request of the run."""
-
-    __slots__ = (
-        "agent",
-        "chars",
-        "ended_at",
-        "error",
-        "exc",
-        "first_token_at",
-        "index",
-        "layer",
-        "prompt_chars",
-        "role",
-        "started_at",
-        "status",
-        "stream",
-        "task",
-        "tokens",
-    )
-
-    def __init__(
-        self,
-        agent: Agent,
-        role: Literal["proposer", "aggregator"],
-        layer: int,
-        index: int,
-        started_at: float,
-        prompt_chars: int,
-    ) -> None:
-        self.agent = agent
-        self.role: Literal["proposer", "aggregator"] = role
-        self.layer = layer
-        self.index = index
-        self.started_at = started_at
-        self.prompt_chars = prompt_chars
-        self.first_token_at: float | None = None
-        self.ended_at: float | None = None
-        self.status: Literal["running", "complete", "failed", "cancelled"] = "running"
-        self.error: str | None = None
-        self.exc: BaseException | None = None
-        self.tokens = 0
-        self.chars = 0
-        self.stream: ProviderStream | None = None
-        self.task: asyncio.Task[None] | None = None
-
-    def usage(self) -> Usage:
-        server = self.stream.usage if self.stream is not None else None
-        if server is not None and not server.estimated:
-            return server
-        return Usage((self.prompt_chars + 3) // 4, self.tokens, estimated=True)
-
-
 def _prompt_chars(messages: Sequence[ChatMessage]) -> int:
     return sum(len(m["content"]) for m in messages)
+
+
+def _error_kind(exc: BaseException | None) -> str:
+    return exc.kind if isinstance(exc, ProviderError) else "internal"
 
 
 class MoARun(AsyncResource):
@@ -130,8 +88,10 @@ class MoARun(AsyncResource):
 
     Use it as an async context manager. Inside, consume exactly one of :meth:`events` (every
     typed event), :meth:`text` (the answer's text pieces as they arrive) or :meth:`final`
-    (everything at once). Leaving the block, at any point, cancels every upstream request the
-    run still has open and waits until they are closed.
+    (everything at once). Leaving the block before ``run.done``, at any point, cancels every
+    upstream request the run still has open and waits until they are closed. ``aclose()`` may
+    also be called from another task (a stop button): the consumer's iteration then ends
+    without ``run.done``.
     """
 
     def __init__(
@@ -152,21 +112,24 @@ class MoARun(AsyncResource):
         self._overrides = (temperature, max_tokens, stop)
         self._clock = clock
         self._keep_grace = keep_grace
-        self._inbox: asyncio.Queue[_Item] = asyncio.Queue()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._calls: list[_Call] = []
-        self._layer_states: list[LayerState] = []
-        self._layer_calls: list[list[_Call]] = []  # [layer][proposer index]
+        self._inbox: asyncio.Queue[Call | None] = asyncio.Queue()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._calls: list[Call] = []
+        self._states: list[LayerState] = []
         self._layer_reports: list[LayerReport] = []
         self._pending: list[Event] = []
         self._timer: asyncio.TimerHandle | None = None
         self._gen: AsyncGenerator[Event, None] | None = None
+        self._consumer: asyncio.Task[Any] | None = None
+        self._gen_exited = asyncio.Event()
+        self._stop_requested = False
         self._consumed = False
-        self._closed = False
+        self._finished = False  # run.done was handed to the caller
+        self._closed = False  # aclose() completed its clean-up
         self._t0 = 0.0
         self._answer: list[str] = []
         self._first_token_at: float | None = None
-        self._aggregator: _Call | None = None
+        self._aggregator: Call | None = None
         self._finish_reason: str | None = None
         self._error: BaseException | None = None
         self._ended_at: float | None = None
@@ -191,25 +154,46 @@ class MoARun(AsyncResource):
         self._gen = self._drive()
 
     async def aclose(self) -> None:
-        """Cancel whatever is still running and wait until it has stopped. Idempotent."""
+        """Stop the run and wait until every request is closed. Idempotent.
+
+        Before ``run.done`` everything still running is cancelled at once. After it, proposers
+        of ``keep`` layers get ``keep_grace`` seconds to finish; cancelling the caller during
+        that wait cancels them at once (and a second ``aclose()`` finishes the clean-up).
+        """
         if self._closed:
             return
-        self._closed = True
         if self._timer is not None:
             self._timer.cancel()
-        if self._gen is not None:
-            with contextlib.suppress(RuntimeError):  # already running in another task
-                await self._gen.aclose()
-        kept = [t for t in self._tasks if not t.done()]
-        if kept and self._error is None and self._keep_grace > 0:
-            # "keep" stragglers finish for accounting; the answer is out, so this waits for
-            # nobody but the caller's clean-up.
-            await asyncio.wait(kept, timeout=self._keep_grace)
-        for task in self._tasks:
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            self._timer = None
+        gen = self._gen
+        if gen is not None and not self._gen_exited.is_set():
+            consumer = self._consumer
+            running = getattr(gen, "ag_running", False)  # not in the AsyncGenerator ABC
+            if running and consumer is not None and consumer is not asyncio.current_task():
+                # The generator is awaiting in the consumer's task: interrupt that await the way
+                # asyncio.timeout() does; _drive recognises the request and ends quietly.
+                if not self._stop_requested:
+                    self._stop_requested = True
+                    consumer.cancel()
+                await self._gen_exited.wait()
+            else:
+                with contextlib.suppress(RuntimeError):  # being closed by another aclose()
+                    await gen.aclose()
+        try:
+            if self._finished and self._keep_grace > 0:
+                kept = [t for t in self._tasks if not t.done()]
+                if kept:
+                    # "keep" stragglers finish for accounting; the answer is out, so this
+                    # waits for nobody but the caller's clean-up.
+                    await asyncio.wait(kept, timeout=self._keep_grace)
+        finally:
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
+        self._closed = True
         self._report = None  # rebuilt with the final accounting on next access
 
     # -- consuming ---------------------------------------------------------------------------
@@ -244,236 +228,24 @@ class MoARun(AsyncResource):
 
     @property
     def report(self) -> RunReport:
-        """The report as of now (final once the run has ended and closed)."""
+        """The report as of now (final once the run has closed)."""
         if self._report is None or not self._closed:
             self._report = self._build_report()
         return self._report
 
     # -- proposers ---------------------------------------------------------------------------
-    def _spawn(self, coro: Any) -> asyncio.Task[None]:
-        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         return task
 
     def _start_layer(self, li: int, refs: Sequence[Reference] | None) -> list[Event]:
-        layer: Layer = self.spec.layers[li]
+        spec = self.spec
+        layer = spec.layers[li]
         now = self._clock()
-        state = LayerState([a.name for a in layer.agents], layer.policy, now)
-        self._layer_states.append(state)
-        calls: list[_Call] = []
-        self._layer_calls.append(calls)
+        calls: list[Call] = []
         events: list[Event] = []
         for index, agent in enumerate(layer.agents):
-            if refs is None:
-                messages = with_system_prompt(self.messages, agent.system_prompt)
-            else:
-                messages = build_reference_messages(
-                    self.messages,
-                    refs,
-                    templates=self.spec.templates,
-                    system_prompt=agent.system_prompt,
-                    max_reference_chars=self.spec.max_reference_chars,
-                )
-            call = _Call(agent, "proposer", li, index, now, _prompt_chars(messages))
-            self._calls.append(call)
-            calls.append(call)
-            call.task = self._spawn(self._propose(call, agent.request(messages)))
-            events.append(ProposerStarted(li, index, agent.name, now - self._t0))
-        return events
-
-    async def _propose(self, call: _Call, request: ChatRequest) -> None:
-        put = self._inbox.put_nowait
-        layer, index = call.layer, call.index
-        stream = call.agent.provider.stream(request)
-        call.stream = stream
-        try:
-            async with stream:
-                async for delta in stream:
-                    content = delta.content
-                    if content:
-                        if call.first_token_at is None:
-                            call.first_token_at = self._clock()
-                        call.tokens += 1
-                        call.chars += len(content)
-                        put((_DELTA, layer, index, content))
-            call.status = "complete"
-            call.ended_at = self._clock()
-            put((_DONE, layer, index, stream.finish_reason))
-        except asyncio.CancelledError:
-            call.status = "cancelled"
-            call.ended_at = self._clock()
-            raise
-        except ProviderError as exc:
-            call.status = "failed"
-            call.error = str(exc)
-            call.exc = exc
-            call.ended_at = self._clock()
-            put((_FAILED, layer, index, exc))
-        except Exception as exc:  # a bug in a provider: report it, don't take the run down
-            log.exception("proposer.crashed", agent=call.agent.name)
-            call.status = "failed"
-            call.error = f"{type(exc).__name__}: {exc}"
-            call.exc = exc
-            call.ended_at = self._clock()
-            put((_FAILED, layer, index, exc))
-
-    async def _prewarm(self, agent: Agent) -> None:
-        try:
-            await agent.provider.prewarm()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # pre-warming is an optimisation; its failure is not an error
-            log.debug("aggregator.prewarm_failed", agent=agent.name, error=str(exc))
-
-    def _arm_timer(self, state: LayerState, li: int, armed: float | None) -> float | None:
-        at = state.next_check_at()
-        if at == armed:
-            return armed
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if at is not None:
-            loop = asyncio.get_running_loop()
-            when = loop.time() + max(0.0, at - self._clock())
-            self._timer = loop.call_at(when, self._inbox.put_nowait, (_TICK, li, -1, None))
-        return at
-
-    async def _run_layer(self, li: int) -> AsyncGenerator[Event | Decision, None]:
-        state = self._layer_states[li]
-        calls = self._layer_calls[li]
-        get = self._inbox.get
-        clock = self._clock
-        t0 = self._t0
-        armed: float | None = None
-        decision: Decision | None = None
-        while decision is None:
-            armed = self._arm_timer(state, li, armed)
-            kind, layer, index, payload = await get()
-            if layer != li:
-                continue  # a kept straggler of an earlier layer: accounted in its _Call
-            now = clock()
-            if kind == _DELTA:
-                decision = state.on_delta(index, payload, now)
-                yield ProposerDelta(li, index, state.slots[index].agent, payload, now - t0)
-            elif kind == _DONE:
-                decision = state.on_done(index, now)
-                call = calls[index]
-                yield ProposerDone(
-                    li,
-                    index,
-                    call.agent.name,
-                    state.slots[index].text,
-                    payload,
-                    call.usage(),
-                    None if call.first_token_at is None else call.first_token_at - call.started_at,
-                    now - t0,
-                )
-            elif kind == _FAILED:
-                decision = state.on_failed(index, str(payload), now)
-                kind_name = payload.kind if isinstance(payload, ProviderError) else "internal"
-                yield ProposerFailed(
-                    li, index, state.slots[index].agent, str(payload), kind_name, now - t0
-                )
-            else:
-                armed = None
-                decision = state.on_tick(now)
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        yield decision
-
-    # -- the run -----------------------------------------------------------------------------
-    async def _drive(self) -> AsyncGenerator[Event, None]:
-        try:
-            for event in self._pending:
-                yield event
-            self._pending.clear()
-            refs: tuple[Reference, ...] | None = None
-            layers = self.spec.layers
-            for li, layer in enumerate(layers):
-                if li > 0:
-                    for event in self._start_layer(li, refs):
-                        yield event
-                decision: Decision | None = None
-                async with contextlib.aclosing(self._run_layer(li)) as layer_events:
-                    async for item in layer_events:
-                        if isinstance(item, Decision):
-                            decision = item
-                        else:
-                            yield item
-                assert decision is not None
-                self._settle_stragglers(li, layer)
-                if layer.on_unmet == "raise" and (
-                    decision.reason == "degraded" or decision.usable == 0
-                ):
-                    state = self._layer_states[li]
-                    raise LayerFailedError(
-                        f"layer {li}: policy {layer.policy!r} can no longer be met "
-                        f"({state.done} completed, {state.failed} failed of {state.n})",
-                        layer=li,
-                        errors={
-                            c.agent.name: c.exc for c in self._layer_calls[li] if c.exc is not None
-                        },
-                    )
-                cut, agreement = self._cut(li, decision)
-                report = LayerReport(
-                    li, decision.reason, decision.at - self._t0, decision.infos(), cut, agreement
-                )
-                self._layer_reports.append(report)
-                yield LayerDone(
-                    li, decision.reason, report.references, cut, agreement, report.decided_s
-                )
-                refs = decision.references
-                if cut is not None:
-                    break
-            async with contextlib.aclosing(self._aggregate(refs)) as aggregator_events:
-                async for event in aggregator_events:
-                    yield event
-            self._ended_at = self._clock()
-            yield RunDone(self.report, self._ended_at - self._t0)
-        except BaseException as exc:
-            if not isinstance(exc, GeneratorExit):
-                self._error = exc
-            self._ended_at = self._clock()
-            raise
-
-    def _settle_stragglers(self, li: int, layer: Layer) -> None:
-        state = self._layer_states[li]
-        if layer.stragglers == "cancel":
-            calls = self._layer_calls[li]
-            for index in state.cancel_running():
-                task = calls[index].task
-                if task is not None:
-                    task.cancel()
-
-    def _cut(
-        self, li: int, decision: Decision
-    ) -> tuple[Literal["agreement", "budget"] | None, float | None]:
-        cut = self.spec.cut
-        remaining = len(self.spec.layers) - li - 1
-        score: float | None = None
-        if cut.agreement is not None:
-            texts = [r.text for r in decision.references if r.status == "complete"]
-            score = mean_agreement(texts, cut.similarity)
-        if remaining == 0:
-            return None, score
-        if score is not None and cut.agreement is not None and score >= cut.agreement:
-            return "agreement", score
-        if cut.ttft_budget is not None:
-            layer_time = decision.at - self._layer_states[li].started_at
-            if decision.at - self._t0 + layer_time > cut.ttft_budget:
-                return "budget", score
-        return None, score
-
-    async def _aggregate(self, refs: tuple[Reference, ...] | None) -> AsyncGenerator[Event, None]:
-        spec = self.spec
-        temperature, max_tokens, stop = self._overrides
-        layer_no = len(self._layer_states)
-        errors: dict[str, BaseException] = {}
-        clock = self._clock
-        t0 = self._t0
-        answer = self._answer
-        for attempt, agent in enumerate((spec.aggregator, *spec.fallbacks)):
             if refs is None:
                 messages = with_system_prompt(self.messages, agent.system_prompt)
             else:
@@ -484,18 +256,388 @@ class MoARun(AsyncResource):
                     system_prompt=agent.system_prompt,
                     max_reference_chars=spec.max_reference_chars,
                 )
-            request = agent.request(
-                messages, temperature=temperature, max_tokens=max_tokens, stop=stop
+            call = self._new_call(agent, "proposer", li, index, now, messages)
+            calls.append(call)
+            call.task = self._spawn(self._propose(call, agent, agent.request(messages)))
+            events.append(ProposerStarted(li, index, agent.name, now - self._t0))
+        self._states.append(
+            LayerState(
+                calls,
+                layer.policy,
+                now,
+                usable=layer.usable,
+                degrade=layer.on_unmet == "degrade",
             )
-            now = clock()
-            call = _Call(agent, "aggregator", layer_no, attempt, now, _prompt_chars(messages))
-            self._calls.append(call)
-            self._aggregator = call
-            yield AggregatorStarted(agent.name, attempt, now - t0)
+        )
+        return events
+
+    def _new_call(
+        self,
+        agent: Agent,
+        role: Literal["proposer", "aggregator"],
+        layer: int,
+        index: int,
+        now: float,
+        messages: Sequence[ChatMessage],
+    ) -> Call:
+        call = Call(
+            agent.name,
+            index,
+            role=role,
+            layer=layer,
+            model=agent.model,
+            provider=agent.provider.name,
+            started_at=now,
+            prompt_chars=_prompt_chars(messages),
+        )
+        self._calls.append(call)
+        return call
+
+    def _ended(self, call: Call, outcome: Literal["complete", "failed"]) -> None:
+        """The reading task saw the answer end: hand the call to the run."""
+        call.outcome = outcome
+        call.ended_at = self._clock()
+        if not call.queued:
+            call.queued = True
+            self._inbox.put_nowait(call)
+
+    async def _propose(self, call: Call, agent: Agent, request: ChatRequest) -> None:
+        put = self._inbox.put_nowait
+        pending = call.pending
+        clock = self._clock
+        try:
             stream = agent.provider.stream(request)
             call.stream = stream
+            async with stream:
+                async for delta in stream:
+                    content = delta.content
+                    if content:
+                        if call.first_token_at is None:
+                            call.first_token_at = clock()
+                        pending.append(content)
+                        if not call.queued:
+                            call.queued = True
+                            put(call)
+                    if delta.finish_reason is not None and call.outcome == "running":
+                        # Done at the finish chunk; the tail (usage, [DONE]) is read below
+                        # while the run goes on.
+                        call.finish_reason = delta.finish_reason
+                        self._ended(call, "complete")
+            if call.outcome == "running":
+                call.finish_reason = stream.finish_reason
+                self._ended(call, "complete")
+        except asyncio.CancelledError:
+            if call.outcome == "running":
+                call.outcome = "cancelled"
+                call.ended_at = clock()
+            raise
+        except Exception as exc:
+            if call.outcome != "running":
+                return  # the answer was complete; only its tail was lost
+            if not isinstance(exc, ProviderError):
+                # A bug in a provider: report it, don't take the run down.
+                log.exception("proposer.crashed", agent=call.agent)
+            call.exc = exc
+            call.error = (
+                str(exc) if isinstance(exc, ProviderError) else f"{type(exc).__name__}: {exc}"
+            )
+            self._ended(call, "failed")
+
+    async def _prewarm(self, agent: Agent) -> None:
+        try:
+            await agent.provider.prewarm()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # pre-warming is an optimisation; its failure is not an error
+            log.debug("aggregator.prewarm_failed", agent=agent.name, error=str(exc))
+
+    def _arm_timer(self, state: LayerState, armed: float | None) -> float | None:
+        at = state.next_check_at()
+        if at == armed:
+            return armed
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if at is not None:
+            loop = asyncio.get_running_loop()
+            when = loop.time() + max(0.0, at - self._clock())
+            self._timer = loop.call_at(when, self._inbox.put_nowait, None)
+        return at
+
+    def _take(self, call: Call, events: list[Event] | None, now: float) -> None:
+        """Feed what ``call``'s task handed over to its layer's state; the events, if wanted."""
+        call.queued = False
+        state = self._states[call.layer]
+        index = call.index
+        pending = call.pending
+        if pending:
+            if events is None or call.status != "running":
+                for text in pending:
+                    state.on_delta(index, text, now)
+            else:
+                t = now - self._t0
+                li, agent = call.layer, call.agent
+                for text in pending:
+                    state.on_delta(index, text, now)
+                    events.append(ProposerDelta(li, index, agent, text, t))
+            pending.clear()
+        outcome = call.outcome
+        if outcome == "running" or call.status != "running":
+            return
+        if outcome == "complete":
+            state.on_done(index, now, call.finish_reason)
+            if events is not None:
+                events.append(
+                    ProposerDone(
+                        call.layer,
+                        index,
+                        call.agent,
+                        call.text,
+                        call.finish_reason,
+                        call.usage(),
+                        None
+                        if call.first_token_at is None
+                        else call.first_token_at - call.started_at,
+                        now - self._t0,
+                    )
+                )
+        elif outcome == "failed":
+            state.on_failed(index, call.error or "failed", now)
+            if events is not None:
+                events.append(
+                    ProposerFailed(
+                        call.layer,
+                        index,
+                        call.agent,
+                        call.error or "failed",
+                        _error_kind(call.exc),
+                        now - self._t0,
+                    )
+                )
+
+    async def _next_batch(self, li: int, armed: float | None) -> tuple[list[Event], float | None]:
+        """Wait for something to happen in layer ``li``; take in everything already queued,
+        then ask the policy once. Returns the events and the timer's armed time."""
+        state = self._states[li]
+        inbox = self._inbox
+        armed = self._arm_timer(state, armed)
+        item = await inbox.get()
+        now = self._clock()
+        events: list[Event] = []
+        while True:
+            if item is None:
+                state.on_tick(now)
+                armed = None
+            elif item.layer == li:
+                self._take(item, events, now)
+            else:
+                self._take(item, None, now)  # a kept straggler of an earlier layer
+            if inbox.empty():
+                break
+            item = inbox.get_nowait()
+        state.decide()
+        return events, armed
+
+    def _absorb(self) -> None:
+        """Take in whatever is still queued, without events, once no layer is waiting any more
+        (for the report; before that the queue is the events' source)."""
+        if not (self._finished or self._gen_exited.is_set()):
+            return
+        inbox = self._inbox
+        now = self._clock()
+        while not inbox.empty():
+            item = inbox.get_nowait()
+            if item is not None:
+                self._take(item, None, now)
+
+    # -- the run -----------------------------------------------------------------------------
+    async def _drive(self) -> AsyncGenerator[Event, None]:
+        self._consumer = asyncio.current_task()
+        try:
+            for event in self._pending:
+                yield event
+            self._pending.clear()
+            refs: tuple[Reference, ...] | None = None
+            layers = self.spec.layers
+            aggregator_open: tuple[Call, ProviderError | None] | None = None
+            for li, layer in enumerate(layers):
+                if li > 0:
+                    for event in self._start_layer(li, refs):
+                        yield event
+                state = self._states[li]
+                armed: float | None = None
+                decision = state.decide()
+                while decision is None:
+                    events, armed = await self._next_batch(li, armed)
+                    for event in events:
+                        yield event
+                    decision = state.decision
+                if self._timer is not None:
+                    self._timer.cancel()
+                    self._timer = None
+                if layer.on_unmet == "raise" and (
+                    decision.reason == "degraded" or decision.usable == 0
+                ):
+                    raise LayerFailedError(
+                        f"layer {li}: policy {layer.policy!r} can no longer be met "
+                        f"({state.done} completed, {state.failed} failed of {state.n})",
+                        layer=li,
+                        errors={c.agent: c.exc for c in state.calls if c.exc is not None},
+                    )
+                cut, agreement = self._cut(li, decision)
+                # Proposers' answers go forward only if there is at least one; with none, the
+                # next step answers the plain conversation.
+                refs = decision.references if decision.usable else None
+                last = cut is not None or li == len(layers) - 1
+                if last:
+                    aggregator_open = await self._open_aggregator(0, self.spec.aggregator, refs)
+                if layer.stragglers == "cancel":
+                    for index in state.cancel_running():
+                        task = state.calls[index].task
+                        if task is not None:
+                            task.cancel()
+                report = LayerReport(
+                    li,
+                    decision.reason,
+                    decision.at - self._t0,
+                    self._infos(state, decision),
+                    cut,
+                    agreement,
+                    None if decision.fallback is None else repr(decision.fallback),
+                )
+                self._layer_reports.append(report)
+                yield LayerDone(
+                    li,
+                    decision.reason,
+                    report.references,
+                    cut,
+                    agreement,
+                    report.decided_s,
+                    report.fallback,
+                )
+                if last:
+                    break
+            async with contextlib.aclosing(self._aggregate(refs, aggregator_open)) as agg_events:
+                async for event in agg_events:
+                    yield event
+            self._ended_at = self._clock()
+            self._finished = True
+            yield RunDone(self.report, self._ended_at - self._t0)
+        except asyncio.CancelledError as exc:
+            self._ended_at = self._clock()
+            task = asyncio.current_task()
+            if self._stop_requested and task is not None and task.uncancel() == 0:
+                # aclose() from another task asked this iteration to end: end it quietly.
+                self._error = exc
+                return
+            self._error = exc
+            raise
+        except BaseException as exc:
+            if not isinstance(exc, GeneratorExit):
+                self._error = exc
+            self._ended_at = self._clock()
+            raise
+        finally:
+            agg = self._aggregator
+            if agg is not None and agg.stream is not None:
+                # Sent before layer.done was handed out: the caller may leave in between.
+                await agg.stream.aclose()
+            self._gen_exited.set()
+
+    def _infos(self, state: LayerState, decision: Decision) -> tuple[ReferenceInfo, ...]:
+        calls = state.calls
+        return tuple(
+            ReferenceInfo(
+                r.agent,
+                r.index,
+                r.status,
+                len(r.text),
+                calls[r.index].usage().completion_tokens if r.status != "failed" else 0,
+            )
+            for r in decision.references
+        )
+
+    def _cut(
+        self, li: int, decision: Decision
+    ) -> tuple[Literal["agreement", "budget"] | None, float | None]:
+        remaining = len(self.spec.layers) - li - 1
+        if remaining == 0:
+            return None, None  # nothing left to cut: don't spend TTFT measuring agreement
+        cut = self.spec.cut
+        score: float | None = None
+        if cut.agreement is not None:
+            texts = [r.text for r in decision.references if r.status == "complete"]
+            score = mean_agreement(texts, cut.similarity)
+            if score is not None and score >= cut.agreement:
+                return "agreement", score
+        if cut.ttft_budget is not None:
+            layer_time = decision.at - self._states[li].started_at
+            if decision.at - self._t0 + layer_time > cut.ttft_budget:
+                return "budget", score
+        return None, score
+
+    # -- the aggregator ----------------------------------------------------------------------
+    async def _open_aggregator(
+        self, attempt: int, agent: Agent, refs: tuple[Reference, ...] | None
+    ) -> tuple[Call, ProviderError | None]:
+        """Build the aggregator's request and send it, in this task: no loop turn between the
+        decision and the request. Returns once the response headers arrived (real servers send
+        them at once; the first token comes much later) or the attempt failed."""
+        spec = self.spec
+        if refs is None:
+            messages = with_system_prompt(self.messages, agent.system_prompt)
+        else:
+            messages = build_reference_messages(
+                self.messages,
+                refs,
+                templates=spec.templates,
+                system_prompt=agent.system_prompt,
+                max_reference_chars=spec.max_reference_chars,
+            )
+        temperature, max_tokens, stop = self._overrides
+        request = agent.request(messages, temperature=temperature, max_tokens=max_tokens, stop=stop)
+        call = self._new_call(
+            agent, "aggregator", len(self._states), attempt, self._clock(), messages
+        )
+        self._aggregator = call
+        try:
+            stream = agent.provider.stream(request)
+            call.stream = stream
+            await stream.__aenter__()
+        except ProviderError as exc:
+            if call.stream is not None:
+                await call.stream.aclose()
+            return call, exc
+        except BaseException:
+            call.status = "cancelled"
+            call.ended_at = self._clock()
+            if call.stream is not None:
+                await call.stream.aclose()
+            raise
+        return call, None
+
+    async def _aggregate(
+        self,
+        refs: tuple[Reference, ...] | None,
+        opened: tuple[Call, ProviderError | None] | None,
+    ) -> AsyncGenerator[Event, None]:
+        spec = self.spec
+        errors: dict[str, BaseException] = {}
+        clock = self._clock
+        t0 = self._t0
+        answer = self._answer
+        for attempt, agent in enumerate((spec.aggregator, *spec.fallbacks)):
+            if opened is None:
+                opened = await self._open_aggregator(attempt, agent, refs)
+            call, open_error = opened
+            opened = None
+            yield AggregatorStarted(agent.name, attempt, call.started_at - t0)
+            stream = call.stream
             try:
-                async with stream:
+                if open_error is not None:
+                    raise open_error
+                assert stream is not None
+                try:
                     async for delta in stream:
                         content = delta.content
                         if content:
@@ -503,22 +645,27 @@ class MoARun(AsyncResource):
                             if call.first_token_at is None:
                                 call.first_token_at = now
                                 self._first_token_at = now
-                            call.tokens += 1
-                            call.chars += len(content)
+                            call.chunks += 1
+                            call.parts.append(content)
                             answer.append(content)
                             yield AggregatorDelta(content, now - t0)
+                finally:
+                    await stream.aclose()
             except ProviderError as exc:
                 call.status = "failed"
+                call.exc = exc
                 call.error = str(exc)
                 call.ended_at = clock()
                 errors[agent.name] = exc
+                yield AggregatorFailed(
+                    agent.name, attempt, call.error, exc.kind, call.ended_at - t0
+                )
                 if call.first_token_at is not None:
                     raise AggregatorError(
                         f"aggregator {agent.name} failed after it started answering: {exc}",
                         partial_text="".join(answer),
                         errors=errors,
                     ) from exc
-                yield AggregatorFailed(agent.name, attempt, str(exc), exc.kind, call.ended_at - t0)
                 continue
             except BaseException:
                 call.status = "cancelled"
@@ -526,10 +673,10 @@ class MoARun(AsyncResource):
                 raise
             call.status = "complete"
             call.ended_at = clock()
-            self._finish_reason = stream.finish_reason
+            call.finish_reason = self._finish_reason = stream.finish_reason
             yield AggregatorDone(
                 agent.name,
-                stream.finish_reason,
+                call.finish_reason,
                 call.usage(),
                 None if call.first_token_at is None else call.first_token_at - call.started_at,
                 call.ended_at - t0,
@@ -543,6 +690,7 @@ class MoARun(AsyncResource):
 
     # -- report ------------------------------------------------------------------------------
     def _build_report(self) -> RunReport:
+        self._absorb()
         t0 = self._t0
         agents = []
         total = Usage()
@@ -550,12 +698,17 @@ class MoARun(AsyncResource):
             usage = c.usage()
             total = total + usage
             status: Literal["complete", "partial", "failed", "cancelled"]
-            status = "partial" if c.status == "running" else c.status
+            if c.status != "running":
+                status = c.status
+            elif c.outcome == "cancelled":
+                status = "cancelled"
+            else:
+                status = "partial"
             agents.append(
                 AgentReport(
-                    agent=c.agent.name,
-                    model=c.agent.model,
-                    provider=c.agent.provider.name,
+                    agent=c.agent,
+                    model=c.model,
+                    provider=c.provider,
                     role=c.role,
                     layer=c.layer,
                     index=c.index,
@@ -570,9 +723,10 @@ class MoARun(AsyncResource):
             )
         end = self._ended_at if self._ended_at is not None else self._clock()
         agg = self._aggregator
+        error = self._error
         return RunReport(
             text="".join(self._answer),
-            aggregator=agg.agent.name if agg is not None and agg.status != "failed" else None,
+            aggregator=agg.agent if agg is not None and agg.status != "failed" else None,
             ttft_s=None if self._first_token_at is None else self._first_token_at - t0,
             time_to_quorum_s=self._layer_reports[0].decided_s if self._layer_reports else None,
             aggregator_ttft_s=(
@@ -585,5 +739,11 @@ class MoARun(AsyncResource):
             layers=tuple(self._layer_reports),
             agents=tuple(agents),
             finish_reason=self._finish_reason,
-            error=None if self._error is None else f"{type(self._error).__name__}: {self._error}",
+            error=(
+                None
+                if error is None
+                else "closed before run.done"
+                if isinstance(error, asyncio.CancelledError) and self._stop_requested
+                else f"{type(error).__name__}: {error}"
+            ),
         )

@@ -17,16 +17,28 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
+from moa_stream._exceptions import ConfigError
 from moa_stream._types import ChatMessage, ChatRequest
-from moa_stream.engine.policies import Policy, WaitAll
+from moa_stream.engine.layer import UsableAnswer
+from moa_stream.engine.policies import Policy, WaitAll, required_completions
 from moa_stream.engine.prompts import PromptTemplates
-from moa_stream.engine.similarity import Similarity, word_jaccard
-from moa_stream.providers import Provider
+from moa_stream.engine.run import MoARun
+from moa_stream.engine.similarity import Similarity, conclusion_match
 
 if TYPE_CHECKING:
-    from moa_stream.engine.run import MoARun
+    from moa_stream.providers import Provider
 
-__all__ = ["Agent", "Layer", "LayerCut", "MoA", "moa", "moa_lite", "self_moa", "single"]
+__all__ = [
+    "Agent",
+    "Layer",
+    "LayerCut",
+    "MoA",
+    "UsableAnswer",
+    "moa",
+    "moa_lite",
+    "self_moa",
+    "single",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,20 +82,37 @@ class Layer:
     ``stragglers``: what happens to proposers still running when the policy fires: ``cancel``
     (their requests are closed at once) or ``keep`` (they finish for accounting, nobody waits
     for them). ``on_unmet``: when the policy can no longer fire (too many failures), ``degrade``
-    (go on with what completed) or ``raise`` (:class:`moa_stream.LayerFailedError`).
+    (wait for what can still be met: the same rule with ``k`` lowered to the proposers still
+    running, then go on with what completed; the layer is reported ``degraded``) or ``raise``
+    (:class:`moa_stream.LayerFailedError`). ``usable``: what a finished answer needs to count
+    as complete (by default: not empty, finish reason ``stop``).
+
+    A policy that asks for more proposers than the layer has is rejected here
+    (:class:`moa_stream.ConfigError`), as is any other invalid setting.
     """
 
     agents: tuple[Agent, ...]
     policy: Policy = field(default_factory=WaitAll)
     stragglers: Literal["cancel", "keep"] = "cancel"
     on_unmet: Literal["degrade", "raise"] = "degrade"
+    usable: UsableAnswer = field(default_factory=UsableAnswer)
 
     def __post_init__(self) -> None:
         if not self.agents:
-            raise ValueError("a layer needs at least one agent")
+            raise ConfigError("a layer needs at least one agent")
         names = [a.name for a in self.agents]
         if len(set(names)) != len(names):
-            raise ValueError(f"agent names must be unique within a layer: {names}")
+            raise ConfigError(f"agent names must be unique within a layer: {names}")
+        needed = required_completions(self.policy)
+        if needed > len(self.agents):
+            raise ConfigError(
+                f"policy {self.policy!r} asks for {needed} proposers; the layer has "
+                f"{len(self.agents)}"
+            )
+        if self.stragglers not in ("cancel", "keep"):
+            raise ConfigError(f"stragglers must be 'cancel' or 'keep', not {self.stragglers!r}")
+        if self.on_unmet not in ("degrade", "raise"):
+            raise ConfigError(f"on_unmet must be 'degrade' or 'raise', not {self.on_unmet!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,14 +120,21 @@ class LayerCut:
     """When to skip the remaining refinement layers and go straight to the aggregator.
 
     ``agreement``: cut when the mean pairwise ``similarity`` of a layer's complete answers is at
-    least this (``None``: never). ``ttft_budget``: cut when running one more layer would, by the
-    previous layer's duration, put the aggregator's start past this many seconds after the run
-    started (``None``: no budget).
+    least this (``None``: never); the default measure compares the answers' conclusions (see
+    :mod:`moa_stream.engine.similarity` for its limits). ``ttft_budget``: cut when running one
+    more layer would, by the previous layer's duration, put the aggregator's start past this
+    many seconds after the run started (``None``: no budget).
     """
 
     agreement: float | None = None
-    similarity: Similarity = field(default=word_jaccard, repr=False)
+    similarity: Similarity = field(default=conclusion_match, repr=False)
     ttft_budget: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.agreement is not None and not 0.0 <= self.agreement <= 1.0:
+            raise ConfigError("LayerCut(agreement) must be between 0 and 1")
+        if self.ttft_budget is not None and not self.ttft_budget >= 0:
+            raise ConfigError("LayerCut(ttft_budget) must be >= 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,14 +157,18 @@ class MoA:
         temperature: float | None = None,
         max_tokens: int | None = None,
         stop: Sequence[str] | None = None,
+        keep_grace: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> MoARun:
         """Start a run: ``async with moa.stream(messages) as run: async for text in run.text()``.
 
         ``temperature``, ``max_tokens`` and ``stop`` apply to the aggregator only.
+        ``keep_grace``: how long closing the run waits, after ``run.done``, for proposers of
+        ``keep`` layers to finish (for their accounting) before cancelling them. Leaving before
+        ``run.done`` never waits: everything still running is cancelled at once.
         """
-        from moa_stream.engine.run import MoARun
-
+        if not keep_grace >= 0:
+            raise ConfigError("keep_grace must be >= 0")
         return MoARun(
             self,
             list(messages),
@@ -136,6 +176,7 @@ class MoA:
             max_tokens=max_tokens,
             stop=tuple(stop) if stop else None,
             clock=clock,
+            keep_grace=keep_grace,
         )
 
     def with_policy(self, policy: Policy, **layer_changes: Any) -> MoA:
@@ -178,7 +219,7 @@ def moa(
     ``layers=1`` is proposers then aggregator; each extra layer is one refinement round.
     """
     if layers < 1:
-        raise ValueError("moa() needs layers >= 1; use single() for no proposers")
+        raise ConfigError("moa() needs layers >= 1; use single() for no proposers")
     layer = Layer(tuple(proposers), policy or WaitAll(), stragglers=stragglers, on_unmet=on_unmet)
     return MoA(
         layers=(layer,) * layers,
@@ -227,7 +268,7 @@ def self_moa(
     its own ``seed`` so that deterministic servers still give different samples.
     """
     if n < 1:
-        raise ValueError("self_moa() needs n >= 1")
+        raise ConfigError("self_moa() needs n >= 1")
     samples = tuple(
         replace(
             agent,

@@ -1,7 +1,8 @@
 """The OpenAI-compatible MoA server (``moa-stream serve``).
 
 Every ``[moa.<id>]`` of a config is a model: ``POST /v1/chat/completions`` (streamed or not),
-``GET /v1/models``, ``GET /healthz``, ``GET /metrics``. See ``docs/server.md``.
+``GET /v1/models``, ``GET /healthz``, ``GET /metrics``, and the playground page at ``GET /``
+(:mod:`moa_stream.server.playground`). See ``docs/server.md``.
 
 ::
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import replace
 
 from moa_stream import _aio
 from moa_stream._exceptions import ConfigError
@@ -40,6 +41,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default=1,
         metavar="N",
         help="processes sharing the port (SO_REUSEPORT), each with its own runtime (default: 1)",
+    )
+    parser.add_argument(
+        "--no-ui",
+        action="store_true",
+        help="do not serve the playground page at / (same as [server] ui = false)",
     )
     parser.add_argument(
         "--log-level", choices=list(LEVELS), default="info", help="default: %(default)s"
@@ -74,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
         return _fail("--workers must be at least 1", 2)
     if args.port is not None and not 0 <= args.port <= 65535:
         return _fail("--port must be between 0 and 65535", 2)
+    if args.no_ui:
+        config = replace(config, server=replace(config.server, ui=False))
     configure_logging(level=args.log_level, secrets=_secrets(config))
     host = config.server.host if args.host is None else args.host
     port = config.server.port if args.port is None else args.port
@@ -89,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
             options += ["--workers", "1", "--reuse-port", "--log-level", args.log_level]
             if args.config:
                 options += ["--config", args.config]
+            if args.no_ui:
+                options.append("--no-ui")
             return _aio.run(supervise(worker_argv(options), args.workers))
         finally:
             reserved.close()

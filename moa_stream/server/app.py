@@ -32,7 +32,7 @@ import orjson
 import structlog
 from aiohttp import web
 
-from moa_stream._exceptions import AggregatorError, MoAError, ProviderError
+from moa_stream._exceptions import MoAError
 from moa_stream.config import Runtime, ServerConfig
 from moa_stream.engine.events import AggregatorDelta, ProposerDelta
 from moa_stream.engine.run import MoARun
@@ -40,6 +40,7 @@ from moa_stream.engine.spec import MoA
 from moa_stream.server.errors import APIError, from_http_exception, from_moa_error, timeout_error
 from moa_stream.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from moa_stream.server.metrics import ServerMetrics
+from moa_stream.server.playground import add_playground_routes
 from moa_stream.server.progress import ProgressEncoder, report_object
 from moa_stream.server.wire import (
     DONE,
@@ -47,14 +48,14 @@ from moa_stream.server.wire import (
     ChunkEncoder,
     completion_object,
     parse_chat_request,
-    truthy_header,
 )
 
 __all__ = ["PROGRESS_HEADER", "MoAServer", "create_app"]
 
 log = structlog.get_logger("moa_stream.server")
 
-#: The request header that turns progress on (``1``, ``true``, ``yes`` or ``on``).
+#: The request header that turns progress on (``1``, ``true``, ``yes`` or ``on``; ``text`` also
+#: forwards the proposers' text).
 PROGRESS_HEADER = "X-MoA-Progress"
 
 _SSE_HEADERS = {
@@ -219,14 +220,6 @@ class MoAServer:
         provider = self._providers[moa_id].get(agent, "unknown")
         self.metrics.upstream_errors.inc(provider, kind)
 
-    def _count_mid_stream_failure(self, moa_id: str, exc: MoAError) -> None:
-        # An aggregator that fails after its first token raises at once, with no
-        # aggregator.failed event; its ProviderError is the exception's cause.
-        cause = exc.__cause__
-        if isinstance(exc, AggregatorError) and isinstance(cause, ProviderError):
-            provider = cause.provider or "unknown"
-            self.metrics.upstream_errors.inc(provider, cause.kind)
-
     async def _read_body(self, request: web.Request) -> bytes:
         limit = self.config.max_body_bytes
         # Refuse on the declared length before reading a byte; chunked bodies are capped by
@@ -269,9 +262,7 @@ class MoAServer:
         if self.shutting_down:
             raise APIError.shutting_down()
         raw = await self._read_body(request)
-        req = parse_chat_request(
-            raw, progress_header=truthy_header(request.headers.get(PROGRESS_HEADER))
-        )
+        req = parse_chat_request(raw, progress_header=request.headers.get(PROGRESS_HEADER))
         spec = self.moas.get(req.model)
         if spec is None:
             raise APIError.model_not_found(req.model, list(self.moas))
@@ -308,7 +299,7 @@ class MoAServer:
     ) -> web.StreamResponse:
         resp = web.StreamResponse(headers=_SSE_HEADERS)
         enc = ChunkEncoder(ctx.completion_id, ctx.created, req.model, req.include_usage)
-        progress = ProgressEncoder() if req.progress else None
+        progress = ProgressEncoder(text=req.progress_text) if req.progress else None
         write = resp.write
         first = True
         finished = False
@@ -360,7 +351,6 @@ class MoAServer:
                             if frame is not None:
                                 await write(frame)
             except MoAError as exc:
-                self._count_mid_stream_failure(req.model, exc)
                 error = from_moa_error(exc)
             except TimeoutError:
                 error = self._deadline_error()
@@ -406,7 +396,6 @@ class MoAServer:
                         elif event.type == "run.done":
                             report = event.report
             except MoAError as exc:
-                self._count_mid_stream_failure(req.model, exc)
                 raise from_moa_error(exc) from None
             except TimeoutError:
                 raise self._deadline_error() from None
@@ -591,4 +580,6 @@ def build_app(state: MoAServer) -> web.Application:
     app.router.add_get("/v1/models/{model}", state.get_model)
     app.router.add_get("/healthz", state.healthz)
     app.router.add_get("/metrics", state.metrics_handler)
+    if state.config.ui:
+        add_playground_routes(app.router)
     return app

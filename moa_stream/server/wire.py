@@ -21,6 +21,7 @@ from moa_stream.server.errors import APIError
 
 __all__ = [
     "DONE",
+    "PROGRESS_TEXT",
     "ROLES",
     "ChatCompletionRequest",
     "ChunkEncoder",
@@ -41,7 +42,8 @@ class ChatCompletionRequest:
     """The fields of a request the server acts on; everything else in the body is ignored.
 
     ``temperature``, ``max_tokens`` and ``stop`` apply to the MoA's aggregator. ``progress``
-    asks for the MoA's progress inside the stream (see ``docs/server.md``).
+    asks for the MoA's progress inside the stream (see ``docs/server.md``); ``progress_text``
+    for the proposers' text in it too (the ``text`` level).
     """
 
     model: str
@@ -52,6 +54,12 @@ class ChatCompletionRequest:
     max_tokens: int | None = None
     stop: tuple[str, ...] | None = None
     progress: bool = False
+    progress_text: bool = False
+
+
+#: The progress level that also forwards the proposers' text: ``X-MoA-Progress: text`` or
+#: ``"moa_stream": {"progress": "text"}``.
+PROGRESS_TEXT = "text"
 
 
 def truthy_header(value: str | None) -> bool:
@@ -200,12 +208,15 @@ def _stop(value: object) -> tuple[str, ...] | None:
     return tuple(s for s in value if s) or None
 
 
-def parse_chat_request(raw: bytes, *, progress_header: bool = False) -> ChatCompletionRequest:
+def parse_chat_request(
+    raw: bytes, *, progress_header: bool | str | None = False
+) -> ChatCompletionRequest:
     """Parse and check a ``POST /v1/chat/completions`` body.
 
     Unknown fields are accepted and ignored, as OpenAI-compatible servers do. ``progress`` is
-    on when ``progress_header`` is (``X-MoA-Progress: 1``) or the body has
-    ``"moa_stream": {"progress": true}``.
+    on when ``progress_header`` is (a flag, or the ``X-MoA-Progress`` header's value: ``1``,
+    ``text``...) or the body has ``"moa_stream": {"progress": true}``; ``progress_text`` when
+    either says ``"text"``.
     """
     try:
         body = orjson.loads(raw)
@@ -251,12 +262,22 @@ def parse_chat_request(raw: bytes, *, progress_header: bool = False) -> ChatComp
             # A MoA produces one answer; n > 1 would have to run the whole MoA n times.
             raise _invalid_value("n", "only n = 1 is supported.")
 
-    progress = progress_header
+    if isinstance(progress_header, str):
+        progress_text = progress_header.strip().lower() == PROGRESS_TEXT
+        progress = progress_text or truthy_header(progress_header)
+    else:
+        progress, progress_text = bool(progress_header), False
     ours = body.get("moa_stream")
     if ours is not None:
         if not isinstance(ours, dict):
             raise _wrong_type("moa_stream", "an object", ours)
-        progress = _optional_bool(ours, "progress", "moa_stream.progress") or progress
+        level = ours.get("progress")
+        if level == PROGRESS_TEXT:
+            progress = progress_text = True
+        elif isinstance(level, str):
+            raise _wrong_type("moa_stream.progress", 'a boolean or "text"', level)
+        else:
+            progress = _optional_bool(ours, "progress", "moa_stream.progress") or progress
 
     return ChatCompletionRequest(
         model=model,
@@ -267,6 +288,7 @@ def parse_chat_request(raw: bytes, *, progress_header: bool = False) -> ChatComp
         max_tokens=_max_tokens(body),
         stop=_stop(body.get("stop")),
         progress=progress,
+        progress_text=progress_text,
     )
 
 
