@@ -1,4 +1,4 @@
-"""The MoA endpoints inside an existing FastAPI (or Starlette) application.
+"""The MoA endpoints inside an existing FastAPI application.
 
 Two pieces:
 
@@ -6,7 +6,8 @@ Two pieces:
   and ``GET /v1/models[/{id}]`` for a set of MoAs: ``app.include_router(moa_router(runtime),
   prefix="/moa")`` makes ``/moa/v1`` a base URL for OpenAI clients.
 - :class:`SSEResponse` (or :func:`sse_response`) turns a run you started in your own endpoint
-  into an OpenAI-compatible SSE response.
+  into an OpenAI-compatible SSE response (a Starlette response: plain Starlette apps can
+  return it too).
 
 Requests are parsed, and results and errors written, by the server's own code
 (:mod:`moa_stream.server.wire`, :mod:`moa_stream.server.errors`), so the bytes are the same as
