@@ -295,3 +295,18 @@ def test_a_crash_is_an_openai_500(stream: bool) -> None:
         resp = client.post("/v1/chat/completions", json=body("bug", stream=stream))
         assert resp.status_code == 500
         assert resp.json()["error"]["code"] == "internal_error"
+
+
+def test_sse_response_in_a_plain_starlette_app() -> None:
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    spec = scripted_moas()["solo"]
+
+    async def ask(request: Request) -> Response:
+        return sse_response(spec.stream([{"role": "user", "content": "hi"}]), model="solo")
+
+    with TestClient(Starlette(routes=[Route("/ask", ask, methods=["POST"])])) as client:
+        resp = client.post("/ask")
+        assert resp.status_code == 200
+        assert sse_text(resp.content) == "Fine thanks."
