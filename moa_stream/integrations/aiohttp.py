@@ -46,6 +46,9 @@ def add_moa_subapp(
     outlive the application; ``server_config`` defaults to the runtime's ``[server]`` table
     (API keys, body and concurrency limits, request timeout). Returns the sub-application;
     ``sub[MoAServer.KEY]`` is its state (metrics, active requests, shutdown).
+
+    aiohttp reads bodies with the parent's ``client_max_size``: make it at least
+    ``max_body_bytes`` when that is above aiohttp's default of 1 MiB.
     """
     prefix = prefix.rstrip("/")
     if not prefix.startswith("/"):

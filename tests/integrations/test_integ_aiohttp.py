@@ -60,6 +60,7 @@ async def test_host_routes_and_moa_routes_live_side_by_side(
     assert await resp.text() == "the host application"
     resp = await host.get("/moa/v1/models")
     assert resp.status == 200
+    assert resp.headers["X-Request-Id"]  # the server's response hooks run below the prefix
     assert [m["id"] for m in (await resp.json())["data"]] == MOA_IDS
     resp = await host.get("/moa/healthz")
     assert resp.status == 200
