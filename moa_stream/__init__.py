@@ -1,5 +1,6 @@
 """moa_stream: Mixture-of-Agents over LLM providers, streamed with the lowest possible TTFT."""
 
+from moa_stream._easy import Endpoint, EndpointMoA, from_endpoints
 from moa_stream._exceptions import (
     AggregatorError,
     AuthenticationError,
@@ -28,15 +29,28 @@ from moa_stream._types import ChatMessage, ChatRequest, Delta, StreamTimings, Us
 from moa_stream.config import Config, Runtime, default_config, load_config
 from moa_stream.engine import (
     Agent,
+    AgentReport,
+    AggregatorDelta,
+    AggregatorDone,
+    AggregatorFailed,
+    AggregatorStarted,
     Deadline,
     Event,
     Layer,
     LayerCut,
+    LayerDone,
+    LayerReport,
     MoA,
     MoARun,
     Partial,
     Policy,
+    ProposerDelta,
+    ProposerDone,
+    ProposerFailed,
+    ProposerStarted,
     Quorum,
+    ReferenceInfo,
+    RunDone,
     RunReport,
     RunResult,
     WaitAll,
@@ -57,9 +71,18 @@ from moa_stream.providers import (
 
 __version__ = "0.1.0"
 
+#: :func:`moa` under a name that leaves ``moa`` free for the caller's variable:
+#: ``spec = mixture_of_agents(proposers, aggregator, policy=Quorum(2))``.
+mixture_of_agents = moa
+
 __all__ = [
     "Agent",
+    "AgentReport",
+    "AggregatorDelta",
+    "AggregatorDone",
     "AggregatorError",
+    "AggregatorFailed",
+    "AggregatorStarted",
     "AuthenticationError",
     "ChatMessage",
     "ChatRequest",
@@ -69,12 +92,16 @@ __all__ = [
     "ConnectTimeout",
     "Deadline",
     "Delta",
+    "Endpoint",
+    "EndpointMoA",
     "Event",
     "FirstTokenTimeout",
     "IdleTimeout",
     "Layer",
     "LayerCut",
+    "LayerDone",
     "LayerFailedError",
+    "LayerReport",
     "MoA",
     "MoAError",
     "MoARun",
@@ -84,6 +111,10 @@ __all__ = [
     "OpenAIStream",
     "Partial",
     "Policy",
+    "ProposerDelta",
+    "ProposerDone",
+    "ProposerFailed",
+    "ProposerStarted",
     "ProtocolError",
     "Provider",
     "ProviderError",
@@ -91,8 +122,10 @@ __all__ = [
     "ProviderTimeout",
     "Quorum",
     "RateLimitError",
+    "ReferenceInfo",
     "RequestRejectedError",
     "RetryPolicy",
+    "RunDone",
     "RunReport",
     "RunResult",
     "Runtime",
@@ -108,7 +141,9 @@ __all__ = [
     "WaitAll",
     "__version__",
     "default_config",
+    "from_endpoints",
     "load_config",
+    "mixture_of_agents",
     "moa",
     "moa_lite",
     "parse_policy",

@@ -34,6 +34,7 @@ live providers and :class:`~moa_stream.engine.MoA` objects, and closes them.
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -178,6 +179,11 @@ class _Table:
         self.seen: set[str] = set()
 
     def err(self, key: str, message: str) -> ConfigError:
+        if key not in self.data:
+            # A missing field is often a misspelt one that is present.
+            close = difflib.get_close_matches(key, [k for k in self.data if k != key], 1, 0.75)
+            if close:
+                message += f" (this table has {close[0]!r}: a misspelling of {key!r}?)"
         return ConfigError(
             message, path=f"{self.path}.{key}" if self.path else key, source=self.source
         )
@@ -229,7 +235,11 @@ class _Table:
     def done(self) -> None:
         unknown = sorted(set(self.data) - self.seen)
         if unknown:
-            raise self.err(unknown[0], "unknown field")
+            # Every reader asks for each field it knows before calling done(), so `seen`
+            # holds this table's known fields.
+            close = difflib.get_close_matches(unknown[0], sorted(self.seen), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise self.err(unknown[0], f"unknown field{hint}")
 
 
 def _kind_name(kinds: tuple[type, ...]) -> str:

@@ -44,6 +44,7 @@ from moa_stream.bench.quality import (
     load_prompts,
     load_questions,
     quiz_questions,
+    unscored_warning,
 )
 from moa_stream.bench.scenarios import Scenario, get_scenarios
 from moa_stream.bench.strategies import Lineup, Runnable, Strategy, get_strategies
@@ -362,8 +363,9 @@ async def _run_offline(settings: BenchSettings, progress_out: IO[str] | None) ->
                 scenarios[scenario.name] = scenario.description
                 cell = await _offline_cell(host, scenario, strategy, settings, progress)
                 if cell is None:
-                    skipped = f"skipped {strategy.name} on {scenario.name}: not applicable"
-                    progress.cell_skipped(skipped)
+                    progress.cell_skipped(
+                        f"{strategy.name} on {scenario.name}", strategy.needs or "not applicable"
+                    )
                     continue
                 cells.append(cell)
                 progress.cell_done(rep.summarize(cell))
@@ -432,6 +434,7 @@ async def _run_real(settings: BenchSettings, progress_out: IO[str] | None) -> Be
     concurrency = settings.concurrency or 1
     strategies = get_strategies(settings.strategies)
     progress = Progress(progress_out, len(strategies))
+    warnings: list[str] = []
     scenario = f"config:{moa_id}"
     cells: list[rep.CellResult] = []
     try:
@@ -448,7 +451,7 @@ async def _run_real(settings: BenchSettings, progress_out: IO[str] | None) -> Be
             for strategy in strategies:
                 runnable = strategy.make(lineup)
                 if runnable is None:
-                    progress.cell_skipped(f"skipped {strategy.name}: not applicable")
+                    progress.cell_skipped(strategy.name, strategy.needs or "not applicable")
                     continue
                 progress.cell_started(scenario, strategy.name, len(questions))
                 samples, wall, cpu = await run_cell(
@@ -460,6 +463,12 @@ async def _run_real(settings: BenchSettings, progress_out: IO[str] | None) -> Be
                 )
                 if judge is not None:
                     await _judge(judge, questions, samples)
+                    answered = [s for s in samples if s.error is None]
+                    scored = sum(1 for s in answered if s.judge_score is not None)
+                    loud = unscored_warning(len(answered), scored, judge.name)
+                    if loud is not None:
+                        progress.message(f"{strategy.name}: {loud}")
+                        warnings.append(f"{strategy.name}: {loud}")
                 cell = _cell(
                     strategy, runnable, scenario, concurrency, m.layers, samples, wall, cpu
                 )
@@ -469,6 +478,8 @@ async def _run_real(settings: BenchSettings, progress_out: IO[str] | None) -> Be
         progress.close()
     described = m.description or f"the config's MoA {moa_id!r}"
     meta = _metadata(settings, f"real endpoints ({settings.config})", None)
+    if warnings:
+        meta["warnings"] = warnings
     return _finish(settings, cells, meta, {scenario: described})
 
 

@@ -51,11 +51,13 @@ class Lineup:
 
 @dataclass(frozen=True, slots=True)
 class Strategy:
-    """A named way of answering; ``make`` builds it for a lineup (``None``: not applicable)."""
+    """A named way of answering; ``make`` builds it for a lineup (``None``: not applicable,
+    and ``needs`` says what it needs, for the message that says why it was skipped)."""
 
     name: str
     description: str
     make: Callable[[Lineup], Runnable | None] = field(repr=False)
+    needs: str = ""
 
 
 def policy_strategy(
@@ -87,7 +89,12 @@ def policy_strategy(
             name=name,
         )
 
-    return Strategy(name, description, make)
+    needs = [
+        f"at least {n} {what}"
+        for n, what in ((min_proposers, "proposers"), (min_layers, "layers"))
+        if n > 1
+    ]
+    return Strategy(name, description, make, " and ".join(needs))
 
 
 def _single(lineup: Lineup) -> MoA:

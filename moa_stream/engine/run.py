@@ -124,6 +124,7 @@ class MoARun(AsyncResource):
         self._gen_exited = asyncio.Event()
         self._stop_requested = False
         self._consumed = False
+        self._entered = False
         self._finished = False  # run.done was handed to the caller
         self._closed = False  # aclose() completed its clean-up
         self._t0 = 0.0
@@ -137,6 +138,7 @@ class MoARun(AsyncResource):
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def __aenter__(self) -> Self:
+        self._entered = True
         self._start()
         return self
 
@@ -192,6 +194,12 @@ class MoARun(AsyncResource):
                 task.cancel()
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
+            # A task cancelled before it first ran never saw its CancelledError.
+            now = self._clock()
+            for call in self._calls:
+                if call.outcome == "running" and call.role == "proposer":
+                    call.outcome = "cancelled"
+                    call.ended_at = now
         self._tasks.clear()
         self._closed = True
         self._report = None  # rebuilt with the final accounting on next access
@@ -199,6 +207,13 @@ class MoARun(AsyncResource):
     # -- consuming ---------------------------------------------------------------------------
     def events(self) -> AsyncIterator[Event]:
         """Every event of the run, in order, ending with ``run.done``. Consume once."""
+        if not self._entered:
+            # Outside `async with` nothing would close the run's requests if the caller left
+            # early: stragglers and their connections would outlive the loop.
+            raise RuntimeError(
+                "consume a run inside `async with spec.stream(messages) as run:`, "
+                "or call `await run.final()`, which closes it"
+            )
         self._start()
         if self._consumed:
             raise RuntimeError("a run's events can be consumed only once")
@@ -214,6 +229,7 @@ class MoARun(AsyncResource):
 
     async def final(self) -> RunResult:
         """Run to the end and return the whole answer and the report; closes the run."""
+        self._entered = True  # closed below, so safe outside `async with`
         try:
             async for _ in self.events():
                 pass

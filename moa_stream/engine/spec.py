@@ -26,6 +26,7 @@ from moa_stream.engine.run import MoARun
 from moa_stream.engine.similarity import Similarity, conclusion_match
 
 if TYPE_CHECKING:
+    from moa_stream._easy import EndpointMoA
     from moa_stream.providers import Provider
 
 __all__ = [
@@ -55,6 +56,11 @@ class Agent:
     max_tokens: int | None = None
     system_prompt: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, provider: Provider, model: str, *, name: str | None = None, **params: Any) -> Agent:
+        """An agent named after its model unless ``name`` is given: ``Agent.of(local, "qwen")``."""
+        return cls(name or model, provider, model, **params)
 
     def request(
         self,
@@ -178,6 +184,14 @@ class MoA:
             clock=clock,
             keep_grace=keep_grace,
         )
+
+    @classmethod
+    def from_endpoints(cls, *args: Any, **kwargs: Any) -> EndpointMoA:
+        """A MoA over OpenAI-compatible endpoints that owns its providers; see
+        :func:`moa_stream.from_endpoints` for the arguments."""
+        from moa_stream._easy import from_endpoints
+
+        return from_endpoints(*args, **kwargs)
 
     def with_policy(self, policy: Policy, **layer_changes: Any) -> MoA:
         """The same MoA with ``policy`` (and any other :class:`Layer` field) on every layer."""

@@ -13,10 +13,10 @@ import sys
 from dataclasses import replace
 
 from moa_stream import _aio
+from moa_stream._cli_logging import configure_from_args, format_from_args, level_from_args
 from moa_stream._exceptions import ConfigError
 from moa_stream.config import Config, default_config, load_config
 from moa_stream.server._serve import reserve_port, serve, supervise, worker_argv
-from moa_stream.server.logs import LEVELS, configure_logging
 
 __all__ = ["add_parser", "run"]
 
@@ -46,9 +46,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--no-ui",
         action="store_true",
         help="do not serve the playground page at / (same as [server] ui = false)",
-    )
-    parser.add_argument(
-        "--log-level", choices=list(LEVELS), default="info", help="default: %(default)s"
     )
     # Set by the supervisor on the workers it starts.
     parser.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
@@ -82,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         return _fail("--port must be between 0 and 65535", 2)
     if args.no_ui:
         config = replace(config, server=replace(config.server, ui=False))
-    configure_logging(level=args.log_level, secrets=_secrets(config))
+    configure_from_args(args, secrets=_secrets(config))
     host = config.server.host if args.host is None else args.host
     port = config.server.port if args.port is None else args.port
 
@@ -94,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
             return _fail(f"cannot bind {host}:{port}: {exc.strerror or exc}", 1)
         try:
             options = ["--host", host, "--port", str(reserved.getsockname()[1])]
-            options += ["--workers", "1", "--reuse-port", "--log-level", args.log_level]
+            options += ["--workers", "1", "--reuse-port", "--log-level", level_from_args(args)]
+            options += ["--log-format", format_from_args(args)]
             if args.config:
                 options += ["--config", args.config]
             if args.no_ui:
