@@ -36,7 +36,7 @@ test: $(DEV)
 # The playground page in headless Chromium: needs Debian's chromium and chromium-driver
 # (apt-get install chromium chromium-driver); without them the tests are skipped with the reason.
 # Screenshots go to build/ui/.
-test-ui: $(STAMP)
+test-ui: $(DEV)
 	$(BIN)/python -m pip install --quiet -e '.[ui]'
 	$(BIN)/pytest -m ui tests/ui
 

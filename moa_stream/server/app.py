@@ -185,6 +185,9 @@ class MoAServer:
         self.metrics = metrics if metrics is not None else ServerMetrics()
         self._keys = tuple(k.encode() for k in config.resolved_api_keys())
         self._origins = frozenset(config.cors_origins)
+        #: Where the application is mounted as a sub-application ("" at the root); the
+        #: middleware matches paths after it.
+        self.path_prefix = ""
         self.active = 0
         self.shutting_down = False
         self._idle = asyncio.Event()
@@ -562,7 +565,8 @@ class MoAServer:
         request's log line and metrics, around every handler."""
         ctx = RequestContext(uuid.uuid4().hex, time.monotonic())
         # Counted as a chat request even when refused before the handler (401, 405).
-        ctx.chat = request.path == _CHAT_PATH
+        path = request.path.removeprefix(self.path_prefix)
+        ctx.chat = path == _CHAT_PATH
         request[_CTX] = ctx
         response: web.StreamResponse
         try:
@@ -573,7 +577,7 @@ class MoAServer:
                 and "Access-Control-Request-Method" in request.headers
             ):
                 response = self._preflight(request)
-            elif request.path.startswith("/v1/") and not self.authorized(
+            elif path.startswith("/v1/") and not self.authorized(
                 request.headers.get("Authorization")
             ):
                 raise APIError.invalid_api_key()
@@ -659,7 +663,7 @@ class MoAServer:
         if ctx.error is not None:
             fields["error_code"] = ctx.error.code
             fields["error"] = ctx.error.message
-        if request.path in _QUIET_PATHS and ctx.status < 400:
+        if request.path.removeprefix(self.path_prefix) in _QUIET_PATHS and ctx.status < 400:
             log.debug("request", **fields)
         else:
             log.info("request", **fields)
