@@ -45,6 +45,7 @@ from moa_stream.engine.events import (
     AggregatorFailed,
     AggregatorStarted,
     Event,
+    Hedged,
     LayerDone,
     LayerReport,
     ProposerDelta,
@@ -58,6 +59,7 @@ from moa_stream.engine.events import (
 from moa_stream.engine.layer import Call, Decision, LayerState, Reference
 from moa_stream.engine.prompts import build_reference_messages, with_system_prompt
 from moa_stream.engine.similarity import agreement as mean_agreement
+from moa_stream.engine.streams import open_stream
 
 if TYPE_CHECKING:
     from moa_stream.engine.spec import Agent, MoA
@@ -258,7 +260,8 @@ class MoARun(AsyncResource):
                 )
             call = self._new_call(agent, "proposer", li, index, now, messages)
             calls.append(call)
-            call.task = self._spawn(self._propose(call, agent, agent.request(messages)))
+            request = agent.request(messages, max_tokens=layer.max_tokens)
+            call.task = self._spawn(self._propose(call, agent, request))
             events.append(ProposerStarted(li, index, agent.name, now - self._t0))
         self._states.append(
             LayerState(
@@ -306,7 +309,7 @@ class MoARun(AsyncResource):
         pending = call.pending
         clock = self._clock
         try:
-            stream = agent.provider.stream(request)
+            stream = open_stream(agent, request)
             call.stream = stream
             async with stream:
                 async for delta in stream:
@@ -370,6 +373,8 @@ class MoARun(AsyncResource):
         state = self._states[call.layer]
         index = call.index
         pending = call.pending
+        if events is not None and not call.hedge_reported and call.chunks == 0:
+            self._report_hedge(call, events, now)
         if pending:
             if events is None or call.status != "running":
                 for text in pending:
@@ -414,6 +419,25 @@ class MoARun(AsyncResource):
                         now - self._t0,
                     )
                 )
+
+    def _report_hedge(self, call: Call, events: list[Event], now: float) -> None:
+        """The ``hedge`` event of ``call``, once its race is decided."""
+        hedge = call.hedge
+        if hedge is None or (hedge.winner is None and call.outcome == "running"):
+            return
+        call.hedge_reported = True
+        events.append(
+            Hedged(
+                call.role,
+                call.layer,
+                call.index,
+                call.agent,
+                hedge.backup,
+                hedge.after_s,
+                hedge.winner,
+                now - self._t0,
+            )
+        )
 
     async def _next_batch(self, li: int, armed: float | None) -> tuple[list[Event], float | None]:
         """Wait for something to happen in layer ``li``; take in everything already queued,
@@ -601,7 +625,7 @@ class MoARun(AsyncResource):
         )
         self._aggregator = call
         try:
-            stream = agent.provider.stream(request)
+            stream = open_stream(agent, request)
             call.stream = stream
             await stream.__aenter__()
         except ProviderError as exc:
@@ -645,6 +669,10 @@ class MoARun(AsyncResource):
                             if call.first_token_at is None:
                                 call.first_token_at = now
                                 self._first_token_at = now
+                                hedge: list[Event] = []
+                                self._report_hedge(call, hedge, now)
+                                for event in hedge:
+                                    yield event
                             call.chunks += 1
                             call.parts.append(content)
                             answer.append(content)
@@ -719,6 +747,7 @@ class MoARun(AsyncResource):
                     usage=usage,
                     chars=c.chars,
                     error=c.error,
+                    hedge=c.hedge,
                 )
             )
         end = self._ended_at if self._ended_at is not None else self._clock()
@@ -739,6 +768,7 @@ class MoARun(AsyncResource):
             layers=tuple(self._layer_reports),
             agents=tuple(agents),
             finish_reason=self._finish_reason,
+            hedges=sum(1 for a in agents if a.hedge is not None),
             error=(
                 None
                 if error is None
