@@ -159,8 +159,10 @@ class MoARun(AsyncResource):
         """Stop the run and wait until every request is closed. Idempotent.
 
         Before ``run.done`` everything still running is cancelled at once. After it, proposers
-        of ``keep`` layers get ``keep_grace`` seconds to finish; cancelling the caller during
-        that wait cancels them at once (and a second ``aclose()`` finishes the clean-up).
+        of ``keep`` layers (and the last bytes of finished proposers: usage, ``[DONE]``) get
+        ``keep_grace`` seconds to finish, for the report's accounting; cancelling the caller
+        during that wait cancels them at once (and a second ``aclose()`` finishes the
+        clean-up).
         """
         if self._closed:
             return
