@@ -57,6 +57,7 @@ from moa_stream.engine.events import (
     RunReport,
 )
 from moa_stream.engine.layer import Call, Decision, LayerState, Reference
+from moa_stream.engine.policies import WaitAll
 from moa_stream.engine.prompts import build_reference_messages, with_system_prompt
 from moa_stream.engine.similarity import agreement as mean_agreement
 from moa_stream.engine.streams import open_stream
@@ -151,7 +152,7 @@ class MoARun(AsyncResource):
         spec = self.spec
         if spec.layers:
             self._pending.extend(self._start_layer(0, None))
-            if spec.prewarm:
+            if spec.prewarm and not self._pool_warm_at_decision():
                 self._spawn(self._prewarm(spec.aggregator))
         self._gen = self._drive()
 
@@ -347,6 +348,18 @@ class MoARun(AsyncResource):
                 str(exc) if isinstance(exc, ProviderError) else f"{type(exc).__name__}: {exc}"
             )
             self._ended(call, "failed")
+
+    def _pool_warm_at_decision(self) -> bool:
+        """Whether the aggregator's provider will have warm connections anyway: a ``wait_all``
+        first layer with two or more proposers on that provider hands their connections back
+        to its pool before it decides, so a pre-warm would only add a request (at the moment
+        the run starts, those proposers hold the pool's idle connections, and the provider's
+        own check cannot tell)."""
+        layer = self.spec.layers[0]
+        if not isinstance(layer.policy, WaitAll):
+            return False
+        provider = self.spec.aggregator.provider
+        return sum(1 for a in layer.agents if a.provider is provider) >= 2
 
     async def _prewarm(self, agent: Agent) -> None:
         try:
