@@ -321,8 +321,10 @@ class HedgedStream:
                 if _won(task):
                     winner = streams[i]
                     assert winner is not None
-                    if i == 0:
-                        config._book.ttfts.append(loop.time() - self._started)
+                    # The primary's time to first delta; when the backup won, the primary's is
+                    # only known to be longer: record that bound, so the tail the hedges cut
+                    # stays in the statistics instead of pulling the threshold down.
+                    config._book.ttfts.append(loop.time() - self._started)
                     await self._close_losers(i)
                     self._winner = winner
                     if self.hedge is not None:
