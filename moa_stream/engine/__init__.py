@@ -7,6 +7,8 @@ from moa_stream.engine.events import (
     AggregatorFailed,
     AggregatorStarted,
     Event,
+    Hedged,
+    HedgeInfo,
     LayerDone,
     LayerReport,
     ProposerDelta,
@@ -39,6 +41,7 @@ from moa_stream.engine.similarity import (
     word_jaccard,
 )
 from moa_stream.engine.spec import Agent, Layer, LayerCut, MoA, moa, moa_lite, self_moa, single
+from moa_stream.engine.streams import Hedge, HedgedStream, TimedStream
 
 __all__ = [
     "Agent",
@@ -55,6 +58,10 @@ __all__ = [
     "Decision",
     "Event",
     "Fire",
+    "Hedge",
+    "HedgeInfo",
+    "Hedged",
+    "HedgedStream",
     "Layer",
     "LayerCut",
     "LayerDone",
@@ -75,6 +82,7 @@ __all__ = [
     "RunDone",
     "RunReport",
     "RunResult",
+    "TimedStream",
     "UsableAnswer",
     "WaitAll",
     "agreement",
