@@ -1,34 +1,53 @@
-# Every target creates ./.venv on first use and installs what it needs into it.
+# Every target creates ./.venv on first use and installs what it needs into it: `demo` and
+# `serve` only the runtime (a few seconds), `test`, `bench` and `docs` the test and benchmark
+# tools as well.
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+RUNTIME := $(VENV)/.runtime-installed
+DEV := $(VENV)/.dev-installed
+PIP := $(BIN)/python -m pip --disable-pip-version-check
+# The committed figures in docs/benchmarks were made at this time scale (benchmarks/make_docs.py).
+BENCH_TIME_SCALE := 0.5
 
-.PHONY: demo test lint bench docs serve clean
+.PHONY: demo test test-ui lint bench docs serve clean
 
-$(STAMP): pyproject.toml
+$(RUNTIME): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "$(PYTHON) not found; run: make PYTHON=/path/to/python3.11 ..." >&2; exit 1; }
+	@echo "== creating $(VENV) and installing moa_stream's runtime (aiohttp, orjson, structlog, uvloop)"
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
-	@touch $(STAMP)
+	$(PIP) install --progress-bar on -e .
+	@touch $(RUNTIME)
 
-demo: $(STAMP)
+$(DEV): $(RUNTIME)
+	@echo "== installing the test and benchmark tools (pytest, mypy, ruff, openai, matplotlib, ...)"
+	$(PIP) install --progress-bar on -e '.[test,bench]'
+	@touch $(DEV)
+
+demo: $(RUNTIME)
 	$(BIN)/moa-stream demo
 
-test: $(STAMP)
+test: $(DEV)
 	$(BIN)/ruff check moa_stream tests benchmarks
 	$(BIN)/ruff format --check moa_stream tests benchmarks
 	$(BIN)/mypy
-	$(BIN)/pytest
+	$(BIN)/pytest -m "not ui"
 
-serve: $(STAMP)
+# The playground page in headless Chromium: needs Debian's chromium and chromium-driver
+# (apt-get install chromium chromium-driver); without them the tests are skipped with the reason.
+# Screenshots go to build/ui/.
+test-ui: $(DEV)
+	$(BIN)/python -m pip install --quiet -e '.[ui]'
+	$(BIN)/pytest -m ui tests/ui
+
+serve: $(RUNTIME)
 	$(BIN)/moa-stream serve
 
-bench: $(STAMP)
-	$(BIN)/moa-stream bench --out docs/benchmarks
+bench: $(DEV)
+	$(BIN)/moa-stream bench --out docs/benchmarks --time-scale $(BENCH_TIME_SCALE)
 
-docs: $(STAMP)
+docs: $(DEV)
+	@echo "== rerunning the benchmark matrix and the overhead benchmark: about ten minutes"
 	$(BIN)/python benchmarks/make_docs.py
 
 clean:

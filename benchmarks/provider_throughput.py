@@ -10,10 +10,15 @@ hand (``iter_any()``, split on blank lines, ``orjson.loads`` each payload):
   is missing) answers after a fixed TTFT; reported as p50/p99 client-side TTFT and their
   difference from the bare reader's.
 
+With ``--litellm``, a third measurement: ``LiteLLMProvider`` (through
+``litellm.acompletion(stream=True)``) against ``OpenAIProvider`` on the same stream, as client CPU
+microseconds per chunk; LiteLLM is slow enough that fewer chunks are used.
+
 The servers run in a separate process pinned to another core (when there is one), and the
 client is pinned to one core, so the figures are the client's own cost.
 
     .venv/bin/python benchmarks/provider_throughput.py [--quick] [--json] [--loop asyncio]
+        [--litellm]
 """
 
 from __future__ import annotations
@@ -313,7 +318,58 @@ async def measure_ttft(clients: Clients, streams: int, rounds: int) -> dict[str,
     return row
 
 
-async def run_benchmarks(ports: dict[str, Any], quick: bool) -> dict[str, Any]:
+async def measure_litellm(
+    clients: Clients, streams: int, total: int, repeats: int
+) -> dict[str, Any]:
+    """Client CPU per chunk: LiteLLMProvider against OpenAIProvider, same server, same stream."""
+    from moa_stream.providers import LiteLLMProvider
+
+    lite = LiteLLMProvider(
+        name="litellm",
+        api_base=clients.base_url,
+        api_key="bench",
+        timeouts=Timeouts(connect=30, first_token=60, idle=60, total=None),
+        retry=RetryPolicy(max_attempts=1),
+    )
+
+    async def through_litellm(n: int) -> tuple[int, float | None]:
+        count = 0
+        start = time.monotonic()
+        first: float | None = None
+        req = ChatRequest(
+            messages=[{"role": "user", "content": "Count."}], model="openai/bench", max_tokens=n
+        )
+        async with lite.stream(req) as stream:
+            async for delta in stream:
+                if delta.content:
+                    if first is None:
+                        first = time.monotonic() - start
+                    count += 1
+        return count, first
+
+    per_stream = total // streams
+    try:
+        await _run_concurrent(through_litellm, streams, per_stream)
+        await _run_concurrent(clients.ours, streams, per_stream)
+        best: dict[str, tuple[int, float, float]] = {}
+        for _ in range(repeats):
+            for name, run in (("provider", clients.ours), ("litellm", through_litellm)):
+                result = await _run_concurrent(run, streams, per_stream)
+                if name not in best or result[2] < best[name][2]:
+                    best[name] = result
+    finally:
+        await lite.aclose()
+    row: dict[str, Any] = {"streams": streams, "chunks": per_stream * streams}
+    for name, (chunks, wall, cpu) in best.items():
+        row[f"{name}_chunks_per_s"] = chunks / wall
+        row[f"{name}_us_per_chunk"] = cpu / chunks * 1e6
+    row["litellm_cost_ratio"] = row["litellm_us_per_chunk"] / row["provider_us_per_chunk"]
+    return row
+
+
+async def run_benchmarks(
+    ports: dict[str, Any], quick: bool, litellm: bool = False
+) -> dict[str, Any]:
     total = 50_000 if quick else 200_000
     repeats = 2 if quick else 5
     rounds = 10 if quick else 50
@@ -322,6 +378,11 @@ async def run_benchmarks(ports: dict[str, Any], quick: bool) -> dict[str, Any]:
     try:
         for streams in (1, 64):
             results["throughput"].append(await measure_throughput(clients, streams, total, repeats))
+        if litellm:
+            lite_total = 2_000 if quick else 10_000
+            results["litellm"] = [
+                await measure_litellm(clients, streams, lite_total, repeats) for streams in (1, 16)
+            ]
     finally:
         await clients.aclose()
     clients = Clients(ports["ttft"], "bench")
@@ -331,6 +392,16 @@ async def run_benchmarks(ports: dict[str, Any], quick: bool) -> dict[str, Any]:
     finally:
         await clients.aclose()
     return results
+
+
+def print_litellm(rows: list[dict[str, Any]]) -> None:
+    print("\nLiteLLM: client CPU µs per chunk on the same stream (lower is better)")
+    print(f"{'streams':>7} {'chunks':>8} {'provider µs':>12} {'litellm µs':>11} {'ratio':>7}")
+    for row in rows:
+        print(
+            f"{row['streams']:>7} {row['chunks']:>8} {row['provider_us_per_chunk']:>12.2f} "
+            f"{row['litellm_us_per_chunk']:>11.2f} {row['litellm_cost_ratio']:>7.1f}"
+        )
 
 
 def print_table(results: dict[str, Any], loop: str) -> None:
@@ -391,6 +462,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer chunks and rounds")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
+    parser.add_argument(
+        "--litellm", action="store_true", help="also measure LiteLLMProvider's per-chunk cost"
+    )
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -399,12 +473,14 @@ def main() -> int:
         return 0
     with server_process(args.loop) as ports:
         _pin(0)
-        results = _run(run_benchmarks(ports, args.quick), args.loop)
+        results = _run(run_benchmarks(ports, args.quick, args.litellm), args.loop)
     results["loop"] = args.loop
     if args.json:
         print(orjson.dumps(results, option=orjson.OPT_INDENT_2).decode())
     else:
         print_table(results, args.loop)
+        if "litellm" in results:
+            print_litellm(results["litellm"])
     return 0
 
 

@@ -59,15 +59,19 @@ def estimate_tokens(chars: int) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Usage:
-    """Token counts of one request. ``estimated`` is true when the server sent none and the
-    figures were counted from chunks (output) and guessed from characters (input).
-    ``cached_tokens`` is the part of ``prompt_tokens`` the server served from its prefix cache
-    (``usage.prompt_tokens_details.cached_tokens``; 0 when it reports none)."""
+    """Token counts of one request.
+
+    ``estimated`` is true when the server sent no counts and the figures are this library's
+    guess (output: one token per delta; input: see :func:`estimate_tokens`, plus a per-message
+    allowance for the chat template); show such figures as estimates. ``cached_prompt_tokens``
+    is the part of the prompt the server read from its prompt cache, when it says so (OpenAI's
+    ``prompt_tokens_details.cached_tokens``, Anthropic's ``cache_read_input_tokens``).
+    """
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     estimated: bool = False
-    cached_tokens: int = 0
+    cached_prompt_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -78,7 +82,7 @@ class Usage:
             self.prompt_tokens + other.prompt_tokens,
             self.completion_tokens + other.completion_tokens,
             self.estimated or other.estimated,
-            self.cached_tokens + other.cached_tokens,
+            self.cached_prompt_tokens + other.cached_prompt_tokens,
         )
 
 

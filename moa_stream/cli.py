@@ -1,27 +1,47 @@
 """The ``moa-stream`` command.
 
 Each sub-command lives next to the code it drives and registers itself through a module-level
-``add_parser(subparsers)`` that sets ``func`` (``args -> exit code``) on its parser.
+``add_parser(subparsers)`` that sets ``func`` (``args -> exit code``) on its parser. This module
+adds what every command shares: ``--version``, the logging options (logs always go to stderr,
+see :mod:`moa_stream._cli_logging`) and help texts in plain
+text.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import cast
 
-__all__ = ["main"]
+from moa_stream import __version__
+from moa_stream._cli_logging import add_logging_arguments, configure_from_args
+
+__all__ = ["build_parser", "main"]
 
 #: sub-command name -> module that defines ``add_parser``
 COMMANDS: dict[str, str] = {
     "demo": "moa_stream._demo",
-    "chat": "moa_stream._demo",
+    "chat": "moa_stream._chat",
     "sim": "moa_stream.sim._cli",
     "serve": "moa_stream.server._cli",
     "bench": "moa_stream.bench._cli",
 }
+
+#: the default log level per command; the rest log warnings and errors only
+DEFAULT_LOG_LEVELS = {"serve": "info", "sim": "info"}
+
+_ROLE = re.compile(r":[a-z]+:`~?([^`]+)`")
+
+
+def plain_text(text: str) -> str:
+    """Help text without reStructuredText markup: a module docstring reused as a command's
+    description reads as plain prose in a terminal."""
+    text = _ROLE.sub(lambda m: m.group(1).rsplit(".", 1)[-1], text)
+    text = text.replace("``", "")
+    return re.sub(r"::\n", ":\n", text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="moa-stream",
         description="Mixture-of-Agents over OpenAI-compatible providers, streamed with low TTFT.",
     )
+    parser.add_argument("--version", action="version", version=f"moa-stream {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module_name in dict.fromkeys(COMMANDS.values()):
         module = importlib.import_module(module_name)
@@ -37,12 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
             module.add_parser,
         )
         add(sub)
+    for name, command in sub.choices.items():
+        if command.description:
+            command.description = plain_text(command.description)
+        add_logging_arguments(command, DEFAULT_LOG_LEVELS.get(name, "warning"))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    configure_from_args(args)
     func = cast(Callable[[argparse.Namespace], int], args.func)
     try:
         return func(args)

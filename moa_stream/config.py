@@ -41,6 +41,7 @@ live providers and :class:`~moa_stream.engine.MoA` objects, and closes them.
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -61,7 +62,8 @@ from moa_stream.engine.similarity import (
 )
 from moa_stream.engine.spec import Agent, Layer, LayerCut, MoA
 from moa_stream.engine.staircase import Continuation, Staircase, parse_continuation, parse_steps
-from moa_stream.providers import OpenAIProvider, Provider, RetryPolicy, Timeouts
+from moa_stream.providers import Provider, RetryPolicy, Timeouts
+from moa_stream.providers._factory import PROVIDER_KINDS, build_provider
 
 __all__ = [
     "AgentConfig",
@@ -87,7 +89,7 @@ SIMILARITIES: dict[str, Similarity] = {
 @dataclass(frozen=True, slots=True)
 class ProviderConfig:
     name: str
-    kind: Literal["openai", "sim"] = "openai"
+    kind: Literal["openai", "sim", "anthropic", "litellm"] = "openai"
     base_url: str | None = None
     api_key_env: str | None = None
     api_key: str | None = field(default=None, repr=False)
@@ -160,6 +162,12 @@ class ServerConfig:
     max_concurrent_streams: int = 1024
     shutdown_grace: float = 30.0
     request_timeout: float = 600.0
+    ui: bool = True  # the playground page at / (moa_stream.server.playground)
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    keepalive_timeout: float = 15.0
+    max_connections: int = 1024
+    reasoning_progress: tuple[str, ...] = ()
 
     def resolved_api_keys(self) -> tuple[str, ...]:
         """Keys from the config plus the comma-separated ones in ``api_keys_env``."""
@@ -203,6 +211,11 @@ class _Table:
         self.seen: set[str] = set()
 
     def err(self, key: str, message: str) -> ConfigError:
+        if key not in self.data:
+            # A missing field is often a misspelt one that is present.
+            close = difflib.get_close_matches(key, [k for k in self.data if k != key], 1, 0.75)
+            if close:
+                message += f" (this table has {close[0]!r}: a misspelling of {key!r}?)"
         return ConfigError(
             message, path=f"{self.path}.{key}" if self.path else key, source=self.source
         )
@@ -254,7 +267,11 @@ class _Table:
     def done(self) -> None:
         unknown = sorted(set(self.data) - self.seen)
         if unknown:
-            raise self.err(unknown[0], "unknown field")
+            # Every reader asks for each field it knows before calling done(), so `seen`
+            # holds this table's known fields.
+            close = difflib.get_close_matches(unknown[0], sorted(self.seen), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise self.err(unknown[0], f"unknown field{hint}")
 
 
 def _kind_name(kinds: tuple[type, ...]) -> str:
@@ -270,7 +287,9 @@ def _kind_name(kinds: tuple[type, ...]) -> str:
 
 
 def _provider(t: _Table, name: str) -> ProviderConfig:
-    kind = cast(Literal["openai", "sim"], t.choice("kind", ("openai", "sim"), "openai"))
+    kind = cast(
+        Literal["openai", "sim", "anthropic", "litellm"], t.choice("kind", PROVIDER_KINDS, "openai")
+    )
     base_url = t.get("base_url", str)
     if kind == "openai" and not base_url:
         raise t.err("base_url", "is required for an OpenAI-compatible provider")
@@ -294,7 +313,10 @@ def _provider(t: _Table, name: str) -> ProviderConfig:
         backoff_cap=rt.positive("backoff_cap", float, rd.backoff_cap, allow_zero=True),
     )
     rt.done()
-    default_methods = ["turns", "prefill:vllm"] if kind == "sim" else ["turns"]
+    default_methods = {
+        "sim": ["turns", "prefill:vllm"],
+        "anthropic": ["prefill:anthropic", "turns"],
+    }.get(kind, ["turns"])
     methods: list[Continuation] = []
     for text in t.names("continuation", default_methods):
         try:
@@ -381,6 +403,10 @@ def _moa(t: _Table, moa_id: str, agents: Mapping[str, AgentConfig]) -> MoAConfig
         t.choice("preset", ("moa", "self_moa", "single"), "moa"),
     )
     proposers = tuple(agent_ref("proposers", a) for a in t.names("proposers"))
+    twice = sorted({a for a in proposers if proposers.count(a) > 1})
+    if twice:
+        # Results are keyed by agent name; use self_moa (or a second [agents] entry) for samples.
+        raise t.err("proposers", f"lists {', '.join(map(repr, twice))} more than once")
     if preset in ("moa", "self_moa") and not proposers:
         raise t.err("proposers", f"a {preset} preset needs at least one proposer")
     policy_text = t.get("policy", str, "wait_all")
@@ -456,6 +482,12 @@ def _server(t: _Table) -> ServerConfig:
         max_concurrent_streams=t.positive("max_concurrent_streams", int, d.max_concurrent_streams),
         shutdown_grace=t.positive("shutdown_grace", float, d.shutdown_grace, allow_zero=True),
         request_timeout=t.positive("request_timeout", float, d.request_timeout),
+        ui=t.get("ui", bool, d.ui),
+        header_timeout=t.positive("header_timeout", float, d.header_timeout),
+        body_timeout=t.positive("body_timeout", float, d.body_timeout),
+        keepalive_timeout=t.positive("keepalive_timeout", float, d.keepalive_timeout),
+        max_connections=t.positive("max_connections", int, d.max_connections),
+        reasoning_progress=t.names("reasoning_progress"),
     )
     t.done()
     return config
@@ -490,6 +522,13 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
         }
         moas[name] = replace(m, staircase=replace(m.staircase, resolved=resolved))
     server = _server(root.sub("server"))
+    unknown = [m for m in server.reasoning_progress if m != "*" and m not in moas]
+    if unknown:
+        raise ConfigError(
+            f"unknown MoA id {unknown[0]!r} (known: {', '.join(moas)})",
+            path="server.reasoning_progress",
+            source=source,
+        )
     st = root.sub("sim")
     sim = SimConfig(seed=st.get("seed", int, 0), models=st.get("models", dict, {}))
     st.done()
@@ -561,14 +600,14 @@ class Runtime(AsyncResource):
             await self.sim.start()
         for name, p in config.providers.items():
             base_url = self.sim.base_url if p.kind == "sim" else p.base_url
-            assert base_url is not None
             if p.api_key_env and not (p.api_key or os.environ.get(p.api_key_env)):
                 raise ConfigError(
                     f"environment variable {p.api_key_env} is not set",
                     path=f"providers.{name}.api_key_env",
                     source=config.source,
                 )
-            self.providers[name] = OpenAIProvider(
+            self.providers[name] = build_provider(
+                p.kind,
                 base_url,
                 name=name,
                 api_key=p.api_key,
@@ -578,6 +617,7 @@ class Runtime(AsyncResource):
                 limit=p.max_connections,
                 timeouts=p.timeouts,
                 retry=p.retry,
+                continuation=tuple(str(c) for c in p.continuation),
             )
         for name, a in config.agents.items():
             self.agents[name] = Agent(

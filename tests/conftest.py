@@ -9,6 +9,9 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import structlog
 
+# pytester runs pytest inside a test: how the moa_stream pytest plugin is tested.
+pytest_plugins = ["pytester"]
+
 
 @pytest.fixture(autouse=True)
 def _fresh_structlog() -> Iterator[None]:

@@ -245,3 +245,46 @@ def test_staircase_mistakes_name_the_field(extra: str, path: str, message: str) 
         config_with(extra)
     assert info.value.path == path
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("extra", "path", "suggestion"),
+    [
+        (
+            '[moa.x]\nproposers = ["a"]\naggregator = "a"\npolcy = "wait_all"\n',
+            "moa.x.polcy",
+            "policy",
+        ),
+        (
+            '[moa.x]\nproposers = ["a"]\naggregator = "a"\n[server]\nprot = 1\n',
+            "server.prot",
+            "port",
+        ),
+        (
+            '[moa.x]\nproposers = ["a"]\naggregator = "a"\n[agent.c]\nmodel = "m"\n',
+            "agent",
+            "agents",
+        ),
+    ],
+)
+def test_an_unknown_field_names_the_field_it_probably_meant(
+    extra: str, path: str, suggestion: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        config_with(extra)
+    assert info.value.path == path
+    assert f"did you mean {suggestion!r}?" in str(info.value)
+
+
+def test_an_unknown_field_unlike_any_other_gets_no_guess() -> None:
+    with pytest.raises(ConfigError) as info:
+        config_with('[moa.x]\nproposers = ["a"]\naggregator = "a"\nzzzzzz = 1\n')
+    assert "unknown field" in str(info.value)
+    assert "did you mean" not in str(info.value)
+
+
+def test_a_missing_field_points_at_its_misspelling() -> None:
+    with pytest.raises(ConfigError) as info:
+        config_with('[moa.x]\nproposer = ["a"]\naggregator = "a"\n')
+    assert info.value.path == "moa.x.proposers"
+    assert "'proposer': a misspelling of 'proposers'?" in str(info.value)

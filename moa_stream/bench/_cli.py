@@ -52,7 +52,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     parser.add_argument("--out", required=True, type=Path, help="directory for the results")
     parser.add_argument(
-        "--config", type=Path, help="TOML config with real endpoints (default: simulated, offline)"
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="TOML config with real endpoints (default: simulated, offline)",
     )
     parser.add_argument(
         "--scenario",
@@ -97,7 +100,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     parser.add_argument(
         "--asyncio", action="store_true", help="use asyncio's event loop instead of uvloop"
     )
-    parser.add_argument("--no-plots", action="store_true", help="write no PNG files")
+    parser.add_argument(
+        "--no-plots", action="store_true", help="write no PNG files (no matplotlib needed)"
+    )
     real = parser.add_argument_group("real endpoints (with --config)")
     real.add_argument("--moa", metavar="ID", help="the config's MoA whose agents to use")
     real.add_argument("--best", metavar="AGENT", help="the single best agent (default: aggregator)")
@@ -116,9 +121,25 @@ def quiet_logs() -> None:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
 
 
+def plots_available() -> bool:
+    """Whether matplotlib imports: checked before the matrix runs, not after."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def main(args: argparse.Namespace) -> int:
     """Run the benchmark ``args`` describe; the exit code."""
-    quiet_logs()
+    if not args.no_plots and not plots_available():
+        sys.stderr.write(
+            "moa-stream bench: error: the plots need matplotlib, which is not installed: "
+            "pip install 'moa_stream[bench]' (make bench does), or pass --no-plots\n"
+        )
+        return 2
+    if not (getattr(args, "log_level", None) or getattr(args, "verbose", 0)):
+        quiet_logs()
     settings = BenchSettings(
         out=args.out,
         scenarios=tuple(args.scenario),

@@ -25,6 +25,7 @@ class Progress:
         self.total = 0
         self.done = 0
         self.failed = 0
+        self.skipped = 0
         self._drawn = 0.0
 
     def cell_started(self, scenario: str, strategy: str, runs: int) -> None:
@@ -54,10 +55,13 @@ class Progress:
         )
         self._write(line, final=True)
 
-    def cell_skipped(self, text: str) -> None:
-        """A planned cell that will not run (its strategy does not apply)."""
-        self.cells -= 1
-        self.message(text)
+    def cell_skipped(self, label: str, needs: str) -> None:
+        """A planned cell that will not run because its strategy does not apply: it counts as
+        done (the total stays what was announced) and the line says why."""
+        self.cell += 1
+        self.skipped += 1
+        reason = needs if needs == "not applicable" else f"it needs {needs}"
+        self.message(f"[{self.cell}/{self.cells}] {label}: skipped, {reason}")
 
     def message(self, text: str) -> None:
         if self.out is not None:

@@ -17,12 +17,12 @@ import asyncio
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import aiohttp
 import orjson
 
 from moa_stream._types import ChatMessage, ChatRequest, Usage
+from moa_stream._wire import chat_request_body, parse_retry_after
 from moa_stream.bench._recording import LoggedCall, current_log
 from moa_stream.bench.trace import CallStatus, CallTrace, LayerTrace, RefTrace, RunTrace
 from moa_stream.engine.layer import Reference
@@ -78,14 +78,9 @@ class ReferenceResult:
 
 def _retry_delay(resp: aiohttp.ClientResponse | None, attempt: int) -> float:
     if resp is not None:
-        for header in ("retry-after-ms", "Retry-After"):
-            value = resp.headers.get(header)
-            if value:
-                try:
-                    seconds = float(value)
-                except ValueError:
-                    continue
-                return seconds / 1000.0 if header == "retry-after-ms" else seconds
+        asked = parse_retry_after(resp.headers)
+        if asked is not None:
+            return asked
     return 0.2 * 2.0 ** (attempt - 1)
 
 
@@ -100,14 +95,8 @@ async def complete(
     clock: Callable[[], float] = time.monotonic,
 ) -> Completion:
     """Ask for one non-streamed chat completion; retry 408, 429, 5xx and connection failures."""
-    body: dict[str, Any] = {"model": request.model, "messages": list(request.messages)}
-    if request.temperature is not None:
-        body["temperature"] = request.temperature
-    if request.max_tokens is not None:
-        body[max_tokens_field] = request.max_tokens
-    if request.stop:
-        body["stop"] = list(request.stop)
-    body.update(request.extra)
+    body = chat_request_body(request, stream=False, max_tokens_field=max_tokens_field)
+    # The reference MoA reads whole answers, whatever the agent's extra fields ask for.
     body["stream"] = False
     data = orjson.dumps(body)
     url = base_url.rstrip("/") + "/chat/completions"

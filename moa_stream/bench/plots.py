@@ -61,17 +61,97 @@ def _ttft_cdf(plt: Any, scenario: str, cells: Sequence[CellResult], path: Path) 
     plt.close(fig)
 
 
+# Where a point's label may go, in points from the point: right, above, below, left, then
+# further out. The first spot that overlaps no other label and no marker wins.
+_LABEL_OFFSETS = [
+    (6, 4),
+    (6, -11),
+    (-6, 6),
+    (-6, -12),
+    (6, 12),
+    (6, -19),
+    (-6, 14),
+    (-6, -20),
+    (14, 20),
+    (14, -27),
+    (-14, 22),
+    (-14, -28),
+    (20, 30),
+    (20, -37),
+    (-20, 32),
+    (-20, -38),
+]
+
+
+def _place_labels(ax: Any, labelled: Sequence[tuple[str, float, float]], fontsize: float) -> None:
+    """Annotate each ``(text, x, y)`` where its box collides with no earlier label and no
+    marker, estimating a label's size from its length (no renderer round trip)."""
+    fig = ax.figure
+    ax.autoscale_view()
+    scale = fig.dpi / 72.0  # points -> pixels
+    char_w, line_h = 0.6 * fontsize * scale, 1.25 * fontsize * scale
+    to_px = ax.transData.transform
+    markers = [to_px((x, y)) for _, x, y in labelled]
+    placed: list[tuple[float, float, float, float]] = []
+
+    def overlap(box: tuple[float, float, float, float]) -> float:
+        x0, y0, x1, y1 = box
+        area = 0.0
+        for a0, b0, a1, b1 in placed:
+            w, h = min(x1, a1) - max(x0, a0), min(y1, b1) - max(y0, b0)
+            if w > 0 and h > 0:
+                area += w * h
+        for mx, my in markers:
+            r = 4 * scale  # a marker of size 7 pt, with a little room
+            w, h = min(x1, mx + r) - max(x0, mx - r), min(y1, my + r) - max(y0, my - r)
+            if w > 0 and h > 0:
+                area += w * h
+        return area
+
+    for text, x, y in labelled:
+        px, py = to_px((x, y))
+        width, height = char_w * len(text), line_h
+        best: tuple[float, tuple[int, int], tuple[float, float, float, float]] | None = None
+        for dx, dy in _LABEL_OFFSETS:
+            left = px + dx * scale if dx >= 0 else px + dx * scale - width
+            bottom = py + dy * scale
+            box = (left, bottom, left + width, bottom + height)
+            cost = overlap(box)
+            if best is None or cost < best[0]:
+                best = (cost, (dx, dy), box)
+            if cost == 0:
+                break
+        assert best is not None
+        _, (dx, dy), box = best
+        placed.append(box)
+        # Anywhere but the usual spot, a thin line says which point the label belongs to.
+        far = (dx, dy) != _LABEL_OFFSETS[0]
+        ax.annotate(
+            text,
+            (x, y),
+            textcoords="offset points",
+            xytext=(dx, dy),
+            ha="left" if dx >= 0 else "right",
+            fontsize=fontsize,
+            arrowprops={"arrowstyle": "-", "color": "#888888", "lw": 0.6, "shrinkB": 4}
+            if far
+            else None,
+        )
+
+
 def _pareto(plt: Any, scenario: str, rows: Sequence[Mapping[str, Any]], path: Path) -> bool:
     points = [r for r in rows if r["ttft_p50_s"] is not None and r["quality"] is not None]
     if not points:
         return False
     fig, ax = plt.subplots(figsize=(8, 5))
+    labelled_kinds: set[str] = set()
     for r in points:
         ci = r.get("quality_ci95")
         yerr = None
         if ci:
             yerr = [[max(0.0, r["quality"] - ci[0])], [max(0.0, ci[1] - r["quality"])]]
         baseline = r["strategy"] == "reference-moa"
+        kind = "reference MoA (waits for all)" if baseline else "other strategies"
         ax.errorbar(
             r["ttft_p50_s"],
             r["quality"],
@@ -81,23 +161,25 @@ def _pareto(plt: Any, scenario: str, rows: Sequence[Mapping[str, Any]], path: Pa
             ecolor="#bbbbbb",
             capsize=2,
             markersize=7,
+            zorder=3 if baseline else 2,  # on top of a strategy at the same spot
+            label=None if kind in labelled_kinds else kind,
         )
+        labelled_kinds.add(kind)
     # Strategies that land on the same spot (wait-all and the reference MoA, say) share one
     # label, so that their names don't print over each other.
-    spots: dict[tuple[float, float], list[str]] = {}
+    spots: dict[tuple[float, float], list[Mapping[str, Any]]] = {}
     span = max(r["ttft_p50_s"] for r in points) or 1.0
     for r in points:
         key = (round(r["ttft_p50_s"] / span, 2), round(r["quality"], 2))
-        spots.setdefault(key, []).append(r["strategy"])
-    for names in spots.values():
-        first = next(r for r in points if r["strategy"] == names[0])
-        ax.annotate(
-            ", ".join(names),
-            (first["ttft_p50_s"], first["quality"]),
-            textcoords="offset points",
-            xytext=(5, 4),
-            fontsize=8,
-        )
+        spots.setdefault(key, []).append(r)
+    _place_labels(
+        ax,
+        [
+            (", ".join(r["strategy"] for r in group), group[0]["ttft_p50_s"], group[0]["quality"])
+            for group in spots.values()
+        ],
+        fontsize=8,
+    )
     # The Pareto front: no other strategy is both faster and better.
     front: list[Mapping[str, Any]] = []
     for r in sorted(points, key=lambda r: (r["ttft_p50_s"], -r["quality"])):
@@ -111,11 +193,24 @@ def _pareto(plt: Any, scenario: str, rows: Sequence[Mapping[str, Any]], path: Pa
         alpha=0.6,
         label="Pareto front",
     )
+    if any(r.get("quality_ci95") for r in points):
+        ax.plot([], [], color="#bbbbbb", linewidth=1.5, label="95% interval of the quality")
+    ns = sorted({int(r["quality_n"]) for r in points if r.get("quality_n")})
+    if ns:
+        runs = f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
+        ax.text(
+            0.01,
+            0.01,
+            f"{runs} graded runs per strategy: points whose grey bars overlap are within noise",
+            transform=ax.transAxes,
+            fontsize=7,
+            color="#555555",
+        )
     ax.set_xlabel("TTFT p50 (s) · lower is better")
     ax.set_ylabel("quality: fraction answered correctly · higher is better")
     ax.set_title(f"TTFT against quality · {scenario}")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="lower right", framealpha=0.9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

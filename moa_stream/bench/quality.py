@@ -179,3 +179,18 @@ async def judge_score(judge: Agent, prompt: str, response: str) -> float | None:
     except ProviderError:
         return None
     return parse_score("".join(parts))
+
+
+def unscored_warning(judged: int, scored: int, judge: str) -> str | None:
+    """A loud line when some of the ``judged`` answers got no parsable score from the judge;
+    ``None`` when all of them did. Unscored answers are left out of the quality figure rather
+    than counted as bad, so without this line an unusable judge would look like no data."""
+    missing = judged - scored
+    if judged == 0 or missing == 0:
+        return None
+    share = "none" if scored == 0 else f"only {scored}"
+    return (
+        f"WARNING: the judge {judge!r} gave a usable 'Score: N' for {share} of {judged} answers; "
+        f"the {missing} without one are left out of the quality figures. Check that the judge "
+        "model follows the rating instruction (a stronger instruct model), or its errors."
+    )

@@ -198,6 +198,10 @@ def summarize(cell: CellResult) -> dict[str, Any]:
     }
 
 
+def _overlap(a: Sequence[float] | None, b: Sequence[float] | None) -> bool:
+    return a is not None and b is not None and a[0] <= b[1] and b[0] <= a[1]
+
+
 def headline(
     results: Sequence[Mapping[str, Any]],
     scenario: str = "heterogeneous",
@@ -205,9 +209,16 @@ def headline(
     baseline: str = "reference-moa",
     tolerance: float = 0.03,
 ) -> dict[str, Any] | None:
-    """The best policy on ``scenario`` against ``baseline``: the MoA policy with the lowest TTFT
-    p50 whose quality is at most ``tolerance`` below the baseline's. ``None`` if the scenario
-    or the baseline was not run."""
+    """The fastest MoA policy on ``scenario`` whose quality is at most ``tolerance`` below the
+    ``baseline``'s, against that baseline. ``None`` if the scenario or the baseline was not
+    run.
+
+    It is never called "best" outright: ``quality_separates`` is false when the quality
+    figures cannot tell the strategies apart (none measured, or every strategy at the same
+    figure, e.g. a judge whose replies did not parse, or 0% everywhere); the headline then
+    names only the fastest policy and says why quality is silent. ``quality_within_noise`` is
+    true when the chosen policy's 95% interval overlaps the baseline's, so that its quality
+    difference is not evidence of a difference."""
     rows = [r for r in results if r["scenario"] == scenario]
     base = next((r for r in rows if r["strategy"] == baseline), None)
     if base is None or base["ttft_p50_s"] is None:
@@ -215,7 +226,11 @@ def headline(
     policies = [
         r for r in rows if r["strategy"] not in NOT_POLICIES and r["ttft_p50_s"] is not None
     ]
-    if base["quality"] is not None:
+    if not policies:
+        return None
+    measured = [r["quality"] for r in [base, *policies] if r["quality"] is not None]
+    separates = len(measured) == len(policies) + 1 and max(measured) - min(measured) > 1e-9
+    if separates:
         floor = base["quality"] - tolerance - 1e-9
         eligible = [r for r in policies if r["quality"] is not None and r["quality"] >= floor]
     else:
@@ -228,6 +243,12 @@ def headline(
     def delta(a: float | None, b: float | None) -> float | None:
         return None if a is None or b is None else round(a - b, 4)
 
+    if not measured:
+        silent = "no quality was measured"
+    elif len(measured) < len(policies) + 1:
+        silent = "some strategies have no quality figure"
+    else:
+        silent = f"every strategy scored {100 * measured[0]:.1f}%"
     return {
         "scenario": scenario,
         "baseline": baseline,
@@ -239,6 +260,12 @@ def headline(
         "quality": best["quality"],
         "baseline_quality": base["quality"],
         "quality_diff": delta(best["quality"], base["quality"]),
+        "quality_ci95": best.get("quality_ci95"),
+        "baseline_quality_ci95": base.get("quality_ci95"),
+        "quality_separates": separates,
+        "quality_silent_reason": None if separates else silent,
+        "quality_within_noise": separates
+        and _overlap(best.get("quality_ci95"), base.get("quality_ci95")),
         "tolerance": tolerance,
         "fastest_strategy": fastest["strategy"],
         "fastest_ttft_p50_reduction": round(1.0 - fastest["ttft_p50_s"] / base["ttft_p50_s"], 4),
@@ -311,18 +338,35 @@ def staircase_figures(
 
 
 def headline_sentence(h: Mapping[str, Any]) -> str:
-    """The headline as one sentence."""
+    """The headline as one sentence (two when a caveat is due)."""
+    speed = (
+        f"cuts TTFT p50 by {100 * h['ttft_p50_reduction']:.0f}% against the reference MoA "
+        f"({h['ttft_p50_s']:.2f} s vs {h['baseline_ttft_p50_s']:.2f} s)"
+    )
+    if not h.get("quality_separates", True):
+        return (
+            f"On the {h['scenario']} scenario the quality figures cannot separate the "
+            f"strategies ({h.get('quality_silent_reason') or 'no usable quality'}), so no "
+            f"policy is named best: the fastest, {h['strategy']} (`{h['policy']}`), {speed}."
+        )
     text = (
-        f"On the {h['scenario']} scenario, the best policy ({h['strategy']}: "
-        f"`{h['policy']}`) cuts TTFT p50 by {100 * h['ttft_p50_reduction']:.0f}% against the "
-        f"reference MoA ({h['ttft_p50_s']:.2f} s vs {h['baseline_ttft_p50_s']:.2f} s)"
+        f"On the {h['scenario']} scenario, {h['strategy']} (`{h['policy']}`), the fastest "
+        f"policy within {100 * h['tolerance']:.0f} points of the reference MoA's quality, {speed}"
     )
     if h["quality_diff"] is not None:
         text += (
             f", quality {100 * h['quality']:.1f}% vs {100 * h['baseline_quality']:.1f}% "
             f"({100 * h['quality_diff']:+.1f} points)"
         )
-    return text + "."
+    text += "."
+    if h.get("quality_within_noise") and h.get("quality_ci95") and h.get("baseline_quality_ci95"):
+        lo, hi = h["quality_ci95"]
+        blo, bhi = h["baseline_quality_ci95"]
+        text += (
+            f" The quality difference is within noise: the 95% intervals "
+            f"({100 * lo:.0f}-{100 * hi:.0f}% and {100 * blo:.0f}-{100 * bhi:.0f}%) overlap."
+        )
+    return text
 
 
 def _s(value: float | None) -> str:
@@ -399,6 +443,8 @@ def render_summary(
         f"{metadata['loop']} · seed {metadata['seed']}"
     )
     out += ["", f"Command: `{metadata['command']}`", ""]
+    for warning in metadata.get("warnings", ()):
+        out += [f"> **{warning}**", ""]
     if head is not None:
         out += ["**" + headline_sentence(head) + "**", ""]
     for name, description in scenarios.items():

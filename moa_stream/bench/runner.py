@@ -44,6 +44,7 @@ from moa_stream.bench.quality import (
     load_prompts,
     load_questions,
     quiz_questions,
+    unscored_warning,
 )
 from moa_stream.bench.scenarios import Scenario, get_scenarios
 from moa_stream.bench.strategies import Lineup, Runnable, Strategy, get_strategies
@@ -131,7 +132,7 @@ async def _run_engine(spec: MoA, index: int, question: BenchQuestion) -> rep.Run
         refs_partial=sum(1 for r in refs if r.status == "partial"),
         refs_failed=sum(1 for r in refs if r.status == "failed"),
         correct=_graded(report.text, question, error),
-        cached_tokens=report.usage.cached_tokens,
+        cached_tokens=report.usage.cached_prompt_tokens,
         aggregator_requests=sum(1 for a in report.agents if a.role == "aggregator"),
         decided_s=report.time_to_quorum_s,
         error=error or report.error,
@@ -169,7 +170,7 @@ async def _run_reference(
         refs_partial=0,
         refs_failed=sum(1 for r in refs if r.status == "failed"),
         correct=_graded(result.text, question, result.error),
-        cached_tokens=result.usage.cached_tokens,
+        cached_tokens=result.usage.cached_prompt_tokens,
         decided_s=trace.layers[0].decided_s if trace.layers else None,
         error=result.error,
         text=result.text,
@@ -382,8 +383,9 @@ async def _run_offline(settings: BenchSettings, progress_out: IO[str] | None) ->
                 scenarios[scenario.name] = scenario.description
                 cell = await _offline_cell(host, scenario, strategy, settings, progress)
                 if cell is None:
-                    skipped = f"skipped {strategy.name} on {scenario.name}: not applicable"
-                    progress.cell_skipped(skipped)
+                    progress.cell_skipped(
+                        f"{strategy.name} on {scenario.name}", strategy.needs or "not applicable"
+                    )
                     continue
                 cells.append(cell)
                 progress.cell_done(rep.summarize(cell))
@@ -452,6 +454,7 @@ async def _run_real(settings: BenchSettings, progress_out: IO[str] | None) -> Be
     concurrency = settings.concurrency or 1
     strategies = get_strategies(settings.strategies)
     progress = Progress(progress_out, len(strategies))
+    warnings: list[str] = []
     scenario = f"config:{moa_id}"
     cells: list[rep.CellResult] = []
     try:
@@ -468,7 +471,7 @@ async def _run_real(settings: BenchSettings, progress_out: IO[str] | None) -> Be
             for strategy in strategies:
                 runnable = strategy.make(lineup)
                 if runnable is None:
-                    progress.cell_skipped(f"skipped {strategy.name}: not applicable")
+                    progress.cell_skipped(strategy.name, strategy.needs or "not applicable")
                     continue
                 progress.cell_started(scenario, strategy.name, len(questions))
                 samples, wall, cpu = await run_cell(
@@ -480,6 +483,12 @@ async def _run_real(settings: BenchSettings, progress_out: IO[str] | None) -> Be
                 )
                 if judge is not None:
                     await _judge(judge, questions, samples)
+                    answered = [s for s in samples if s.error is None]
+                    scored = sum(1 for s in answered if s.judge_score is not None)
+                    loud = unscored_warning(len(answered), scored, judge.name)
+                    if loud is not None:
+                        progress.message(f"{strategy.name}: {loud}")
+                        warnings.append(f"{strategy.name}: {loud}")
                 cell = _cell(
                     strategy, runnable, scenario, concurrency, m.layers, samples, wall, cpu
                 )
@@ -489,6 +498,8 @@ async def _run_real(settings: BenchSettings, progress_out: IO[str] | None) -> Be
         progress.close()
     described = m.description or f"the config's MoA {moa_id!r}"
     meta = _metadata(settings, f"real endpoints ({settings.config})", None)
+    if warnings:
+        meta["warnings"] = warnings
     return _finish(settings, cells, meta, {scenario: described})
 
 

@@ -22,6 +22,7 @@ from moa_stream.engine.policies import Deadline, Partial, Policy, Quorum, parse_
 from moa_stream.engine.similarity import final_line_match
 from moa_stream.engine.spec import Agent, Layer, LayerCut, MoA, moa, self_moa, single
 from moa_stream.engine.staircase import Continuation, Staircase
+from moa_stream.engine.streams import Hedge
 
 __all__ = [
     "Lineup",
@@ -29,6 +30,7 @@ __all__ = [
     "STRATEGIES",
     "Strategy",
     "get_strategies",
+    "hedged_strategy",
     "policy_strategy",
     "staircase_strategy",
 ]
@@ -53,11 +55,13 @@ class Lineup:
 
 @dataclass(frozen=True, slots=True)
 class Strategy:
-    """A named way of answering; ``make`` builds it for a lineup (``None``: not applicable)."""
+    """A named way of answering; ``make`` builds it for a lineup (``None``: not applicable,
+    and ``needs`` says what it needs, for the message that says why it was skipped)."""
 
     name: str
     description: str
     make: Callable[[Lineup], Runnable | None] = field(repr=False)
+    needs: str = ""
 
 
 def policy_strategy(
@@ -89,7 +93,12 @@ def policy_strategy(
             name=name,
         )
 
-    return Strategy(name, description, make)
+    needs = [
+        f"at least {n} {what}"
+        for n, what in ((min_proposers, "proposers"), (min_layers, "layers"))
+        if n > 1
+    ]
+    return Strategy(name, description, make, " and ".join(needs))
 
 
 _PREFILL = Continuation("prefill", "vllm")
@@ -230,14 +239,51 @@ _BUILT_IN = (
     ),
 )
 
+
+def hedged_strategy(name: str, policy: str, description: str) -> Strategy:
+    """``policy`` on every layer, with every proposer and the aggregator hedged to a second copy
+    of the same request once it is later than the 90th percentile of that agent's recent times
+    to first token (1 s, scaled, until 20 are known), within a budget of 10% extra requests."""
+
+    def make(lineup: Lineup) -> MoA:
+        def hedged(agent: Agent) -> Agent:
+            hedge = Hedge(after=1.0 * lineup.time_scale, percentile=90, budget=0.1)
+            return replace(agent, hedge=hedge)
+
+        return moa(
+            tuple(hedged(a) for a in lineup.proposers),
+            hedged(lineup.aggregator),
+            layers=lineup.layers,
+            policy=parse_policy(policy),
+            name=name,
+        )
+
+    return Strategy(name, description, make)
+
+
+_HEDGED = (
+    hedged_strategy(
+        "wait-all-hedged",
+        "wait_all",
+        "wait_all, each request hedged past its agent's p90 time to first token (10% budget)",
+    ),
+    hedged_strategy(
+        "quorum-2-hedged",
+        "quorum(2)",
+        "quorum(2), each request hedged past its agent's p90 time to first token (10% budget)",
+    ),
+)
+
 #: The built-in strategies by name, in the order reports list them.
-STRATEGIES: MappingProxyType[str, Strategy] = MappingProxyType({s.name: s for s in _BUILT_IN})
+STRATEGIES: MappingProxyType[str, Strategy] = MappingProxyType(
+    {s.name: s for s in (*_BUILT_IN, *_HEDGED)}
+)
 
 
 def get_strategies(names: list[str] | tuple[str, ...] | None) -> list[Strategy]:
     """The strategies named (all built-in ones when ``names`` is empty). A name of the form
     ``policy:TEXT`` is an ad-hoc strategy with that policy. Raises ``KeyError`` (unknown
-    name) or ``ValueError`` (a policy that does not parse)."""
+    name) or :class:`moa_stream.ConfigError` (a policy that does not parse)."""
     if not names:
         return list(STRATEGIES.values())
     out = []

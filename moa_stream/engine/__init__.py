@@ -8,6 +8,8 @@ from moa_stream.engine.events import (
     AggregatorStarted,
     AggregatorStep,
     Event,
+    Hedged,
+    HedgeInfo,
     LayerDone,
     LayerReport,
     ProposerDelta,
@@ -41,6 +43,7 @@ from moa_stream.engine.similarity import (
 )
 from moa_stream.engine.spec import Agent, Layer, LayerCut, MoA, moa, moa_lite, self_moa, single
 from moa_stream.engine.staircase import Continuation, Staircase
+from moa_stream.engine.streams import Hedge, HedgedStream, TimedStream
 
 __all__ = [
     "Agent",
@@ -59,6 +62,10 @@ __all__ = [
     "Decision",
     "Event",
     "Fire",
+    "Hedge",
+    "HedgeInfo",
+    "Hedged",
+    "HedgedStream",
     "Layer",
     "LayerCut",
     "LayerDone",
@@ -80,6 +87,7 @@ __all__ = [
     "RunReport",
     "RunResult",
     "Staircase",
+    "TimedStream",
     "UsableAnswer",
     "WaitAll",
     "agreement",

@@ -20,6 +20,8 @@ __all__ = [
     "AggregatorStarted",
     "AggregatorStep",
     "Event",
+    "Hedged",
+    "HedgeInfo",
     "LayerDone",
     "LayerEndReason",
     "LayerReport",
@@ -188,6 +190,32 @@ class AggregatorDone:
 
 
 @dataclass(frozen=True, slots=True)
+class HedgeInfo:
+    """A hedge that was sent: ``after_s`` seconds after the request, to ``backup``
+    (``provider/model``); ``winner`` is the copy that streamed first (``None``: neither did)."""
+
+    backup: str
+    after_s: float
+    winner: Literal["primary", "backup"] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Hedged:
+    """A request was slow to start, a copy was sent to ``backup``, and ``winner`` streamed
+    first (the other copy was closed). Sent when the race is decided."""
+
+    type: Literal["hedge"] = field(default="hedge", init=False)
+    role: Literal["proposer", "aggregator"]
+    layer: int
+    index: int
+    agent: str
+    backup: str
+    after_s: float
+    winner: Literal["primary", "backup"] | None
+    t: float
+
+
+@dataclass(frozen=True, slots=True)
 class AgentReport:
     """What one request of the run did. ``role`` is ``proposer`` or ``aggregator``; times are
     seconds since the run started (``started_s``) or since the request started (``ttft_s``)."""
@@ -205,6 +233,7 @@ class AgentReport:
     usage: Usage
     chars: int
     error: str | None = None
+    hedge: HedgeInfo | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,11 +253,12 @@ class RunReport:
 
     ``ttft_s``: run start to the first aggregator token at the caller. ``time_to_quorum_s``:
     run start to the first layer's decision. ``aggregator_ttft_s``: the answering aggregator's
-    own TTFT, from its request. ``usage`` adds up every request, cancelled ones included
-    (their completion tokens counted from what arrived), as their providers count them. In the
-    ``run.done`` event, proposers of ``keep`` layers may still be running (status
-    ``partial``): their figures so far are included and marked estimated; ``MoARun.report``
-    after the run closed has their final figures.
+    own TTFT, from its request. ``hedges`` counts the requests that were hedged (each agent's
+    ``hedge`` says more; the extra requests' usage is in its usage). ``usage`` adds up every
+    request, cancelled ones included (their completion tokens counted from what arrived), as
+    their providers count them. In the ``run.done`` event, proposers of ``keep`` layers may
+    still be running (status ``partial``): their figures so far are included and marked
+    estimated; ``MoARun.report`` after the run closed has their final figures.
     """
 
     text: str
@@ -242,6 +272,7 @@ class RunReport:
     agents: tuple[AgentReport, ...]
     finish_reason: str | None = None
     error: str | None = None
+    hedges: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,5 +293,6 @@ Event = (
     | AggregatorStep
     | AggregatorFailed
     | AggregatorDone
+    | Hedged
     | RunDone
 )

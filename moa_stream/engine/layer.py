@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from moa_stream._types import Usage, estimate_tokens
-from moa_stream.engine.events import LayerEndReason, ReferenceStatus
+from moa_stream.engine.events import HedgeInfo, LayerEndReason, ReferenceStatus
 from moa_stream.engine.policies import Policy, WaitAll, relax
 
 if TYPE_CHECKING:
@@ -73,6 +73,7 @@ class Call:
         "exc",
         "finish_reason",
         "first_token_at",
+        "hedge_reported",
         "index",
         "layer",
         "model",
@@ -119,6 +120,7 @@ class Call:
         self.ended_at: float | None = None
         self.pending: list[str] = []
         self.queued = False
+        self.hedge_reported = False
         self.outcome: CallStatus = "running"
         self.stream: ProviderStream | None = None
         self.task: asyncio.Task[Any] | None = None
@@ -137,6 +139,11 @@ class Call:
     @property
     def chars(self) -> int:
         return len(self.text)
+
+    @property
+    def hedge(self) -> HedgeInfo | None:
+        """The hedge of this call's request, if one was sent."""
+        return getattr(self.stream, "hedge", None)
 
     def usage(self) -> Usage:
         """The provider's figures (the server's count when it sent one, else the provider's

@@ -50,6 +50,7 @@ from moa_stream.engine.events import (
     AggregatorFailed,
     AggregatorStarted,
     Event,
+    Hedged,
     LayerDone,
     LayerReport,
     ProposerDelta,
@@ -61,8 +62,10 @@ from moa_stream.engine.events import (
     RunReport,
 )
 from moa_stream.engine.layer import Call, Decision, LayerState, Reference
+from moa_stream.engine.policies import WaitAll
 from moa_stream.engine.prompts import build_reference_messages, with_system_prompt
 from moa_stream.engine.similarity import agreement as mean_agreement
+from moa_stream.engine.streams import open_stream
 
 if TYPE_CHECKING:
     from moa_stream.engine.spec import Agent, MoA
@@ -131,6 +134,7 @@ class MoARun(AsyncResource):
         self._gen_exited = asyncio.Event()
         self._stop_requested = False
         self._consumed = False
+        self._entered = False
         self._finished = False  # run.done was handed to the caller
         self._closed = False  # aclose() completed its clean-up
         self._t0 = 0.0
@@ -144,6 +148,7 @@ class MoARun(AsyncResource):
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def __aenter__(self) -> Self:
+        self._entered = True
         self._start()
         return self
 
@@ -156,7 +161,7 @@ class MoARun(AsyncResource):
         spec = self.spec
         if spec.layers:
             self._pending.extend(self._start_layer(0, None))
-            if spec.prewarm:
+            if spec.prewarm and not self._pool_warm_at_decision():
                 self._spawn(self._prewarm(spec.aggregator))
         self._gen = self._drive()
 
@@ -164,8 +169,10 @@ class MoARun(AsyncResource):
         """Stop the run and wait until every request is closed. Idempotent.
 
         Before ``run.done`` everything still running is cancelled at once. After it, proposers
-        of ``keep`` layers get ``keep_grace`` seconds to finish; cancelling the caller during
-        that wait cancels them at once (and a second ``aclose()`` finishes the clean-up).
+        of ``keep`` layers (and the last bytes of finished proposers: usage, ``[DONE]``) get
+        ``keep_grace`` seconds to finish, for the report's accounting; cancelling the caller
+        during that wait cancels them at once (and a second ``aclose()`` finishes the
+        clean-up).
         """
         if self._closed:
             return
@@ -199,6 +206,12 @@ class MoARun(AsyncResource):
                 task.cancel()
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
+            # A task cancelled before it first ran never saw its CancelledError.
+            now = self._clock()
+            for call in self._calls:
+                if call.outcome == "running" and call.role == "proposer":
+                    call.outcome = "cancelled"
+                    call.ended_at = now
         self._tasks.clear()
         self._closed = True
         self._report = None  # rebuilt with the final accounting on next access
@@ -206,6 +219,13 @@ class MoARun(AsyncResource):
     # -- consuming ---------------------------------------------------------------------------
     def events(self) -> AsyncIterator[Event]:
         """Every event of the run, in order, ending with ``run.done``. Consume once."""
+        if not self._entered:
+            # Outside `async with` nothing would close the run's requests if the caller left
+            # early: stragglers and their connections would outlive the loop.
+            raise RuntimeError(
+                "consume a run inside `async with spec.stream(messages) as run:`, "
+                "or call `await run.final()`, which closes it"
+            )
         self._start()
         if self._consumed:
             raise RuntimeError("a run's events can be consumed only once")
@@ -221,6 +241,7 @@ class MoARun(AsyncResource):
 
     async def final(self) -> RunResult:
         """Run to the end and return the whole answer and the report; closes the run."""
+        self._entered = True  # closed below, so safe outside `async with`
         try:
             async for _ in self.events():
                 pass
@@ -265,7 +286,8 @@ class MoARun(AsyncResource):
                 )
             call = self._new_call(agent, "proposer", li, index, now, messages)
             calls.append(call)
-            call.task = self._spawn(self._propose(call, agent, agent.request(messages)))
+            request = agent.request(messages, max_tokens=layer.max_tokens)
+            call.task = self._spawn(self._propose(call, agent, request))
             events.append(ProposerStarted(li, index, agent.name, now - self._t0))
         self._states.append(
             LayerState(
@@ -313,7 +335,7 @@ class MoARun(AsyncResource):
         pending = call.pending
         clock = self._clock
         try:
-            stream = agent.provider.stream(request)
+            stream = open_stream(agent, request)
             call.stream = stream
             async with stream:
                 async for delta in stream:
@@ -350,6 +372,18 @@ class MoARun(AsyncResource):
             )
             self._ended(call, "failed")
 
+    def _pool_warm_at_decision(self) -> bool:
+        """Whether the aggregator's provider will have warm connections anyway: a ``wait_all``
+        first layer with two or more proposers on that provider hands their connections back
+        to its pool before it decides, so a pre-warm would only add a request (at the moment
+        the run starts, those proposers hold the pool's idle connections, and the provider's
+        own check cannot tell)."""
+        layer = self.spec.layers[0]
+        if not isinstance(layer.policy, WaitAll):
+            return False
+        provider = self.spec.aggregator.provider
+        return sum(1 for a in layer.agents if a.provider is provider) >= 2
+
     async def _prewarm(self, agent: Agent) -> None:
         try:
             await agent.provider.prewarm()
@@ -377,6 +411,8 @@ class MoARun(AsyncResource):
         state = self._states[call.layer]
         index = call.index
         pending = call.pending
+        if events is not None and not call.hedge_reported and call.chunks == 0:
+            self._report_hedge(call, events, now)
         if pending:
             if events is None or call.status != "running":
                 for text in pending:
@@ -421,6 +457,25 @@ class MoARun(AsyncResource):
                         now - self._t0,
                     )
                 )
+
+    def _report_hedge(self, call: Call, events: list[Event], now: float) -> None:
+        """The ``hedge`` event of ``call``, once its race is decided."""
+        hedge = call.hedge
+        if hedge is None or (hedge.winner is None and call.outcome == "running"):
+            return
+        call.hedge_reported = True
+        events.append(
+            Hedged(
+                call.role,
+                call.layer,
+                call.index,
+                call.agent,
+                hedge.backup,
+                hedge.after_s,
+                hedge.winner,
+                now - self._t0,
+            )
+        )
 
     async def _next_batch(self, li: int, armed: float | None) -> tuple[list[Event], float | None]:
         """Wait for something to happen in layer ``li``; take in everything already queued,
@@ -616,7 +671,7 @@ class MoARun(AsyncResource):
         )
         self._aggregator = call
         try:
-            stream = agent.provider.stream(request)
+            stream = open_stream(agent, request)
             call.stream = stream
             await stream.__aenter__()
         except ProviderError as exc:
@@ -660,6 +715,10 @@ class MoARun(AsyncResource):
                             if call.first_token_at is None:
                                 call.first_token_at = now
                                 self._first_token_at = now
+                                hedge: list[Event] = []
+                                self._report_hedge(call, hedge, now)
+                                for event in hedge:
+                                    yield event
                             call.chunks += 1
                             call.parts.append(content)
                             answer.append(content)
@@ -757,6 +816,7 @@ class MoARun(AsyncResource):
                     usage=usage,
                     chars=c.chars,
                     error=c.error,
+                    hedge=c.hedge,
                 )
             )
         end = self._ended_at if self._ended_at is not None else self._clock()
@@ -777,6 +837,7 @@ class MoARun(AsyncResource):
             layers=tuple(self._layer_reports),
             agents=tuple(agents),
             finish_reason=self._finish_reason,
+            hedges=sum(1 for a in agents if a.hedge is not None),
             error=(
                 None
                 if error is None

@@ -20,19 +20,22 @@ from typing import TYPE_CHECKING, Any, Literal
 from moa_stream._exceptions import ConfigError
 from moa_stream._types import ChatMessage, ChatRequest
 from moa_stream.engine.layer import UsableAnswer
-from moa_stream.engine.policies import Policy, WaitAll, required_completions
+from moa_stream.engine.policies import Policy, WaitAll, parse_policy, required_completions
 from moa_stream.engine.prompts import PromptTemplates
 from moa_stream.engine.run import MoARun
 from moa_stream.engine.similarity import Similarity, conclusion_match
 from moa_stream.engine.staircase import Staircase
+from moa_stream.engine.streams import Hedge
 
 if TYPE_CHECKING:
+    from moa_stream._easy import EndpointMoA
     from moa_stream.providers import Provider
 
 __all__ = [
     "Agent",
     "Layer",
     "LayerCut",
+    "Hedge",
     "MoA",
     "UsableAnswer",
     "moa",
@@ -47,6 +50,10 @@ class Agent:
     """One model behind one provider, with its sampling parameters.
 
     ``extra`` is merged into the request body as it is (``top_p``, ``seed``, vendor fields).
+    ``first_token_timeout`` and ``timeout`` bound this agent's requests (seconds to the first
+    content token, and in all), on top of its provider's own timeouts: a slow agent fails
+    like any upstream error, and its layer's policy decides what that means. ``hedge`` sends a
+    second copy of a request that is slow to start (:class:`~moa_stream.engine.streams.Hedge`).
     """
 
     name: str
@@ -56,6 +63,20 @@ class Agent:
     max_tokens: int | None = None
     system_prompt: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    first_token_timeout: float | None = None
+    timeout: float | None = None
+    hedge: Hedge | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("first_token_timeout", "timeout"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"Agent({name}) must be > 0")
+
+    @classmethod
+    def of(cls, provider: Provider, model: str, *, name: str | None = None, **params: Any) -> Agent:
+        """An agent named after its model unless ``name`` is given: ``Agent.of(local, "qwen")``."""
+        return cls(name or model, provider, model, **params)
 
     def request(
         self,
@@ -86,7 +107,8 @@ class Layer:
     (wait for what can still be met: the same rule with ``k`` lowered to the proposers still
     running, then go on with what completed; the layer is reported ``degraded``) or ``raise``
     (:class:`moa_stream.LayerFailedError`). ``usable``: what a finished answer needs to count
-    as complete (by default: not empty, finish reason ``stop``).
+    as complete (by default: not empty, finish reason ``stop``). ``max_tokens`` caps every
+    proposer's answer in this layer (over each agent's own ``max_tokens``).
 
     A policy that asks for more proposers than the layer has is rejected here
     (:class:`moa_stream.ConfigError`), as is any other invalid setting.
@@ -97,8 +119,11 @@ class Layer:
     stragglers: Literal["cancel", "keep"] = "cancel"
     on_unmet: Literal["degrade", "raise"] = "degrade"
     usable: UsableAnswer = field(default_factory=UsableAnswer)
+    max_tokens: int | None = None
 
     def __post_init__(self) -> None:
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ConfigError("Layer(max_tokens) must be >= 1")
         if not self.agents:
             raise ConfigError("a layer needs at least one agent")
         names = [a.name for a in self.agents]
@@ -161,20 +186,29 @@ class MoA:
         temperature: float | None = None,
         max_tokens: int | None = None,
         stop: Sequence[str] | None = None,
+        policy: Policy | str | None = None,
         keep_grace: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> MoARun:
         """Start a run: ``async with moa.stream(messages) as run: async for text in run.text()``.
 
-        ``temperature``, ``max_tokens`` and ``stop`` apply to the aggregator only.
-        ``keep_grace``: how long closing the run waits, after ``run.done``, for proposers of
-        ``keep`` layers to finish (for their accounting) before cancelling them. Leaving before
-        ``run.done`` never waits: everything still running is cancelled at once.
+        ``temperature``, ``max_tokens`` and ``stop`` are the *answer's* parameters, as in an
+        OpenAI request: they apply to the aggregator (or the single model) and its fallbacks,
+        never to proposers, whose answers are intermediate (bound those with each agent's
+        settings and :attr:`Layer.max_tokens`). ``policy`` replaces every layer's policy for
+        this run only (a :class:`Policy` or its text, ``"quorum(2) | deadline(1.5)"``), checked
+        as when the MoA is built. ``keep_grace``: how long closing the run waits, after
+        ``run.done``, for proposers of ``keep`` layers to finish (for their accounting) before
+        cancelling them. Leaving before ``run.done`` never waits: everything still running is
+        cancelled at once.
         """
         if not keep_grace >= 0:
             raise ConfigError("keep_grace must be >= 0")
+        spec = self
+        if policy is not None:
+            spec = self.with_policy(parse_policy(policy) if isinstance(policy, str) else policy)
         return MoARun(
-            self,
+            spec,
             list(messages),
             temperature=temperature,
             max_tokens=max_tokens,
@@ -182,6 +216,14 @@ class MoA:
             clock=clock,
             keep_grace=keep_grace,
         )
+
+    @classmethod
+    def from_endpoints(cls, *args: Any, **kwargs: Any) -> EndpointMoA:
+        """A MoA over OpenAI-compatible endpoints that owns its providers; see
+        :func:`moa_stream.from_endpoints` for the arguments."""
+        from moa_stream._easy import from_endpoints
+
+        return from_endpoints(*args, **kwargs)
 
     def with_policy(self, policy: Policy, **layer_changes: Any) -> MoA:
         """The same MoA with ``policy`` (and any other :class:`Layer` field) on every layer."""

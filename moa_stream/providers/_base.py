@@ -6,9 +6,31 @@ from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Protocol, Self, runtime_checkable
 
+from moa_stream._exceptions import ConfigError
 from moa_stream._types import ChatRequest, Delta, StreamTimings, Usage
 
-__all__ = ["Provider", "ProviderStream"]
+__all__ = ["Provider", "ProviderStream", "check_continuation"]
+
+
+def check_continuation(methods: tuple[str, ...]) -> tuple[str, ...]:
+    """``methods`` if each names a way to continue an answer, else :class:`ConfigError`.
+
+    A provider's ``continuation`` attribute lists, in the staircase's notation, how an answer
+    that stopped part-way can be continued on it: ``"turns"`` (a new turn asks for the rest;
+    every chat API can) and ``"prefill:<flavour>"`` (the partial answer is sent as the last,
+    assistant, message and the model continues it: ``vllm`` with ``continue_final_message``,
+    ``llama`` for llama.cpp's llama-server, ``prefix`` for DeepSeek and Mistral, ``anthropic``).
+    A provider without the attribute is taken to support ``("turns",)``.
+    """
+    if not methods:
+        raise ConfigError("name at least one method", path="continuation")
+    for method in methods:
+        name, _, flavour = method.partition(":")
+        if not (method == "turns" or (name == "prefill" and flavour)):
+            raise ConfigError(
+                f"must be 'turns' or 'prefill:<flavour>', got {method!r}", path="continuation"
+            )
+    return methods
 
 
 @runtime_checkable

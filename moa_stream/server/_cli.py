@@ -8,16 +8,24 @@ the first one, ``server.listening``, carries the URL.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import os
+import shutil
 import sys
+import tempfile
+from dataclasses import replace
 
 from moa_stream import _aio
+from moa_stream._cli_logging import configure_from_args, format_from_args, level_from_args
 from moa_stream._exceptions import ConfigError
 from moa_stream.config import Config, default_config, load_config
-from moa_stream.server._serve import reserve_port, serve, supervise, worker_argv
-from moa_stream.server.logs import LEVELS, configure_logging
+from moa_stream.server._serve import _url, reserve_port, serve, supervise, worker_argv
 
-__all__ = ["add_parser", "run"]
+__all__ = ["API_KEY_ENV", "add_parser", "run"]
+
+#: An API key the server requires, besides those of the config.
+API_KEY_ENV = "MOA_STREAM_API_KEY"
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -42,10 +50,27 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="processes sharing the port (SO_REUSEPORT), each with its own runtime (default: 1)",
     )
     parser.add_argument(
-        "--log-level", choices=list(LEVELS), default="info", help="default: %(default)s"
+        "--no-ui",
+        action="store_true",
+        help="do not serve the playground page at / (same as [server] ui = false)",
+    )
+    parser.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="let web pages from ORIGIN (e.g. http://localhost:3000, or *) call the API; "
+        "repeatable; adds to [server] cors_origins",
+    )
+    parser.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help=f"require 'Authorization: Bearer KEY' on /v1/*; adds to [server] api_keys. "
+        f"Prefer the {API_KEY_ENV} variable: a command line is visible to other users",
     )
     # Set by the supervisor on the workers it starts.
     parser.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--metrics-dir", help=argparse.SUPPRESS)
     parser.set_defaults(func=run)
 
 
@@ -64,6 +89,55 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
+def _with_flags(config: Config, args: argparse.Namespace) -> Config:
+    """``config`` with the keys and origins given on the command line or in the environment."""
+    server = config.server
+    keys = [k for k in (args.api_key, os.environ.get(API_KEY_ENV, "").strip()) if k]
+    origins = [o for o in args.cors_origin if o not in server.cors_origins]
+    if not keys and not origins:
+        return config
+    server = replace(
+        server,
+        api_keys=(*server.api_keys, *keys),
+        cors_origins=(*server.cors_origins, *origins),
+    )
+    return replace(config, server=server)
+
+
+def _announce(url: str, config: Config) -> None:
+    # The one line for a person at a terminal; the JSON log line server.listening has it too.
+    models = ", ".join(config.moas)
+    sys.stderr.write(f"moa-stream serve: listening on {url} (models: {models}); Ctrl-C to stop\n")
+    sys.stderr.flush()
+
+
+async def _announce_when_listening(host: str, port: int, config: Config, within: float) -> None:
+    """Print the listening line once a worker accepts connections on the shared port."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while loop.time() < deadline:
+        try:
+            _, writer = await asyncio.open_connection(host, port)
+        except OSError:
+            await asyncio.sleep(0.1)
+            continue
+        writer.close()
+        _announce(_url(host, port), config)
+        return
+
+
+async def _supervise_and_announce(
+    argv: list[str], workers: int, host: str, port: int, config: Config
+) -> int:
+    announce = asyncio.ensure_future(_announce_when_listening(host, port, config, 60.0))
+    try:
+        return await supervise(argv, workers)
+    finally:
+        announce.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await announce
+
+
 def run(args: argparse.Namespace) -> int:
     """Serve as ``args`` say; the exit code (2 for a configuration error)."""
     try:
@@ -74,7 +148,10 @@ def run(args: argparse.Namespace) -> int:
         return _fail("--workers must be at least 1", 2)
     if args.port is not None and not 0 <= args.port <= 65535:
         return _fail("--port must be between 0 and 65535", 2)
-    configure_logging(level=args.log_level, secrets=_secrets(config))
+    if args.no_ui:
+        config = replace(config, server=replace(config.server, ui=False))
+    config = _with_flags(config, args)
+    configure_from_args(args, secrets=_secrets(config))
     host = config.server.host if args.host is None else args.host
     port = config.server.port if args.port is None else args.port
 
@@ -84,17 +161,44 @@ def run(args: argparse.Namespace) -> int:
             reserved = reserve_port(host, port)
         except OSError as exc:
             return _fail(f"cannot bind {host}:{port}: {exc.strerror or exc}", 1)
+        # Where the workers add up their metrics, so any one's /metrics shows them all.
+        metrics_dir = tempfile.mkdtemp(prefix="moa-stream-metrics-")
         try:
-            options = ["--host", host, "--port", str(reserved.getsockname()[1])]
-            options += ["--workers", "1", "--reuse-port", "--log-level", args.log_level]
+            port = reserved.getsockname()[1]
+            options = ["--host", host, "--port", str(port), "--metrics-dir", metrics_dir]
+            options += ["--workers", "1", "--reuse-port", "--log-level", level_from_args(args)]
+            options += ["--log-format", format_from_args(args)]
+            for origin in args.cors_origin:
+                options += ["--cors-origin", origin]
             if args.config:
                 options += ["--config", args.config]
-            return _aio.run(supervise(worker_argv(options), args.workers))
+            if args.no_ui:
+                options.append("--no-ui")
+            if args.api_key:
+                # To the workers through the environment, not their command lines.
+                os.environ[API_KEY_ENV] = args.api_key
+            return _aio.run(
+                _supervise_and_announce(worker_argv(options), args.workers, host, port, config)
+            )
         finally:
             reserved.close()
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+    def on_ready(url: str) -> None:
+        if not args.reuse_port:  # a worker: its supervisor announces the server
+            _announce(url, config)
 
     try:
-        _aio.run(serve(config, host=host, port=port, reuse_port=args.reuse_port))
+        _aio.run(
+            serve(
+                config,
+                host=host,
+                port=port,
+                reuse_port=args.reuse_port,
+                on_ready=on_ready,
+                metrics_dir=args.metrics_dir,
+            )
+        )
     except ConfigError as exc:
         return _fail(str(exc), 2)
     except OSError as exc:

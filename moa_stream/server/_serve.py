@@ -27,9 +27,11 @@ import structlog
 from aiohttp import web
 
 from moa_stream.config import Config, Runtime
+from moa_stream.server._shared_metrics import SharedMetrics
 from moa_stream.server.app import MoAServer, build_app
+from moa_stream.server.metrics import ServerMetrics
 
-__all__ = ["reserve_port", "serve", "supervise", "worker_argv"]
+__all__ = ["listen", "reserve_port", "serve", "supervise", "worker_argv"]
 
 log = structlog.get_logger("moa_stream.server")
 
@@ -50,12 +52,15 @@ async def serve(
     reuse_port: bool = False,
     stop: asyncio.Event | None = None,
     on_ready: Callable[[str], None] | None = None,
+    metrics_dir: str | None = None,
 ) -> None:
     """Serve ``config``'s MoAs until SIGTERM or SIGINT (or until ``stop`` is set).
 
     ``host``/``port`` override the ``[server]`` table; ``reuse_port`` binds with
     ``SO_REUSEPORT`` so that several processes share the port. ``on_ready`` is called with the
     base URL once the socket listens (the port is the real one when 0 was asked for).
+    ``metrics_dir`` is the directory where the workers of one server share their metrics
+    (see ``_shared_metrics``).
     """
     settings = config.server
     settings = replace(
@@ -80,7 +85,13 @@ async def serve(
     try:
         async with Runtime(config) as runtime:
             descriptions = {moa_id: m.description for moa_id, m in config.moas.items()}
-            state = MoAServer(runtime.moas, settings, descriptions=descriptions)
+            metrics = ServerMetrics()
+            flusher: asyncio.Future[None] | None = None
+            if metrics_dir is not None:
+                metrics.shared = SharedMetrics(metrics_dir, metrics.registry)
+                metrics.shared.write()
+                flusher = asyncio.ensure_future(metrics.shared.run())
+            state = MoAServer(runtime.moas, settings, descriptions=descriptions, metrics=metrics)
             runner = web.AppRunner(
                 build_app(state),
                 handler_cancellation=True,
@@ -88,12 +99,10 @@ async def serve(
                 shutdown_timeout=_AFTER_GRACE,
             )
             await runner.setup()
+            listener: asyncio.Server | None = None
             try:
-                site = web.TCPSite(
-                    runner, settings.host, settings.port, reuse_port=reuse_port or None
-                )
-                await site.start()
-                bound = runner.addresses[0]
+                listener = await listen(state, runner, settings.host, settings.port, reuse_port)
+                bound = listener.sockets[0].getsockname()
                 url = _url(settings.host, int(bound[1]))
                 log.info(
                     "server.listening",
@@ -107,15 +116,21 @@ async def serve(
                 await stop.wait()
                 log.info("server.stopping", in_flight=state.active, grace_s=settings.shutdown_grace)
                 state.begin_shutdown()
-                for s in list(runner.sites):
-                    await s.stop()
+                # Closes the listening socket now; open connections are runner.cleanup()'s.
+                listener.close()
                 drained = await _drain(state, settings.shutdown_grace, force)
                 if not drained:
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(_AFTER_GRACE):
                             await state.wait_idle()
             finally:
+                if listener is not None:
+                    listener.close()
                 await runner.cleanup()
+                if flusher is not None:
+                    flusher.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await flusher
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
@@ -135,6 +150,32 @@ async def _drain(state: MoAServer, grace: float, force: asyncio.Event) -> bool:
     with contextlib.suppress(asyncio.CancelledError):
         await drain
     return await state.drain(0)
+
+
+async def listen(
+    state: MoAServer, runner: web.AppRunner, host: str, port: int, reuse_port: bool = False
+) -> asyncio.Server:
+    """Accept connections for ``runner`` (set up) on ``host:port``, each through the
+    connection cap and the header deadline of ``state`` (see ``_connections``)."""
+    server = runner.server
+    if server is None:
+        raise RuntimeError("call runner.setup() first")
+    loop = asyncio.get_running_loop()
+    factory = state.connections.protocol_factory(
+        server,
+        keepalive_timeout=state.config.keepalive_timeout,
+        # After an error response, aiohttp reads what is left of an unread body for this long
+        # (default 10 s) before closing; a client whose body stalled would hold it that long.
+        lingering_time=1.0,
+        access_log=None,  # one structured line per request is written by the app
+    )
+    return await loop.create_server(
+        factory,
+        host,
+        port,
+        reuse_port=reuse_port or None,
+        backlog=1024,
+    )
 
 
 def reserve_port(host: str, port: int) -> socket.socket:

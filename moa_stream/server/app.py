@@ -10,9 +10,13 @@
 
 When a stream's headers go out: at its first answer token (together with the role chunk and
 that token), so a run that fails before answering still gets a real error status (502) that
-clients and their retry logic understand. A client that asks for progress gets the headers at
-once, because the progress is what it wants to see meanwhile. ``docs/server.md`` has the
-details.
+clients and their retry logic understand. A client that asks for progress (or for it as
+``reasoning_content``) gets the headers at once, because the progress is what it wants to see
+meanwhile. ``docs/server.md`` has the details.
+
+The handlers stay short: :class:`~moa_stream.server.stream.StreamWriter` maps a run's events to
+bytes (pure), and :meth:`MoAServer._guarded` owns the deadline, its registration for shutdown
+and the mapping of failures to the client's error, for streamed and whole answers alike.
 
 A client that disconnects cancels its handler (``handler_cancellation=True`` on the runner),
 and leaving the run's ``async with`` cancels every upstream request of that run at once.
@@ -21,11 +25,12 @@ and leaving the run's ``async with`` cancels every upstream request of that run 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import orjson
@@ -33,29 +38,47 @@ import structlog
 from aiohttp import web
 
 from moa_stream._exceptions import MoAError
+from moa_stream._wire import (
+    ChatCompletionRequest,
+    ChunkEncoder,
+    WireError,
+    completion_object,
+    extension,
+    optional_bool,
+    parse_chat_request,
+    wrong_type,
+)
 from moa_stream.config import Runtime, ServerConfig
-from moa_stream.engine.events import AggregatorDelta, ProposerDelta
+from moa_stream.engine.events import AggregatorDelta, Event
 from moa_stream.engine.run import MoARun
 from moa_stream.engine.spec import MoA
+from moa_stream.server._connections import ConnectionGuard
 from moa_stream.server.errors import APIError, from_http_exception, from_moa_error, timeout_error
 from moa_stream.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from moa_stream.server.metrics import ServerMetrics
+from moa_stream.server.playground import add_playground_routes
 from moa_stream.server.progress import ProgressEncoder, report_object
-from moa_stream.server.wire import (
-    DONE,
-    ChatCompletionRequest,
-    ChunkEncoder,
-    completion_object,
-    parse_chat_request,
-    truthy_header,
-)
+from moa_stream.server.stream import StreamWriter, is_degraded
 
-__all__ = ["PROGRESS_HEADER", "MoAServer", "create_app"]
+__all__ = [
+    "DEGRADED_HEADER",
+    "PROGRESS_HEADER",
+    "PROGRESS_TEXT",
+    "REASONING_HEADER",
+    "MoAServer",
+    "create_app",
+    "progress_level",
+]
 
 log = structlog.get_logger("moa_stream.server")
 
-#: The request header that turns progress on (``1``, ``true``, ``yes`` or ``on``).
+#: The request header that turns progress on (``1``, ``true``, ``yes`` or ``on``; ``text`` also
+#: forwards the proposers' text).
 PROGRESS_HEADER = "X-MoA-Progress"
+#: The request header that turns the proposers' progress as ``reasoning_content`` on.
+REASONING_HEADER = "X-MoA-Reasoning"
+#: The response header of an answer written with no proposer's help (every one failed).
+DEGRADED_HEADER = "X-MoA-Degraded"
 
 _SSE_HEADERS = {
     "Content-Type": "text/event-stream",
@@ -66,8 +89,34 @@ _SSE_HEADERS = {
 _JSON = "application/json"
 _CHAT_PATH = "/v1/chat/completions"
 _TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
-_ALWAYS_ALLOWED_HEADERS = ("Authorization", "Content-Type", PROGRESS_HEADER)
+_ALWAYS_ALLOWED_HEADERS = ("Authorization", "Content-Type", PROGRESS_HEADER, REASONING_HEADER)
 _QUIET_PATHS = frozenset({"/healthz", "/metrics"})
+
+
+def truthy_header(value: str | None) -> bool:
+    """Whether a flag header (``X-MoA-Progress``) is set: ``1``, ``true``, ``yes`` or ``on``."""
+    return value is not None and value.strip().lower() in ("1", "true", "yes", "on")
+
+
+#: The progress level that also forwards the proposers' text: ``X-MoA-Progress: text`` or
+#: ``"moa_stream": {"progress": "text"}``.
+PROGRESS_TEXT = "text"
+
+
+def progress_level(options: Mapping[str, Any], header: str | None) -> tuple[bool, bool]:
+    """``(progress, text)`` asked for by the body's ``moa_stream`` options and the
+    ``X-MoA-Progress`` header: progress is on with a truthy header, ``text``, or
+    ``"progress": true`` / ``"text"`` in the body; text only with ``text``."""
+    header_text = header is not None and header.strip().lower() == PROGRESS_TEXT
+    if options.get("progress") == PROGRESS_TEXT:
+        return True, True
+    try:
+        body = optional_bool(options, "progress", "moa_stream.progress")
+    except WireError:
+        raise wrong_type(
+            "moa_stream.progress", 'a boolean or "text"', options.get("progress")
+        ) from None
+    return body or header_text or truthy_header(header), header_text
 
 
 class RequestContext:
@@ -77,6 +126,7 @@ class RequestContext:
         "chat",
         "completion_id",
         "created",
+        "degraded",
         "error",
         "first_token_at",
         "model",
@@ -103,6 +153,7 @@ class RequestContext:
         self.error: APIError | None = None
         self.first_token_at: float | None = None
         self.run: MoARun | None = None
+        self.degraded = False
 
     def fail(self, error: APIError) -> None:
         """Record ``error`` as the request's result."""
@@ -134,12 +185,19 @@ class MoAServer:
         self.metrics = metrics if metrics is not None else ServerMetrics()
         self._keys = tuple(k.encode() for k in config.resolved_api_keys())
         self._origins = frozenset(config.cors_origins)
+        #: Where the application is mounted as a sub-application ("" at the root); the
+        #: middleware matches paths after it.
+        self.path_prefix = ""
         self.active = 0
         self.shutting_down = False
         self._idle = asyncio.Event()
         self._idle.set()
         self._expired = False
         self._timeouts: set[asyncio.Timeout] = set()
+        #: Open connections, when they are accepted through :meth:`listen`.
+        self.connections = ConnectionGuard(
+            max_connections=config.max_connections, header_timeout=config.header_timeout
+        )
         # Agent name -> provider name, per MoA id: proposer.failed events carry the agent only.
         self._providers = {
             moa_id: {agent.name: agent.provider.name for agent in spec.agents}
@@ -202,7 +260,11 @@ class MoAServer:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer":
             return False
-        given = token.strip().encode()
+        try:
+            given = token.strip().encode()
+        except UnicodeEncodeError:
+            # aiohttp keeps undecodable header bytes as surrogates; no key is made of those.
+            return False
         ok = False
         for key in self._keys:
             ok |= hmac.compare_digest(given, key)
@@ -223,9 +285,13 @@ class MoAServer:
         if request.content_length is not None and request.content_length > limit:
             raise APIError.body_too_large(limit)
         try:
-            return await request.read()
+            async with asyncio.timeout(self.config.body_timeout):
+                return await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise APIError.body_too_large(limit) from None
+        except TimeoutError:
+            # The rest of the body may never come: the connection cannot be reused.
+            raise APIError.body_timeout(self.config.body_timeout) from None
 
     # -- handlers ----------------------------------------------------------------------------
     async def healthz(self, request: web.Request) -> web.Response:
@@ -258,15 +324,24 @@ class MoAServer:
         if self.shutting_down:
             raise APIError.shutting_down()
         raw = await self._read_body(request)
-        req = parse_chat_request(
-            raw, progress_header=truthy_header(request.headers.get(PROGRESS_HEADER))
-        )
+        try:
+            req = parse_chat_request(raw)
+            options = extension(req.body, "moa_stream")
+            progress, progress_text = progress_level(options, request.headers.get(PROGRESS_HEADER))
+            reasoning = optional_bool(options, "reasoning", "moa_stream.reasoning")
+        except WireError as exc:
+            raise APIError.from_wire(exc) from None
         spec = self.moas.get(req.model)
         if spec is None:
             raise APIError.model_not_found(req.model, list(self.moas))
         ctx.model = req.model
         ctx.stream = req.stream
-        ctx.progress = req.progress
+        ctx.progress = progress
+        reasoning = (
+            reasoning
+            or truthy_header(request.headers.get(REASONING_HEADER))
+            or self._reasoning_by_default(req.model)
+        )
         if self.active >= self.config.max_concurrent_streams:
             raise APIError.too_many_streams(self.config.max_concurrent_streams)
         self.active += 1
@@ -277,13 +352,23 @@ class MoAServer:
                 req.messages, temperature=req.temperature, max_tokens=req.max_tokens, stop=req.stop
             )
             if req.stream:
-                return await self._stream(request, ctx, req, run)
+                writer = StreamWriter(
+                    ChunkEncoder(ctx.completion_id, ctx.created, req.model, req.include_usage),
+                    include_usage=req.include_usage,
+                    progress=ProgressEncoder(text=progress_text) if ctx.progress else None,
+                    reasoning=reasoning,
+                )
+                return await self._stream(request, ctx, req, run, writer)
             return await self._complete(ctx, req, run)
         finally:
             self.active -= 1
             self.metrics.active_streams.dec()
             if self.active == 0:
                 self._idle.set()
+
+    def _reasoning_by_default(self, model: str) -> bool:
+        chosen = self.config.reasoning_progress
+        return "*" in chosen or model in chosen
 
     def _deadline_error(self) -> APIError:
         return (
@@ -292,78 +377,60 @@ class MoAServer:
             else timeout_error(self.config.request_timeout)
         )
 
+    def _observe(self, model: str, event: Event) -> None:
+        """Count a failed agent request in the metrics (by its provider and error kind)."""
+        if event.type == "proposer.failed" or event.type == "aggregator.failed":
+            self._count_failure(model, event.agent, event.kind)
+
+    @contextlib.asynccontextmanager
+    async def _guarded(self, ctx: RequestContext, model: str) -> AsyncIterator[None]:
+        """Around the consumption of one run: the request's deadline (registered, so that the
+        end of a shutdown's grace period can expire it) and the mapping of whatever ends the
+        run early to the error the client gets, recorded in ``ctx.error``.
+
+        A client gone mid-write sets ``ctx.outcome`` instead; cancellation passes through.
+        """
+        deadline = asyncio.timeout(self.config.request_timeout)
+        try:
+            async with deadline:
+                self._timeouts.add(deadline)
+                yield
+        except MoAError as exc:
+            # A failed agent request was counted at its *.failed event, which the engine emits
+            # before it raises.
+            ctx.fail(from_moa_error(exc))
+        except TimeoutError:
+            ctx.fail(self._deadline_error())
+        except ConnectionResetError:
+            # The client went away while we wrote; leaving the run's block cancels the run.
+            ctx.outcome = "client_disconnected"
+            ctx.status = 499
+        except Exception:
+            # A bug: the log gets the traceback; the client an error it can act on.
+            log.exception("request.crashed", request_id=ctx.request_id)
+            ctx.fail(APIError.internal())
+        finally:
+            self._timeouts.discard(deadline)
+
     async def _stream(
-        self, request: web.Request, ctx: RequestContext, req: ChatCompletionRequest, run: MoARun
+        self,
+        request: web.Request,
+        ctx: RequestContext,
+        req: ChatCompletionRequest,
+        run: MoARun,
+        writer: StreamWriter,
     ) -> web.StreamResponse:
         resp = web.StreamResponse(headers=_SSE_HEADERS)
-        enc = ChunkEncoder(ctx.completion_id, ctx.created, req.model, req.include_usage)
-        progress = ProgressEncoder() if req.progress else None
-        write = resp.write
-        first = True
         finished = False
-        error: APIError | None = None
         async with run:
             ctx.run = run
-            deadline = asyncio.timeout(self.config.request_timeout)
-            try:
-                async with deadline:
-                    # Registered so that the end of a shutdown's grace period can expire it.
-                    self._timeouts.add(deadline)
-                    if progress is not None:
-                        await resp.prepare(request)
-                    async for event in run.events():
-                        # isinstance, not event.type: the cheapest test on the per-token path.
-                        if isinstance(event, AggregatorDelta):
-                            if first:
-                                first = False
-                                if not resp.prepared:
-                                    await resp.prepare(request)
-                                ctx.first_token_at = time.monotonic()
-                                # One write: the role chunk and the first token leave together.
-                                await write(enc.role() + enc.content(event.text))
-                            else:
-                                await write(enc.content(event.text))
-                            continue
-                        if progress is None and isinstance(event, ProposerDelta):
-                            continue
-                        if event.type == "proposer.failed" or event.type == "aggregator.failed":
-                            self._count_failure(req.model, event.agent, event.kind)
-                        elif event.type == "run.done":
-                            # Written here, not after the run is closed: closing may wait for
-                            # "keep" stragglers, and the client must not.
-                            tail = [b""] if progress is None else [progress.frame(event) or b""]
-                            if not resp.prepared:
-                                await resp.prepare(request)
-                            if first:
-                                tail.append(enc.role())
-                            tail.append(enc.finish(event.report.finish_reason or "stop"))
-                            if req.include_usage:
-                                tail.append(enc.usage(event.report.usage))
-                            tail.append(DONE)
-                            await write(b"".join(tail))
-                            await resp.write_eof()
-                            finished = True
-                            continue
-                        if progress is not None:
-                            frame = progress.frame(event)
-                            if frame is not None:
-                                await write(frame)
-            except MoAError as exc:
-                error = from_moa_error(exc)
-            except TimeoutError:
-                error = self._deadline_error()
-            except ConnectionResetError:
-                # The client went away while we wrote; leaving the block cancels the run.
-                ctx.outcome = "client_disconnected"
-                ctx.status = 499
+            async with self._guarded(ctx, req.model):
+                finished = await self._write_events(request, resp, ctx, run, writer)
+            ctx.degraded = ctx.degraded or writer.degraded
+            if ctx.outcome == "client_disconnected":
                 return resp
-            except Exception:
-                # A bug: the log gets the traceback; the client an error it can act on, in the
-                # stream if it has started (a new response can no longer be sent then).
-                log.exception("request.crashed", request_id=ctx.request_id)
-                error = APIError.internal()
-            finally:
-                self._timeouts.discard(deadline)
+            # Written before the run is closed, like the tail: closing may wait for stragglers.
+            error = ctx.error
             if error is None and not finished:
                 log.error("stream.ended_without_report", request_id=ctx.request_id)
                 error = APIError.internal()
@@ -371,12 +438,60 @@ class MoAServer:
                 if not resp.prepared:
                     raise error
                 ctx.fail(error)
-                try:
-                    await write(error.frame() + DONE)
+                with contextlib.suppress(ConnectionResetError):
+                    await resp.write(writer.error(error))
                     await resp.write_eof()
-                except ConnectionResetError:
-                    pass
         return resp
+
+    async def _write_events(
+        self,
+        request: web.Request,
+        resp: web.StreamResponse,
+        ctx: RequestContext,
+        run: MoARun,
+        writer: StreamWriter,
+    ) -> bool:
+        """Write the stream of ``run``'s events; True once the run's tail is written.
+
+        Reads the events to their end even after ``run.done``, so the generator finishes.
+        """
+        write = resp.write
+        finished = False
+        if writer.eager:
+            await resp.prepare(request)
+        async for event in run.events():
+            # isinstance, not event.type: the cheapest test on the per-token path.
+            if isinstance(event, AggregatorDelta):
+                if ctx.first_token_at is None:
+                    await self._prepare(request, resp, ctx, writer)
+                    ctx.first_token_at = time.monotonic()
+                await write(writer.answer(event.text))
+            elif event.type == "run.done":
+                # Written here, not after the run is closed: closing may wait for "keep"
+                # stragglers, and the client must not.
+                tail = writer.done(event)
+                await self._prepare(request, resp, ctx, writer)
+                await write(tail)
+                await resp.write_eof()
+                finished = True
+            else:
+                self._observe(ctx.model or "unknown", event)
+                frames = writer.event(event)
+                if frames is not None:
+                    await write(frames)
+        return finished
+
+    @staticmethod
+    async def _prepare(
+        request: web.Request, resp: web.StreamResponse, ctx: RequestContext, writer: StreamWriter
+    ) -> None:
+        """Send the headers, if they have not gone out yet (with the degraded mark, if due)."""
+        if resp.prepared:
+            return
+        if writer.degraded:
+            ctx.degraded = True
+            resp.headers[DEGRADED_HEADER] = "true"
+        await resp.prepare(request)
 
     async def _complete(
         self, ctx: RequestContext, req: ChatCompletionRequest, run: MoARun
@@ -384,33 +499,36 @@ class MoAServer:
         report = None
         async with run:
             ctx.run = run
-            deadline = asyncio.timeout(self.config.request_timeout)
-            try:
-                async with deadline:
-                    self._timeouts.add(deadline)
-                    async for event in run.events():
-                        if event.type == "proposer.failed" or event.type == "aggregator.failed":
-                            self._count_failure(req.model, event.agent, event.kind)
-                        elif event.type == "run.done":
-                            report = event.report
-            except MoAError as exc:
-                raise from_moa_error(exc) from None
-            except TimeoutError:
-                raise self._deadline_error() from None
-            finally:
-                self._timeouts.discard(deadline)
-        assert report is not None
-        extra = {"moa_stream": report_object(report)} if req.progress else None
+            async with self._guarded(ctx, req.model):
+                async for event in run.events():
+                    if event.type == "run.done":
+                        report = event.report
+                    else:
+                        self._observe(req.model, event)
+        if ctx.error is not None:
+            raise ctx.error
+        if report is None:
+            log.error("run.ended_without_report", request_id=ctx.request_id)
+            raise APIError.internal()
+        extension: dict[str, Any] = {}
+        if ctx.progress:
+            extension.update(report_object(report))
+        headers = {}
+        if is_degraded(report):
+            ctx.degraded = True
+            extension["degraded"] = True
+            headers[DEGRADED_HEADER] = "true"
         body = completion_object(
             completion_id=ctx.completion_id,
             created=ctx.created,
             model=req.model,
             text=report.text,
             finish_reason=report.finish_reason or "stop",
-            usage=report.usage,
-            extra=extra,
+            prompt_tokens=report.usage.prompt_tokens,
+            completion_tokens=report.usage.completion_tokens,
+            extra={"moa_stream": extension} if extension else None,
         )
-        return web.Response(body=orjson.dumps(body), content_type=_JSON)
+        return web.Response(body=orjson.dumps(body), content_type=_JSON, headers=headers)
 
     # -- middleware and signals -------------------------------------------------------------
     def _preflight(self, request: web.Request) -> web.Response:
@@ -418,19 +536,23 @@ class MoAServer:
         if not self.origin_allowed(origin):
             raise APIError(
                 403,
-                "This origin is not allowed.",
+                f"Browser requests from the origin {origin!r} are not allowed. Allow it with "
+                f"'moa-stream serve --cors-origin {origin}' or in [server] cors_origins.",
                 code="cors_origin_not_allowed",
                 outcome="forbidden",
             )
         requested = request.headers.get("Access-Control-Request-Headers", "")
         names = [h.strip() for h in requested.split(",") if h.strip()]
         # Browser SDKs add their own headers (x-stainless-*); the origin check is the guard.
-        allowed = dict.fromkeys([*_ALWAYS_ALLOWED_HEADERS, *(h for h in names if _TOKEN.match(h))])
+        # Header names are case-insensitive: list each once, however the browser spelled it.
+        allowed: dict[str, str] = {}
+        for name in (*_ALWAYS_ALLOWED_HEADERS, *(h for h in names if _TOKEN.match(h))):
+            allowed.setdefault(name.lower(), name)
         return web.Response(
             status=204,
             headers={
                 "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
-                "Access-Control-Allow-Headers": ", ".join(allowed),
+                "Access-Control-Allow-Headers": ", ".join(allowed.values()),
                 "Access-Control-Max-Age": "600",
             },
         )
@@ -443,18 +565,19 @@ class MoAServer:
         request's log line and metrics, around every handler."""
         ctx = RequestContext(uuid.uuid4().hex, time.monotonic())
         # Counted as a chat request even when refused before the handler (401, 405).
-        ctx.chat = request.path == _CHAT_PATH
+        path = request.path.removeprefix(self.path_prefix)
+        ctx.chat = path == _CHAT_PATH
         request[_CTX] = ctx
         response: web.StreamResponse
         try:
+            self.connections.request_started(request.transport)
             if (
                 request.method == "OPTIONS"
-                and self._origins
                 and "Origin" in request.headers
                 and "Access-Control-Request-Method" in request.headers
             ):
                 response = self._preflight(request)
-            elif request.path.startswith("/v1/") and not self.authorized(
+            elif path.startswith("/v1/") and not self.authorized(
                 request.headers.get("Authorization")
             ):
                 raise APIError.invalid_api_key()
@@ -499,6 +622,7 @@ class MoAServer:
 
     def _finish(self, request: web.Request, ctx: RequestContext) -> None:
         """The request's one log line and its metrics."""
+        self.connections.request_finished(request.transport)
         now = time.monotonic()
         if ctx.outcome is None:
             ctx.outcome = "ok" if ctx.status < 400 else "error"
@@ -534,10 +658,12 @@ class MoAServer:
                 fields["completion_tokens"] = report.usage.completion_tokens
                 m.tokens.inc(model, "prompt", amount=report.usage.prompt_tokens)
                 m.tokens.inc(model, "completion", amount=report.usage.completion_tokens)
+        if ctx.degraded:
+            fields["degraded"] = True
         if ctx.error is not None:
             fields["error_code"] = ctx.error.code
             fields["error"] = ctx.error.message
-        if request.path in _QUIET_PATHS and ctx.status < 400:
+        if request.path.removeprefix(self.path_prefix) in _QUIET_PATHS and ctx.status < 400:
             log.debug("request", **fields)
         else:
             log.info("request", **fields)
@@ -577,4 +703,6 @@ def build_app(state: MoAServer) -> web.Application:
     app.router.add_get("/v1/models/{model}", state.get_model)
     app.router.add_get("/healthz", state.healthz)
     app.router.add_get("/metrics", state.metrics_handler)
+    if state.config.ui:
+        add_playground_routes(app.router)
     return app

@@ -10,19 +10,25 @@ After a stream has started the same object goes out as ``data: {"error": {...}}`
 
 Each :class:`APIError` also carries an ``outcome``: the low-cardinality name it is counted
 under in ``/metrics`` and written as in the request log.
+
+Every error response says whether retrying is worth it, in the ``x-should-retry`` header that
+the official OpenAI SDKs obey before their own status rules: ``true`` for 429 and 503 (another
+moment or another instance will do), ``false`` for everything else. Without it the SDKs retry
+a 502 or 504 twice, and each retry re-runs the whole MoA (every proposer and the aggregator)
+for a failure it would most likely meet again.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
-import orjson
 from aiohttp import web
 
 from moa_stream._exceptions import AggregatorError, LayerFailedError, MoAError
+from moa_stream._wire import WireError, retry_after_headers
 
 __all__ = [
+    "SHOULD_RETRY_HEADER",
     "APIError",
     "from_http_exception",
     "from_moa_error",
@@ -30,7 +36,12 @@ __all__ = [
 ]
 
 
-class APIError(Exception):
+#: The header the OpenAI SDKs read to decide on a retry before looking at the status.
+SHOULD_RETRY_HEADER = "x-should-retry"
+_RETRYABLE_STATUSES = frozenset({429, 503})
+
+
+class APIError(WireError):
     """An error to send to the client: HTTP ``status`` plus the OpenAI error fields.
 
     ``headers`` are added to the response (``Retry-After``, ``Allow``); ``outcome`` names the
@@ -47,43 +58,48 @@ class APIError(Exception):
         code: str | None = None,
         outcome: str = "invalid_request",
         headers: Mapping[str, str] | None = None,
+        close_connection: bool = False,
     ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.error_type = error_type
-        self.param = param
-        self.code = code
+        super().__init__(
+            status, message, error_type=error_type, param=param, code=code, headers=headers
+        )
         self.outcome = outcome
-        self.headers = dict(headers or {})
+        self.close_connection = close_connection
 
-    def payload(self) -> dict[str, Any]:
-        """The ``{"error": {...}}`` object."""
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.error_type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
+    @classmethod
+    def from_wire(cls, exc: WireError) -> APIError:
+        """The server's error for a request the wire format refused (a 400)."""
+        if isinstance(exc, APIError):
+            return exc
+        return cls(
+            exc.status,
+            exc.message,
+            error_type=exc.error_type,
+            param=exc.param,
+            code=exc.code,
+            headers=exc.headers,
+        )
 
-    def body(self) -> bytes:
-        """The JSON body of the error response."""
-        return orjson.dumps(self.payload())
-
-    def frame(self) -> bytes:
-        """The error as an SSE event, for a stream whose 200 status has already gone out."""
-        return b"data: " + self.body() + b"\n\n"
+    @property
+    def retryable(self) -> bool:
+        """Whether a client should retry: only when the server is busy or going away."""
+        return self.status in _RETRYABLE_STATUSES
 
     def response(self, headers: Mapping[str, str] | None = None) -> web.Response:
         """A JSON response with this error's status, body and headers."""
-        return web.Response(
+        response = web.Response(
             status=self.status,
             body=self.body(),
             content_type="application/json",
-            headers={**self.headers, **(headers or {})},
+            headers={
+                SHOULD_RETRY_HEADER: "true" if self.retryable else "false",
+                **self.headers,
+                **(headers or {}),
+            },
         )
+        if self.close_connection:
+            response.force_close()
+        return response
 
     # -- the errors the server raises, in one place so that status, type and code agree -----
 
@@ -124,7 +140,7 @@ class APIError(Exception):
             error_type="rate_limit_error",
             code="too_many_concurrent_requests",
             outcome="rate_limited",
-            headers={"Retry-After": str(retry_after)},
+            headers=retry_after_headers(retry_after),
         )
 
     @classmethod
@@ -134,6 +150,16 @@ class APIError(Exception):
             413,
             f"The request body is larger than the limit of {limit} bytes.",
             code="request_too_large",
+        )
+
+    @classmethod
+    def body_timeout(cls, limit: float) -> APIError:
+        """408: the request body did not arrive within ``body_timeout``."""
+        return cls(
+            408,
+            f"The request body did not arrive within {limit:g} s.",
+            code="request_body_timeout",
+            close_connection=True,
         )
 
     @classmethod
@@ -156,7 +182,7 @@ class APIError(Exception):
             error_type="server_error",
             code="shutting_down",
             outcome="shutting_down",
-            headers={"Retry-After": "1"},
+            headers=retry_after_headers(1),
         )
 
 

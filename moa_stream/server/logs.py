@@ -21,6 +21,8 @@ import orjson
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
+from moa_stream._secrets import mask_secrets
+
 __all__ = ["Redactor", "configure_logging"]
 
 LEVELS = {
@@ -32,8 +34,9 @@ LEVELS = {
 
 
 class Redactor:
-    """A structlog processor that masks every occurrence of the given secrets in string values
-    (nested dicts and lists included)."""
+    """A structlog processor that masks every occurrence of the given secrets, and any long
+    start of one (a message cut in the middle of a key), in string values (nested dicts and
+    lists included)."""
 
     def __init__(self, secrets: Iterable[str]) -> None:
         # Longest first, so that a key containing another key is masked whole.
@@ -41,10 +44,7 @@ class Redactor:
 
     def _clean(self, value: Any) -> Any:
         if isinstance(value, str):
-            for secret in self.secrets:
-                if secret in value:
-                    value = value.replace(secret, "[redacted]")
-            return value
+            return mask_secrets(value, self.secrets, "[redacted]")
         if isinstance(value, dict):
             return {k: self._clean(v) for k, v in value.items()}
         if isinstance(value, list | tuple):

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Iterable, Sequence
-from typing import TypeVar
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Self, TypeVar
+
+if TYPE_CHECKING:
+    from moa_stream.server._shared_metrics import SharedMetrics
 
 __all__ = [
     "CONTENT_TYPE",
@@ -94,6 +97,18 @@ class _Metric:
     def samples(self) -> Iterable[str]:
         raise NotImplementedError  # pragma: no cover
 
+    def state(self) -> list[Any]:
+        """The series as JSON-ready data, for another process to add up (see :meth:`absorb`)."""
+        raise NotImplementedError  # pragma: no cover
+
+    def absorb(self, state: list[Any]) -> None:
+        """Add the series of another process's :meth:`state` to this metric's."""
+        raise NotImplementedError  # pragma: no cover
+
+    def empty(self) -> Self:
+        """A metric like this one with no observations."""
+        return type(self)(self.name, self.help, self.label_names)
+
 
 _M = TypeVar("_M", bound=_Metric)
 
@@ -121,6 +136,14 @@ class Counter(_Metric):
     def samples(self) -> Iterable[str]:
         for key, value in sorted(self._values.items()):
             yield f"{self.name}{_labels(self.label_names, key)} {_number(value)}"
+
+    def state(self) -> list[Any]:
+        return [[list(key), value] for key, value in self._values.items()]
+
+    def absorb(self, state: list[Any]) -> None:
+        for key, value in state:
+            k = self._key(key)
+            self._values[k] = self._values.get(k, 0.0) + value
 
 
 class Gauge(_Metric):
@@ -152,6 +175,14 @@ class Gauge(_Metric):
     def samples(self) -> Iterable[str]:
         for key, value in sorted(self._values.items()):
             yield f"{self.name}{_labels(self.label_names, key)} {_number(value)}"
+
+    def state(self) -> list[Any]:
+        return [[list(key), value] for key, value in self._values.items()]
+
+    def absorb(self, state: list[Any]) -> None:
+        # Summed: the server's one gauge (requests running now) adds up over processes.
+        for key, value in state:
+            self.inc(*key, amount=value)
 
 
 class Histogram(_Metric):
@@ -200,6 +231,26 @@ class Histogram(_Metric):
             yield f"{self.name}_sum{_labels(names, key)} {_number(total)}"
             yield f"{self.name}_count{_labels(names, key)} {_number(n)}"
 
+    def state(self) -> list[Any]:
+        return [[list(key), counts, totals] for key, (counts, totals) in self._series.items()]
+
+    def absorb(self, state: list[Any]) -> None:
+        for key, counts, (total, n) in state:
+            k = self._key(key)
+            if len(counts) != len(self.buckets) + 1:
+                raise ValueError(f"{self.name}: a snapshot with other buckets")
+            series = self._series.get(k)
+            if series is None:
+                series = self._series[k] = ([0] * (len(self.buckets) + 1), [0.0, 0.0])
+            mine, totals = series
+            for i, c in enumerate(counts):
+                mine[i] += c
+            totals[0] += total
+            totals[1] += n
+
+    def empty(self) -> Self:
+        return type(self)(self.name, self.help, self.label_names, self.buckets)
+
 
 class Registry:
     """The metrics to expose, rendered in registration order."""
@@ -216,11 +267,31 @@ class Registry:
 
     def render(self) -> bytes:
         """The exposition text of every metric."""
+        return self._render(self._metrics)
+
+    @staticmethod
+    def _render(metrics: Iterable[_Metric]) -> bytes:
         lines: list[str] = []
-        for metric in self._metrics:
+        for metric in metrics:
             lines += metric.header()
             lines += metric.samples()
         return ("\n".join(lines) + "\n").encode()
+
+    def snapshot(self) -> dict[str, list[Any]]:
+        """Every metric's series, JSON-ready, keyed by metric name."""
+        return {m.name: m.state() for m in self._metrics}
+
+    def render_sum(self, snapshots: Iterable[Mapping[str, list[Any]]]) -> bytes:
+        """The exposition text of these metrics added up over ``snapshots`` (this registry's
+        own figures are not included unless one of them is its own :meth:`snapshot`).
+        Series of metrics this registry does not have are ignored."""
+        totals = [m.empty() for m in self._metrics]
+        for snapshot in snapshots:
+            for metric in totals:
+                state = snapshot.get(metric.name)
+                if state:
+                    metric.absorb(state)
+        return self._render(totals)
 
 
 class ServerMetrics:
@@ -280,6 +351,11 @@ class ServerMetrics:
             )
         )
 
+        #: Set by ``moa-stream serve --workers N``: then :meth:`render` adds up every worker.
+        self.shared: SharedMetrics | None = None
+
     def render(self) -> bytes:
-        """The exposition text."""
+        """The exposition text (of every worker, when :attr:`shared` is set)."""
+        if self.shared is not None:
+            return self.shared.render()
         return self.registry.render()

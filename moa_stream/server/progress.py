@@ -9,8 +9,12 @@ turns the ``data:`` of any named event other than ``thread.*`` into a chunk obje
 
 Proposer tokens are not forwarded one by one (a MoA of four proposers would send five times
 the answer's traffic); ``proposer.tokens`` reports each running proposer's token count at most
-every :data:`TOKENS_INTERVAL` seconds instead. The JSON of each item is documented in
-``docs/server.md``.
+every :data:`TOKENS_INTERVAL` seconds instead. A client that wants to show the proposers'
+text (the playground page does) asks for the ``text`` level: ``proposer.text`` items then carry
+each proposer's new text, batched per layer at most every :data:`TEXT_INTERVAL` seconds, and
+flushed before that proposer's ``proposer.done`` or ``proposer.failed`` and before
+``layer.done``, so a client holds every proposer's text by the time it learns what became of it.
+The JSON of each item is documented in ``docs/server.md``.
 """
 
 from __future__ import annotations
@@ -20,15 +24,20 @@ from typing import Any
 import orjson
 
 from moa_stream._types import Usage
-from moa_stream.engine.events import AgentReport, Event, ReferenceInfo, RunReport
+from moa_stream._wire import usage_object
+from moa_stream.engine.events import AgentReport, Event, LayerReport, ReferenceInfo, RunReport
 
-__all__ = ["PREFIX", "TOKENS_INTERVAL", "ProgressEncoder", "report_object"]
+__all__ = ["PREFIX", "TEXT_INTERVAL", "TOKENS_INTERVAL", "ProgressEncoder", "report_object"]
 
 #: What every progress comment line starts with.
 PREFIX = b": moa.progress "
 
 #: Seconds between two ``proposer.tokens`` items of one layer.
 TOKENS_INTERVAL = 0.25
+
+#: Seconds between two ``proposer.text`` items of one layer (the ``text`` level only): short
+#: enough that text reads as streaming, long enough that a line carries several tokens.
+TEXT_INTERVAL = 0.1
 
 
 def _round(value: float | None) -> float | None:
@@ -37,12 +46,7 @@ def _round(value: float | None) -> float | None:
 
 
 def _usage(usage: Usage) -> dict[str, Any]:
-    return {
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.total_tokens,
-        "estimated": usage.estimated,
-    }
+    return usage_object(usage.prompt_tokens, usage.completion_tokens, estimated=usage.estimated)
 
 
 def _reference(ref: ReferenceInfo) -> dict[str, Any]:
@@ -72,6 +76,22 @@ def _agent(a: AgentReport) -> dict[str, Any]:
     }
 
 
+def _layer_references(report: RunReport, layer: LayerReport) -> list[dict[str, Any]]:
+    # A finished proposer's tokens as its own report (and its proposer.done item) counts them.
+    finished = {
+        a.index: a.usage.completion_tokens
+        for a in report.agents
+        if a.role == "proposer" and a.layer == layer.layer and a.status == "complete"
+    }
+    items = []
+    for ref in layer.references:
+        item = _reference(ref)
+        if ref.status == "complete" and ref.index in finished:
+            item["tokens"] = finished[ref.index]
+        items.append(item)
+    return items
+
+
 def report_object(report: RunReport) -> dict[str, Any]:
     """A run's report as JSON-ready data, without the answer's text (the client has it)."""
     return {
@@ -87,7 +107,7 @@ def report_object(report: RunReport) -> dict[str, Any]:
                 "layer": layer.layer,
                 "reason": layer.reason,
                 "decided_s": _round(layer.decided_s),
-                "references": [_reference(r) for r in layer.references],
+                "references": _layer_references(report, layer),
                 "cut": layer.cut,
                 "agreement": layer.agreement,
             }
@@ -123,15 +143,40 @@ class ProgressEncoder:
     """Turns the events of one run into progress comment frames (or nothing).
 
     Keeps per-layer token counts so that ``proposer.delta`` events become a periodic
-    ``proposer.tokens`` item instead of one line per token.
+    ``proposer.tokens`` item instead of one line per token. A ``layer.done`` item reports each
+    reference's tokens as the items before it did: the ``proposer.done`` figure for a finished
+    proposer, the ``proposer.tokens`` count for one still streaming or failed, so that a client
+    never sees two sizes for the same answer. With ``text=True`` it also keeps each proposer's
+    text not yet sent, and sends it as ``proposer.text`` items.
     """
 
-    __slots__ = ("_agents", "_counts", "_last_tokens_at")
+    __slots__ = (
+        "_agents",
+        "_counts",
+        "_done_tokens",
+        "_last_text_at",
+        "_last_tokens_at",
+        "_pending",
+    )
 
-    def __init__(self) -> None:
+    def __init__(self, *, text: bool = False) -> None:
         self._counts: dict[int, list[int]] = {}
         self._agents: dict[int, list[str]] = {}
         self._last_tokens_at: dict[int, float] = {}
+        self._last_text_at: dict[int, float] = {}
+        # Layer -> agent -> text pieces not sent yet; None when text is not forwarded.
+        self._pending: dict[int, dict[str, list[str]]] | None = {} if text else None
+        self._done_tokens: dict[tuple[int, int], int] = {}
+
+    def _reference_tokens(self, layer: int, ref: ReferenceInfo) -> dict[str, Any]:
+        item = _reference(ref)
+        done = self._done_tokens.get((layer, ref.index))
+        if done is not None:
+            item["tokens"] = done
+        else:
+            counts = self._counts.get(layer, [])
+            item["tokens"] = counts[ref.index] if ref.index < len(counts) else 0
+        return item
 
     @staticmethod
     def _frame(payload: dict[str, Any]) -> bytes:
@@ -154,23 +199,60 @@ class ProgressEncoder:
             "t": _round(t),
         }
 
+    def _text(self, layer: int, t: float) -> bytes:
+        """The ``proposer.text`` frame of ``layer``'s unsent text (empty bytes if none)."""
+        assert self._pending is not None
+        self._last_text_at[layer] = t
+        pending = self._pending.pop(layer, None)
+        if not pending:
+            return b""
+        texts = {agent: "".join(pieces) for agent, pieces in pending.items()}
+        return self._frame({"type": "proposer.text", "layer": layer, "text": texts, "t": _round(t)})
+
     def frame(self, event: Event) -> bytes | None:
-        """The progress frame for ``event``, or None when it adds nothing worth sending.
+        """The progress frame(s) for ``event``, or None when it adds nothing worth sending.
 
         ``aggregator.delta`` is never a progress item: it is the answer itself.
         """
         t = event.t
         if event.type == "proposer.delta":
-            counts = self._counts.get(event.layer)
+            layer = event.layer
+            counts = self._counts.get(layer)
             if counts is None or event.index >= len(counts):
-                self._slot(event.layer, event.index, event.agent)
-                counts = self._counts[event.layer]
+                self._slot(layer, event.index, event.agent)
+                counts = self._counts[layer]
             counts[event.index] += 1
-            if t - self._last_tokens_at.get(event.layer, 0.0) < TOKENS_INTERVAL:
-                return None
-            return self._frame(self._tokens(event.layer, t))
+            out = b""
+            if self._pending is not None:
+                self._pending.setdefault(layer, {}).setdefault(event.agent, []).append(event.text)
+                if t - self._last_text_at.get(layer, 0.0) >= TEXT_INTERVAL:
+                    out = self._text(layer, t)
+            if t - self._last_tokens_at.get(layer, 0.0) >= TOKENS_INTERVAL:
+                out += self._frame(self._tokens(layer, t))
+            return out or None
         if event.type == "aggregator.delta":
             return None
         if event.type == "proposer.started":
             self._slot(event.layer, event.index, event.agent)
-        return self._frame(_payload(event))
+        elif event.type == "proposer.done":
+            self._done_tokens[(event.layer, event.index)] = event.usage.completion_tokens
+        if event.type == "layer.done":
+            payload = _payload(event)
+            payload["references"] = [
+                self._reference_tokens(event.layer, r) for r in event.references
+            ]
+            frame = self._frame(payload)
+        else:
+            frame = self._frame(_payload(event))
+        if self._pending:
+            # Text still held back goes first: a client must have a proposer's whole text
+            # before it reads that the proposer is done, or that the layer went on without it.
+            if (
+                event.type == "proposer.done"
+                or event.type == "proposer.failed"
+                or event.type == "layer.done"
+            ):
+                return self._text(event.layer, t) + frame
+            if event.type == "run.done":
+                return b"".join(self._text(layer, t) for layer in list(self._pending)) + frame
+        return frame

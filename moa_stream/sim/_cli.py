@@ -38,7 +38,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         default=DEFAULT_PORT,
         help="port; 0 picks a free one (default: %(default)s)",
     )
-    parser.add_argument("--config", help="TOML file of models (default: the built-in model set)")
+    parser.add_argument(
+        "--config", metavar="FILE", help="TOML file of models (default: the built-in model set)"
+    )
     parser.add_argument("--seed", type=int, help="seed for text, timing and faults (default: 0)")
     parser.add_argument(
         "--records-maxlen",

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
 import orjson
 
+from moa_stream._wire import WireError, optional_bool, parse_chat_request
 from moa_stream.sim._continue import ContinuationInfo, anchor_digest
 from moa_stream.sim._rng import seeded_rng
 from moa_stream.sim.profiles import FAULT_KINDS, FaultKind, SimModel
@@ -42,35 +43,9 @@ MID_STREAM_FAULTS: frozenset[str] = frozenset(
 )
 
 
-class RequestError(Exception):
-    """A request the simulator refuses, as an OpenAI error (status, message, type, param, code)."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        param: str | None = None,
-        code: str | None = None,
-        error_type: str = "invalid_request_error",
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
-        self.error_type = error_type
-
-    def body(self) -> dict[str, Any]:
-        """The OpenAI error body."""
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.error_type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
+#: A request the simulator refuses. The simulator answers bad requests exactly as the server
+#: does: one parser and one error type for both (:mod:`moa_stream._wire`).
+RequestError = WireError
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +103,7 @@ def _is_number(value: object) -> bool:
 
 
 def _opt_int(
-    body: dict[str, Any], name: str, *, minimum: int, param: str | None = None
+    body: Mapping[str, Any], name: str, *, minimum: int, param: str | None = None
 ) -> int | None:
     value = body.get(name)
     if value is None:
@@ -141,7 +116,7 @@ def _opt_int(
     return cast(int, value)
 
 
-def _opt_number(body: dict[str, Any], name: str, *, param: str) -> float | None:
+def _opt_number(body: Mapping[str, Any], name: str, *, param: str) -> float | None:
     value = body.get(name)
     if value is None:
         return None
@@ -150,35 +125,6 @@ def _opt_number(body: dict[str, Any], name: str, *, param: str) -> float | None:
     if value < 0:
         raise _bad(param, f"Invalid '{param}': must be >= 0.", "invalid_value")
     return float(value)
-
-
-def _opt_bool(body: dict[str, Any], name: str, *, param: str | None = None) -> bool:
-    value = body.get(name)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise _bad(param or name, f"Invalid type for '{param or name}': expected a boolean.")
-    return value
-
-
-def _content_text(content: object, index: int) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        # Content parts: only text parts carry prompt text; images and the like are ignored.
-        texts = []
-        for part in content:
-            if isinstance(part, dict) and part.get("type") == "text":
-                text = part.get("text")
-                if isinstance(text, str):
-                    texts.append(text)
-        return "".join(texts)
-    raise _bad(
-        f"messages.[{index}].content",
-        f"Invalid type for 'messages.[{index}].content': expected a string or an array.",
-    )
 
 
 def _parse_sim(value: object) -> SimOptions | None:
@@ -215,103 +161,33 @@ def _parse_sim(value: object) -> SimOptions | None:
 def parse_request(raw: bytes) -> ParsedRequest:
     """Parse and check a chat-completions body; raise :class:`RequestError` (400) if it is bad.
 
-    Unknown fields are ignored, as OpenAI-compatible servers do.
+    The checks are the server's own (:func:`moa_stream._wire.parse_chat_request`); the ``sim``
+    field is the simulator's extension. Unknown fields are ignored, as OpenAI-compatible
+    servers do.
     """
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise RequestError(
-            400,
-            "We could not parse the JSON body of your request. The body must be valid JSON.",
-            code="invalid_json",
-        ) from None
-    if not isinstance(body, dict):
-        raise RequestError(400, "The request body must be a JSON object.", code="invalid_json")
-
-    model = body.get("model")
-    if model is None:
-        raise _bad("model", "You must provide a model parameter.", "missing_required_parameter")
-    if not isinstance(model, str):
-        raise _bad("model", "Invalid type for 'model': expected a string.")
-
-    raw_messages = body.get("messages")
-    if raw_messages is None:
-        raise _bad(
-            "messages", "Missing required parameter: 'messages'.", "missing_required_parameter"
-        )
-    if not isinstance(raw_messages, list):
-        raise _bad("messages", "Invalid type for 'messages': expected an array.")
-    if not raw_messages:
-        raise _bad("messages", "Invalid 'messages': empty array.", "empty_array")
-    messages = []
-    for i, message in enumerate(raw_messages):
-        if not isinstance(message, dict):
-            raise _bad(f"messages.[{i}]", f"Invalid type for 'messages.[{i}]': expected an object.")
-        role = message.get("role")
-        if role is None:
-            raise _bad(
-                f"messages.[{i}].role",
-                f"Missing required parameter: 'messages.[{i}].role'.",
-                "missing_required_parameter",
-            )
-        if not isinstance(role, str):
-            raise _bad(
-                f"messages.[{i}].role",
-                f"Invalid type for 'messages.[{i}].role': expected a string.",
-            )
-        messages.append((role, _content_text(message.get("content"), i)))
-    last_prefix = raw_messages[-1].get("prefix") is True
-
-    stream = _opt_bool(body, "stream")
-    include_usage = False
-    options = body.get("stream_options")
-    if options is not None:
-        if not isinstance(options, dict):
-            raise _bad("stream_options", "Invalid type for 'stream_options': expected an object.")
-        include_usage = _opt_bool(options, "include_usage", param="stream_options.include_usage")
-
-    max_tokens = _opt_int(body, "max_completion_tokens", minimum=1)
-    if max_tokens is None:
-        max_tokens = _opt_int(body, "max_tokens", minimum=1)
-
-    stop_value = body.get("stop")
-    stop: tuple[str, ...] = ()
-    if isinstance(stop_value, str):
-        stop = (stop_value,)
-    elif isinstance(stop_value, list) and all(isinstance(s, str) for s in stop_value):
-        stop = tuple(stop_value)
-    elif stop_value is not None:
-        raise _bad("stop", "Invalid type for 'stop': expected a string or an array of strings.")
-
-    seed = body.get("seed")
-    if seed is not None and not _is_int(seed):
-        raise _bad("seed", "Invalid type for 'seed': expected an integer.")
-    n = _opt_int(body, "n", minimum=1)
-    if n is not None and n != 1:
-        # Self-MoA sends separate requests; one choice per request keeps every stream simple.
-        raise _bad(
-            "n", "Invalid 'n': this server returns one choice per request.", "unsupported_value"
-        )
-
-    continue_final = _opt_bool(body, "continue_final_message")
-    if continue_final and body.get("add_generation_prompt", True) is not False:
+    req = parse_chat_request(raw)
+    messages = [(m["role"], m["content"]) for m in req.messages]
+    raw_messages = req.body.get("messages")
+    last = raw_messages[-1] if isinstance(raw_messages, list) and raw_messages else None
+    last_prefix = isinstance(last, dict) and last.get("prefix") is True
+    continue_final = optional_bool(req.body, "continue_final_message")
+    if continue_final and req.body.get("add_generation_prompt", True) is not False:
         # vLLM refuses the pair: a generation prompt opens a new message, not the last one.
         raise _bad(
             "continue_final_message",
             "continue_final_message and add_generation_prompt can not both be true.",
             "invalid_value",
         )
-
     digest = hashlib.blake2b(orjson.dumps(messages), digest_size=16).hexdigest()
     return ParsedRequest(
-        model=model,
+        model=req.model,
         messages=tuple(messages),
-        stream=stream,
-        include_usage=include_usage,
-        max_tokens=max_tokens,
-        stop=stop,
-        seed=cast("int | None", seed),
-        sim=_parse_sim(body.get("sim")),
+        stream=req.stream,
+        include_usage=req.include_usage,
+        max_tokens=req.max_tokens,
+        stop=req.stop or (),
+        seed=req.seed,
+        sim=_parse_sim(req.body.get("sim")),
         prompt_digest=digest,
         continue_final_message=continue_final,
         last_prefix=last_prefix,
@@ -437,6 +313,8 @@ def build_plan(
         fault_at = sim.after if sim.after is not None else max(1, n // 2)
     if fault == "keepalive":
         fault, keepalive = None, True
+    if model.context_window is not None and prompt_tokens > model.context_window:
+        fault = "context_overflow"
     fault_at = min(fault_at, n) if fault in MID_STREAM_FAULTS else 0
 
     faults = model.faults

@@ -18,7 +18,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType, TracebackType
 from typing import Any, Literal
 
@@ -26,7 +26,9 @@ import orjson
 from aiohttp import web
 
 from moa_stream._exceptions import ConfigError
+from moa_stream.sim._anthropic import MessagesRoute
 from moa_stream.sim._continue import PrefixCache, detect_continuation, render_prompt
+from moa_stream.sim._overflow import overflow_response
 from moa_stream.sim._plan import (
     ParsedRequest,
     Plan,
@@ -296,6 +298,7 @@ class SimServer:
         """The aiohttp application (for embedding in another runner)."""
         app = web.Application(middlewares=[_openai_errors], client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self._handle_chat)
+        app.router.add_post("/v1/messages", MessagesRoute(self).handle)
         app.router.add_get("/v1/models", self._handle_models)
         app.router.add_get("/v1/models/{model}", self._handle_model)
         app.router.add_get("/health", self._handle_health)
@@ -476,6 +479,11 @@ class SimServer:
             return self._refuse(record, 429, plan)
         if plan.fault == "server_error":
             return self._refuse(record, 500, plan)
+        if plan.fault == "context_overflow":
+            record.outcome = "fault:context_overflow"
+            return await overflow_response(request, record, model, req, plan.prompt_tokens)
+        if not model.sends_usage:
+            req = replace(req, include_usage=False)
         completion_id = _new_id("chatcmpl-")
         try:
             if req.stream:
@@ -665,7 +673,9 @@ class SimServer:
         keepalive = plan.keepalive
         after_finish = DONE
         if req.include_usage:
-            after_finish = encoder.usage(plan.prompt_tokens, n, plan.cached_tokens) + DONE
+            after_finish = (
+                encoder.usage(plan.prompt_tokens, n, cached_tokens=plan.cached_tokens) + DONE
+            )
         tail_sent = False
         i = 0
         while True:
@@ -697,7 +707,8 @@ class SimServer:
             if i == 0:
                 record.first_token_sent_at = now
                 parts.append(encoder.role())
-                parts.append(encoder.content_with_extra(tokens[0], self._x_sim(record, now)))
+                timing = {"x_sim": self._x_sim(record, now)}
+                parts.append(encoder.content_with_extra(tokens[0], timing))
                 parts.extend([encoder.content(t) for t in tokens[1:j]])
             else:
                 parts.extend([encoder.content(t) for t in tokens[i:j]])
@@ -715,12 +726,12 @@ class SimServer:
             parts = pending
             if keepalive:
                 parts.append(KEEPALIVE)
-            x_sim = None
+            x_sim: dict[str, Any] | None = None
             if n == 0:
                 # No content at all: the timing field rides on the finish chunk instead.
                 record.first_token_sent_at = now
                 parts.append(encoder.role())
-                x_sim = self._x_sim(record, now)
+                x_sim = {"x_sim": self._x_sim(record, now)}
             parts.append(encoder.finish(plan.finish_reason, x_sim))
             parts.append(after_finish)
             await resp.write(b"".join(parts))

@@ -524,3 +524,14 @@ async def test_leaving_early_takes_no_longer_than_the_cancellation() -> None:
             started = time.monotonic()
             break
     assert time.monotonic() - started < 1.5
+
+
+async def test_no_prewarm_when_wait_all_proposers_hand_back_warm_connections() -> None:
+    """Two wait_all proposers on the aggregator's provider return their connections to its
+    pool before the decision: a pre-warm request would be pure extra load."""
+    p = provider(a=Script(["a"]), b=Script(["b"]), agg=Script(["x"]))
+    await moa(agents(p, "a", "b"), Agent("agg", p, "agg")).stream(USER).final()
+    assert p.prewarmed == 0
+    q = provider(a=Script(["a"]), b=Script(["b"]), agg=Script(["x"]))
+    await moa(agents(q, "a", "b"), Agent("agg", q, "agg"), policy=Quorum(1)).stream(USER).final()
+    assert q.prewarmed == 1, "a quorum may decide before any connection is back"

@@ -152,3 +152,48 @@ async def test_cancelling_the_consumer_closes_every_upstream_connection(
     await sim.wait_idle(timeout=5.0)
     assert sim.active_streams == 0
     assert {r.outcome for r in sim.records} == {"client_disconnected"}
+
+
+async def test_a_progress_client_that_hangs_up_cancels_the_upstream_proposers_at_once(
+    sim: SimServer, provider: OpenAIProvider
+) -> None:
+    """Through the server: a client that asked for progress and left after the first progress
+    line must not leave the proposers streaming (and billed) to their end."""
+    import aiohttp
+    from aiohttp import web
+
+    from moa_stream.config import ServerConfig
+    from moa_stream.server import PROGRESS_HEADER
+    from moa_stream.server.app import MoAServer, build_app
+
+    spec = moa(
+        [Agent("l1", provider, "long"), Agent("l2", provider, "long")],
+        Agent("agg", provider, "agg"),
+    )
+    app = build_app(MoAServer({"m": spec}, ServerConfig()))
+    runner = web.AppRunner(app)
+    await runner.setup()
+    cleaned = False
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1/chat/completions"
+        body = {"model": "m", "messages": USER, "stream": True}
+        headers = {PROGRESS_HEADER: "1"}
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(url, json=body, headers=headers) as resp,
+        ):
+            assert resp.status == 200
+            while sim.active_streams < 2:  # progress lines until both proposers stream
+                await resp.content.readline()
+            # ... then hang up.
+        # The proposers would stream for 20 s. The server notices at its next progress write;
+        # its handler (and so the run's clean-up) must then end at once.
+        async with asyncio.timeout(8):
+            await runner.cleanup()
+        cleaned = True
+        assert all(r.completion_tokens < 2000 for r in sim.records if r.model == "long")
+    finally:
+        if not cleaned:
+            await runner.cleanup()

@@ -120,7 +120,7 @@ async def test_steps_continue_one_answer_seamlessly(
     assert "  " not in answer
     assert report.ttft_s is not None and report.ttft_s < report.total_s
     assert sum(1 for a in report.agents if a.role == "aggregator") == len(steps)
-    assert report.usage.cached_tokens > 0
+    assert report.usage.cached_prompt_tokens > 0
 
 
 async def test_the_answer_line_comes_from_the_references_of_the_last_step(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
@@ -13,7 +14,7 @@ import orjson
 from aiohttp import web
 
 from moa_stream.config import Config, Runtime, ServerConfig, loads_config
-from moa_stream.server import create_app
+from moa_stream.server import create_app, serve
 from moa_stream.server.app import MoAServer
 
 # Every model has a fixed latency of tens of milliseconds, so a run takes about 0.1 s.
@@ -134,6 +135,11 @@ policy = "wait_all"
 [moa.crawl-aggregator]
 proposers = ["a"]
 aggregator = "agg-crawl"
+
+[moa.no-proposer]
+description = "Every proposer fails; the aggregator answers alone."
+proposers = ["broken"]
+aggregator = "agg"
 """
 
 MOA_IDS = [
@@ -145,6 +151,7 @@ MOA_IDS = [
     "agg-midfail",
     "crawl-proposers",
     "crawl-aggregator",
+    "no-proposer",
 ]
 
 CHAT = "/v1/chat/completions"
@@ -251,3 +258,58 @@ async def stream(
         if resp.content_type != "text/event-stream":
             return SSE(resp.status, resp.headers, [("data", raw.decode())])
         return SSE(resp.status, resp.headers, parse_sse(raw))
+
+
+@contextlib.asynccontextmanager
+async def serving_like_cli(cfg: Config) -> AsyncIterator[str]:
+    """Run :func:`moa_stream.server.serve` in this process, as ``moa-stream serve`` does (the
+    connection guard and aiohttp's keep-alive timeout included); yields the base URL."""
+    stop = asyncio.Event()
+    ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(
+        serve(cfg, host="127.0.0.1", port=0, stop=stop, on_ready=ready.set_result)
+    )
+    try:
+        await asyncio.wait({task, ready}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            task.result()  # raises what made it stop
+        yield ready.result()
+    finally:
+        stop.set()
+        await task
+
+
+def host_port(url: str) -> tuple[str, int]:
+    host, _, port = url.removeprefix("http://").partition(":")
+    return host, int(port)
+
+
+async def read_until_closed(reader: asyncio.StreamReader, within: float) -> bytes:
+    """Everything the server sends until it closes the connection; fails after ``within`` s."""
+    async with asyncio.timeout(within):
+        return await reader.read()
+
+
+async def raw_request(url: str, data: bytes, within: float = 10.0) -> bytes:
+    """Send ``data`` on a fresh connection and read until the server closes it."""
+    reader, writer = await asyncio.open_connection(*host_port(url))
+    try:
+        writer.write(data)
+        await writer.drain()
+        return await read_until_closed(reader, within)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+def split_response(raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers (lower-case names) and body of one raw HTTP/1.1 response."""
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers, rest

@@ -125,9 +125,30 @@ async def test_wildcard_origin() -> None:
             assert resp.headers["Access-Control-Allow-Origin"] == "*"
 
 
-async def test_without_cors_options_is_405() -> None:
+async def test_preflight_without_cors_config_says_how_to_allow_the_origin() -> None:
+    """The default config allows no origin: a browser's preflight gets a 403 whose message
+    names the flag to use, not a bare 405."""
     async with serving() as srv, aiohttp.ClientSession() as session:
         headers = {"Origin": ORIGIN, "Access-Control-Request-Method": "POST"}
         async with session.options(srv.url + CHAT, headers=headers) as resp:
-            assert resp.status == 405
+            assert resp.status == 403
             assert "Access-Control-Allow-Origin" not in resp.headers
+            error = (await resp.json())["error"]
+    assert error["code"] == "cors_origin_not_allowed"
+    assert f"--cors-origin {ORIGIN}" in error["message"]
+
+
+async def test_preflight_lists_each_allowed_header_once_whatever_its_case() -> None:
+    async with serving(config(cors_origins=(ORIGIN,))) as srv, aiohttp.ClientSession() as s:
+        headers = {
+            "Origin": ORIGIN,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type,x-stainless-os",
+        }
+        async with s.options(srv.url + CHAT, headers=headers) as resp:
+            assert resp.status == 204
+            allowed = [
+                h.strip().lower() for h in resp.headers["Access-Control-Allow-Headers"].split(",")
+            ]
+    assert sorted(allowed) == sorted(set(allowed))
+    assert {"authorization", "content-type", "x-stainless-os", "x-moa-progress"} <= set(allowed)

@@ -50,7 +50,16 @@ class Proc:
         return str(self.listening[0]["url"])
 
     def logs(self) -> list[dict[str, Any]]:
-        return [orjson.loads(line) for line in self.lines]
+        return [orjson.loads(line) for line in self.lines if line.startswith("{")]
+
+    async def announcements(self, count: int = 1) -> list[str]:
+        """The human lines saying where the server listens (they follow the JSON one)."""
+        for _ in range(500):
+            found = [line for line in self.lines if line.startswith("moa-stream serve: listen")]
+            if len(found) >= count:
+                return found
+            await asyncio.sleep(0.01)
+        return found
 
 
 async def _read(proc: Proc, ready: asyncio.Event, workers: int) -> None:
@@ -69,14 +78,14 @@ async def _read(proc: Proc, ready: asyncio.Event, workers: int) -> None:
 
 @contextlib.asynccontextmanager
 async def serve_process(
-    config_path: Path | None, *args: str, workers: int = 1
+    config_path: Path | None, *args: str, workers: int = 1, env: dict[str, str] | None = None
 ) -> AsyncIterator[Proc]:
     argv = [sys.executable, "-m", "moa_stream.cli", "serve", "--port", "0", *args]
     if config_path is not None:
         argv += ["--config", str(config_path)]
     if workers > 1:
         argv += ["--workers", str(workers)]
-    env = {**os.environ, "MOA_CLI_TEST_KEYS": KEY}
+    env = {**os.environ, "MOA_CLI_TEST_KEYS": KEY, **(env or {})}
     process = await asyncio.create_subprocess_exec(
         *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=env
     )
@@ -89,15 +98,17 @@ async def serve_process(
         assert len(proc.listening) == workers, "\n".join(proc.lines)
         yield proc
     finally:
-        if process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            await process.wait()
         # Workers run in a session of their own: a failed test must not leave them behind.
+        # They go first: they hold the supervisor's stderr, and asyncio's wait() for the
+        # supervisor returns only once that pipe is closed.
         for entry in proc.listening:
             if entry["pid"] != process.pid:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(entry["pid"], signal.SIGKILL)
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
         await proc.reader
 
 
@@ -217,3 +228,125 @@ async def test_workers_share_one_port(tmp_path: Path) -> None:
         proc.process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.process.wait(), 10) == 0
     assert sum(1 for e in proc.logs() if e["event"] == "server.stopped") == 2
+
+
+async def test_serve_says_where_it_listens_once(tmp_path: Path) -> None:
+    async with serve_process(write_config(tmp_path)) as proc:
+        (line,) = await proc.announcements()
+        assert line.startswith(f"moa-stream serve: listening on {proc.url} ")
+        assert "Ctrl-C to stop" in line
+    async with serve_process(write_config(tmp_path), workers=2) as proc:
+        await proc.announcements()
+        await asyncio.sleep(0.3)
+        (line,) = await proc.announcements()
+        assert proc.url in line
+
+
+async def test_api_key_and_cors_origin_flags() -> None:
+    origin = "https://ui.example"
+    async with (
+        serve_process(None, "--api-key", "sk-flag-key-1", "--cors-origin", origin) as proc,
+        aiohttp.ClientSession() as session,
+    ):
+        async with session.get(proc.url + "/v1/models") as resp:
+            assert resp.status == 401
+        flag_key = {"Authorization": "Bearer sk-flag-key-1"}
+        async with session.get(proc.url + "/v1/models", headers=flag_key) as resp:
+            assert resp.status == 200
+        preflight = {"Origin": origin, "Access-Control-Request-Method": "POST"}
+        async with session.options(proc.url + CHAT, headers=preflight) as resp:
+            assert resp.status == 204
+            assert resp.headers["Access-Control-Allow-Origin"] == origin
+    assert not any("sk-flag-key-1" in line for line in proc.lines), "the key is masked in logs"
+
+
+async def test_api_key_from_the_environment_reaches_every_worker() -> None:
+    env = {"MOA_STREAM_API_KEY": "sk-env-key-2"}
+    async with (
+        serve_process(None, env=env, workers=2) as proc,
+        aiohttp.ClientSession() as session,
+    ):
+        for _ in range(4):  # the kernel spreads connections over both workers
+            async with session.get(
+                proc.url + "/v1/models", headers={"Connection": "close"}
+            ) as resp:
+                assert resp.status == 401
+            async with session.get(
+                proc.url + "/v1/models",
+                headers={"Authorization": "Bearer sk-env-key-2", "Connection": "close"},
+            ) as resp:
+                assert resp.status == 200
+
+
+async def test_a_proposer_listed_twice_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "dup.toml"
+    path.write_text(CONFIG + '\n[moa.dup]\nproposers = ["a", "a"]\naggregator = "agg"\n')
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "moa_stream.cli",
+        "serve",
+        "--port",
+        "0",
+        "--config",
+        str(path),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await process.communicate()
+    assert process.returncode == 2, err.decode()
+    assert "moa.dup.proposers" in err.decode()
+    assert "Traceback" not in err.decode()
+
+
+def _shared_dir(worker_pid: int) -> Path:
+    """The metrics directory a worker was given by its supervisor."""
+    argv = Path(f"/proc/{worker_pid}/cmdline").read_bytes().split(b"\0")
+    return Path(argv[argv.index(b"--metrics-dir") + 1].decode())
+
+
+def _temp_entries(directory: Path) -> set[str]:
+    return {p.name for p in directory.iterdir()}
+
+
+def _requests_in(files: list[Path]) -> list[float]:
+    """Chat requests in each worker's last snapshot."""
+    counts = []
+    for path in files:
+        snapshot = orjson.loads(path.read_bytes())
+        counts.append(sum(value for _, value in snapshot.get("moa_stream_requests_total", [])))
+    return counts
+
+
+async def test_metrics_add_up_over_workers(tmp_path: Path) -> None:
+    """With two workers, any scrape reports the requests of both."""
+    async with serve_process(write_config(tmp_path), workers=2) as proc:
+        worker_pids = [e["pid"] for e in proc.listening]
+        shared = _shared_dir(worker_pids[0])
+        files = [shared / f"worker-{pid}.json" for pid in worker_pids]
+        sent = 0
+        headers = {**AUTH, "Connection": "close"}  # a fresh connection: either worker
+        async with aiohttp.ClientSession() as session:
+            for _ in range(200):
+                async with session.post(
+                    proc.url + CHAT, json=body("single"), headers=headers
+                ) as resp:
+                    assert resp.status == 200
+                sent += 1
+                await asyncio.sleep(1.1)  # past one flush of the snapshots
+                counts = _requests_in(files)
+                if all(counts):
+                    break
+            assert all(counts), "the kernel gave every connection to one worker"
+            for _ in range(8):  # each scrape lands on either worker
+                async with session.get(proc.url + "/metrics", headers=headers) as resp:
+                    text = await resp.text()
+                total = sum(
+                    float(line.rsplit(" ", 1)[1])
+                    for line in text.splitlines()
+                    if line.startswith("moa_stream_requests_total{")
+                )
+                assert total == sent, text
+        proc.process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.process.wait(), 10) == 0
+    assert shared.name not in _temp_entries(shared.parent), "the supervisor removes it"

@@ -146,16 +146,24 @@ def msg(role: str = "user", content: Any = "hi") -> dict[str, Any]:
 
 
 BAD_BODIES: list[tuple[Any, str | None, str | None]] = [
-    ({"messages": [msg()]}, "model", "missing"),
+    ({"messages": [msg()]}, "model", "missing_required_parameter"),
     ({"model": 3, "messages": [msg()]}, "model", "invalid_type"),
-    ({"model": "fast"}, "messages", "missing"),
+    ({"model": "fast"}, "messages", "missing_required_parameter"),
     ({"model": "fast", "messages": "hi"}, "messages", "invalid_type"),
-    ({"model": "fast", "messages": []}, "messages", "invalid_value"),
+    ({"model": "fast", "messages": []}, "messages", "empty_array"),
     ({"model": "fast", "messages": ["hi"]}, "messages[0]", "invalid_type"),
-    ({"model": "fast", "messages": [msg(), {"content": "x"}]}, "messages[1].role", "missing"),
+    (
+        {"model": "fast", "messages": [msg(), {"content": "x"}]},
+        "messages[1].role",
+        "missing_required_parameter",
+    ),
     ({"model": "fast", "messages": [msg(role="robot")]}, "messages[0].role", "invalid_value"),
     ({"model": "fast", "messages": [msg(), msg(content=5)]}, "messages[1].content", "invalid_type"),
-    ({"model": "fast", "messages": [{"role": "user"}]}, "messages[0].content", "missing"),
+    (
+        {"model": "fast", "messages": [{"role": "user"}]},
+        "messages[0].content",
+        "missing_required_parameter",
+    ),
     (
         {"model": "fast", "messages": [msg(content=[{"type": "text", "text": 1}])]},
         "messages[0].content[0].text",

@@ -189,3 +189,33 @@ def test_metric_misuse_is_refused() -> None:
         registry.register(Counter("x_total", "again"))
     with pytest.raises(ValueError, match="increasing"):
         Histogram("h", "h", buckets=(1.0, 0.5))
+
+
+def test_snapshots_of_several_processes_add_up() -> None:
+    def registry() -> tuple[Registry, Counter, Gauge, Histogram]:
+        r = Registry()
+        c = r.register(Counter("c_total", "c", ("model",)))
+        g = r.register(Gauge("g", "g"))
+        h = r.register(Histogram("h_seconds", "h", ("model",), buckets=(0.1, 1.0)))
+        return r, c, g, h
+
+    one, c1, g1, h1 = registry()
+    two, c2, g2, h2 = registry()
+    c1.inc("a")
+    c2.inc("a", amount=2)
+    c2.inc("b")
+    g1.inc()
+    g2.inc(amount=2)
+    h1.observe(0.05, "a")
+    h2.observe(0.5, "a")
+    h2.observe(5.0, "a")
+    # Through JSON, as the workers' files carry them.
+    snapshots = [orjson.loads(orjson.dumps(r.snapshot())) for r in (one, two)]
+    text = one.render_sum(snapshots).decode()
+    families = parse(text)  # checks each histogram's buckets too
+    assert value(families, "c_total", model="a") == 3
+    assert value(families, "c_total", model="b") == 1
+    assert value(families, "g") == 3
+    assert value(families, "h_seconds_count", model="a") == 3
+    assert 'h_seconds_bucket{model="a",le="1.0"} 2\n' in text
+    assert one.render_sum([]) == registry()[0].render(), "nothing observed: zeroes"

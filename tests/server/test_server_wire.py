@@ -11,21 +11,25 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from moa_stream._types import Usage
+from moa_stream._wire import DONE, ChunkEncoder, WireError, parse_chat_request
 from moa_stream.engine.events import (
     AggregatorDelta,
     LayerDone,
+    LayerReport,
     ProposerDelta,
     ProposerDone,
     ProposerStarted,
     ReferenceInfo,
+    RunDone,
+    RunReport,
 )
-from moa_stream.server import APIError
+from moa_stream.server.app import truthy_header
 from moa_stream.server.progress import PREFIX, TOKENS_INTERVAL, ProgressEncoder
-from moa_stream.server.wire import ChunkEncoder, parse_chat_request, truthy_header
+from moa_stream.server.stream import StreamWriter
 
 
-def parse(payload: dict[str, Any], **kwargs: Any) -> Any:
-    return parse_chat_request(orjson.dumps(payload), **kwargs)
+def parse(payload: dict[str, Any]) -> Any:
+    return parse_chat_request(orjson.dumps(payload))
 
 
 BASE = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -35,7 +39,7 @@ def test_defaults() -> None:
     req = parse(BASE)
     assert req.model == "m"
     assert req.messages == ({"role": "user", "content": "hi"},)
-    assert (req.stream, req.include_usage, req.progress) == (False, False, False)
+    assert (req.stream, req.include_usage) == (False, False)
     assert (req.temperature, req.max_tokens, req.stop) == (None, None, None)
 
 
@@ -52,7 +56,8 @@ def test_fields_that_apply() -> None:
             "moa_stream": {"progress": True},
         }
     )
-    assert req.stream and req.include_usage and req.progress
+    assert req.stream and req.include_usage
+    assert req.body["moa_stream"] == {"progress": True}, "extensions are left to the server"
     assert req.temperature == 1.0 and isinstance(req.temperature, float)
     assert req.max_tokens == 20  # the current name wins over the deprecated one
     assert req.stop == ("a", "b")
@@ -92,9 +97,7 @@ def test_messages_forms() -> None:
     )
 
 
-def test_progress_header() -> None:
-    assert parse(BASE, progress_header=True).progress
-    assert parse({**BASE, "moa_stream": {"progress": False}}, progress_header=True).progress
+def test_flag_headers() -> None:
     assert [truthy_header(v) for v in ("1", "true", " Yes ", "on", "0", "", None)] == [
         True,
         True,
@@ -108,13 +111,13 @@ def test_progress_header() -> None:
 
 @pytest.mark.parametrize("raw", [b"", b"not json", b'{"model": "m",}', b"\xff\xfe"])
 def test_malformed_json(raw: bytes) -> None:
-    with pytest.raises(APIError) as exc:
+    with pytest.raises(WireError) as exc:
         parse_chat_request(raw)
     assert exc.value.status == 400 and exc.value.code == "invalid_json"
 
 
 def test_error_body_shape() -> None:
-    with pytest.raises(APIError) as exc:
+    with pytest.raises(WireError) as exc:
         parse({"model": "m", "messages": [{"role": "user", "content": 1}]})
     assert orjson.loads(exc.value.body()) == {
         "error": {
@@ -156,7 +159,7 @@ def test_chunk_encoder(include_usage: bool) -> None:
     assert chunk(enc.role()) == choice({"role": "assistant", "content": ""})
     assert chunk(enc.content('hé\n"x"')) == choice({"content": 'hé\n"x"'})
     assert chunk(enc.finish("length")) == choice({}, "length")
-    assert chunk(enc.usage(Usage(3, 4))) == {
+    assert chunk(enc.usage(3, 4)) == {
         **head,
         "choices": [],
         "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7},
@@ -220,3 +223,51 @@ def test_exports(module_name: str) -> None:
     public -= {n for n, v in vars(module).items() if type(v).__name__ == "module"}
     assert set(module.__all__) == public
     assert list(module.__all__) == sorted(module.__all__)
+
+
+def _usage_report(**overrides: Any) -> Any:
+    fields: dict[str, Any] = {
+        "text": "hi",
+        "aggregator": "agg",
+        "ttft_s": 0.1,
+        "time_to_quorum_s": 0.05,
+        "aggregator_ttft_s": 0.05,
+        "total_s": 0.2,
+        "usage": Usage(3, 4),
+        "layers": (LayerReport(0, "all", 0.05, (ReferenceInfo("a", 0, "complete", 2, 1),)),),
+        "agents": (),
+        "finish_reason": "stop",
+    }
+    fields.update(overrides)
+    return RunReport(**fields)
+
+
+def test_stream_writer_bytes_in_order() -> None:
+    """The writer alone decides the bytes: role once and first, answer tokens, the tail."""
+    enc = ChunkEncoder("id", 1, "m", True)
+    writer = StreamWriter(enc, include_usage=True)
+    assert not writer.eager
+    assert writer.event(ProposerStarted(0, 0, "a", 0.0)) is None, "nothing asked for"
+    assert writer.answer("a") == enc.role() + enc.content("a")
+    assert writer.answer("b") == enc.content("b")
+    tail = writer.done(RunDone(_usage_report(), 0.3))
+    assert tail == enc.finish("stop") + enc.usage(3, 4) + DONE
+
+    silent = StreamWriter(enc)
+    assert silent.done(RunDone(_usage_report(), 0.3)) == enc.role() + enc.finish("stop") + DONE
+
+
+def test_stream_writer_reasoning_and_degraded() -> None:
+    enc = ChunkEncoder("id", 1, "m", False)
+    writer = StreamWriter(enc, reasoning=True)
+    assert writer.eager
+    first = writer.event(ProposerStarted(0, 0, "a", 0.0))
+    assert first == enc.role() + enc.reasoning("a is drafting an answer (layer 1).\n")
+    failed_ref = ReferenceInfo("a", 0, "failed", 0, 0)
+    layer = writer.event(LayerDone(0, "degraded", (failed_ref,), None, None, 0.1))
+    assert layer is not None and b"No proposer answered" in layer
+    assert writer.degraded
+    assert writer.answer("x") == enc.content("x"), "the role went out with the first thought"
+    report = _usage_report(layers=())
+    tail = writer.done(RunDone(report, 0.3))
+    assert tail.startswith(enc.finish("stop", {"moa_stream": {"degraded": True}}))

@@ -1,0 +1,173 @@
+"""Logging set-up for the ``moa-stream`` commands: every log line goes to stderr.
+
+The library itself never configures logging: it only calls ``structlog.get_logger()`` (and
+aiohttp uses the standard ``logging`` module), so an application that imports ``moa_stream``
+keeps whatever set-up it has. The commands are applications, so they configure it here, once,
+before they start: stdout then carries only a command's output (an answer, a JSON report, a
+URL) and can be piped or redirected without log lines in it.
+
+Every command takes the same options:
+
+- ``-v`` (info) and ``-vv`` (debug), or ``--log-level debug|info|warning|error``; the default
+  is ``warning`` for the interactive commands and ``info`` for ``serve``;
+- ``--log-format console|json``: readable lines on a terminal, one JSON object per line
+  otherwise (the default picks by whether stderr is a terminal).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+from collections.abc import Iterable
+from typing import Any, TextIO
+
+import orjson
+import structlog
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+__all__ = [
+    "FORMATS",
+    "LEVELS",
+    "add_logging_arguments",
+    "configure_from_args",
+    "configure_logging",
+]
+
+LEVELS: dict[str, int] = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+FORMATS = ("console", "json")
+
+
+def add_logging_arguments(parser: argparse.ArgumentParser, default_level: str) -> None:
+    """Add ``-v``, ``--log-level`` and ``--log-format`` to ``parser``, except any it has."""
+    group = parser.add_argument_group("logging (always on stderr)")
+    options: list[tuple[tuple[str, ...], dict[str, Any]]] = [
+        (
+            ("-v", "--verbose"),
+            {"action": "count", "default": 0, "help": "more log lines: -v info, -vv debug"},
+        ),
+        (
+            ("--log-level",),
+            {
+                "choices": list(LEVELS),
+                "default": None,
+                "help": f"the lowest level logged (default: {default_level})",
+            },
+        ),
+        (
+            ("--log-format",),
+            {
+                "choices": FORMATS,
+                "default": None,
+                "help": "console or JSON lines (default: console on a terminal, else JSON)",
+            },
+        ),
+    ]
+    for flags, kwargs in options:
+        # A command that defines one of these itself keeps its own.
+        with contextlib.suppress(argparse.ArgumentError):
+            group.add_argument(*flags, **kwargs)
+    parser.set_defaults(_default_log_level=default_level)
+
+
+def level_from_args(args: argparse.Namespace) -> str:
+    """The level that ``--log-level`` names, else the default lowered once per ``-v``."""
+    explicit: str | None = getattr(args, "log_level", None)
+    if explicit:
+        return explicit
+    default: str = getattr(args, "_default_log_level", "warning")
+    order = ["error", "warning", "info", "debug"]
+    steps = int(getattr(args, "verbose", 0) or 0)
+    return order[min(len(order) - 1, order.index(default) + steps)]
+
+
+def format_from_args(args: argparse.Namespace, stream: TextIO | None = None) -> str:
+    fmt: str | None = getattr(args, "log_format", None)
+    if fmt:
+        return fmt
+    out = stream if stream is not None else sys.stderr
+    return "console" if out.isatty() else "json"
+
+
+def configure_from_args(
+    args: argparse.Namespace, *, secrets: Iterable[str] = (), stream: TextIO | None = None
+) -> None:
+    """Configure logging as the command line ``args`` ask."""
+    configure_logging(
+        level=level_from_args(args),
+        fmt=format_from_args(args, stream),
+        stream=stream,
+        secrets=secrets,
+    )
+
+
+def _orjson_str(obj: Any, **_: Any) -> str:
+    return orjson.dumps(obj, default=str).decode()
+
+
+def configure_logging(
+    *,
+    level: str = "warning",
+    fmt: str = "json",
+    stream: TextIO | None = None,
+    secrets: Iterable[str] = (),
+) -> None:
+    """Send structlog and standard-library logging to ``stream`` (stderr by default).
+
+    ``fmt`` is ``console`` (aligned, coloured on a terminal) or ``json`` (one object per line);
+    ``secrets`` are masked wherever they appear in a line.
+    """
+    from moa_stream.server.logs import Redactor
+
+    if level not in LEVELS:
+        raise ValueError(f"unknown log level {level!r}")
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown log format {fmt!r}")
+    out = stream if stream is not None else sys.stderr
+    numeric = LEVELS[level]
+    renderer: Processor
+    if fmt == "json":
+        renderer = structlog.processors.JSONRenderer(serializer=_orjson_str)
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
+    shared: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        Redactor(secrets),
+    ]
+    if fmt == "json":
+        shared.insert(3, structlog.processors.format_exc_info)
+    structlog.configure(
+        processors=[*shared, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.WriteLoggerFactory(out),
+        # Not cached: tests and a second configure() call must see the new set-up.
+        cache_logger_on_first_use=False,
+    )
+
+    def add_logger_name(logger: WrappedLogger, method: str, event_dict: EventDict) -> EventDict:
+        record = event_dict.get("_record")
+        if isinstance(record, logging.LogRecord):
+            event_dict["logger"] = record.name
+        return event_dict
+
+    formatter = structlog.stdlib.ProcessorFormatter(
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        foreign_pre_chain=[add_logger_name, *shared],
+    )
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    # Other libraries' chatter below WARNING is rarely useful.
+    root.setLevel(max(numeric, logging.WARNING))
+    logging.getLogger("aiohttp.access").disabled = True

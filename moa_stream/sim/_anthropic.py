@@ -1,0 +1,462 @@
+"""The simulator's Anthropic Messages route, ``POST /v1/messages``.
+
+The same models, plans, faults and records as the chat-completions route; only the wire differs.
+A Messages body is checked for what the API requires (``model``, ``max_tokens``, ``messages``),
+turned into the chat-completions form (``system`` first, as a system message) and planned by
+:func:`~moa_stream.sim._plan.build_plan`; the reply goes out as Anthropic's named events:
+``message_start``, ``content_block_start``, ``ping``, ``content_block_delta`` ...,
+``content_block_stop``, ``message_delta`` (stop reason, output tokens), ``message_stop``. A
+request with ``"thinking": {"type": "enabled", ...}`` first gets a thinking block of a few words.
+
+Faults, in Anthropic's terms: ``rate_limit`` is a 429 ``rate_limit_error`` with ``retry-after``,
+``server_error`` a 529 ``overloaded_error``, ``error_frame`` an ``event: error`` with
+``overloaded_error`` after some text, ``context_overflow`` a 400 "prompt is too long",
+``keepalive`` extra ``ping`` events; stalls, resets and malformed data as on the other route.
+
+It is part of the simulator, and uses the server's bookkeeping (records, slots, counters) from
+inside the package.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import secrets
+import time
+from typing import TYPE_CHECKING, Any, Final
+
+import orjson
+from aiohttp import web
+
+from moa_stream.sim._plan import ParsedRequest, Plan, RequestError, build_plan, parse_request
+from moa_stream.sim.profiles import SimModel
+
+if TYPE_CHECKING:
+    from moa_stream.sim.server import SimRecord, SimServer
+
+__all__ = ["MessagesRoute"]
+
+_STOP_REASONS: Final = {"stop": "end_turn", "length": "max_tokens"}
+_PING: Final = b'event: ping\ndata: {"type": "ping"}\n\n'
+
+
+def _event(name: str, obj: dict[str, Any]) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(obj) + b"\n\n"
+
+
+def _error_body(error_type: str, message: str) -> bytes:
+    return orjson.dumps({"type": "error", "error": {"type": error_type, "message": message}})
+
+
+def _json(
+    status: int, body: bytes, request_id: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        status=status,
+        body=body,
+        content_type="application/json",
+        headers={"request-id": request_id, **(headers or {})},
+    )
+
+
+def _text(content: object, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            block["text"]
+            for block in content
+            if isinstance(block, dict)
+            and block.get("type") == "text"
+            and isinstance(block.get("text"), str)
+        )
+    raise RequestError(400, f"{where}: Input should be a valid string or list of content blocks")
+
+
+def parse_messages_request(raw: bytes) -> tuple[ParsedRequest, bool]:
+    """A Messages body as the chat-completions request the planner takes, and whether it asks
+    for thinking. Raises :class:`RequestError` for what the API would refuse."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise RequestError(400, "Request body is not valid JSON.") from None
+    if not isinstance(body, dict):
+        raise RequestError(400, "Request body must be a JSON object.")
+    for field in ("model", "max_tokens", "messages"):
+        if field not in body:
+            raise RequestError(400, f"{field}: Field required")
+    messages = body["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise RequestError(400, "messages: at least one message is required")
+    converted: list[dict[str, str]] = []
+    if "system" in body:
+        converted.append({"role": "system", "content": _text(body["system"], "system")})
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
+            raise RequestError(400, f"messages.{i}.role: Input should be 'user' or 'assistant'")
+        converted.append(
+            {"role": message["role"], "content": _text(message.get("content"), f"messages.{i}")}
+        )
+    openai_body: dict[str, Any] = {
+        "model": body["model"],
+        "messages": converted,
+        "max_tokens": body["max_tokens"],
+        "stream": body.get("stream", False),
+    }
+    for ours, theirs in (("stop", "stop_sequences"), ("sim", "sim")):
+        if theirs in body:
+            openai_body[ours] = body[theirs]
+    thinking = body.get("thinking")
+    wants_thinking = isinstance(thinking, dict) and thinking.get("type") == "enabled"
+    try:
+        return parse_request(orjson.dumps(openai_body)), wants_thinking
+    except RequestError as exc:
+        raise RequestError(400, f"{exc.param or 'request'}: {exc.message}") from None
+
+
+class MessagesRoute:
+    """``POST /v1/messages`` for a :class:`~moa_stream.sim.server.SimServer`."""
+
+    def __init__(self, sim: SimServer) -> None:
+        self._sim = sim
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        from moa_stream.sim.server import SimRecord
+
+        sim = self._sim
+        record = SimRecord(request_id="req_" + secrets.token_hex(12), received_at=time.monotonic())
+        sim._records.append(record)
+        task = asyncio.current_task()
+        if task is not None:
+            sim._handler_tasks.add(task)
+        sim._in_flight += 1
+        sim._idle.clear()
+        try:
+            return await self._serve(request, record)
+        except asyncio.CancelledError:
+            if record.outcome is None:
+                record.outcome = "error" if sim._state == "closed" else "client_disconnected"
+            raise
+        except BaseException:
+            if record.outcome is None:
+                record.outcome = "error"
+            raise
+        finally:
+            if record.finished_at is None:
+                record.finished_at = time.monotonic()
+            if task is not None:
+                sim._handler_tasks.discard(task)
+            sim._in_flight -= 1
+            if sim._in_flight == 0:
+                sim._idle.set()
+
+    async def _serve(self, request: web.Request, record: SimRecord) -> web.StreamResponse:
+        sim = self._sim
+        rid = record.request_id
+        try:
+            req, thinking = parse_messages_request(await request.read())
+            record.model = req.model
+            record.stream = req.stream
+            model = sim._models.get(req.model)
+            if model is None:
+                raise RequestError(404, f"model: {req.model}", error_type="not_found_error")
+        except RequestError as exc:
+            record.outcome = "error"
+            record.status = exc.status
+            error_type = exc.error_type
+            if error_type != "not_found_error":
+                error_type = "invalid_request_error"
+            return _json(exc.status, _error_body(error_type, exc.message), rid)
+
+        forced, random_faults = sim._forced_fault(req)
+        occurrence = sim._occurrences.bump((req.model, req.prompt_digest, req.sample))
+        plan = build_plan(
+            model,
+            req,
+            seed=sim.seed,
+            occurrence=occurrence,
+            fault=forced,
+            random_faults=random_faults,
+        )
+        record.prompt_tokens = plan.prompt_tokens
+        record.fault = plan.fault_label
+        record.question_id = plan.question_id
+        record.answer = plan.answer
+        refusal = self._refusal(record, model, plan)
+        if refusal is not None:
+            return refusal
+        message_id = "msg_" + secrets.token_hex(12)
+        if req.stream:
+            return await self._stream(request, record, model, req, plan, message_id, thinking)
+        return await self._complete(record, model, req, plan, message_id, thinking)
+
+    @staticmethod
+    def _refusal(record: SimRecord, model: SimModel, plan: Plan) -> web.Response | None:
+        rid = record.request_id
+        if plan.fault == "rate_limit":
+            retry = max(0.0, plan.retry_after_s)
+            headers = {
+                "retry-after": str(math.ceil(retry)),
+                "retry-after-ms": str(round(retry * 1000)),
+            }
+            body = _error_body(
+                "rate_limit_error", "Number of requests has exceeded your rate limit."
+            )
+            record.status, record.outcome = 429, "fault:rate_limit"
+            return _json(429, body, rid, headers)
+        if plan.fault == "server_error":
+            record.status, record.outcome = 529, "fault:server_error"
+            return _json(529, _error_body("overloaded_error", "Overloaded"), rid)
+        if plan.fault == "context_overflow":
+            window = model.context_window or max(1, plan.prompt_tokens // 2)
+            message = f"prompt is too long: {plan.prompt_tokens} tokens > {window} maximum"
+            record.status, record.outcome = 400, "fault:context_overflow"
+            return _json(400, _error_body("invalid_request_error", message), rid)
+        return None
+
+    @staticmethod
+    def _thinking_words(thinking: bool) -> list[str]:
+        return ["Let ", "me ", "think. "] if thinking else []
+
+    def _usage(self, plan: Plan, output_tokens: int) -> dict[str, int]:
+        return {
+            "input_tokens": plan.prompt_tokens,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 0,
+            "output_tokens": output_tokens,
+        }
+
+    async def _complete(
+        self,
+        record: SimRecord,
+        model: SimModel,
+        req: ParsedRequest,
+        plan: Plan,
+        message_id: str,
+        thinking: bool,
+    ) -> web.StreamResponse:
+        async with self._sim._slot(model):
+            start = self._start(record, plan)
+            delay = start + plan.end_offset - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        content: list[dict[str, Any]] = []
+        words = self._thinking_words(thinking)
+        if words:
+            content.append({"type": "thinking", "thinking": "".join(words), "signature": "sim"})
+        content.append({"type": "text", "text": "".join(plan.tokens)})
+        n = len(plan.tokens)
+        body = orjson.dumps(
+            {
+                "id": message_id,
+                "type": "message",
+                "role": "assistant",
+                "model": req.model,
+                "content": content,
+                "stop_reason": _STOP_REASONS.get(plan.finish_reason, plan.finish_reason),
+                "stop_sequence": None,
+                "usage": self._usage(plan, n),
+            }
+        )
+        now = time.monotonic()
+        record.first_token_sent_at = record.last_token_sent_at = now
+        record.status = 200
+        record.completion_tokens = n
+        record.finish_reason = plan.finish_reason
+        record.outcome = f"fault:{plan.fault_label}" if plan.fault_label else "complete"
+        return _json(200, body, record.request_id)
+
+    @staticmethod
+    def _start(record: SimRecord, plan: Plan) -> float:
+        start = time.monotonic()
+        record.queued_s = start - record.received_at
+        record.scheduled_first_token_at = start + plan.first_offset
+        record.scheduled_ttft_s = record.scheduled_first_token_at - record.received_at
+        return start
+
+    async def _stream(
+        self,
+        request: web.Request,
+        record: SimRecord,
+        model: SimModel,
+        req: ParsedRequest,
+        plan: Plan,
+        message_id: str,
+        thinking: bool,
+    ) -> web.StreamResponse:
+        resp = web.StreamResponse(
+            status=200,
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "request-id": record.request_id,
+            },
+        )
+        sim = self._sim
+        sim._active_streams += 1
+        try:
+            await resp.prepare(request)
+            record.status = 200
+            async with sim._slot(model):
+                start = self._start(record, plan)
+                message: dict[str, Any] = {
+                    "id": message_id,
+                    "type": "message",
+                    "role": "assistant",
+                    "model": req.model,
+                    "content": [],
+                    "stop_reason": None,
+                    "stop_sequence": None,
+                    "usage": self._usage(plan, 1),
+                }
+                await resp.write(
+                    _event("message_start", {"type": "message_start", "message": message})
+                    + (_PING if plan.keepalive else b"")
+                )
+                await self._write_blocks(request, resp, record, plan, start, thinking)
+        except ConnectionError:
+            record.outcome = "client_disconnected"
+        finally:
+            sim._active_streams -= 1
+        return resp
+
+    async def _write_blocks(
+        self,
+        request: web.Request,
+        resp: web.StreamResponse,
+        record: SimRecord,
+        plan: Plan,
+        start: float,
+        thinking: bool,
+    ) -> None:
+        tokens = plan.tokens
+        n = len(tokens)
+        fault = plan.fault if plan.fault in ("reset_mid", "malformed", "error_frame") else None
+        index = 0
+        first: list[bytes] = []
+        words = self._thinking_words(thinking)
+        if words:
+            first.append(
+                _event(
+                    "content_block_start",
+                    {
+                        "type": "content_block_start",
+                        "index": 0,
+                        "content_block": {"type": "thinking", "thinking": "", "signature": ""},
+                    },
+                )
+            )
+            first.extend(
+                _event(
+                    "content_block_delta",
+                    {
+                        "type": "content_block_delta",
+                        "index": 0,
+                        "delta": {"type": "thinking_delta", "thinking": word},
+                    },
+                )
+                for word in words
+            )
+            first.append(
+                _event(
+                    "content_block_delta",
+                    {
+                        "type": "content_block_delta",
+                        "index": 0,
+                        "delta": {"type": "signature_delta", "signature": "sim"},
+                    },
+                )
+            )
+            first.append(_event("content_block_stop", {"type": "content_block_stop", "index": 0}))
+            index = 1
+        first.append(
+            _event(
+                "content_block_start",
+                {
+                    "type": "content_block_start",
+                    "index": index,
+                    "content_block": {"type": "text", "text": ""},
+                },
+            )
+        )
+        first.append(_PING)
+
+        def delta(token: str) -> bytes:
+            return _event(
+                "content_block_delta",
+                {
+                    "type": "content_block_delta",
+                    "index": index,
+                    "delta": {"type": "text_delta", "text": token},
+                },
+            )
+
+        i = 0
+        while True:
+            if fault is not None and i == plan.fault_at:
+                await _sleep_until(start + plan.event_offset(i))
+                record.outcome = f"fault:{fault}"
+                if fault == "reset_mid":
+                    transport = request.transport
+                    if transport is not None:
+                        transport.abort()
+                    return
+                if fault == "error_frame":
+                    await resp.write(
+                        b"".join(first)
+                        + _event(
+                            "error",
+                            {
+                                "type": "error",
+                                "error": {"type": "overloaded_error", "message": "Overloaded"},
+                            },
+                        )
+                    )
+                    await resp.write_eof()
+                    return
+                first.append(b'event: content_block_delta\ndata: {"type": "content_bl\n\n')
+                fault = None
+            if i >= n:
+                break
+            await _sleep_until(start + plan.offsets[i])
+            now = time.monotonic()
+            limit = plan.fault_at if fault is not None else n
+            j = i + 1
+            while j < limit and start + plan.offsets[j] <= now:
+                j += 1
+            if i == 0:
+                record.first_token_sent_at = now
+            parts, first = first, []
+            if plan.keepalive:
+                parts.append(_PING)
+            parts.extend(delta(t) for t in tokens[i:j])
+            await resp.write(b"".join(parts))
+            record.last_token_sent_at = now
+            record.completion_tokens = j
+            i = j
+        await _sleep_until(start + plan.end_offset)
+        if record.first_token_sent_at is None:
+            record.first_token_sent_at = time.monotonic()
+        stop = _STOP_REASONS.get(plan.finish_reason, plan.finish_reason)
+        await resp.write(
+            b"".join(first)
+            + _event("content_block_stop", {"type": "content_block_stop", "index": index})
+            + _event(
+                "message_delta",
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": stop, "stop_sequence": None},
+                    "usage": {"output_tokens": n + len(self._thinking_words(thinking))},
+                },
+            )
+            + _event("message_stop", {"type": "message_stop"})
+        )
+        await resp.write_eof()
+        record.finish_reason = plan.finish_reason
+        record.outcome = f"fault:{plan.fault_label}" if plan.fault_label else "complete"
+
+
+async def _sleep_until(when: float) -> None:
+    delay = when - time.monotonic()
+    if delay > 0.0:
+        await asyncio.sleep(delay)
