@@ -24,7 +24,7 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from moa_stream._exceptions import AggregatorError, ProviderError
-from moa_stream._types import ChatMessage, ChatRequest
+from moa_stream._types import ChatMessage, ChatRequest, Usage
 from moa_stream.engine.events import (
     AggregatorDelta,
     AggregatorDone,
@@ -97,7 +97,8 @@ async def run_staircase(
     max_tokens: int | None,
     stop: tuple[str, ...] | None,
 ) -> AsyncGenerator[Event, None]:
-    """The staircase aggregator's events, ending with ``aggregator.done``.
+    """The staircase aggregator's events, ending with ``aggregator.done`` (its usage adds up
+    every step's request).
 
     Falls back to the next aggregator while no token has reached the caller; after that a
     failure raises :class:`AggregatorError` with the answer so far.
@@ -122,6 +123,7 @@ async def run_staircase(
         prefill: str | None = None
         asked_at = clock()
         first_token_at: float | None = None
+        usage = Usage()  # of this aggregator's steps so far
         yield AggregatorStarted(agent.name, attempt, asked_at - t0)
         while True:
             refs = host.references()
@@ -203,12 +205,13 @@ async def run_staircase(
                 yield AggregatorDone(
                     agent.name,
                     stream.finish_reason,
-                    stream.usage or _no_usage(),
+                    usage + (stream.usage or Usage(estimated=True)),
                     None if first_token_at is None else first_token_at - asked_at,
                     clock() - t0,
                 )
                 return
             host.close_step(record, "cancelled", None, None)
+            usage = usage + (stream.usage or Usage(estimated=True))
             # The next step: wait while the answer is too far ahead (or, having stopped for
             # that, while there is nothing new yet), then ask with the news.
             while (running := host.running_tokens()) and (
@@ -275,9 +278,3 @@ def _with_max_tokens(request: ChatRequest, n: int) -> ChatRequest:
         stop=request.stop,
         extra=request.extra,
     )
-
-
-def _no_usage() -> Any:
-    from moa_stream._types import Usage
-
-    return Usage(estimated=True)
