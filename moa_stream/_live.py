@@ -56,6 +56,7 @@ class LiveView:
         self.tokens: dict[str, int] = {}
         self.state: dict[str, str] = {}
         self.answering = False
+        self._later: list[str] = []  # lines held back while the answer streams
         self._status_shown = False
         self._drawn_at = 0.0
         self._settled = False  # the layer decided: its status line is final until the next
@@ -120,13 +121,16 @@ class LiveView:
             self._redraw(throttle=True)
         elif event.type == "proposer.done":
             self.state[event.agent] = "done"
-            if self.live:
+            tokens = self.tokens[event.agent]
+            line = f"  proposer {event.agent} done at {event.t:.2f} s ({tokens} tokens)"
+            if self.answering:
+                # A staircase's proposers finish while the answer streams: a line of theirs
+                # would land in the middle of the answer, so it waits for the end.
+                self._later.append(line)
+            elif self.live:
                 self._redraw()
             else:
-                self._say(
-                    f"  proposer {event.agent} done at {event.t:.2f} s "
-                    f"({self.tokens[event.agent]} tokens)"
-                )
+                self._say(line)
         elif event.type == "proposer.failed":
             self.state[event.agent] = "failed"
             if self.verbose:
@@ -154,6 +158,10 @@ class LiveView:
         elif event.type == "run.done":
             self.answer.write("\n")
             self.answer.flush()
+            if self.verbose:
+                for line in self._later:
+                    self._say(line)
+            self._later.clear()
 
     def _layer_done(
         self,
@@ -165,6 +173,8 @@ class LiveView:
     ) -> None:
         used = {r.agent: r.status for r in references}
         stragglers = self.spec.layers[layer].stragglers if layer < len(self.spec.layers) else ""
+        if self.spec.staircase is not None and layer == len(self.spec.layers) - 1:
+            stragglers = "keep"  # a staircase's proposers go on writing into its later steps
         cancelled = [
             agent
             for agent, state in self.state.items()
