@@ -518,6 +518,9 @@ class MoAServer:
             ctx.degraded = True
             extension["degraded"] = True
             headers[DEGRADED_HEADER] = "true"
+        if report.usage.estimated:
+            # Beside the standard usage object, not inside it: strict clients keep parsing it.
+            extension["usage_estimated"] = True
         body = completion_object(
             completion_id=ctx.completion_id,
             created=ctx.created,
