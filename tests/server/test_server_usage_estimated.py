@@ -50,4 +50,3 @@ async def test_usage_marks_estimates_in_the_extension_only(
         async with session.post(srv.url + CHAT, json=body("fast")) as resp:
             data = await resp.json()
         assert "moa_stream" not in data
-
