@@ -48,6 +48,7 @@ from moa_stream._exceptions import (
     TruncatedStreamError,
     UsageError,
 )
+from moa_stream._resource import AsyncResource
 from moa_stream._secrets import mask_secrets
 from moa_stream._types import Delta, StreamTimings, Usage
 from moa_stream._wire import parse_retry_after
@@ -230,6 +231,42 @@ async def _on_request_headers_sent(
 
 
 # -- the watchdog ------------------------------------------------------------------------------
+
+
+class PooledHTTPProvider(AsyncResource):
+    """What every HTTP provider is besides its wire format: a name, an API root, a frozen
+    :class:`Endpoint` and a :class:`ConnectionPool` that ``aclose()`` closes. Subclasses set
+    the four attributes in ``__init__`` and add ``stream()`` and ``prewarm()``."""
+
+    _name: str
+    _base_url: yarl.URL
+    _endpoint: Endpoint
+    _pool: ConnectionPool
+
+    @property
+    def name(self) -> str:
+        """The provider's name in errors, logs and metrics."""
+        return self._name
+
+    @property
+    def base_url(self) -> str:
+        """The API root requests are sent under."""
+        return str(self._base_url)
+
+    @property
+    def timeouts(self) -> Timeouts:
+        return self._endpoint.timeouts
+
+    @property
+    def retry(self) -> RetryPolicy:
+        return self._endpoint.retry
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self._name!r}, base_url={str(self._base_url)!r})"
+
+    async def aclose(self) -> None:
+        """Close every pooled connection. Safe to call more than once."""
+        await self._pool.aclose()
 
 
 class _Watchdog:
