@@ -27,9 +27,12 @@ import orjson
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
+from moa_stream._secrets import mask_secrets
+
 __all__ = [
     "FORMATS",
     "LEVELS",
+    "Redactor",
     "add_logging_arguments",
     "configure_from_args",
     "configure_logging",
@@ -107,6 +110,30 @@ def configure_from_args(
     )
 
 
+class Redactor:
+    """A structlog processor that masks every occurrence of the given secrets, and any long
+    start of one (a message cut in the middle of a key), in string values (nested dicts and
+    lists included)."""
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        # Longest first, so that a key containing another key is masked whole.
+        self.secrets = tuple(sorted({s for s in secrets if s}, key=len, reverse=True))
+
+    def _clean(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return mask_secrets(value, self.secrets, "[redacted]")
+        if isinstance(value, dict):
+            return {k: self._clean(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self._clean(v) for v in value]
+        return value
+
+    def __call__(self, logger: WrappedLogger, method: str, event_dict: EventDict) -> EventDict:
+        if not self.secrets:
+            return event_dict
+        return {k: self._clean(v) for k, v in event_dict.items()}
+
+
 def _orjson_str(obj: Any, **_: Any) -> str:
     return orjson.dumps(obj, default=str).decode()
 
@@ -123,8 +150,6 @@ def configure_logging(
     ``fmt`` is ``console`` (aligned, coloured on a terminal) or ``json`` (one object per line);
     ``secrets`` are masked wherever they appear in a line.
     """
-    from moa_stream.server.logs import Redactor
-
     if level not in LEVELS:
         raise ValueError(f"unknown log level {level!r}")
     if fmt not in FORMATS:

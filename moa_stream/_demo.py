@@ -18,7 +18,7 @@ import orjson
 
 from moa_stream import _aio
 from moa_stream._exceptions import MoAStreamError
-from moa_stream._live import LiveView, fmt_seconds
+from moa_stream._live import LiveView, fmt_seconds, fmt_tokens
 from moa_stream._types import ChatMessage
 from moa_stream.config import Config, Runtime, default_config, load_config
 from moa_stream.engine.events import RunReport
@@ -60,6 +60,7 @@ def summary_row(
         "tokens": report.usage.total_tokens,
         "prompt_tokens": report.usage.prompt_tokens,
         "completion_tokens": report.usage.completion_tokens,
+        "usage_estimated": report.usage.estimated,
         "references": [
             {"agent": r.agent, "status": r.status}
             for layer in report.layers
@@ -100,7 +101,8 @@ def render_table(rows: Sequence[dict[str, Any]]) -> str:
             fmt_seconds(r["time_to_quorum_s"]),
             fmt_seconds(r["aggregator_ttft_s"]),
             fmt_seconds(r["total_s"]),
-            f"{r['prompt_tokens']:,} / {r['completion_tokens']:,}",
+            f"{fmt_tokens(r['prompt_tokens'], r['usage_estimated'])} / "
+            f"{fmt_tokens(r['completion_tokens'], r['usage_estimated'])}",
             _fmt_answer(r),
         )
         for r in rows
@@ -178,7 +180,10 @@ async def _demo(args: argparse.Namespace) -> int:
         )
         out.write("\n")
     else:
-        out.write("Times in seconds from the request; tokens as the models reported them.\n")
+        out.write(
+            "Times in seconds from the request; tokens as the models reported them "
+            "(~: estimated from characters, where a model sent no usage).\n"
+        )
         out.write(render_table(rows) + "\n")
         line = comparison(rows)
         if line:

@@ -5,6 +5,11 @@ of the proposers, redrawn in place on a terminal, then the layer's decision) and
 (the aggregator's text, the moment it arrives). They may go to different streams: ``chat``
 writes progress on stderr and only the answer on stdout, so ``chat > answer.txt`` holds only the
 answer.
+
+Counts shown are tokens: while a proposer streams, estimated from the characters received
+(:func:`~moa_stream.estimate_tokens`) and marked ``~``; once it is done, the provider's figure,
+marked ``~`` only when the upstream sent no usage. Proposer states use the report's words
+(``running``, ``complete``, ``failed``, ``cancelled``).
 """
 
 from __future__ import annotations
@@ -14,19 +19,29 @@ import time
 from collections.abc import Sequence
 from typing import IO
 
+from moa_stream._types import Usage, estimate_tokens
 from moa_stream.engine.events import Event, ReferenceInfo, RunReport
 from moa_stream.engine.spec import MoA
 
-__all__ = ["LiveView", "fmt_seconds", "one_line_summary"]
+__all__ = ["LiveView", "fmt_seconds", "fmt_tokens", "fmt_usage_tokens", "one_line_summary"]
 
-_MARKS = {"running": "…", "done": "✓", "failed": "✗ failed", "cancelled": "cancelled"}
+_MARKS = {"running": "…", "complete": "✓", "failed": "✗ failed", "cancelled": "cancelled"}
 _CLEAR = "\r\x1b[K"
-# Redraw the status line at most this often (seconds): a token is a redraw otherwise.
+# Redraw the status line at most this often (seconds): every delta is a redraw otherwise.
 _REDRAW_EVERY = 0.05
 
 
 def fmt_seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f} s"
+
+
+def fmt_tokens(count: int, estimated: bool) -> str:
+    """A token count, ``~`` in front when it is an estimate."""
+    return f"~{count:,}" if estimated else f"{count:,}"
+
+
+def fmt_usage_tokens(usage: Usage) -> str:
+    return fmt_tokens(usage.total_tokens, usage.estimated)
 
 
 class LiveView:
@@ -53,7 +68,10 @@ class LiveView:
         self.answer = answer
         self.live = live and progress is not None
         self.verbose = verbose
-        self.tokens: dict[str, int] = {}
+        #: characters received from each proposer (the status line's estimate)
+        self.chars: dict[str, int] = {}
+        #: each finished proposer's completion tokens as its provider gave them
+        self.done_tokens: dict[str, str] = {}
         self.state: dict[str, str] = {}
         self.answering = False
         self._later: list[str] = []  # lines held back while the answer streams
@@ -64,7 +82,7 @@ class LiveView:
     # -- drawing -----------------------------------------------------------------------------
     def status_line(self) -> str:
         line = "  " + "   ".join(
-            f"{agent} {self.tokens[agent]} tok {_MARKS[self.state[agent]]}" for agent in self.tokens
+            f"{agent} {self._tokens(agent)} tok {_MARKS[self.state[agent]]}" for agent in self.chars
         )
         if self.live:
             # A line longer than the terminal wraps, and "\r" then redraws only its last row.
@@ -72,6 +90,10 @@ class LiveView:
             if len(line) > width:
                 line = line[: max(0, width - 1)] + "…"
         return line
+
+    def _tokens(self, agent: str) -> str:
+        done = self.done_tokens.get(agent)
+        return done if done is not None else fmt_tokens(estimate_tokens(self.chars[agent]), True)
 
     def _say(self, line: str) -> None:
         """A line of progress that stays (the live status line is redrawn below it)."""
@@ -84,7 +106,7 @@ class LiveView:
 
     def _redraw(self, throttle: bool = False) -> None:
         out = self.progress
-        if out is None or not self.live or not self.tokens or self.answering or self._settled:
+        if out is None or not self.live or not self.chars or self.answering or self._settled:
             return
         now = time.monotonic()
         if throttle and now - self._drawn_at < _REDRAW_EVERY:
@@ -97,7 +119,7 @@ class LiveView:
     def _settle_status(self) -> None:
         """Leave the status line as a finished line of its own."""
         out = self.progress
-        if out is not None and self.live and self.tokens:
+        if out is not None and self.live and self.chars:
             out.write(_CLEAR + self.status_line() + "\n")
             out.flush()
             self._status_shown = False
@@ -113,16 +135,21 @@ class LiveView:
     def __call__(self, event: Event) -> None:
         if event.type == "proposer.started":
             self._settled = False
-            self.tokens[event.agent] = 0
+            self.chars[event.agent] = 0
+            self.done_tokens.pop(event.agent, None)
             self.state[event.agent] = "running"
             self._redraw()
         elif event.type == "proposer.delta":
-            self.tokens[event.agent] += 1
+            self.chars[event.agent] += len(event.text)
             self._redraw(throttle=True)
         elif event.type == "proposer.done":
-            self.state[event.agent] = "done"
-            tokens = self.tokens[event.agent]
-            line = f"  proposer {event.agent} done at {event.t:.2f} s ({tokens} tokens)"
+            self.state[event.agent] = "complete"
+            usage = event.usage
+            self.done_tokens[event.agent] = fmt_tokens(usage.completion_tokens, usage.estimated)
+            line = (
+                f"  proposer {event.agent} done at {event.t:.2f} s "
+                f"({self.done_tokens[event.agent]} tokens)"
+            )
             if self.answering:
                 # A staircase's proposers finish while the answer streams: a line of theirs
                 # would land in the middle of the answer, so it waits for the end.
@@ -201,7 +228,7 @@ def one_line_summary(report: RunReport) -> str:
     parts = [
         f"TTFT {fmt_seconds(report.ttft_s)}",
         f"total {fmt_seconds(report.total_s)}",
-        f"{report.usage.total_tokens:,} tokens",
+        f"{fmt_usage_tokens(report.usage)} tokens",
     ]
     if report.layers:
         last = report.layers[-1]

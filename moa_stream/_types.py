@@ -62,7 +62,7 @@ class Usage:
     """Token counts of one request.
 
     ``estimated`` is true when the server sent no counts and the figures are this library's
-    guess (output: one token per delta; input: see :func:`estimate_tokens`, plus a per-message
+    guess (output: :func:`estimate_tokens` of the text received; input: the same, plus a per-message
     allowance for the chat template); show such figures as estimates. ``cached_prompt_tokens``
     is the part of the prompt the server read from its prompt cache, when it says so (OpenAI's
     ``prompt_tokens_details.cached_tokens``, Anthropic's ``cache_read_input_tokens``).

@@ -19,7 +19,7 @@ from __future__ import annotations
 import email.utils
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +37,7 @@ __all__ = [
     "chat_request_body",
     "completion_object",
     "error_body",
+    "model_objects",
     "parse_chat_request",
     "parse_retry_after",
     "retry_after_headers",
@@ -543,6 +544,25 @@ class ChunkEncoder:
     def malformed(self) -> bytes:
         """A content chunk cut off inside its JSON, for fault injection: invalid JSON."""
         return self._content_prefix + b'"unterminated\n\n'
+
+
+def model_objects(
+    ids: Iterable[str], descriptions: Mapping[str, str] | None = None
+) -> dict[str, dict[str, Any]]:
+    """The ``model`` objects of ``/v1/models``, by id: one per MoA a server answers for, all
+    created now and owned by ``moa-stream``, described when ``descriptions`` has the id."""
+    created = int(time.time())
+    descriptions = descriptions or {}
+    return {
+        model_id: {
+            "id": model_id,
+            "object": "model",
+            "created": created,
+            "owned_by": "moa-stream",
+            "description": descriptions.get(model_id, ""),
+        }
+        for model_id in ids
+    }
 
 
 def completion_object(

@@ -36,8 +36,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Self
 
-from moa_stream._resource import AsyncResource
-from moa_stream._types import ChatRequest, Delta, StreamTimings, Usage
+from moa_stream._types import ChatRequest, Delta
 from moa_stream.engine.events import (
     AggregatorDelta,
     AggregatorFailed,
@@ -49,6 +48,7 @@ from moa_stream.engine.events import (
 )
 from moa_stream.engine.run import MoARun
 from moa_stream.engine.spec import Agent, MoA
+from moa_stream.engine.streams import StreamWrapper
 from moa_stream.providers import Provider, ProviderStream
 
 try:
@@ -135,29 +135,17 @@ class TracedProvider:
         await self.inner.aclose()
 
 
-class _TracedStream(AsyncResource):
+class _TracedStream(StreamWrapper):
     """The wrapped stream: ends its span with the stream's usage, finish reason and TTFT."""
 
-    __slots__ = ("_ended", "_first_token", "_inner", "_span", "_started")
+    __slots__ = ("_ended", "_first_token", "_span", "_started")
 
     def __init__(self, inner: ProviderStream, span: Span) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._span = span
         self._ended = False
         self._started = time.monotonic()
         self._first_token: float | None = None
-
-    @property
-    def finish_reason(self) -> str | None:
-        return self._inner.finish_reason
-
-    @property
-    def usage(self) -> Usage | None:
-        return self._inner.usage
-
-    @property
-    def timings(self) -> StreamTimings:
-        return self._inner.timings
 
     async def __aenter__(self) -> Self:
         try:
@@ -165,9 +153,6 @@ class _TracedStream(AsyncResource):
         except BaseException as exc:
             self._end(exc)
             raise
-        return self
-
-    def __aiter__(self) -> AsyncIterator[Delta]:
         return self
 
     async def __anext__(self) -> Delta:

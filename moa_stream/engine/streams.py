@@ -21,16 +21,15 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Self
 
 from moa_stream._exceptions import ConfigError, FirstTokenTimeout, TotalTimeout
+from moa_stream._resource import AsyncResource
 from moa_stream._types import ChatRequest, Delta, StreamTimings, Usage
 from moa_stream.engine.events import HedgeInfo
 
 if TYPE_CHECKING:
-    from types import TracebackType
-
     from moa_stream.engine.spec import Agent
     from moa_stream.providers import ProviderStream
 
-__all__ = ["Hedge", "HedgeInfo", "HedgedStream", "TimedStream", "open_stream"]
+__all__ = ["Hedge", "HedgeInfo", "HedgedStream", "StreamWrapper", "TimedStream", "open_stream"]
 
 
 class _HedgeBook:
@@ -105,37 +104,15 @@ class Hedge:
         return self._book.hedges
 
 
-class TimedStream:
-    """A stream with per-agent limits: no first content within ``first_token`` seconds of the
-    request raises :class:`~moa_stream.FirstTokenTimeout`, a request longer than ``total``
-    seconds :class:`~moa_stream.TotalTimeout` (both provider errors: the run treats them like
-    any upstream failure). Costs one timer per chunk, so only agents that set a limit get it."""
+class StreamWrapper(AsyncResource):
+    """A provider stream around another that reports the inner stream's figures (finish
+    reason, usage, timings, hedge) as its own and closes it on ``aclose()``. Subclasses add to
+    entering and reading it (per-agent deadlines, tracing)."""
 
-    __slots__ = ("_first_dl", "_got_first", "_inner", "_model", "_provider", "_total", "_total_dl")
+    __slots__ = ("_inner",)
 
-    def __init__(
-        self,
-        inner: ProviderStream,
-        *,
-        first_token: float | None,
-        total: float | None,
-        provider: str,
-        model: str,
-    ) -> None:
+    def __init__(self, inner: ProviderStream) -> None:
         self._inner = inner
-        self._total = total
-        self._first_dl: float | None = None
-        self._total_dl: float | None = None
-        self._got_first = False
-        self._provider = provider
-        self._model = model
-        if first_token is not None or total is not None:
-            now = asyncio.get_running_loop().time()
-            self._total_dl = None if total is None else now + total
-            first = None if first_token is None else now + first_token
-            if first is not None and self._total_dl is not None:
-                first = min(first, self._total_dl)
-            self._first_dl = first if first is not None else self._total_dl
 
     @property
     def finish_reason(self) -> str | None:
@@ -155,6 +132,42 @@ class TimedStream:
 
     def __aiter__(self) -> Self:
         return self
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class TimedStream(StreamWrapper):
+    """A stream with per-agent limits: no first content within ``first_token`` seconds of the
+    request raises :class:`~moa_stream.FirstTokenTimeout`, a request longer than ``total``
+    seconds :class:`~moa_stream.TotalTimeout` (both provider errors: the run treats them like
+    any upstream failure). Costs one timer per chunk, so only agents that set a limit get it."""
+
+    __slots__ = ("_first_dl", "_got_first", "_model", "_provider", "_total", "_total_dl")
+
+    def __init__(
+        self,
+        inner: ProviderStream,
+        *,
+        first_token: float | None,
+        total: float | None,
+        provider: str,
+        model: str,
+    ) -> None:
+        super().__init__(inner)
+        self._total = total
+        self._first_dl: float | None = None
+        self._total_dl: float | None = None
+        self._got_first = False
+        self._provider = provider
+        self._model = model
+        if first_token is not None or total is not None:
+            now = asyncio.get_running_loop().time()
+            self._total_dl = None if total is None else now + total
+            first = None if first_token is None else now + first_token
+            if first is not None and self._total_dl is not None:
+                first = min(first, self._total_dl)
+            self._first_dl = first if first is not None else self._total_dl
 
     def _deadline(self) -> float | None:
         return self._total_dl if self._got_first else self._first_dl
@@ -198,17 +211,6 @@ class TimedStream:
             self._got_first = True
         return delta
 
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
 
 def _won(task: asyncio.Task[Delta | None]) -> bool:
     return task.done() and not task.cancelled() and task.exception() is None
@@ -223,7 +225,7 @@ async def _first(stream: ProviderStream) -> Delta | None:
         return None
 
 
-class HedgedStream:
+class HedgedStream(AsyncResource):
     """A primary request and, if it is slow to start, a backup copy: see :class:`Hedge`.
 
     The race runs in two tasks owned by this stream until one copy delivers its first delta;
@@ -361,14 +363,6 @@ class HedgedStream:
     async def aclose(self) -> None:
         """Close both copies (and the race, if it is still on). Idempotent."""
         await self._close_all()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
 
 def open_stream(agent: Agent, request: ChatRequest) -> ProviderStream:

@@ -15,7 +15,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 import orjson
 import structlog
@@ -27,6 +27,7 @@ from moa_stream._wire import (
     WireError,
     completion_object,
     extension,
+    model_objects,
     parse_chat_request,
 )
 from moa_stream.engine.events import AggregatorDelta
@@ -213,18 +214,7 @@ class ChatEndpoints:
             raise ValueError("at least one MoA is needed")
         self.request_timeout = request_timeout
         self.max_body_bytes = max_body_bytes
-        created = int(time.time())
-        descriptions = descriptions or {}
-        self._model_objects: dict[str, dict[str, Any]] = {
-            moa_id: {
-                "id": moa_id,
-                "object": "model",
-                "created": created,
-                "owned_by": "moa-stream",
-                "description": descriptions.get(moa_id, ""),
-            }
-            for moa_id in ids
-        }
+        self._model_objects = model_objects(ids, descriptions)
         self.models_body = orjson.dumps(
             {"object": "list", "data": list(self._model_objects.values())}
         )

@@ -27,6 +27,7 @@ __all__ = [
     "DONE",
     "Done",
     "context_length_error",
+    "MAX_ERROR_CHARS",
     "error_fields",
     "make_delta",
     "parse_chunk",
@@ -126,6 +127,10 @@ def _opt_str(value: object) -> str | None:
     if type(value) is int:
         return str(value)
     return None
+
+
+#: The longest error message taken from an upstream's body; longer ones are cut (after masking).
+MAX_ERROR_CHARS = 500
 
 
 def error_fields(obj: object) -> tuple[str, str | None, str | None] | None:
@@ -229,14 +234,18 @@ def context_length_error(
 
 def upstream_error(data: str) -> ProviderError:
     """The error for an error frame received inside a 200 stream (``data`` as sent):
-    :class:`UpstreamError`, or :class:`ContextLengthError` when it says the prompt overflowed."""
+    :class:`UpstreamError`, or :class:`ContextLengthError` when it says the prompt overflowed.
+
+    The message is not cut here: the stream masks the endpoint's key in it first and then cuts
+    it to :data:`MAX_ERROR_CHARS`, so that a key straddling the cut cannot leave a piece behind.
+    """
     try:
         obj = _loads(data)
     except _JSONDecodeError:
-        return UpstreamError(data.strip()[:500] or "upstream error")
+        return UpstreamError(data.strip() or "upstream error")
     fields = error_fields(obj)
     if fields is None:
-        return UpstreamError(data.strip()[:500] or "upstream error")
+        return UpstreamError(data.strip() or "upstream error")
     message, code, error_type = fields
     overflow = context_length_error(message, code, error_type, obj)
     if overflow is not None:
@@ -253,7 +262,7 @@ def parse_error_body(body: bytes) -> tuple[str, str | None, str | None]:
     if fields is not None:
         return fields
     text = body.decode("utf-8", "replace").strip()
-    return (text[:500], None, None)
+    return (text[:MAX_ERROR_CHARS], None, None)
 
 
 def parse_chunk(data: str) -> Delta | Done | None:

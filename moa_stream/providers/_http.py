@@ -48,10 +48,16 @@ from moa_stream._exceptions import (
     TruncatedStreamError,
     UsageError,
 )
+from moa_stream._resource import AsyncResource
 from moa_stream._secrets import mask_secrets
 from moa_stream._types import Delta, StreamTimings, Usage
 from moa_stream._wire import parse_retry_after
-from moa_stream.providers._chunks import Done, context_length_error, error_fields
+from moa_stream.providers._chunks import (
+    MAX_ERROR_CHARS,
+    Done,
+    context_length_error,
+    error_fields,
+)
 from moa_stream.providers._policy import RetryPolicy, Timeouts
 from moa_stream.providers.sse import SSEDecoder, SSEEvent
 
@@ -227,6 +233,42 @@ async def _on_request_headers_sent(
 # -- the watchdog ------------------------------------------------------------------------------
 
 
+class PooledHTTPProvider(AsyncResource):
+    """What every HTTP provider is besides its wire format: a name, an API root, a frozen
+    :class:`Endpoint` and a :class:`ConnectionPool` that ``aclose()`` closes. Subclasses set
+    the four attributes in ``__init__`` and add ``stream()`` and ``prewarm()``."""
+
+    _name: str
+    _base_url: yarl.URL
+    _endpoint: Endpoint
+    _pool: ConnectionPool
+
+    @property
+    def name(self) -> str:
+        """The provider's name in errors, logs and metrics."""
+        return self._name
+
+    @property
+    def base_url(self) -> str:
+        """The API root requests are sent under."""
+        return str(self._base_url)
+
+    @property
+    def timeouts(self) -> Timeouts:
+        return self._endpoint.timeouts
+
+    @property
+    def retry(self) -> RetryPolicy:
+        return self._endpoint.retry
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self._name!r}, base_url={str(self._base_url)!r})"
+
+    async def aclose(self) -> None:
+        """Close every pooled connection. Safe to call more than once."""
+        await self._pool.aclose()
+
+
 class _Watchdog:
     """One timer per attempt that interrupts a wait when its deadline passes.
 
@@ -336,7 +378,7 @@ def status_error(
         obj = None
     fields = error_fields(obj)
     if fields is None:
-        fields = (body.decode("utf-8", "replace").strip()[:500], None, None)
+        fields = (body.decode("utf-8", "replace").strip()[:MAX_ERROR_CHARS], None, None)
     message, code, error_type = fields
     if not message:
         message = reason or "error"
@@ -407,9 +449,9 @@ class ResponseReader:
         "_timings",
         "_total_dl",
         "_watchdog",
-        "content_count",
         "delivered",
         "finish_reason",
+        "output_chars",
         "request_id",
         "reused",
         "status",
@@ -458,8 +500,8 @@ class ResponseReader:
         self.request_id: str | None = None
         self.finish_reason: str | None = None
         self.usage: Usage | None = None
-        #: content and reasoning deltas handed out, for the usage estimate
-        self.content_count = 0
+        #: characters of content and reasoning handed out, for the usage estimate
+        self.output_chars = 0
 
     # -- the attempt's life ------------------------------------------------------------------
 
@@ -548,12 +590,13 @@ class ResponseReader:
                 return None
             self._note_time(self._read_time)
             self.delivered = True
-            if result.content:
-                self.content_count += 1
+            content = result.content
+            if content:
                 if self._timings.first_token is None:
                     self._timings.first_token = self._read_time
-            elif result.reasoning:
-                self.content_count += 1
+                self.output_chars += len(content)
+            if result.reasoning:
+                self.output_chars += len(result.reasoning)
             if result.finish_reason is not None:
                 self.finish_reason = result.finish_reason
             if result.usage is not None:

@@ -22,7 +22,8 @@ from moa_stream._exceptions import (
     TransientError,
 )
 from moa_stream._resource import AsyncResource
-from moa_stream._types import ChatMessage, ChatRequest, Delta, StreamTimings, Usage
+from moa_stream._types import ChatMessage, ChatRequest, Delta, StreamTimings, Usage, estimate_tokens
+from moa_stream.providers._chunks import MAX_ERROR_CHARS
 from moa_stream.providers._estimate import estimate_prompt_tokens
 from moa_stream.providers._http import ConnectionPool, Endpoint, EventParser, ResponseReader
 
@@ -60,7 +61,8 @@ class Attempt(Protocol):
     request_id: str | None
     finish_reason: str | None
     usage: Usage | None
-    content_count: int
+    #: characters of content and reasoning handed out, for the usage estimate
+    output_chars: int
 
     async def open(self) -> None: ...
 
@@ -132,8 +134,9 @@ class RetryingStream(AsyncResource):
     def usage(self) -> Usage | None:
         """The server's token counts, or an estimate (``estimated=True``) if it sent none.
 
-        The estimate counts the prompt with :func:`estimate_prompt_tokens` and one token per
-        content or reasoning delta. ``None`` before the stream started.
+        The estimate counts the prompt with :func:`estimate_prompt_tokens` and the output's
+        characters (content and reasoning) with :func:`~moa_stream.estimate_tokens`, the same
+        rule as every other estimate in the package. ``None`` before the stream started.
         """
         reader = self._reader
         if reader is not None and reader.usage is not None:
@@ -142,7 +145,7 @@ class RetryingStream(AsyncResource):
             return None
         return Usage(
             estimate_prompt_tokens(self._request.messages),
-            reader.content_count if reader is not None else 0,
+            estimate_tokens(reader.output_chars) if reader is not None else 0,
             estimated=True,
         )
 
@@ -297,12 +300,15 @@ class RetryingStream(AsyncResource):
             if exc.request_id is None:
                 exc.request_id = reader.request_id
             exc.delivered = reader.delivered
-        if isinstance(exc, ContextLengthError) and exc.estimated_prompt_tokens is None:
-            _explain_overflow(exc, self._request.messages)
-        message = self._endpoint.redact(exc.message)
-        if message is not exc.message:
+        if isinstance(exc, ContextLengthError) and exc.estimated_prompt_tokens is not None:
+            return  # already masked, cut and explained (an error passes here more than once)
+        # Mask the key first, then cut: a key straddling the cut would leave its start behind.
+        message = self._endpoint.redact(exc.message)[:MAX_ERROR_CHARS]
+        if message != exc.message:
             exc.message = message
             exc.args = (message,)
+        if isinstance(exc, ContextLengthError):
+            _explain_overflow(exc, self._request.messages)
 
     def _fail(self, exc: ProviderError) -> None:
         self._contextualize(exc)

@@ -40,10 +40,9 @@ from moa_stream._exceptions import (
     ServerError,
     UpstreamError,
 )
-from moa_stream._resource import AsyncResource
 from moa_stream._types import ChatMessage, ChatRequest, Delta, Usage
 from moa_stream.providers._chunks import DONE, Done, context_length_error, error_fields, make_delta
-from moa_stream.providers._http import ConnectionPool, Endpoint
+from moa_stream.providers._http import ConnectionPool, Endpoint, PooledHTTPProvider
 from moa_stream.providers._policy import RetryPolicy, Timeouts
 from moa_stream.providers._retry import HTTPStream
 from moa_stream.providers.openai import prewarm_pool
@@ -231,7 +230,7 @@ def _api_root(base_url: str) -> yarl.URL:
     return url
 
 
-class AnthropicProvider(AsyncResource):
+class AnthropicProvider(PooledHTTPProvider):
     """Anthropic's Messages API, streamed.
 
     ``base_url`` is the API root as the official SDK takes it (default
@@ -306,27 +305,6 @@ class AnthropicProvider(AsyncResource):
         )
         self._pool = ConnectionPool(limit)
 
-    @property
-    def name(self) -> str:
-        """The provider's name in errors, logs and metrics."""
-        return self._name
-
-    @property
-    def base_url(self) -> str:
-        """The API root requests are sent under."""
-        return str(self._base_url)
-
-    @property
-    def timeouts(self) -> Timeouts:
-        return self._endpoint.timeouts
-
-    @property
-    def retry(self) -> RetryPolicy:
-        return self._endpoint.retry
-
-    def __repr__(self) -> str:
-        return f"AnthropicProvider(name={self._name!r}, base_url={str(self._base_url)!r})"
-
     def stream(self, request: ChatRequest) -> AnthropicStream:
         """A stream for ``request``; nothing is sent until it is entered or iterated."""
         return AnthropicStream(self._endpoint, self._pool, request, lambda: self._encode(request))
@@ -342,10 +320,6 @@ class AnthropicProvider(AsyncResource):
             self.timeouts,
             connections,
         )
-
-    async def aclose(self) -> None:
-        """Close every pooled connection. Safe to call more than once."""
-        await self._pool.aclose()
 
     def _encode(self, request: ChatRequest) -> bytes:
         system: list[str] = []

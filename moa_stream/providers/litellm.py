@@ -122,9 +122,9 @@ class _LiteLLMAttempt:
         "_stream",
         "_timings",
         "_total_dl",
-        "content_count",
         "delivered",
         "finish_reason",
+        "output_chars",
         "request_id",
         "reused",
         "status",
@@ -154,7 +154,7 @@ class _LiteLLMAttempt:
         self.request_id: str | None = None
         self.finish_reason: str | None = None
         self.usage: Usage | None = None
-        self.content_count = 0
+        self.output_chars = 0
 
     def _deadline(self, limit: float | None) -> float:
         dl = _monotonic() + limit if limit is not None else _INF
@@ -213,11 +213,11 @@ class _LiteLLMAttempt:
             self._timings.chunk_times.append(now)
             self.delivered = True
             if delta.content:
-                self.content_count += 1
+                self.output_chars += len(delta.content)
                 if self._timings.first_token is None:
                     self._timings.first_token = now
-            elif delta.reasoning:
-                self.content_count += 1
+            if delta.reasoning:
+                self.output_chars += len(delta.reasoning)
             if delta.finish_reason is not None:
                 self.finish_reason = delta.finish_reason
             if delta.usage is not None:

@@ -21,12 +21,11 @@ import structlog
 import yarl
 
 from moa_stream._exceptions import ConfigError, RequestRejectedError, UsageError
-from moa_stream._resource import AsyncResource
 from moa_stream._types import ChatRequest, Delta
 from moa_stream._wire import chat_request_body
 from moa_stream.providers._base import check_continuation
 from moa_stream.providers._chunks import Done, parse_chunk, parse_completion, upstream_error
-from moa_stream.providers._http import ConnectionPool, Endpoint
+from moa_stream.providers._http import ConnectionPool, Endpoint, PooledHTTPProvider
 from moa_stream.providers._policy import RetryPolicy, Timeouts
 from moa_stream.providers._retry import HTTPStream
 from moa_stream.providers.sse import SSEEvent
@@ -65,7 +64,7 @@ class OpenAIStream(HTTPStream):
         return _PARSER
 
 
-class OpenAIProvider(AsyncResource):
+class OpenAIProvider(PooledHTTPProvider):
     """An OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, SGLang, llama.cpp, Ollama,
     Together, Groq, OpenRouter ...).
 
@@ -156,27 +155,6 @@ class OpenAIProvider(AsyncResource):
         )
         self._pool = ConnectionPool(limit)
 
-    @property
-    def name(self) -> str:
-        """The provider's name in errors, logs and metrics."""
-        return self._name
-
-    @property
-    def base_url(self) -> str:
-        """The API root requests are sent under."""
-        return str(self._base_url)
-
-    @property
-    def timeouts(self) -> Timeouts:
-        return self._endpoint.timeouts
-
-    @property
-    def retry(self) -> RetryPolicy:
-        return self._endpoint.retry
-
-    def __repr__(self) -> str:
-        return f"OpenAIProvider(name={self._name!r}, base_url={str(self._base_url)!r})"
-
     def stream(self, request: ChatRequest) -> OpenAIStream:
         """A stream for ``request``; nothing is sent until it is entered or iterated."""
         return OpenAIStream(self._endpoint, self._pool, request, lambda: self._encode(request))
@@ -193,10 +171,6 @@ class OpenAIProvider(AsyncResource):
         await prewarm_pool(
             self._pool, self._name, self._models_url, self._get_headers, self.timeouts, connections
         )
-
-    async def aclose(self) -> None:
-        """Close every pooled connection. Safe to call more than once."""
-        await self._pool.aclose()
 
     def _encode(self, request: ChatRequest) -> bytes:
         body = chat_request_body(

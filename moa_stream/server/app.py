@@ -44,6 +44,7 @@ from moa_stream._wire import (
     WireError,
     completion_object,
     extension,
+    model_objects,
     optional_bool,
     parse_chat_request,
     wrong_type,
@@ -203,18 +204,7 @@ class MoAServer:
             moa_id: {agent.name: agent.provider.name for agent in spec.agents}
             for moa_id, spec in self.moas.items()
         }
-        created = int(time.time())
-        descriptions = descriptions or {}
-        self._model_objects = {
-            moa_id: {
-                "id": moa_id,
-                "object": "model",
-                "created": created,
-                "owned_by": "moa-stream",
-                "description": descriptions.get(moa_id, ""),
-            }
-            for moa_id in self.moas
-        }
+        self._model_objects = model_objects(self.moas, descriptions)
         self._models_body = orjson.dumps(
             {"object": "list", "data": list(self._model_objects.values())}
         )
@@ -518,6 +508,9 @@ class MoAServer:
             ctx.degraded = True
             extension["degraded"] = True
             headers[DEGRADED_HEADER] = "true"
+        if report.usage.estimated:
+            # Beside the standard usage object, not inside it: strict clients keep parsing it.
+            extension["usage_estimated"] = True
         body = completion_object(
             completion_id=ctx.completion_id,
             created=ctx.created,

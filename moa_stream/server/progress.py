@@ -8,12 +8,17 @@ the comments. A named event (``event: moa.progress``) would not be safe: the ope
 turns the ``data:`` of any named event other than ``thread.*`` into a chunk object.
 
 Proposer tokens are not forwarded one by one (a MoA of four proposers would send five times
-the answer's traffic); ``proposer.tokens`` reports each running proposer's token count at most
-every :data:`TOKENS_INTERVAL` seconds instead. A client that wants to show the proposers'
-text (the playground page does) asks for the ``text`` level: ``proposer.text`` items then carry
-each proposer's new text, batched per layer at most every :data:`TEXT_INTERVAL` seconds, and
-flushed before that proposer's ``proposer.done`` or ``proposer.failed`` and before
-``layer.done``, so a client holds every proposer's text by the time it learns what became of it.
+the answer's traffic); ``proposer.tokens`` reports each running proposer's tokens so far at most
+every :data:`TOKENS_INTERVAL` seconds instead. Those are estimates from the characters received
+(:func:`moa_stream.estimate_tokens`, the rule the providers use when a server sends no usage)
+and say so (``"estimated": true``); an item carrying a call's usage (``proposer.done``,
+``aggregator.done``) has the provider's figure and the same flag.
+
+A client that wants to show the proposers' text (the playground page does) asks for the
+``text`` level: ``proposer.text`` items then carry each proposer's new text, batched per layer
+at most every :data:`TEXT_INTERVAL` seconds, and flushed before that proposer's
+``proposer.done`` or ``proposer.failed`` and before ``layer.done``, so a client holds every
+proposer's text by the time it learns what became of it.
 The JSON of each item is documented in ``docs/server.md``.
 """
 
@@ -23,7 +28,7 @@ from typing import Any
 
 import orjson
 
-from moa_stream._types import Usage
+from moa_stream._types import Usage, estimate_tokens
 from moa_stream._wire import usage_object
 from moa_stream.engine.events import AgentReport, Event, LayerReport, ReferenceInfo, RunReport
 
@@ -120,7 +125,7 @@ def report_object(report: RunReport) -> dict[str, Any]:
 
 def _payload(event: Event) -> dict[str, Any]:
     """An event's fields as a progress item: texts become their length, usage its completion
-    tokens, times are rounded; everything else goes as it is."""
+    tokens (and whether they are estimated), times are rounded; everything else goes as it is."""
     out: dict[str, Any] = {}
     for name in event.__dataclass_fields__:
         value = getattr(event, name)
@@ -128,6 +133,7 @@ def _payload(event: Event) -> dict[str, Any]:
             out["chars"] = len(value)
         elif name == "usage":
             out["tokens"] = value.completion_tokens
+            out["estimated"] = value.estimated
         elif name == "references":
             out[name] = [_reference(r) for r in value]
         elif name == "report":
@@ -142,8 +148,9 @@ def _payload(event: Event) -> dict[str, Any]:
 class ProgressEncoder:
     """Turns the events of one run into progress comment frames (or nothing).
 
-    Keeps per-layer token counts so that ``proposer.delta`` events become a periodic
-    ``proposer.tokens`` item instead of one line per token. A ``layer.done`` item reports each
+    Keeps per-layer character counts so that ``proposer.delta`` events become a periodic
+    ``proposer.tokens`` item (tokens estimated from those characters) instead of one line per
+    delta. A ``layer.done`` item reports each
     reference's tokens as the items before it did: the ``proposer.done`` figure for a finished
     proposer, the ``proposer.tokens`` count for one still streaming or failed, so that a client
     never sees two sizes for the same answer. With ``text=True`` it also keeps each proposer's
@@ -152,7 +159,7 @@ class ProgressEncoder:
 
     __slots__ = (
         "_agents",
-        "_counts",
+        "_chars",
         "_done_tokens",
         "_last_text_at",
         "_last_tokens_at",
@@ -160,7 +167,8 @@ class ProgressEncoder:
     )
 
     def __init__(self, *, text: bool = False) -> None:
-        self._counts: dict[int, list[int]] = {}
+        # Layer -> characters received from each proposer (by index), the estimate's input.
+        self._chars: dict[int, list[int]] = {}
         self._agents: dict[int, list[str]] = {}
         self._last_tokens_at: dict[int, float] = {}
         self._last_text_at: dict[int, float] = {}
@@ -174,8 +182,8 @@ class ProgressEncoder:
         if done is not None:
             item["tokens"] = done
         else:
-            counts = self._counts.get(layer, [])
-            item["tokens"] = counts[ref.index] if ref.index < len(counts) else 0
+            chars = self._chars.get(layer, [])
+            item["tokens"] = estimate_tokens(chars[ref.index] if ref.index < len(chars) else 0)
         return item
 
     @staticmethod
@@ -183,10 +191,10 @@ class ProgressEncoder:
         return PREFIX + orjson.dumps(payload) + b"\n\n"
 
     def _slot(self, layer: int, index: int, agent: str) -> None:
-        counts = self._counts.setdefault(layer, [])
+        chars = self._chars.setdefault(layer, [])
         agents = self._agents.setdefault(layer, [])
-        while len(counts) <= index:
-            counts.append(0)
+        while len(chars) <= index:
+            chars.append(0)
             agents.append("")
         agents[index] = agent
 
@@ -195,7 +203,11 @@ class ProgressEncoder:
         return {
             "type": "proposer.tokens",
             "layer": layer,
-            "tokens": dict(zip(self._agents[layer], self._counts[layer], strict=True)),
+            "tokens": {
+                agent: estimate_tokens(chars)
+                for agent, chars in zip(self._agents[layer], self._chars[layer], strict=True)
+            },
+            "estimated": True,
             "t": _round(t),
         }
 
@@ -217,11 +229,11 @@ class ProgressEncoder:
         t = event.t
         if event.type == "proposer.delta":
             layer = event.layer
-            counts = self._counts.get(layer)
-            if counts is None or event.index >= len(counts):
+            chars = self._chars.get(layer)
+            if chars is None or event.index >= len(chars):
                 self._slot(layer, event.index, event.agent)
-                counts = self._counts[layer]
-            counts[event.index] += 1
+                chars = self._chars[layer]
+            chars[event.index] += len(event.text)
             out = b""
             if self._pending is not None:
                 self._pending.setdefault(layer, {}).setdefault(event.agent, []).append(event.text)

@@ -25,6 +25,10 @@ __all__ = ["StreamWriter", "is_degraded", "narration", "no_usable_reference"]
 #: The extension field that marks an answer written without any proposer's help.
 DEGRADED_EXTENSION = {"moa_stream": {"degraded": True}}
 
+#: The extension field of a usage chunk whose figures are partly this package's estimate (an
+#: upstream sent no usage): the OpenAI ``usage`` object stays standard, the mark sits beside it.
+USAGE_ESTIMATED_EXTENSION = {"moa_stream": {"usage_estimated": True}}
+
 
 def no_usable_reference(references: Iterable[ReferenceInfo]) -> bool:
     """Whether a layer went on with no proposer's answer at all (every one failed)."""
@@ -143,7 +147,13 @@ class StreamWriter:
         )
         if self._include_usage:
             usage = report.usage
-            parts.append(self._enc.usage(usage.prompt_tokens, usage.completion_tokens))
+            parts.append(
+                self._enc.usage(
+                    usage.prompt_tokens,
+                    usage.completion_tokens,
+                    USAGE_ESTIMATED_EXTENSION if usage.estimated else None,
+                )
+            )
         parts.append(DONE)
         return b"".join(parts)
 

@@ -29,6 +29,7 @@ from moa_stream import (
     UpstreamError,
     Usage,
     UsageError,
+    estimate_tokens,
 )
 from moa_stream.providers import estimate_prompt_tokens
 from moa_stream.providers._chunks import context_length_error
@@ -212,7 +213,8 @@ async def test_forced_overflow_fault_and_a_server_without_usage() -> None:
         assert all(d.usage is None for d in deltas), "the server sent no usage"
         usage = stream.usage
         assert usage is not None and usage.estimated
-        assert usage.completion_tokens == 5
+        text = "".join(d.content + d.reasoning for d in deltas)
+        assert usage.completion_tokens == estimate_tokens(len(text))
         assert usage.prompt_tokens == estimate_prompt_tokens(request("Say hi.").messages)
         forced = request("Say hi.", model="lcp", extra={"sim": {"fault": "context_overflow"}})
         with pytest.raises(ContextLengthError):

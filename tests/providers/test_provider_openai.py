@@ -248,8 +248,9 @@ async def test_usage_is_estimated_without_server_usage() -> None:
         async for _ in stream:
             pass
     # 40 characters are 10 tokens; the chat template adds 4 per message and 3 for the reply,
-    # and a template's default system message (16 + 4) is counted when there is none.
-    assert stream.usage == Usage(prompt_tokens=37, completion_tokens=3, estimated=True)
+    # and a template's default system message (16 + 4) is counted when there is none. The
+    # answer's three characters, in three chunks, are one token: characters count, not chunks.
+    assert stream.usage == Usage(prompt_tokens=37, completion_tokens=1, estimated=True)
 
 
 async def test_non_streamed_json_answer_becomes_one_delta() -> None:

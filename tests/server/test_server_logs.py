@@ -86,3 +86,24 @@ def test_redactor_masks_the_longest_secret_first() -> None:
         "event": "x [redacted] y [redacted]"
     }
     assert Redactor([])(None, "info", {"event": "abc"}) == {"event": "abc"}
+
+
+def test_server_and_command_logging_are_one_set_up() -> None:
+    # The server's entry point is the commands' JSON set-up: the same line for the same call,
+    # and the same clear error for a level neither knows.
+    from moa_stream._cli_logging import configure_logging as configure_for_commands
+
+    lines = []
+    for configure in (
+        lambda out: configure_logging(level="info", stream=out, secrets=[KEY]),
+        lambda out: configure_for_commands(level="info", fmt="json", stream=out, secrets=[KEY]),
+    ):
+        out = io.StringIO()
+        configure(out)
+        structlog.get_logger().info("probe", detail=f"key {KEY}")
+        line = orjson.loads(out.getvalue())
+        del line["timestamp"]
+        lines.append(line)
+    assert lines[0] == lines[1] and KEY not in str(lines[0])
+    with pytest.raises(ValueError, match="loud"):
+        configure_logging(level="loud")

@@ -206,6 +206,7 @@ def test_progress_items_carry_sizes_and_rounded_times_not_texts() -> None:
         "chars": len("secret answer"),
         "finish_reason": "stop",
         "tokens": 7,
+        "estimated": False,
         "ttft_s": 0.1235,
         "t": 1.5,
     }

@@ -436,13 +436,13 @@ RunView.prototype.handlers = {
       const lane = this.byAgent.get(`${item.layer}:${agent}`);
       if (!lane) continue;
       lane.tokens = tokens;
-      if (lane.status === "streaming") lane.meta.textContent = `${plural(tokens, "token")} so far`;
+      if (lane.status === "streaming") lane.meta.textContent = `≈ ${plural(tokens, "token")} so far`;
     }
   },
   "proposer.done"(item) {
     const lane = this.lane(item.layer, item.index, item.agent);
     lane.setStatus("complete");
-    lane.meta.textContent = `${plural(item.tokens, "token")} · first token ${seconds(item.ttft_s)} · done at ${seconds(item.t)}`;
+    lane.meta.textContent = `${item.estimated ? "≈ " : ""}${plural(item.tokens, "token")} · first token ${seconds(item.ttft_s)} · done at ${seconds(item.t)}`;
   },
   "proposer.failed"(item) {
     const lane = this.lane(item.layer, item.index, item.agent);
@@ -501,7 +501,7 @@ RunView.prototype.handlers = {
   },
   "aggregator.done"(item) {
     this.answer.setStatus("complete");
-    this.answer.meta.textContent = `${plural(item.tokens, "token")} · first token ${seconds(item.ttft_s)} after the request`;
+    this.answer.meta.textContent = `${item.estimated ? "≈ " : ""}${plural(item.tokens, "token")} · first token ${seconds(item.ttft_s)} after the request`;
   },
   "run.done"(item) {
     this.report = item.report;
