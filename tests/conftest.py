@@ -8,9 +8,15 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import structlog
+from hypothesis import HealthCheck, settings
 
 # pytester runs pytest inside a test: how the moa_stream pytest plugin is tested.
 pytest_plugins = ["pytester"]
+
+# No per-example deadline and no "too slow" health check: on a loaded machine a plain
+# example can take seconds, which says nothing about the code under test.
+settings.register_profile("moa_stream", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("moa_stream")
 
 
 @pytest.fixture(autouse=True)

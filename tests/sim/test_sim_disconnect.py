@@ -10,6 +10,7 @@ import pytest
 from simhelpers import CHAT, body
 
 from moa_stream.sim import LatencyProfile, SimModel, SimServer
+from tests.support.timing import LoopLag
 
 
 def slow_model(ttft: float = 0.01, slots: int | None = None) -> SimModel:
@@ -150,7 +151,10 @@ async def test_records_are_bounded(session: aiohttp.ClientSession) -> None:
 async def test_many_concurrent_streams_keep_their_schedule(
     session: aiohttp.ClientSession,
 ) -> None:
-    """64 streams of 100 tokens at 200 tokens/s: first tokens go out close to their plan."""
+    """64 streams of 100 tokens at 200 tokens/s: first tokens go out close to their plan.
+
+    Served one after another, the median stream would be about 19 s late; concurrently it is
+    late only by what the loop itself was late by (measured alongside) plus a margin."""
     model = SimModel(
         name="m", latency=LatencyProfile.fixed(ttft=0.1, tokens_per_s=200), answer_tokens=100
     )
@@ -162,10 +166,11 @@ async def test_many_concurrent_streams_keep_their_schedule(
 
         connector_limit = session.connector.limit if session.connector else 100
         assert connector_limit >= 64
-        await asyncio.gather(*(one(i) for i in range(64)))
+        async with LoopLag() as lag:
+            await asyncio.gather(*(one(i) for i in range(64)))
         records = sim.records
     assert all(r.outcome == "complete" for r in records)
     lateness = sorted(
         (r.first_token_sent_at or 0.0) - (r.scheduled_first_token_at or 0.0) for r in records
     )
-    assert lateness[len(lateness) // 2] < 0.25
+    assert lateness[len(lateness) // 2] < 0.25 + lag.worst
