@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp import web
-from provhelpers import SleepRecorder
+from support.providers import SleepRecorder
 
 from moa_stream import (
     ChatRequest,

@@ -13,9 +13,8 @@ import openai
 import orjson
 import pytest
 from aiohttp import web
-from srvhelpers import (
-    CHAT,
-    body,
+from support.requests import CHAT, body
+from support.server import (
     config,
     host_port,
     raw_request,

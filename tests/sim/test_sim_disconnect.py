@@ -7,10 +7,14 @@ import time
 
 import aiohttp
 import pytest
-from simhelpers import CHAT, body
+from support.requests import body
+from support.sim import CHAT, PROMPT, SIM_MODEL, SIM_MODELS
+from support.timing import LoopLag
 
 from moa_stream.sim import LatencyProfile, SimModel, SimServer
-from tests.support.timing import LoopLag
+
+# The simulator fixture: two fast models, "m" and "other".
+pytestmark = pytest.mark.moa_sim(*SIM_MODELS, seed=0)
 
 
 def slow_model(ttft: float = 0.01, slots: int | None = None) -> SimModel:
@@ -24,7 +28,9 @@ def slow_model(ttft: float = 0.01, slots: int | None = None) -> SimModel:
 
 async def test_client_closing_mid_stream_is_recorded(session: aiohttp.ClientSession) -> None:
     async with SimServer([slow_model()]) as sim:
-        async with session.post(sim.base_url + CHAT, json=body(stream=True)) as resp:
+        async with session.post(
+            sim.base_url + CHAT, json=body(SIM_MODEL, PROMPT, stream=True)
+        ) as resp:
             await resp.content.readuntil(b'"content":"')
             await resp.content.readuntil(b"\n\n")
             assert sim.active_streams == 1
@@ -44,7 +50,9 @@ async def test_disconnect_during_the_first_token_wait_is_noticed_at_once(
     session: aiohttp.ClientSession,
 ) -> None:
     async with SimServer([slow_model(ttft=5.0)]) as sim:
-        async with session.post(sim.base_url + CHAT, json=body(stream=True)) as resp:
+        async with session.post(
+            sim.base_url + CHAT, json=body(SIM_MODEL, PROMPT, stream=True)
+        ) as resp:
             assert resp.status == 200
             resp.close()
         await sim.wait_idle(2)
@@ -61,7 +69,9 @@ async def test_cancelled_client_task_while_queued_for_a_slot(
     async with SimServer([slow_model(slots=1)]) as sim:
 
         async def consume(prompt: str) -> None:
-            async with session.post(sim.base_url + CHAT, json=body(prompt, stream=True)) as resp:
+            async with session.post(
+                sim.base_url + CHAT, json=body(SIM_MODEL, prompt, stream=True)
+            ) as resp:
                 await resp.read()
 
         holder = asyncio.create_task(consume("first"))
@@ -83,7 +93,7 @@ async def test_wait_idle_can_also_wait_for_connections_to_close() -> None:
     async with SimServer([slow_model(ttft=0.0)]) as sim:
         async with (
             aiohttp.ClientSession() as session,
-            session.post(sim.base_url + CHAT, json=body(stream=True)) as resp,
+            session.post(sim.base_url + CHAT, json=body(SIM_MODEL, PROMPT, stream=True)) as resp,
         ):
             await resp.content.readuntil(b"\n\n")
         await sim.wait_idle(2, connections=True)
@@ -92,7 +102,9 @@ async def test_wait_idle_can_also_wait_for_connections_to_close() -> None:
 
 async def test_wait_idle_times_out_while_a_request_runs(session: aiohttp.ClientSession) -> None:
     async with SimServer([slow_model(ttft=0.0)]) as sim:
-        async with session.post(sim.base_url + CHAT, json=body(stream=True)) as resp:
+        async with session.post(
+            sim.base_url + CHAT, json=body(SIM_MODEL, PROMPT, stream=True)
+        ) as resp:
             await resp.content.readuntil(b"\n\n")
             with pytest.raises(TimeoutError):
                 await sim.wait_idle(0.05)
@@ -106,7 +118,9 @@ async def test_closing_the_server_cuts_streams_in_progress(
     sim = SimServer([slow_model()])
     await sim.start()
     try:
-        async with session.post(sim.base_url + CHAT, json=body(stream=True)) as resp:
+        async with session.post(
+            sim.base_url + CHAT, json=body(SIM_MODEL, PROMPT, stream=True)
+        ) as resp:
             await resp.content.readuntil(b'"content":"')
             started = time.monotonic()
             await sim.aclose()
@@ -141,7 +155,7 @@ async def test_aclose_without_start_is_fine() -> None:
 async def test_records_are_bounded(session: aiohttp.ClientSession) -> None:
     async with SimServer([SimModel(name="m", answer_tokens=1)], records_maxlen=3) as sim:
         for i in range(5):
-            async with session.post(sim.base_url + CHAT, json=body(f"p{i}")) as resp:
+            async with session.post(sim.base_url + CHAT, json=body(SIM_MODEL, f"p{i}")) as resp:
                 await resp.read()
         assert len(sim.records) == 3
         sim.clear_records()
@@ -161,7 +175,9 @@ async def test_many_concurrent_streams_keep_their_schedule(
     async with SimServer([model]) as sim:
 
         async def one(i: int) -> None:
-            async with session.post(sim.base_url + CHAT, json=body(f"p{i}", stream=True)) as resp:
+            async with session.post(
+                sim.base_url + CHAT, json=body(SIM_MODEL, f"p{i}", stream=True)
+            ) as resp:
                 await resp.read()
 
         connector_limit = session.connector.limit if session.connector else 100

@@ -10,12 +10,17 @@ import time
 
 import aiohttp
 import pytest
-from simhelpers import CHAT, body, chunks, read_events
+from support.requests import body
+from support.sim import CHAT, PROMPT, SIM_MODEL, SIM_MODELS
+from support.sse import chunks, read_events
+from support.timing import LoopLag
 
 from moa_stream import ConfigError
 from moa_stream.sim import PROFILES, LatencyProfile, SimModel, SimServer, default_models
 from moa_stream.sim._plan import build_plan, parse_request
-from tests.support.timing import LoopLag
+
+# The simulator fixture: two fast models, "m" and "other".
+pytestmark = pytest.mark.moa_sim(*SIM_MODELS, seed=0)
 
 
 def test_seeded_draws_are_reproducible() -> None:
@@ -101,7 +106,7 @@ async def test_fixed_ttft_and_rate_hold_on_the_wire(session: aiohttp.ClientSessi
         sent = time.monotonic()
         async with (
             LoopLag() as lag,
-            session.post(sim.base_url + CHAT, json=body(stream=True)) as resp,
+            session.post(sim.base_url + CHAT, json=body(SIM_MODEL, PROMPT, stream=True)) as resp,
         ):
             events = await read_events(resp)
         content_events = [e for e in events if e.kind == "data" and '"content":"' in e.text]
@@ -125,7 +130,7 @@ async def test_fixed_ttft_and_rate_hold_on_the_wire(session: aiohttp.ClientSessi
 async def test_prefill_scales_with_prompt_length(session: aiohttp.ClientSession) -> None:
     latency = LatencyProfile.fixed(ttft=0.01, tokens_per_s=1000, prefill_tokens_per_s=10_000)
     async with SimServer([SimModel(name="m", latency=latency, answer_tokens=3)]) as sim:
-        async with session.post(sim.base_url + CHAT, json=body("x" * 8000)) as resp:
+        async with session.post(sim.base_url + CHAT, json=body(SIM_MODEL, "x" * 8000)) as resp:
             await resp.read()
         (record,) = sim.records
     assert record.prompt_tokens == 2000
@@ -136,7 +141,7 @@ async def test_prefill_scales_with_prompt_length(session: aiohttp.ClientSession)
 async def test_sim_overrides_fix_ttft_and_length(
     sim: SimServer, session: aiohttp.ClientSession
 ) -> None:
-    payload = body(stream=True, sim={"ttft": 0.15, "tokens": 7})
+    payload = body(SIM_MODEL, PROMPT, stream=True, sim={"ttft": 0.15, "tokens": 7})
     async with session.post(sim.base_url + CHAT, json=payload) as resp:
         parsed = chunks(await read_events(resp))
     assert len([c for c in parsed if c["choices"][0]["delta"].get("content")]) == 7
@@ -150,7 +155,9 @@ async def test_slots_make_later_requests_queue(session: aiohttp.ClientSession) -
     async with SimServer([SimModel(name="m", latency=latency, answer_tokens=3, slots=1)]) as sim:
 
         async def one(i: int) -> None:
-            async with session.post(sim.base_url + CHAT, json=body(f"q{i}", stream=True)) as resp:
+            async with session.post(
+                sim.base_url + CHAT, json=body(SIM_MODEL, f"q{i}", stream=True)
+            ) as resp:
                 await resp.read()
 
         async with LoopLag() as lag:
@@ -167,7 +174,7 @@ async def test_x_sim_reports_times_on_the_shared_monotonic_clock(
     sim: SimServer, session: aiohttp.ClientSession
 ) -> None:
     before = time.monotonic()
-    async with session.post(sim.base_url + CHAT, json=body(stream=True)) as resp:
+    async with session.post(sim.base_url + CHAT, json=body(SIM_MODEL, PROMPT, stream=True)) as resp:
         parsed = chunks(await read_events(resp))
     after = time.monotonic()
     x_sim = parsed[1]["x_sim"]
