@@ -5,13 +5,17 @@ from __future__ import annotations
 from types import MappingProxyType
 
 import aiohttp
-from benchhelpers import MODELS
+import pytest
+from support.bench import MODELS
 
 from moa_stream.bench.baseline import Endpoint, ReferenceMoA, run_reference
 from moa_stream.engine import Agent
 from moa_stream.providers import OpenAIProvider
 from moa_stream.sim import SimServer
 from moa_stream.sim.quiz import QUESTIONS, extract_answer
+
+# The simulator fixture: the fast models of support.bench.
+pytestmark = pytest.mark.moa_sim(*MODELS, seed=0)
 
 
 async def test_reference_moa_sends_non_streaming_proposer_requests(sim: SimServer) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from types import MappingProxyType
 
 import pytest
-from benchhelpers import MODELS
+from support.bench import MODELS
 
 from moa_stream._types import ChatRequest
 from moa_stream.bench._recording import CallLog, RecordingProvider, current_log
@@ -15,6 +15,9 @@ from moa_stream.engine import Agent, Quorum, moa
 from moa_stream.providers import OpenAIProvider
 from moa_stream.sim import SimServer
 from moa_stream.sim._plan import Plan
+
+# The simulator fixture: the fast models of support.bench.
+pytestmark = pytest.mark.moa_sim(*MODELS, seed=0)
 
 
 def plan(offsets: list[float], tokens: list[str] | None = None, **kw: object) -> Plan:

@@ -10,12 +10,16 @@ from pathlib import Path
 
 import orjson
 import pytest
+from support.bench import MODELS
 
 from moa_stream import cli
 from moa_stream.bench import BenchSettings, run_bench
 from moa_stream.bench._progress import Progress
 from moa_stream.bench.report import headline, headline_sentence
 from moa_stream.sim import SimServer
+
+# The simulator fixture: the fast models of support.bench.
+pytestmark = pytest.mark.moa_sim(*MODELS, seed=0)
 
 CONFIG = """
 [providers.upstream]

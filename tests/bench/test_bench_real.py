@@ -5,10 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import orjson
+import pytest
+from support.bench import MODELS
 
 from moa_stream.bench import BenchSettings, arithmetic_questions, run_bench
 from moa_stream.sim import SimServer
 from moa_stream.sim.quiz import QUESTIONS
+
+# The simulator fixture: the fast models of support.bench.
+pytestmark = pytest.mark.moa_sim(*MODELS, seed=0)
 
 CONFIG = """
 [providers.upstream]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import aiohttp
-from benchhelpers import MODELS
+from support.bench import MODELS
 
 from moa_stream.bench import QUICK, SCENARIOS
 from moa_stream.bench._simhost import ProcessSimHost

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from ptyhelpers import PtyProcess
+from support.terminal import PtyProcess
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -80,15 +80,27 @@ async def test_the_block_closes_runs_left_open_before_its_providers(sim: SimServ
 
 
 async def test_leaving_text_early_closes_its_run(sim: SimServer) -> None:
-    long_answer = [model("fast-a", 0.02), model("agg", 0.02, tokens=2000)]
+    # The aggregator's answer would take 100 s: if it ends while the providers are still
+    # open, leaving the text closed it, whatever the load on the machine.
+    long_answer = [
+        model("fast-a", 0.02),
+        SimModel(
+            name="agg",
+            latency=LatencyProfile.fixed(ttft=0.02, tokens_per_s=20.0),
+            answer_tokens=2000,
+        ),
+    ]
     async with SimServer(models=long_answer, seed=1) as server:
         m = moa_stream.from_endpoints(["fast-a"], "agg", base_url=server.base_url)
-        async with m, contextlib.aclosing(m.text(USER)) as pieces:
-            async for _ in pieces:
-                break
+        async with m:
+            async with contextlib.aclosing(m.text(USER)) as pieces:
+                async for _ in pieces:
+                    break
             # Closed at once, not when the providers close: the aggregator's stream is gone.
-            await server.wait_idle(5)
+            await server.wait_idle(30)
             assert server.active_streams == 0
+            (agg,) = [r for r in server.records if r.model == "agg"]
+            assert agg.outcome == "client_disconnected"
 
 
 async def test_endpoints_with_their_own_url_get_their_own_provider(sim: SimServer) -> None:

@@ -13,7 +13,9 @@ import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from integhelpers import MOA_IDS, body, config, sse_chunks, sse_items, sse_text, wait_for
+from support.integrations import MOA_IDS, config, wait_for
+from support.requests import body
+from support.sse import sse_chunks, sse_items, sse_text
 
 from moa_stream._wire import parse_chat_request
 from moa_stream.config import Runtime

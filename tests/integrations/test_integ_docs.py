@@ -14,8 +14,9 @@ import aiohttp
 import openai
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from asgiserver import uvicorn_serving
-from integhelpers import INNER, sse_text
+from support.asgi import uvicorn_serving
+from support.integrations import INNER
+from support.sse import sse_text
 
 from moa_stream.config import Runtime, default_config
 

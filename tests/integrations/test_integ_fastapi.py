@@ -13,11 +13,13 @@ import aiohttp
 import openai
 import orjson
 import pytest
-from asgiserver import uvicorn_serving
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.testclient import TestClient
-from integhelpers import MOA_IDS, body, config, sse_chunks, sse_items, sse_text, wait_for
 from starlette.responses import Response
+from support.asgi import uvicorn_serving
+from support.integrations import MOA_IDS, config, wait_for
+from support.requests import body
+from support.sse import sse_chunks, sse_items, sse_text
 
 from moa_stream import ChatRequest
 from moa_stream._wire import parse_chat_request

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import pytest
-from integhelpers import INNER
+from support.integrations import INNER
 
 from moa_stream.sim import PROFILES, FaultProfile, SimModel
 

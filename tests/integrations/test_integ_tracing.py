@@ -8,11 +8,11 @@ import sys
 from collections.abc import Iterator
 
 import pytest
-from integhelpers import config
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode, Tracer
+from support.integrations import config
 
 from moa_stream import Agent, AggregatorError, ServerError, moa, single
 from moa_stream.config import Runtime

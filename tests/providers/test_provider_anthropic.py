@@ -5,13 +5,13 @@ stream, errors before and inside the stream, retries; end to end against the sim
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import orjson
 import pytest
 from aiohttp import web
-from provhelpers import SleepRecorder
+from support.http import serve_app
+from support.providers import SleepRecorder
 
 from moa_stream import (
     ChatRequest,
@@ -105,7 +105,10 @@ async def test_request_mapping_and_every_event() -> None:
 
     app = web.Application()
     app.router.add_post("/v1/messages", handler)
-    async with _serve(app) as url, provider_for(url, api_key="sk-ant-secret") as provider:
+    async with (
+        serve_app(app, shutdown_timeout=0.5) as url,
+        provider_for(url, api_key="sk-ant-secret") as provider,
+    ):
         req = ChatRequest(
             messages=[
                 {"role": "system", "content": "Be brief."},
@@ -146,19 +149,6 @@ async def test_request_mapping_and_every_event() -> None:
     assert AnthropicProvider.continuation == ("prefill:anthropic", "turns")
 
 
-@asynccontextmanager
-async def _serve(app: web.Application) -> AsyncIterator[str]:
-    """Serve ``app`` on a free loopback port; yield its root URL."""
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.5)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
-
-
 def scripted_app(responses: list[Any]) -> tuple[web.Application, list[int]]:
     """Answers request ``i`` with ``responses[i]`` (the last one repeats)."""
     calls: list[int] = []
@@ -195,7 +185,10 @@ async def test_529_and_429_are_retried_with_retry_after() -> None:
     )
     app, calls = scripted_app([overloaded(), rate, ok])
     sleep = SleepRecorder()
-    async with _serve(app) as url, provider_for(url, sleep=sleep) as provider:
+    async with (
+        serve_app(app, shutdown_timeout=0.5) as url,
+        provider_for(url, sleep=sleep) as provider,
+    ):
         assert await read(provider) == "ok"
     assert len(calls) == 3
     assert sleep.delays[1] == 2.0, "the 429's retry-after was honoured"
@@ -205,12 +198,12 @@ async def test_overloaded_error_event_before_text_is_retried_after_text_is_not()
     error = event("error", error={"type": "overloaded_error", "message": "Overloaded"})
     ok = start() + text_delta("fine") + finish()
     app, calls = scripted_app([start() + error, ok])
-    async with _serve(app) as url, provider_for(url) as provider:
+    async with serve_app(app, shutdown_timeout=0.5) as url, provider_for(url) as provider:
         assert await read(provider) == "fine"
     assert len(calls) == 2
 
     app, calls = scripted_app([start() + text_delta("par") + error])
-    async with _serve(app) as url, provider_for(url) as provider:
+    async with serve_app(app, shutdown_timeout=0.5) as url, provider_for(url) as provider:
         got: list[str] = []
         with pytest.raises(ServerError) as info:
             await read(provider, into=got)
@@ -227,7 +220,7 @@ async def test_429_asking_too_long_fails_at_once_and_overflow_is_typed() -> None
         headers={"retry-after": "60"},
     )
     app, calls = scripted_app([rate])
-    async with _serve(app) as url, provider_for(url) as provider:
+    async with serve_app(app, shutdown_timeout=0.5) as url, provider_for(url) as provider:
         with pytest.raises(RateLimitError) as info:
             await read(provider)
     assert info.value.retry_after == 60
@@ -243,7 +236,7 @@ async def test_429_asking_too_long_fails_at_once_and_overflow_is_typed() -> None
         status=400,
     )
     app, calls = scripted_app([too_long])
-    async with _serve(app) as url, provider_for(url) as provider:
+    async with serve_app(app, shutdown_timeout=0.5) as url, provider_for(url) as provider:
         with pytest.raises(ContextLengthError) as overflow:
             await read(provider)
     assert (overflow.value.prompt_tokens, overflow.value.context_window) == (9, 5)
@@ -252,7 +245,7 @@ async def test_429_asking_too_long_fails_at_once_and_overflow_is_typed() -> None
 
 async def test_bad_events_are_protocol_errors() -> None:
     app, _ = scripted_app([start() + b"event: content_block_delta\ndata: {nope\n\n"])
-    async with _serve(app) as url, provider_for(url) as provider:
+    async with serve_app(app, shutdown_timeout=0.5) as url, provider_for(url) as provider:
         with pytest.raises(ProtocolError):
             await read(provider)
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from provhelpers import (
+from support.providers import (
     HELLO,
     Seen,
     chunk,

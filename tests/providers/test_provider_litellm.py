@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from provhelpers import SleepRecorder
+from support.providers import SleepRecorder
 
 from moa_stream import (
     ChatRequest,

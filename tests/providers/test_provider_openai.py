@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import web
-from provhelpers import (
+from support.providers import (
     DONE,
     HELLO,
     RawServer,

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from aiohttp import web
-from provhelpers import HELLO, Seen, collect, provider_for, raw_server, sse_response
+from support.providers import HELLO, Seen, collect, provider_for, raw_server, sse_response
 
 import moa_stream
 

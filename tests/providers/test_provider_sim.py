@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from provhelpers import SleepRecorder, provider_for, request
+from support.providers import SleepRecorder, provider_for, request
 
 from moa_stream import (
     FirstTokenTimeout,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import aiohttp
 import pytest
-from srvhelpers import CHAT, body, config, serving, stream
+from support.requests import CHAT, body
+from support.server import config, serving, stream
 
 from moa_stream.config import ServerConfig
 from moa_stream.server.app import MoAServer

@@ -8,7 +8,8 @@ from collections.abc import Callable
 
 import aiohttp
 import pytest
-from srvhelpers import CHAT, Running, body
+from support.requests import CHAT, body
+from support.server import Running
 
 
 async def wait_for(predicate: Callable[[], bool], within: float = 2.0) -> None:

@@ -13,9 +13,9 @@ import openai
 import orjson
 import pytest
 from aiohttp import web
-from srvhelpers import (
-    CHAT,
-    body,
+from support.http import AppServer
+from support.requests import CHAT, body
+from support.server import (
     config,
     host_port,
     raw_request,
@@ -262,7 +262,7 @@ UPSTREAM_KEY = "sk-Hq2Zq8vT1mN4bX7cR2wY5uK9pL3f"
 
 
 async def test_an_upstream_key_cut_by_the_error_length_limit_does_not_leak(
-    session: aiohttp.ClientSession, log_lines: io.StringIO
+    session: aiohttp.ClientSession, log_lines: io.StringIO, app_server: AppServer
 ) -> None:
     """The upstream quotes the key in a plain-text error body, straddling the 500-character
     cut of error messages: neither the 502, the progress stream nor the log may show any long
@@ -274,15 +274,11 @@ async def test_an_upstream_key_cut_by_the_error_length_limit_does_not_leak(
 
     upstream = web.Application()
     upstream.router.add_post("/v1/chat/completions", refuse)
-    runner = web.AppRunner(upstream)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
+    upstream_url = await app_server(upstream, handler_cancellation=False)
     cfg = loads_config(
         f"""
 [providers.up]
-base_url = "http://127.0.0.1:{port}/v1"
+base_url = "{upstream_url}/v1"
 api_key = "{UPSTREAM_KEY}"
 retry = {{ max_attempts = 1 }}
 
@@ -295,14 +291,11 @@ preset = "single"
 aggregator = "up"
 """
     )
-    try:
-        async with serving(cfg) as srv:
-            async with session.post(srv.url + CHAT, json=body("up")) as resp:
-                assert resp.status == 502
-                message = (await resp.json())["error"]["message"]
-            sse = await stream(session, srv.url, body("up", moa_stream={"progress": True}))
-    finally:
-        await runner.cleanup()
+    async with serving(cfg) as srv:
+        async with session.post(srv.url + CHAT, json=body("up")) as resp:
+            assert resp.status == 502
+            message = (await resp.json())["error"]["message"]
+        sse = await stream(session, srv.url, body("up", moa_stream={"progress": True}))
     assert "Incorrect API key" in message
     seen = message + "".join(sse.comments) + "".join(sse.data) + log_lines.getvalue()
     for i in range(len(UPSTREAM_KEY) - 8):

@@ -9,7 +9,9 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from srvhelpers import CHAT, Running, body, config, serving, stream
+from support.http import AppServer
+from support.requests import CHAT, body
+from support.server import Running, config, serving, stream
 
 from moa_stream.config import ServerConfig
 from moa_stream.server.app import MoAServer, build_app
@@ -336,67 +338,51 @@ async def test_over_the_concurrency_limit_is_429(session: aiohttp.ClientSession)
 
 
 async def test_sampling_parameters_apply_to_the_aggregator(
-    session: aiohttp.ClientSession,
+    session: aiohttp.ClientSession, app_server: AppServer
 ) -> None:
-    from aiohttp import web
-
     from moa_stream.engine.spec import Agent, moa
 
     provider = ScriptedProvider({"p": Script(("a",)), "agg": Script(("x", "y"))})
     spec = moa([Agent("p", provider, "p")], Agent("agg", provider, "agg"))
     app = build_app(MoAServer({"m": spec}, ServerConfig()))
-    runner = web.AppRunner(app, handler_cancellation=True)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-        payload = body("m", temperature=0.3, max_completion_tokens=7, max_tokens=9, stop="END")
-        status, obj, _ = await post_raw(session, url, orjson.dumps(payload))
-        assert status == 200
-        assert obj["choices"][0]["message"]["content"] == "xy"
-        proposer, aggregator = provider.requests
-        assert (aggregator.temperature, aggregator.max_tokens, aggregator.stop) == (
-            0.3,
-            7,
-            ("END",),
-        )
-        assert (proposer.temperature, proposer.max_tokens, proposer.stop) == (None, None, None)
-        payload = body("m", stop=["A", "B"])
-        await post_raw(session, url, orjson.dumps(payload))
-        assert provider.requests[-1].stop == ("A", "B")
-        assert provider.open_streams == 0
-    finally:
-        await runner.cleanup()
+    url = await app_server(app)
+    payload = body("m", temperature=0.3, max_completion_tokens=7, max_tokens=9, stop="END")
+    status, obj, _ = await post_raw(session, url, orjson.dumps(payload))
+    assert status == 200
+    assert obj["choices"][0]["message"]["content"] == "xy"
+    proposer, aggregator = provider.requests
+    assert (aggregator.temperature, aggregator.max_tokens, aggregator.stop) == (
+        0.3,
+        7,
+        ("END",),
+    )
+    assert (proposer.temperature, proposer.max_tokens, proposer.stop) == (None, None, None)
+    payload = body("m", stop=["A", "B"])
+    await post_raw(session, url, orjson.dumps(payload))
+    assert provider.requests[-1].stop == ("A", "B")
+    assert provider.open_streams == 0
 
 
-async def test_a_bug_is_an_opaque_500_or_error_frame(session: aiohttp.ClientSession) -> None:
+async def test_a_bug_is_an_opaque_500_or_error_frame(
+    session: aiohttp.ClientSession, app_server: AppServer
+) -> None:
     """An exception that is not an upstream error: logged, never shown to the client."""
-    from aiohttp import web
-
     from moa_stream.engine.spec import Agent, single
 
     bug = RuntimeError("secret internals")
     provider = ScriptedProvider({"agg": Script(("x", "y"), error=bug, fail_after=1)})  # type: ignore[arg-type]
     app = build_app(MoAServer({"m": single(Agent("agg", provider, "agg"))}, ServerConfig()))
-    runner = web.AppRunner(app, handler_cancellation=True)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-        status, error, _ = await post_raw(session, url, orjson.dumps(body("m")))
-        assert status == 500
-        assert_openai_error(error, code="internal_error", param=None)
-        assert "secret" not in error["error"]["message"]
+    url = await app_server(app)
+    status, error, _ = await post_raw(session, url, orjson.dumps(body("m")))
+    assert status == 500
+    assert_openai_error(error, code="internal_error", param=None)
+    assert "secret" not in error["error"]["message"]
 
-        sse = await stream(session, url, body("m"))
-        assert sse.status == 200
-        *chunks, frame, done = sse.data
-        assert done == "[DONE]"
-        assert [orjson.loads(c)["choices"][0]["delta"].get("content") for c in chunks] == ["", "x"]
-        assert_openai_error(orjson.loads(frame), code="internal_error", param=None)
-        assert "secret" not in frame
-        assert provider.open_streams == 0
-    finally:
-        await runner.cleanup()
+    sse = await stream(session, url, body("m"))
+    assert sse.status == 200
+    *chunks, frame, done = sse.data
+    assert done == "[DONE]"
+    assert [orjson.loads(c)["choices"][0]["delta"].get("content") for c in chunks] == ["", "x"]
+    assert_openai_error(orjson.loads(frame), code="internal_error", param=None)
+    assert "secret" not in frame
+    assert provider.open_streams == 0

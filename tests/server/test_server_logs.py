@@ -10,8 +10,9 @@ import aiohttp
 import orjson
 import pytest
 import structlog
-from srvhelpers import CHAT, body, config, serving, stream
 from structlog.testing import capture_logs
+from support.requests import CHAT, body
+from support.server import config, serving, stream
 
 from moa_stream.server.logs import Redactor, configure_logging
 

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 import aiohttp
 import orjson
 import pytest
-from srvhelpers import CHAT, Running, body, stream
+from support.requests import CHAT, body
+from support.server import Running, stream
 
 from moa_stream.server.metrics import Counter, Gauge, Histogram, Registry
 

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import openai
 import pytest
-from srvhelpers import MOA_IDS, Running, config, serving, stream
+from support.server import MOA_IDS, Running, config, serving, stream
 
 KEY = "sk-test-4f1c2b9e"
 

@@ -14,8 +14,9 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from srvhelpers import CHAT, CONFIG, Running, body, config, serving, stream
-from test_server_cli import AUTH, serve_process, write_config
+from support.requests import CHAT, body
+from support.serve_process import AUTH, serve_process, write_config
+from support.server import CONFIG, Running, config, serving, stream
 
 from moa_stream._exceptions import ConfigError
 from moa_stream._types import Usage

@@ -7,7 +7,9 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
-from srvhelpers import CHAT, SSE, body, config, serving, stream
+from support.requests import CHAT, body
+from support.server import config, serving, stream
+from support.sse import SSE
 
 from moa_stream._exceptions import ConfigError
 from moa_stream.config import loads_config

@@ -5,13 +5,18 @@ from __future__ import annotations
 import random
 
 import aiohttp
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from simhelpers import body, stream_text
+from support.requests import body
+from support.sim import SIM_MODEL, SIM_MODELS, stream_text
 
 from moa_stream.sim import SimModel, SimServer
 from moa_stream.sim._rng import derive_seed, seeded_rng
 from moa_stream.sim.textgen import VOCABULARY, apply_stop, count_prompt_tokens, generate_tokens
+
+# The simulator fixture: two fast models, "m" and "other".
+pytestmark = pytest.mark.moa_sim(*SIM_MODELS, seed=0)
 
 
 def _models() -> list[SimModel]:
@@ -22,9 +27,9 @@ async def test_same_seed_and_prompt_give_the_same_text_across_servers(
     session: aiohttp.ClientSession,
 ) -> None:
     async with SimServer(_models(), seed=7) as a, SimServer(_models(), seed=7) as b:
-        text_a = await stream_text(session, a.base_url, body("Hello there"))
-        again = await stream_text(session, a.base_url, body("Hello there"))
-        text_b = await stream_text(session, b.base_url, body("Hello there"))
+        text_a = await stream_text(session, a.base_url, body(SIM_MODEL, "Hello there"))
+        again = await stream_text(session, a.base_url, body(SIM_MODEL, "Hello there"))
+        text_b = await stream_text(session, b.base_url, body(SIM_MODEL, "Hello there"))
     assert text_a == again == text_b
     assert len(text_a.split()) == 30
 
@@ -33,13 +38,15 @@ async def test_seed_prompt_model_and_sample_each_change_the_text(
     session: aiohttp.ClientSession,
 ) -> None:
     async with SimServer(_models(), seed=7) as a, SimServer(_models(), seed=8) as b:
-        base = await stream_text(session, a.base_url, body("Hello there"))
-        other_seed = await stream_text(session, b.base_url, body("Hello there"))
-        other_prompt = await stream_text(session, a.base_url, body("Hello there!"))
-        other_model = await stream_text(session, a.base_url, body("Hello there", model="other"))
-        sample_1 = await stream_text(session, a.base_url, body("Hello there", seed=1))
-        sample_2 = await stream_text(session, a.base_url, body("Hello there", seed=2))
-        sim_sample = await stream_text(session, a.base_url, body("Hello there", sim={"sample": 1}))
+        base = await stream_text(session, a.base_url, body(SIM_MODEL, "Hello there"))
+        other_seed = await stream_text(session, b.base_url, body(SIM_MODEL, "Hello there"))
+        other_prompt = await stream_text(session, a.base_url, body(SIM_MODEL, "Hello there!"))
+        other_model = await stream_text(session, a.base_url, body("other", "Hello there"))
+        sample_1 = await stream_text(session, a.base_url, body(SIM_MODEL, "Hello there", seed=1))
+        sample_2 = await stream_text(session, a.base_url, body(SIM_MODEL, "Hello there", seed=2))
+        sim_sample = await stream_text(
+            session, a.base_url, body(SIM_MODEL, "Hello there", sim={"sample": 1})
+        )
     assert len({base, other_seed, other_prompt, other_model, sample_1, sample_2, sim_sample}) == 7
 
 

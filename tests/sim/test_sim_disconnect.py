@@ -7,9 +7,14 @@ import time
 
 import aiohttp
 import pytest
-from simhelpers import CHAT, body
+from support.requests import body
+from support.sim import CHAT, PROMPT, SIM_MODEL, SIM_MODELS
+from support.timing import LoopLag
 
 from moa_stream.sim import LatencyProfile, SimModel, SimServer
+
+# The simulator fixture: two fast models, "m" and "other".
+pytestmark = pytest.mark.moa_sim(*SIM_MODELS, seed=0)
 
 
 def slow_model(ttft: float = 0.01, slots: int | None = None) -> SimModel:
@@ -23,7 +28,9 @@ def slow_model(ttft: float = 0.01, slots: int | None = None) -> SimModel:
 
 async def test_client_closing_mid_stream_is_recorded(session: aiohttp.ClientSession) -> None:
     async with SimServer([slow_model()]) as sim:
-        async with session.post(sim.base_url + CHAT, json=body(stream=True)) as resp:
+        async with session.post(
+            sim.base_url + CHAT, json=body(SIM_MODEL, PROMPT, stream=True)
+        ) as resp:
             await resp.content.readuntil(b'"content":"')
             await resp.content.readuntil(b"\n\n")
             assert sim.active_streams == 1
@@ -43,7 +50,9 @@ async def test_disconnect_during_the_first_token_wait_is_noticed_at_once(
     session: aiohttp.ClientSession,
 ) -> None:
     async with SimServer([slow_model(ttft=5.0)]) as sim:
-        async with session.post(sim.base_url + CHAT, json=body(stream=True)) as resp:
+        async with session.post(
+            sim.base_url + CHAT, json=body(SIM_MODEL, PROMPT, stream=True)
+        ) as resp:
             assert resp.status == 200
             resp.close()
         await sim.wait_idle(2)
@@ -60,7 +69,9 @@ async def test_cancelled_client_task_while_queued_for_a_slot(
     async with SimServer([slow_model(slots=1)]) as sim:
 
         async def consume(prompt: str) -> None:
-            async with session.post(sim.base_url + CHAT, json=body(prompt, stream=True)) as resp:
+            async with session.post(
+                sim.base_url + CHAT, json=body(SIM_MODEL, prompt, stream=True)
+            ) as resp:
                 await resp.read()
 
         holder = asyncio.create_task(consume("first"))
@@ -82,7 +93,7 @@ async def test_wait_idle_can_also_wait_for_connections_to_close() -> None:
     async with SimServer([slow_model(ttft=0.0)]) as sim:
         async with (
             aiohttp.ClientSession() as session,
-            session.post(sim.base_url + CHAT, json=body(stream=True)) as resp,
+            session.post(sim.base_url + CHAT, json=body(SIM_MODEL, PROMPT, stream=True)) as resp,
         ):
             await resp.content.readuntil(b"\n\n")
         await sim.wait_idle(2, connections=True)
@@ -91,7 +102,9 @@ async def test_wait_idle_can_also_wait_for_connections_to_close() -> None:
 
 async def test_wait_idle_times_out_while_a_request_runs(session: aiohttp.ClientSession) -> None:
     async with SimServer([slow_model(ttft=0.0)]) as sim:
-        async with session.post(sim.base_url + CHAT, json=body(stream=True)) as resp:
+        async with session.post(
+            sim.base_url + CHAT, json=body(SIM_MODEL, PROMPT, stream=True)
+        ) as resp:
             await resp.content.readuntil(b"\n\n")
             with pytest.raises(TimeoutError):
                 await sim.wait_idle(0.05)
@@ -105,7 +118,9 @@ async def test_closing_the_server_cuts_streams_in_progress(
     sim = SimServer([slow_model()])
     await sim.start()
     try:
-        async with session.post(sim.base_url + CHAT, json=body(stream=True)) as resp:
+        async with session.post(
+            sim.base_url + CHAT, json=body(SIM_MODEL, PROMPT, stream=True)
+        ) as resp:
             await resp.content.readuntil(b'"content":"')
             started = time.monotonic()
             await sim.aclose()
@@ -140,7 +155,7 @@ async def test_aclose_without_start_is_fine() -> None:
 async def test_records_are_bounded(session: aiohttp.ClientSession) -> None:
     async with SimServer([SimModel(name="m", answer_tokens=1)], records_maxlen=3) as sim:
         for i in range(5):
-            async with session.post(sim.base_url + CHAT, json=body(f"p{i}")) as resp:
+            async with session.post(sim.base_url + CHAT, json=body(SIM_MODEL, f"p{i}")) as resp:
                 await resp.read()
         assert len(sim.records) == 3
         sim.clear_records()
@@ -150,22 +165,28 @@ async def test_records_are_bounded(session: aiohttp.ClientSession) -> None:
 async def test_many_concurrent_streams_keep_their_schedule(
     session: aiohttp.ClientSession,
 ) -> None:
-    """64 streams of 100 tokens at 200 tokens/s: first tokens go out close to their plan."""
+    """64 streams of 100 tokens at 200 tokens/s: first tokens go out close to their plan.
+
+    Served one after another, the median stream would be about 19 s late; concurrently it is
+    late only by what the loop itself was late by (measured alongside) plus a margin."""
     model = SimModel(
         name="m", latency=LatencyProfile.fixed(ttft=0.1, tokens_per_s=200), answer_tokens=100
     )
     async with SimServer([model]) as sim:
 
         async def one(i: int) -> None:
-            async with session.post(sim.base_url + CHAT, json=body(f"p{i}", stream=True)) as resp:
+            async with session.post(
+                sim.base_url + CHAT, json=body(SIM_MODEL, f"p{i}", stream=True)
+            ) as resp:
                 await resp.read()
 
         connector_limit = session.connector.limit if session.connector else 100
         assert connector_limit >= 64
-        await asyncio.gather(*(one(i) for i in range(64)))
+        async with LoopLag() as lag:
+            await asyncio.gather(*(one(i) for i in range(64)))
         records = sim.records
     assert all(r.outcome == "complete" for r in records)
     lateness = sorted(
         (r.first_token_sent_at or 0.0) - (r.scheduled_first_token_at or 0.0) for r in records
     )
-    assert lateness[len(lateness) // 2] < 0.25
+    assert lateness[len(lateness) // 2] < 0.25 + lag.worst

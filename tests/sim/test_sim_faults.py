@@ -7,14 +7,20 @@ import time
 import aiohttp
 import orjson
 import pytest
-from simhelpers import CHAT, body, chunks, content, read_events, stream_text
+from support.requests import body
+from support.sim import CHAT, PROMPT, SIM_MODEL, SIM_MODELS, stream_text
+from support.sse import chunks, content, read_events
+from support.timing import LoopLag
 
 from moa_stream import ConfigError
 from moa_stream.sim import FAULT_KINDS, FaultProfile, LatencyProfile, SimModel, SimServer
 
+# The simulator fixture: two fast models, "m" and "other".
+pytestmark = pytest.mark.moa_sim(*SIM_MODELS, seed=0)
+
 
 def forced(kind: str, content_text: str = "Tell me something.", **sim: object) -> dict[str, object]:
-    return body(content_text, stream=True, sim={"fault": kind, **sim})
+    return body(SIM_MODEL, content_text, stream=True, sim={"fault": kind, **sim})
 
 
 async def test_rate_limit_is_a_429_with_retry_after(
@@ -58,15 +64,16 @@ async def test_stall_first_delays_the_first_token(
 async def test_stall_mid_pauses_after_some_tokens(
     sim: SimServer, session: aiohttp.ClientSession
 ) -> None:
-    async with session.post(
-        sim.base_url + CHAT, json=forced("stall_mid", stall_s=0.4, after=5)
-    ) as resp:
+    async with (
+        LoopLag() as lag,
+        session.post(sim.base_url + CHAT, json=forced("stall_mid", stall_s=0.4, after=5)) as resp,
+    ):
         events = await read_events(resp)
     tokens = [e for e in events if e.kind == "data" and '"content":"' in e.text]
     tokens = [e for e in tokens if '"role"' not in e.text]
     assert len(tokens) == 20
     assert tokens[5].at - tokens[4].at >= 0.35
-    assert tokens[4].at - tokens[0].at < 0.3
+    assert tokens[4].at - tokens[0].at < 0.3 + lag.worst
     assert events[-1].text == "[DONE]"
     assert sim.records[-1].outcome == "fault:stall_mid"
 
@@ -134,7 +141,7 @@ async def test_keepalive_comments_are_interleaved(
     async with session.post(sim.base_url + CHAT, json=forced("keepalive")) as resp:
         events = await read_events(resp)
     assert events[0].kind == "comment"
-    assert events[0].text == "keep-alive"
+    assert events[0].text == " keep-alive"
     assert sum(e.kind == "comment" for e in events) >= 2
     data = [e for e in events if e.kind == "data"]
     assert len(content(chunks(data)).split()) == 20
@@ -151,7 +158,7 @@ async def test_keepalive_comments_fill_a_long_wait(session: aiohttp.ClientSessio
     )
     async with (
         SimServer([model]) as sim,
-        session.post(sim.base_url + CHAT, json=body(stream=True)) as resp,
+        session.post(sim.base_url + CHAT, json=body(SIM_MODEL, PROMPT, stream=True)) as resp,
     ):
         events = await read_events(resp)
     first_data = next(i for i, e in enumerate(events) if e.kind == "data")
@@ -195,7 +202,7 @@ async def test_times_without_key_counts_identical_requests(
 async def test_non_streaming_requests_see_faults_too(
     sim: SimServer, session: aiohttp.ClientSession, kind: str, check: str
 ) -> None:
-    payload = body(sim={"fault": kind})
+    payload = body(SIM_MODEL, PROMPT, sim={"fault": kind})
     if check == "client_error":
         with pytest.raises(aiohttp.ClientError):
             async with session.post(sim.base_url + CHAT, json=payload) as resp:
@@ -222,7 +229,7 @@ async def test_random_faults_are_deterministic_per_seed(session: aiohttp.ClientS
         async with SimServer([model], seed=seed) as sim:
             result = []
             for i in range(30):
-                async with session.post(sim.base_url + CHAT, json=body(f"p{i}")) as resp:
+                async with session.post(sim.base_url + CHAT, json=body(SIM_MODEL, f"p{i}")) as resp:
                     result.append(resp.status)
                     await resp.read()
             return result
@@ -240,7 +247,7 @@ async def test_a_retry_of_a_randomly_failed_request_draws_again(
     async with SimServer([model], seed=0) as sim:
         codes = []
         for _ in range(12):
-            async with session.post(sim.base_url + CHAT, json=body("same")) as resp:
+            async with session.post(sim.base_url + CHAT, json=body(SIM_MODEL, "same")) as resp:
                 codes.append(resp.status)
                 await resp.read()
     assert set(codes) == {200, 500}
@@ -250,7 +257,9 @@ async def test_forced_requests_do_not_get_random_faults(session: aiohttp.ClientS
     model = SimModel(name="m", faults=FaultProfile(server_error=1.0), answer_tokens=3)
     async with SimServer([model]) as sim:
         text = await stream_text(
-            session, sim.base_url, body(sim={"fault": "rate_limit", "times": 0, "key": "k"})
+            session,
+            sim.base_url,
+            body(SIM_MODEL, PROMPT, sim={"fault": "rate_limit", "times": 0, "key": "k"}),
         )
     assert len(text.split()) == 3
 

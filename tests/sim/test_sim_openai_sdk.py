@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import openai
 import pytest
+from support.sim import SIM_MODELS
 
 from moa_stream.sim import SimServer
+
+# The simulator fixture: two fast models, "m" and "other".
+pytestmark = pytest.mark.moa_sim(*SIM_MODELS, seed=0)
 
 MESSAGES: list[openai.types.chat.ChatCompletionMessageParam] = [
     {"role": "user", "content": "Tell me something."}

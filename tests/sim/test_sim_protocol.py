@@ -7,15 +7,20 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from simhelpers import CHAT, body, chunks, content, read_events, stream_text
+from support.requests import body
+from support.sim import CHAT, PROMPT, SIM_MODEL, SIM_MODELS, stream_text
+from support.sse import chunks, content, read_events
 
 from moa_stream.sim import SimServer
+
+# The simulator fixture: two fast models, "m" and "other".
+pytestmark = pytest.mark.moa_sim(*SIM_MODELS, seed=0)
 
 
 async def test_stream_chunks_are_canonical_with_usage(
     sim: SimServer, session: aiohttp.ClientSession
 ) -> None:
-    payload = body(stream=True, stream_options={"include_usage": True})
+    payload = body(SIM_MODEL, PROMPT, stream=True, stream_options={"include_usage": True})
     async with session.post(sim.base_url + CHAT, json=payload) as resp:
         assert resp.status == 200
         assert resp.headers["Content-Type"].startswith("text/event-stream")
@@ -67,7 +72,7 @@ async def test_stream_chunks_are_canonical_with_usage(
 async def test_stream_without_include_usage_has_no_usage(
     sim: SimServer, session: aiohttp.ClientSession
 ) -> None:
-    async with session.post(sim.base_url + CHAT, json=body(stream=True)) as resp:
+    async with session.post(sim.base_url + CHAT, json=body(SIM_MODEL, PROMPT, stream=True)) as resp:
         parsed = chunks(await read_events(resp))
     assert all("usage" not in c for c in parsed)
     assert parsed[-1]["choices"][0]["finish_reason"] == "stop"
@@ -77,7 +82,9 @@ async def test_streams_whatever_the_accept_header_says(
     sim: SimServer, session: aiohttp.ClientSession
 ) -> None:
     headers = {"Accept": "application/json"}
-    async with session.post(sim.base_url + CHAT, json=body(stream=True), headers=headers) as resp:
+    async with session.post(
+        sim.base_url + CHAT, json=body(SIM_MODEL, PROMPT, stream=True), headers=headers
+    ) as resp:
         assert resp.headers["Content-Type"].startswith("text/event-stream")
         events = await read_events(resp)
     assert events[-1].text == "[DONE]"
@@ -86,7 +93,7 @@ async def test_streams_whatever_the_accept_header_says(
 async def test_non_streaming_completion_matches_the_streamed_text(
     sim: SimServer, session: aiohttp.ClientSession
 ) -> None:
-    async with session.post(sim.base_url + CHAT, json=body()) as resp:
+    async with session.post(sim.base_url + CHAT, json=body(SIM_MODEL, PROMPT)) as resp:
         assert resp.status == 200
         assert resp.headers["x-request-id"]
         data = orjson.loads(await resp.read())
@@ -96,30 +103,36 @@ async def test_non_streaming_completion_matches_the_streamed_text(
     assert choice["message"]["role"] == "assistant"
     assert choice["finish_reason"] == "stop"
     assert data["usage"]["completion_tokens"] == 20
-    assert choice["message"]["content"] == await stream_text(session, sim.base_url, body())
+    assert choice["message"]["content"] == await stream_text(
+        session, sim.base_url, body(SIM_MODEL, PROMPT)
+    )
 
 
 @pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
 async def test_max_tokens_cuts_with_finish_reason_length(
     sim: SimServer, session: aiohttp.ClientSession, field: str
 ) -> None:
-    async with session.post(sim.base_url + CHAT, json={**body(stream=True), field: 5}) as resp:
+    async with session.post(
+        sim.base_url + CHAT, json={**body(SIM_MODEL, PROMPT, stream=True), field: 5}
+    ) as resp:
         parsed = chunks(await read_events(resp))
     assert len([c for c in parsed if c["choices"][0]["delta"].get("content")]) == 5
     assert parsed[-1]["choices"][0]["finish_reason"] == "length"
-    full = await stream_text(session, sim.base_url, body())
+    full = await stream_text(session, sim.base_url, body(SIM_MODEL, PROMPT))
     assert full.startswith(content(parsed))
 
 
 async def test_stop_sequence_ends_the_text_before_it(
     sim: SimServer, session: aiohttp.ClientSession
 ) -> None:
-    full = await stream_text(session, sim.base_url, body())
+    full = await stream_text(session, sim.base_url, body(SIM_MODEL, PROMPT))
     words = full.split(" ")
     stop = " " + words[len(words) // 2] + " "
-    cut = await stream_text(session, sim.base_url, body(stop=[stop, "never-there"]))
+    cut = await stream_text(
+        session, sim.base_url, body(SIM_MODEL, PROMPT, stop=[stop, "never-there"])
+    )
     assert cut == full[: full.index(stop)]
-    async with session.post(sim.base_url + CHAT, json=body(stop=stop)) as resp:
+    async with session.post(sim.base_url + CHAT, json=body(SIM_MODEL, PROMPT, stop=stop)) as resp:
         data = orjson.loads(await resp.read())
     assert data["choices"][0]["message"]["content"] == cut
     assert data["choices"][0]["finish_reason"] == "stop"
@@ -142,7 +155,7 @@ async def test_models_endpoint_lists_every_model(
         assert orjson.loads(await resp.read())["id"] == "other"
 
 
-_VALID = body()
+_VALID = body(SIM_MODEL, PROMPT)
 
 
 @pytest.mark.parametrize(
@@ -200,9 +213,9 @@ async def test_bad_requests_get_openai_error_bodies(
 
 async def test_unknown_fields_are_ignored(sim: SimServer, session: aiohttp.ClientSession) -> None:
     extra = {"temperature": 0.2, "top_p": 0.9, "logit_bias": {}, "user": "u", "whatever": [1]}
-    assert await stream_text(session, sim.base_url, {**body(), **extra}) == await stream_text(
-        session, sim.base_url, body()
-    )
+    assert await stream_text(
+        session, sim.base_url, {**body(SIM_MODEL, PROMPT), **extra}
+    ) == await stream_text(session, sim.base_url, body(SIM_MODEL, PROMPT))
 
 
 async def test_content_parts_count_as_text(sim: SimServer, session: aiohttp.ClientSession) -> None:
@@ -210,7 +223,7 @@ async def test_content_parts_count_as_text(sim: SimServer, session: aiohttp.Clie
     parts = [{"type": "text", "text": "Tell me"}, {"type": "text", "text": "something."}]
     payload = {"model": "m", "messages": [{"role": "user", "content": parts}]}
     assert await stream_text(session, sim.base_url, payload) == await stream_text(
-        session, sim.base_url, body("Tell me\nsomething.")
+        session, sim.base_url, body(SIM_MODEL, "Tell me\nsomething.")
     )
 
 
@@ -231,7 +244,7 @@ async def test_model_name_appears_only_in_the_model_field(session: aiohttp.Clien
     from moa_stream.sim import SimModel
 
     async with SimServer([SimModel(name="zebra", answer_tokens=200)]) as sim:
-        payload = body(model="zebra", stream=True, stream_options={"include_usage": True})
+        payload = body("zebra", PROMPT, stream=True, stream_options={"include_usage": True})
         async with session.post(sim.base_url + CHAT, json=payload) as resp:
             raw = await resp.read()
     assert raw.count(b"zebra") == raw.count(b'"model":"zebra"')

@@ -7,7 +7,7 @@ import random
 import aiohttp
 import orjson
 import pytest
-from simhelpers import CHAT
+from support.sim import CHAT, SIM_MODELS
 
 from moa_stream.sim import SimModel, SimServer
 from moa_stream.sim.quiz import (
@@ -22,6 +22,9 @@ from moa_stream.sim.quiz import (
     visible_answers,
     wrong_answer,
 )
+
+# The simulator fixture: two fast models, "m" and "other".
+pytestmark = pytest.mark.moa_sim(*SIM_MODELS, seed=0)
 
 Q = get_question("Q17")
 

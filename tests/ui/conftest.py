@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from uihelpers import (
+from support.ui import (
     ARTIFACTS,
     CONFIG,
     Server,

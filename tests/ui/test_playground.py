@@ -16,7 +16,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from uihelpers import Server, page_errors, serve, start_browser
+from support.ui import Server, page_errors, serve, start_browser
 
 pytest.importorskip("selenium", reason="selenium is not installed: pip install -e '.[ui]'")
 

@@ -1,4 +1,7 @@
-"""Helpers for the server tests: a fast simulated config, a running app, SSE reading."""
+"""Helpers for the server tests: a fast simulated config, a running app, raw HTTP.
+
+``CHAT``, ``body``, ``SSE`` and ``parse_sse`` are re-exported from ``requests`` and ``sse``.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +13,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-import orjson
-from aiohttp import web
 
 from moa_stream.config import Config, Runtime, ServerConfig, loads_config
 from moa_stream.server import create_app, serve
 from moa_stream.server.app import MoAServer
+from support.http import serve_app
+from support.requests import CHAT
+from support.sse import SSE, Event, parse_sse
 
 # Every model has a fixed latency of tens of milliseconds, so a run takes about 0.1 s.
 # Agents that fail do so on every request (probability 1) and are never retried.
@@ -154,20 +158,11 @@ MOA_IDS = [
     "no-proposer",
 ]
 
-CHAT = "/v1/chat/completions"
-
 
 def config(**server: Any) -> Config:
     """The test config, with ``[server]`` fields replaced by ``server``."""
     cfg = loads_config(CONFIG, "<test config>")
     return dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, **server))
-
-
-def body(
-    model: str = "fast", content: str = "Why is the sky blue?", **extra: Any
-) -> dict[str, Any]:
-    """A chat-completions body with one user message."""
-    return {"model": model, "messages": [{"role": "user", "content": content}], **extra}
 
 
 @dataclass
@@ -191,62 +186,8 @@ async def serving(
     cfg = cfg if cfg is not None else config()
     async with Runtime(cfg) as runtime:
         app = create_app(runtime, server)
-        runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1)
-        await runner.setup()
-        try:
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            port = runner.addresses[0][1]
-            yield Running(f"http://127.0.0.1:{port}", runtime, app[MoAServer.KEY])
-        finally:
-            await runner.cleanup()
-
-
-@dataclass
-class SSE:
-    """A streamed response read to its end: data payloads and comment lines, in order."""
-
-    status: int
-    headers: Any
-    items: list[tuple[str, str]]
-
-    @property
-    def data(self) -> list[str]:
-        return [text for kind, text in self.items if kind == "data"]
-
-    @property
-    def comments(self) -> list[str]:
-        return [text for kind, text in self.items if kind == "comment"]
-
-    @property
-    def chunks(self) -> list[dict[str, Any]]:
-        """The JSON data payloads other than ``[DONE]``."""
-        return [orjson.loads(d) for d in self.data if d != "[DONE]"]
-
-    @property
-    def text(self) -> str:
-        return "".join(
-            c["choices"][0]["delta"].get("content") or "" for c in self.chunks if c.get("choices")
-        )
-
-    def progress(self) -> list[dict[str, Any]]:
-        """The ``: moa.progress {json}`` comments, decoded."""
-        prefix = " moa.progress "
-        return [orjson.loads(c[len(prefix) :]) for c in self.comments if c.startswith(prefix)]
-
-
-def parse_sse(raw: bytes) -> list[tuple[str, str]]:
-    """Data and comment lines of a complete SSE body (the server frames with LF)."""
-    items = []
-    for block in raw.decode().split("\n\n"):
-        for line in block.split("\n"):
-            if line.startswith(":"):
-                items.append(("comment", line[1:]))
-            elif line.startswith("data: "):
-                items.append(("data", line[len("data: ") :]))
-            elif line:
-                raise AssertionError(f"unexpected SSE line {line!r}")
-    return items
+        async with serve_app(app, access_log=None, shutdown_timeout=1) as url:
+            yield Running(url, runtime, app[MoAServer.KEY])
 
 
 async def stream(
@@ -256,7 +197,7 @@ async def stream(
     async with session.post(url + CHAT, json={**payload, "stream": True}, **kwargs) as resp:
         raw = await resp.read()
         if resp.content_type != "text/event-stream":
-            return SSE(resp.status, resp.headers, [("data", raw.decode())])
+            return SSE(resp.status, resp.headers, [Event("data", raw.decode())])
         return SSE(resp.status, resp.headers, parse_sse(raw))
 
 

@@ -1,13 +1,13 @@
-"""Helpers for the integration tests: a small simulated config, SSE parsing, waiting."""
+"""Helpers for the integration tests: a small simulated config, waiting.
+
+``body`` and the SSE views are re-exported from ``requests`` and ``sse``.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import Callable
-from typing import Any
-
-import orjson
 
 from moa_stream.config import Config, loads_config
 
@@ -101,41 +101,6 @@ MOA_IDS = ["fast", "agg-broken", "crawl-proposers", "crawl-aggregator"]
 def config(extra: str = "") -> Config:
     """The test config, with ``extra`` TOML appended (a ``[server]`` table, say)."""
     return loads_config(CONFIG + extra, "<integration test config>")
-
-
-def body(
-    model: str = "fast", content: str = "Why is the sky blue?", **extra: Any
-) -> dict[str, Any]:
-    """A chat-completions body with one user message."""
-    return {"model": model, "messages": [{"role": "user", "content": content}], **extra}
-
-
-def sse_items(raw: bytes) -> list[tuple[str, str]]:
-    """The data payloads and comment lines of a complete SSE body, in order."""
-    items = []
-    for block in raw.decode().split("\n\n"):
-        for line in block.split("\n"):
-            if line.startswith(":"):
-                items.append(("comment", line[1:]))
-            elif line.startswith("data: "):
-                items.append(("data", line[len("data: ") :]))
-            elif line:
-                raise AssertionError(f"unexpected SSE line {line!r}")
-    return items
-
-
-def sse_chunks(raw: bytes) -> list[dict[str, Any]]:
-    """The JSON data payloads of an SSE body, ``[DONE]`` excluded (it must be last)."""
-    data = [text for kind, text in sse_items(raw) if kind == "data"]
-    assert data[-1] == "[DONE]", data[-3:]
-    return [orjson.loads(d) for d in data[:-1]]
-
-
-def sse_text(raw: bytes) -> str:
-    """The answer text of an SSE body."""
-    return "".join(
-        c["choices"][0]["delta"].get("content") or "" for c in sse_chunks(raw) if c.get("choices")
-    )
 
 
 async def wait_for(predicate: Callable[[], bool], within: float = 5.0) -> None:

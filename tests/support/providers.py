@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +13,7 @@ from aiohttp import web
 
 from moa_stream import ChatRequest
 from moa_stream.providers import OpenAIProvider, OpenAIStream, RetryPolicy, Timeouts
+from support.http import serve_app
 
 Handler = Callable[[web.Request, "Seen"], Awaitable[web.StreamResponse]]
 
@@ -91,7 +92,7 @@ class RawServer:
         self.seen: list[Seen] = []
         self.models_calls = 0
         self.base_url = ""
-        self._runner: web.AppRunner | None = None
+        self._stack = AsyncExitStack()
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
@@ -119,17 +120,11 @@ class RawServer:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/v1/models", self._models)
-        self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.5)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = self._runner.addresses[0][1]
-        self.base_url = f"http://127.0.0.1:{port}/v1"
+        url = await self._stack.enter_async_context(serve_app(app, shutdown_timeout=0.5))
+        self.base_url = url + "/v1"
 
     async def aclose(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        await self._stack.aclose()
 
     @property
     def peers(self) -> set[tuple[str, int]]:

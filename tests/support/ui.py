@@ -16,10 +16,10 @@ from typing import Any
 
 import orjson
 
-HERE = Path(__file__).parent
-CONFIG = HERE / "playground.toml"
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = ROOT / "tests" / "ui" / "playground.toml"
 #: Screenshots land here (``build/`` is not committed); MOA_UI_ARTIFACTS overrides it.
-ARTIFACTS = Path(os.environ.get("MOA_UI_ARTIFACTS", HERE.parents[1] / "build" / "ui"))
+ARTIFACTS = Path(os.environ.get("MOA_UI_ARTIFACTS", ROOT / "build" / "ui"))
 
 # What Chromium needs on a machine without a display or outside network, as root.
 CHROMIUM_FLAGS = (
