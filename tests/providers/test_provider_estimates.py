@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from provhelpers import DONE, chunk, collect, provider_for, raw_server, request, serve_bytes
+from support.providers import DONE, chunk, collect, provider_for, raw_server, request, serve_bytes
 
 from moa_stream import UpstreamError, estimate_tokens
 from moa_stream.providers import RetryPolicy

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import aiohttp
-from srvhelpers import CHAT, CONFIG, body, serving, stream
+from support.requests import CHAT, body
+from support.server import CONFIG, serving, stream
 
 from moa_stream.config import loads_config
 from moa_stream.sim import SimModel

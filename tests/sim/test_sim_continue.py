@@ -8,7 +8,8 @@ from typing import Any
 
 import aiohttp
 import pytest
-from simhelpers import CHAT, chunks, content, read_events
+from support.sim import CHAT
+from support.sse import chunks, content, read_events
 
 from moa_stream.sim import LatencyProfile, SimModel, SimServer
 from moa_stream.sim._continue import PrefixCache, render_prompt
