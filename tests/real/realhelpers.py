@@ -1,0 +1,154 @@
+"""Shared pieces of the real-inference tests: requests, a running ``moa-stream serve``."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from moa_stream import ChatMessage, ChatRequest, Delta, OpenAIProvider, RetryPolicy, Timeouts
+
+MODEL = "smollm2"
+
+QUESTION: list[ChatMessage] = [
+    {"role": "user", "content": "What is the capital of France? Answer in one sentence."}
+]
+
+#: A prompt of roughly 1,300 tokens: over any 256- or 512-token context used here.
+OVERFLOW: list[ChatMessage] = [
+    {"role": "user", "content": "Describe the sky at noon and at dusk. " * 130}
+]
+
+#: Generous limits: on two busy cores the first token of a 135M model can take seconds.
+TIMEOUTS = Timeouts(connect=10, first_token=60, idle=60, total=240)
+
+
+def chat_request(
+    messages: list[ChatMessage] | None = None, *, max_tokens: int = 24, **extra: Any
+) -> ChatRequest:
+    """A deterministic request (temperature 0, fixed seed) for the real servers."""
+    return ChatRequest(
+        messages=messages if messages is not None else QUESTION,
+        model=MODEL,
+        temperature=0.0,
+        max_tokens=max_tokens,
+        extra={"seed": 7, **extra},
+    )
+
+
+def provider(base_url: str, *, attempts: int = 1) -> OpenAIProvider:
+    return OpenAIProvider(
+        base_url,
+        timeouts=TIMEOUTS,
+        retry=RetryPolicy(max_attempts=attempts, backoff_base=0.01, backoff_cap=0.05),
+    )
+
+
+async def collect(prov: OpenAIProvider, req: ChatRequest) -> tuple[list[Delta], Any]:
+    """Every delta of one stream, and the stream (for its usage, timings, finish reason)."""
+    async with prov.stream(req) as stream:
+        deltas = [delta async for delta in stream]
+    return deltas, stream
+
+
+def text_of(deltas: list[Delta]) -> str:
+    return "".join(d.content for d in deltas)
+
+
+def wait_for_log(server: Any, needle: str, timeout: float = 20.0) -> str:
+    """The server's log once it contains ``needle``; raise AssertionError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        log: str = server.log_text()
+        if needle in log:
+            return log
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"{needle!r} not in the server log after {timeout} s:\n{log[-3000:]}"
+            )
+        time.sleep(0.1)
+
+
+@dataclass
+class Serve:
+    """A ``moa-stream serve`` process on a free port."""
+
+    url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        """The server's JSON log lines so far."""
+        lines = []
+        for raw in self.log_path.read_bytes().splitlines():
+            with contextlib.suppress(orjson.JSONDecodeError):
+                lines.append(orjson.loads(raw))
+        return lines
+
+
+@contextlib.contextmanager
+def moa_serve(config: str, *, timeout: float = 60.0) -> Iterator[Serve]:
+    """Run ``moa-stream serve --config <config> --port 0`` and yield once it listens."""
+    with tempfile.TemporaryDirectory(prefix="moa-serve-") as tmp:
+        config_path = Path(tmp) / "moa.toml"
+        config_path.write_text(config)
+        log_path = Path(tmp) / "serve.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                [
+                    *(sys.executable, "-m", "moa_stream.cli", "serve"),
+                    *("--config", str(config_path), "--port", "0", "--log-level", "debug"),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            serve = Serve("", process, log_path)
+            deadline = time.monotonic() + timeout
+            while not serve.url:
+                for line in serve.log_lines():
+                    if line.get("event") == "server.listening":
+                        serve.url = str(line["url"])
+                if process.poll() is not None:
+                    raise AssertionError(f"moa-stream serve exited: {log_path.read_text()}")
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"moa-stream serve did not listen: {log_path.read_text()}")
+                time.sleep(0.05)
+            yield serve
+        finally:
+            process.terminate()
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def moa_config(
+    providers: Mapping[str, str], agents: Mapping[str, tuple[str, int]], moas: str
+) -> str:
+    """A config TOML: ``providers`` name -> base URL; ``agents`` name -> (provider,
+    max_tokens); ``moas`` the ``[moa.*]`` tables as written."""
+    parts = []
+    for name, url in providers.items():
+        parts.append(
+            f'[providers.{name}]\nbase_url = "{url}"\n'
+            "timeouts = { connect = 5, first_token = 60, idle = 60, total = 240 }\n"
+            "retry = { max_attempts = 1 }\n"
+        )
+    for name, (prov, max_tokens) in agents.items():
+        parts.append(
+            f'[agents.{name}]\nprovider = "{prov}"\nmodel = "{MODEL}"\n'
+            f"temperature = 0.0\nmax_tokens = {max_tokens}\n"
+        )
+    parts.append(moas)
+    return "\n".join(parts)
