@@ -6,6 +6,7 @@ from moa_stream._exceptions import (
     ConfigError,
     ConnectError,
     ConnectTimeout,
+    ContextLengthError,
     FirstTokenTimeout,
     IdleTimeout,
     LayerFailedError,
@@ -13,6 +14,7 @@ from moa_stream._exceptions import (
     MoAStreamError,
     ModelNotFoundError,
     ProtocolError,
+    ProviderClosedError,
     ProviderError,
     ProviderTimeout,
     RateLimitError,
@@ -23,8 +25,16 @@ from moa_stream._exceptions import (
     TransientError,
     TruncatedStreamError,
     UpstreamError,
+    UsageError,
 )
-from moa_stream._types import ChatMessage, ChatRequest, Delta, StreamTimings, Usage
+from moa_stream._types import (
+    ChatMessage,
+    ChatRequest,
+    Delta,
+    StreamTimings,
+    Usage,
+    estimate_tokens,
+)
 from moa_stream.config import Config, Runtime, default_config, load_config
 from moa_stream.engine import (
     Agent,
@@ -67,6 +77,7 @@ __all__ = [
     "ConfigError",
     "ConnectError",
     "ConnectTimeout",
+    "ContextLengthError",
     "Deadline",
     "Delta",
     "Event",
@@ -86,6 +97,7 @@ __all__ = [
     "Policy",
     "ProtocolError",
     "Provider",
+    "ProviderClosedError",
     "ProviderError",
     "ProviderStream",
     "ProviderTimeout",
@@ -105,9 +117,11 @@ __all__ = [
     "TruncatedStreamError",
     "UpstreamError",
     "Usage",
+    "UsageError",
     "WaitAll",
     "__version__",
     "default_config",
+    "estimate_tokens",
     "load_config",
     "moa",
     "moa_lite",

@@ -18,15 +18,22 @@ Grouped by what a caller does about the error::
     │   │       └── TotalTimeout        whole request too long
     │   ├── RequestRejectedError    4xx other than 408/429: fix the request, don't retry
     │   │   ├── AuthenticationError     401 / 403
-    │   │   └── ModelNotFoundError      404
+    │   │   ├── ModelNotFoundError      404
+    │   │   └── ContextLengthError      the prompt does not fit the model's context window
     │   ├── UpstreamError           an error frame inside a 200 stream
     │   └── ProtocolError           malformed SSE, invalid JSON, wrong types
-    └── MoAError                    the orchestration itself could not go on
-        ├── LayerFailedError        a layer's policy can no longer be met (and degrade is off)
-        └── AggregatorError         every aggregator failed; ``partial_text`` keeps what arrived
+    ├── MoAError                    the orchestration itself could not go on
+    │   ├── LayerFailedError        a layer's policy can no longer be met (and degrade is off)
+    │   └── AggregatorError         every aggregator failed; ``partial_text`` keeps what arrived
+    └── UsageError                  the calling code used an object wrongly (also a RuntimeError)
+        └── ProviderClosedError     a stream was asked of a provider after ``aclose()``
+
+A :class:`UsageError` is a bug in the calling program, not an upstream failure: it is never a
+``ProviderError``, so nothing retries it, fails over on it or counts it against an upstream.
 
 No aiohttp, asyncio or orjson exception escapes a provider: they are translated at one boundary
-(``moa_stream.providers.openai``) and chained with ``raise ... from exc``. Messages never contain
+(``moa_stream.providers._http``, or the adapter module of a provider that has no HTTP layer of
+its own) and chained with ``raise ... from exc``. Messages never contain
 API keys.
 """
 
@@ -40,6 +47,7 @@ __all__ = [
     "ConfigError",
     "ConnectError",
     "ConnectTimeout",
+    "ContextLengthError",
     "ErrorDetails",
     "FirstTokenTimeout",
     "IdleTimeout",
@@ -48,6 +56,7 @@ __all__ = [
     "MoAStreamError",
     "ModelNotFoundError",
     "ProtocolError",
+    "ProviderClosedError",
     "ProviderError",
     "ProviderTimeout",
     "RateLimitError",
@@ -58,6 +67,7 @@ __all__ = [
     "TransientError",
     "TruncatedStreamError",
     "UpstreamError",
+    "UsageError",
 ]
 
 
@@ -237,6 +247,36 @@ class ModelNotFoundError(RequestRejectedError):
     kind = "not_found"
 
 
+class ContextLengthError(RequestRejectedError):
+    """The prompt (plus the room asked for the answer) does not fit the model's context window.
+
+    Never retried: the same prompt fails the same way. Raised for every form servers use:
+    OpenAI's and vLLM's 400 (``context_length_exceeded``, "maximum context length"),
+    llama.cpp's llama-server 400 ``exceed_context_size_error``, llama-cpp-python's 400 and the
+    empty HTTP 200 body it streams instead, Anthropic's "prompt is too long".
+
+    ``prompt_tokens`` and ``context_window`` are the server's figures when it sent them
+    (llama-server's ``n_prompt_tokens`` and ``n_ctx``); ``estimated_prompt_tokens`` is this
+    library's estimate of the prompt's size (see :func:`moa_stream.estimate_tokens`).
+    """
+
+    kind = "context_length"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        prompt_tokens: int | None = None,
+        context_window: int | None = None,
+        estimated_prompt_tokens: int | None = None,
+        **details: Unpack[ErrorDetails],
+    ) -> None:
+        super().__init__(message, **details)
+        self.prompt_tokens = prompt_tokens
+        self.context_window = context_window
+        self.estimated_prompt_tokens = estimated_prompt_tokens
+
+
 class UpstreamError(ProviderError):
     """The upstream sent an error frame inside a stream that had started with status 200."""
 
@@ -285,3 +325,15 @@ class AggregatorError(MoAError):
         super().__init__(message)
         self.partial_text = partial_text
         self.errors = dict(errors or {})
+
+
+class UsageError(MoAStreamError, RuntimeError):
+    """An object was used in a way its contract forbids: a bug in the calling code.
+
+    Also a :class:`RuntimeError`, as asyncio and httpx report the same kind of mistake (using a
+    closed client, a resource from another event loop).
+    """
+
+
+class ProviderClosedError(UsageError):
+    """A stream was requested from a provider after its ``aclose()``."""

@@ -10,7 +10,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NotRequired, TypedDict
 
-__all__ = ["ChatMessage", "ChatRequest", "Delta", "StreamTimings", "Usage"]
+__all__ = [
+    "ChatMessage",
+    "ChatRequest",
+    "Delta",
+    "StreamTimings",
+    "Usage",
+    "estimate_tokens",
+]
 
 
 class ChatMessage(TypedDict):
@@ -38,14 +45,31 @@ class ChatRequest:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
+def estimate_tokens(chars: int) -> int:
+    """Tokens in ``chars`` characters of text, when no server counted them: one per four
+    characters, rounded up (the usual figure for English with BPE tokenizers).
+
+    The package's only estimator, so every estimated figure (usage, reference sizes, progress
+    counts) agrees with every other.
+    """
+    return (chars + 3) // 4
+
+
 @dataclass(frozen=True, slots=True)
 class Usage:
-    """Token counts of one request. ``estimated`` is true when the server sent none and the
-    figures were counted from chunks (output) and guessed from characters (input)."""
+    """Token counts of one request.
+
+    ``estimated`` is true when the server sent no counts and the figures are this library's
+    guess (output: one token per delta; input: see :func:`estimate_tokens`, plus a per-message
+    allowance for the chat template); show such figures as estimates. ``cached_prompt_tokens``
+    is the part of the prompt the server read from its prompt cache, when it says so (OpenAI's
+    ``prompt_tokens_details.cached_tokens``, Anthropic's ``cache_read_input_tokens``).
+    """
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     estimated: bool = False
+    cached_prompt_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -56,6 +80,7 @@ class Usage:
             self.prompt_tokens + other.prompt_tokens,
             self.completion_tokens + other.completion_tokens,
             self.estimated or other.estimated,
+            self.cached_prompt_tokens + other.cached_prompt_tokens,
         )
 
 

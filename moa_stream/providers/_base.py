@@ -4,11 +4,19 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from types import TracebackType
-from typing import Protocol, Self, runtime_checkable
+from typing import Literal, Protocol, Self, runtime_checkable
 
 from moa_stream._types import ChatRequest, Delta, StreamTimings, Usage
 
-__all__ = ["Provider", "ProviderStream"]
+__all__ = ["Continuation", "Provider", "ProviderStream"]
+
+#: How an answer that stopped part-way can be continued on a provider. ``"prefill"``: send the
+#: partial answer as the last, assistant, message and the model continues it (Anthropic,
+#: llama.cpp's llama-server, vLLM with ``continue_final_message``). ``"append"``: the partial
+#: answer becomes a finished assistant turn and a new user turn asks for the rest (works with
+#: every chat API). Providers say which they support in a ``continuation`` attribute; one
+#: without it is taken to support ``"append"`` only.
+Continuation = Literal["append", "prefill"]
 
 
 @runtime_checkable

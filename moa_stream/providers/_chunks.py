@@ -7,23 +7,26 @@ Quirks handled (see the streaming checklist): ``[DONE]``; chunks whose ``choices
 (the usage chunk); ``content`` that is ``None`` or ``""``; reasoning as ``reasoning`` or
 ``reasoning_content``; any finish_reason string, ``""`` read as none; usage in ``usage``, in
 ``x_groq.usage`` or on the last content chunk; error frames nested (``{"error": {...}}``) or
-flat (``{"object": "error", ...}``); content sent as a list of text parts.
+flat (``{"object": "error", ...}``); content sent as a list of text parts; context-window
+overflow in each server's words (:func:`context_length_error`).
 """
 
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Callable
 from typing import Any, Final
 
 import orjson
 
-from moa_stream._exceptions import ProtocolError, UpstreamError
+from moa_stream._exceptions import ContextLengthError, ProtocolError, ProviderError, UpstreamError
 from moa_stream._types import Delta, Usage
 
 __all__ = [
     "DONE",
     "Done",
+    "context_length_error",
     "error_fields",
     "make_delta",
     "parse_chunk",
@@ -106,9 +109,14 @@ def _int(value: object, what: str) -> int:
 def _usage(value: object) -> Usage:
     if type(value) is not dict:
         raise ProtocolError(f"usage is {type(value).__name__}, not an object")
+    cached = 0
+    details = value.get("prompt_tokens_details")
+    if type(details) is dict:
+        cached = _int(details.get("cached_tokens"), "usage.prompt_tokens_details.cached_tokens")
     return Usage(
         _int(value.get("prompt_tokens"), "usage.prompt_tokens"),
         _int(value.get("completion_tokens"), "usage.completion_tokens"),
+        cached_prompt_tokens=cached,
     )
 
 
@@ -152,8 +160,76 @@ def error_fields(obj: object) -> tuple[str, str | None, str | None] | None:
     return None
 
 
-def upstream_error(data: str) -> UpstreamError:
-    """The error for an error frame received inside a 200 stream (``data`` as sent)."""
+#: Codes and types that mean "the prompt does not fit": OpenAI's and llama-server's.
+_OVERFLOW_CODES: Final = frozenset({"context_length_exceeded", "exceed_context_size_error"})
+#: The same in words: OpenAI and vLLM ("maximum context length is 4096 tokens"),
+#: llama-cpp-python ("Requested tokens (1717) exceed context window of 256"), llama-server
+#: ("the request exceeds the available context size"), Anthropic ("prompt is too long").
+_OVERFLOW_WORDS: Final = re.compile(
+    r"maximum context length|context[ _]length[ _]exceeded|exceeds? (?:the )?(?:available )?"
+    r"context (?:window|size)|prompt is too long",
+    re.IGNORECASE,
+)
+_WINDOW_NUMBERS: Final = (
+    # (regex, group of the prompt's size or 0, group of the window or 0)
+    (re.compile(r"Requested tokens \((\d+)\) exceed context window of (\d+)"), 1, 2),
+    (re.compile(r"maximum context length is (\d+)"), 0, 1),
+    (re.compile(r"(\d+) tokens > (\d+) maximum"), 1, 2),
+)
+_PROMPT_NUMBERS: Final = re.compile(
+    r"(?:resulted in|request has|you requested) (\d+) (?:input )?tokens"
+)
+
+
+def _count(value: object) -> int | None:
+    return value if type(value) is int and value >= 0 else None
+
+
+def context_length_error(
+    message: str, code: str | None, error_type: str | None, body: object = None
+) -> ContextLengthError | None:
+    """A :class:`ContextLengthError` if an error's fields say the prompt overflowed the
+    model's context window, else ``None``.
+
+    ``body`` is the parsed error body, for llama-server's ``n_prompt_tokens`` and ``n_ctx``;
+    figures given only in the message are read from it.
+    """
+    if (
+        code not in _OVERFLOW_CODES
+        and error_type not in _OVERFLOW_CODES
+        and not _OVERFLOW_WORDS.search(message)
+    ):
+        return None
+    prompt: int | None = None
+    window: int | None = None
+    err = body.get("error") if type(body) is dict else None
+    if type(err) is dict:
+        prompt = _count(err.get("n_prompt_tokens"))
+        window = _count(err.get("n_ctx"))
+    if window is None:
+        for pattern, prompt_group, window_group in _WINDOW_NUMBERS:
+            match = pattern.search(message)
+            if match is not None:
+                window = int(match.group(window_group))
+                if prompt_group and prompt is None:
+                    prompt = int(match.group(prompt_group))
+                break
+    if prompt is None:
+        match = _PROMPT_NUMBERS.search(message)
+        if match is not None:
+            prompt = int(match.group(1))
+    return ContextLengthError(
+        message,
+        code=code,
+        error_type=error_type,
+        prompt_tokens=prompt,
+        context_window=window,
+    )
+
+
+def upstream_error(data: str) -> ProviderError:
+    """The error for an error frame received inside a 200 stream (``data`` as sent):
+    :class:`UpstreamError`, or :class:`ContextLengthError` when it says the prompt overflowed."""
     try:
         obj = _loads(data)
     except _JSONDecodeError:
@@ -162,6 +238,9 @@ def upstream_error(data: str) -> UpstreamError:
     if fields is None:
         return UpstreamError(data.strip()[:500] or "upstream error")
     message, code, error_type = fields
+    overflow = context_length_error(message, code, error_type, obj)
+    if overflow is not None:
+        return overflow
     return UpstreamError(message, code=code, error_type=error_type)
 
 
@@ -282,6 +361,9 @@ def parse_completion(body: bytes) -> Delta:
     fields = error_fields(obj)
     if fields is not None:
         text, code, error_type = fields
+        overflow = context_length_error(text, code, error_type, obj)
+        if overflow is not None:
+            raise overflow
         raise UpstreamError(text, code=code, error_type=error_type)
     if type(obj) is not dict:
         raise ProtocolError(f"response body is {type(obj).__name__}, not an object")

@@ -389,6 +389,8 @@ def build_plan(
         fault_at = sim.after if sim.after is not None else max(1, n // 2)
     if fault == "keepalive":
         fault, keepalive = None, True
+    if model.context_window is not None and prompt_tokens > model.context_window:
+        fault = "context_overflow"
     fault_at = min(fault_at, n) if fault in MID_STREAM_FAULTS else 0
 
     faults = model.faults

@@ -48,6 +48,8 @@ __all__ = [
     "FaultKind",
     "FaultProfile",
     "LatencyProfile",
+    "OVERFLOW_STYLES",
+    "OverflowStyle",
     "SimModel",
     "default_models",
 ]
@@ -64,6 +66,7 @@ FaultKind = Literal[
     "reset_mid",
     "malformed",
     "error_frame",
+    "context_overflow",
     "keepalive",
 ]
 
@@ -76,8 +79,14 @@ FAULT_KINDS: tuple[FaultKind, ...] = (
     "reset_mid",
     "malformed",
     "error_frame",
+    "context_overflow",
     "keepalive",
 )
+
+#: How a model's server answers a prompt longer than its context window; see
+#: :attr:`SimModel.overflow`.
+OverflowStyle = Literal["openai", "llama-server", "llama-cpp-python"]
+OVERFLOW_STYLES: tuple[OverflowStyle, ...] = ("openai", "llama-server", "llama-cpp-python")
 
 
 def _check(ok: bool, path: str, message: str) -> None:
@@ -184,7 +193,7 @@ class LatencyProfile:
 class FaultProfile:
     """Per-request fault probabilities of a model (each in 0..1).
 
-    The first seven kinds exclude one another (their sum must not exceed 1); ``keepalive``
+    The first eight kinds exclude one another (their sum must not exceed 1); ``keepalive``
     (``: keep-alive`` comments interleaved with the stream) is rolled on its own. Faults:
 
     * ``rate_limit``: HTTP 429 with ``Retry-After`` and ``retry-after-ms`` (``retry_after_s``).
@@ -195,6 +204,9 @@ class FaultProfile:
     * ``malformed``: one ``data:`` line of invalid JSON part-way through, then the rest.
     * ``error_frame``: ``data: {"error": ...}`` then ``data: [DONE]`` part-way through, after
       status 200 (an HTTP 500 for non-streaming requests).
+    * ``context_overflow``: the answer the model's server gives a prompt longer than its
+      context window, in the model's :attr:`~SimModel.overflow` style (also what happens,
+      without any fault, when the prompt exceeds :attr:`SimModel.context_window`).
     """
 
     rate_limit: float = 0.0
@@ -204,6 +216,7 @@ class FaultProfile:
     reset_mid: float = 0.0
     malformed: float = 0.0
     error_frame: float = 0.0
+    context_overflow: float = 0.0
     keepalive: float = 0.0
     retry_after_s: float = 1.0
     stall_s: float = 30.0
@@ -313,6 +326,9 @@ class SimModel:
     answer_at: Literal["end", "start"] = "end"
     slots: int | None = None
     owned_by: str = "moa-stream-sim"
+    context_window: int | None = None
+    overflow: OverflowStyle = "openai"
+    sends_usage: bool = True
 
     def __post_init__(self) -> None:
         where = f"sim.models.{self.name}"
@@ -323,6 +339,16 @@ class SimModel:
         _check(0.0 <= self.accuracy <= 1.0, f"{where}.accuracy", "must be in 0..1")
         _check(self.answer_at in ("end", "start"), f"{where}.answer_at", "must be end or start")
         _check(self.slots is None or self.slots >= 1, f"{where}.slots", "must be >= 1")
+        _check(
+            self.context_window is None or self.context_window >= 1,
+            f"{where}.context_window",
+            "must be >= 1",
+        )
+        _check(
+            self.overflow in OVERFLOW_STYLES,
+            f"{where}.overflow",
+            f"must be one of {', '.join(OVERFLOW_STYLES)}",
+        )
 
     def sample_answer_tokens(self, rng: random.Random) -> int:
         """This request's reply length in tokens."""

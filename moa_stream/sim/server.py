@@ -18,7 +18,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType, TracebackType
 from typing import Any, Literal
 
@@ -26,6 +26,7 @@ import orjson
 from aiohttp import web
 
 from moa_stream._exceptions import ConfigError
+from moa_stream.sim._overflow import overflow_response
 from moa_stream.sim._plan import (
     ParsedRequest,
     Plan,
@@ -453,6 +454,11 @@ class SimServer:
             return self._refuse(record, 429, plan)
         if plan.fault == "server_error":
             return self._refuse(record, 500, plan)
+        if plan.fault == "context_overflow":
+            record.outcome = "fault:context_overflow"
+            return await overflow_response(request, record, model, req, plan.prompt_tokens)
+        if not model.sends_usage:
+            req = replace(req, include_usage=False)
         completion_id = _new_id("chatcmpl-")
         if req.stream:
             return await self._stream(request, record, model, req, plan, completion_id)
