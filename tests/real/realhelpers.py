@@ -59,6 +59,13 @@ async def collect(prov: OpenAIProvider, req: ChatRequest) -> tuple[list[Delta], 
     return deltas, stream
 
 
+async def drain(stream: Any) -> None:
+    """Open ``stream`` and read it to its end."""
+    async with stream:
+        async for _ in stream:
+            pass
+
+
 def text_of(deltas: list[Delta]) -> str:
     return "".join(d.content for d in deltas)
 

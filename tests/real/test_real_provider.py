@@ -7,6 +7,7 @@ import orjson
 import pytest
 from realhelpers import QUESTION, chat_request, collect, provider, text_of
 
+from moa_stream import ChatMessage
 from moa_stream.llamacpp import InferenceServer
 
 pytestmark = [pytest.mark.real, pytest.mark.timeout(300)]
@@ -68,9 +69,12 @@ async def test_llama_cpp_python_sends_no_usage_so_it_is_estimated(
 async def test_llama_server_reports_cached_prompt_tokens(llama: InferenceServer) -> None:
     """The same prompt twice: the second request reuses the first one's KV cache and says so in
     ``usage.prompt_tokens_details.cached_tokens``."""
+    messages: list[ChatMessage] = [
+        {"role": "user", "content": "Name three colours of the rainbow."}
+    ]
     body = {
         "model": "smollm2",
-        "messages": [{"role": "user", "content": "Name three colours of the rainbow."}],
+        "messages": messages,
         "max_tokens": 4,
         "temperature": 0,
         "stream": True,
@@ -93,3 +97,10 @@ async def test_llama_server_reports_cached_prompt_tokens(llama: InferenceServer)
     assert first["prompt_tokens"] == second["prompt_tokens"]
     assert second["prompt_tokens_details"]["cached_tokens"] > 0
     assert second["prompt_tokens_details"]["cached_tokens"] < second["prompt_tokens"]
+    # The provider passes the cached count on, as the server reported it.
+    async with provider(llama.base_url) as prov:
+        _, stream = await collect(prov, chat_request(messages, max_tokens=4))
+    usage = stream.usage
+    assert usage is not None and not usage.estimated
+    assert usage.prompt_tokens == second["prompt_tokens"]
+    assert 0 < usage.cached_prompt_tokens < usage.prompt_tokens
