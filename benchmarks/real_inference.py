@@ -61,14 +61,23 @@ PROPOSER_TOKENS = 96
 AGGREGATOR_TOKENS = 64
 
 
-def config_toml(base_url: str, policies: dict[str, str | None]) -> str:
+#: The staircase MoA (``--staircase``; needs a version of the library with the staircase): the
+#: aggregator starts on partial answers and continues its answer by assistant prefill, which
+#: llama-server supports (it echoes the prefill first, the "llama" flavour).
+STAIRCASE_POLICY = "partial(2, min_tokens=8) | deadline(0.5, min_k=1, partial=true)"
+STAIRCASE_TABLE = 'staircase = { steps = [8, 16, 32, 64], lead = 32, continuation = "prefill" }'
+
+
+def config_toml(base_url: str, policies: dict[str, str | None], staircase: bool) -> str:
     lines = [
         "[providers.llama]",
         f'base_url = "{base_url}"',
         "timeouts = { connect = 10, first_token = 120, idle = 120, total = 600 }",
         "retry = { max_attempts = 1 }",
-        "",
     ]
+    if staircase:
+        lines.append('continuation = ["prefill:llama", "turns"]')
+    lines.append("")
     for name, tokens in [("p1", 0), ("p2", 1), ("p3", 2), ("agg", None)]:
         max_tokens = AGGREGATOR_TOKENS if tokens is None else PROPOSER_TOKENS
         seed = 99 if tokens is None else tokens
@@ -87,7 +96,10 @@ def config_toml(base_url: str, policies: dict[str, str | None]) -> str:
             lines += ['preset = "single"', 'aggregator = "agg"', ""]
         else:
             lines += ['proposers = ["p1", "p2", "p3"]', 'aggregator = "agg"']
-            lines += [f'policy = "{policy}"', ""]
+            lines.append(f'policy = "{policy}"')
+            if moa_id == "staircase":
+                lines.append(STAIRCASE_TABLE)
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -214,7 +226,7 @@ async def measure(
     results = []
     with tempfile.TemporaryDirectory(prefix="real-inference-") as tmp:
         config = Path(tmp) / "moa.toml"
-        config.write_text(config_toml(base_url, policies))
+        config.write_text(config_toml(base_url, policies, "staircase" in policies))
         process, url = start_serve(config, Path(tmp) / "serve.log")
         try:
             async with openai.AsyncOpenAI(
@@ -245,11 +257,18 @@ def main() -> None:
         action="append",
         default=[],
         metavar="ID=POLICY",
-        help="an extra MoA id and its policy, e.g. staircase='staircase(3)'",
+        help="an extra MoA id and its policy, e.g. quorum-1='quorum(1)'",
+    )
+    parser.add_argument(
+        "--staircase",
+        action="store_true",
+        help="add a staircase MoA (continued by assistant prefill); needs the staircase",
     )
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
     args = parser.parse_args()
     policies = dict(POLICIES)
+    if args.staircase:
+        policies["staircase"] = STAIRCASE_POLICY
     for item in args.policy:
         moa_id, _, policy = item.partition("=")
         policies[moa_id] = policy

@@ -5,7 +5,9 @@ what ``make test-real`` does) and the ``real`` extra is installed; otherwise eac
 with the reason, before any server starts, so the ordinary suite pays nothing for them.
 
 The servers are started once per session on free loopback ports and stopped at the end; a test
-that kills a server starts its own.
+that kills a server starts its own. Each server computes on one thread: on a small machine that
+other work shares, llama.cpp's threads spin waiting for each other and two of them are often
+slower than one.
 """
 
 from __future__ import annotations
@@ -50,19 +52,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def llama() -> Iterator[InferenceServer]:
     """llama-server with four slots of 1024 tokens each: shared, never killed."""
-    with llama_server(ctx_size=1024, slots=4) as server:
+    with llama_server(ctx_size=1024, slots=4, threads=1) as server:
         yield server
 
 
 @pytest.fixture(scope="session")
 def llama_small() -> Iterator[InferenceServer]:
     """llama-server with a single slot of 256 tokens, for context overflow."""
-    with llama_server(ctx_size=256, slots=1) as server:
+    with llama_server(ctx_size=256, slots=1, threads=1) as server:
         yield server
 
 
 @pytest.fixture(scope="session")
 def lcpp_small() -> Iterator[InferenceServer]:
     """llama-cpp-python's server with a 256-token context."""
-    with llama_cpp_python_server(ctx_size=256) as server:
+    with llama_cpp_python_server(ctx_size=256, threads=1) as server:
         yield server

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import subprocess
 import sys
@@ -12,9 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 
 from moa_stream import ChatMessage, ChatRequest, Delta, OpenAIProvider, RetryPolicy, Timeouts
+from moa_stream.llamacpp import InferenceServer
 
 MODEL = "smollm2"
 
@@ -44,7 +47,10 @@ def chat_request(
     )
 
 
-def provider(base_url: str, *, attempts: int = 1) -> OpenAIProvider:
+def provider(base_url: str, *, attempts: int = 2) -> OpenAIProvider:
+    """A provider for ``base_url``. Two attempts, because llama-server closes the connection
+    after each streamed response while announcing keep-alive: a request sent right after one
+    meets the closed pooled connection and is sent again at once (only a retry can do that)."""
     return OpenAIProvider(
         base_url,
         timeouts=TIMEOUTS,
@@ -70,18 +76,23 @@ def text_of(deltas: list[Delta]) -> str:
     return "".join(d.content for d in deltas)
 
 
-def wait_for_log(server: Any, needle: str, timeout: float = 20.0) -> str:
-    """The server's log once it contains ``needle``; raise AssertionError after ``timeout``."""
-    deadline = time.monotonic() + timeout
+async def wait_for_log(server: InferenceServer, needle: str, after: int, within: float) -> float:
+    """Seconds until ``needle`` appears in the server's log past its first ``after``
+    characters; AssertionError after ``within`` seconds."""
+    started = time.monotonic()
     while True:
-        log: str = server.log_text()
-        if needle in log:
-            return log
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"{needle!r} not in the server log after {timeout} s:\n{log[-3000:]}"
-            )
-        time.sleep(0.1)
+        log = server.log_text()
+        if needle in log[after:]:
+            return time.monotonic() - started
+        if time.monotonic() - started > within:
+            raise AssertionError(f"{needle!r} not in the log after {within} s:\n{log[-3000:]}")
+        await asyncio.sleep(0.05)
+
+
+def raw_session() -> aiohttp.ClientSession:
+    """A plain aiohttp session for requests the tests make by hand. No keep-alive: llama-server
+    closes the connection after a streamed response although it announces keep-alive."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
 
 
 @dataclass
@@ -150,7 +161,7 @@ def moa_config(
         parts.append(
             f'[providers.{name}]\nbase_url = "{url}"\n'
             "timeouts = { connect = 5, first_token = 60, idle = 60, total = 240 }\n"
-            "retry = { max_attempts = 1 }\n"
+            "retry = { max_attempts = 2 }\n"
         )
     for name, (prov, max_tokens) in agents.items():
         parts.append(

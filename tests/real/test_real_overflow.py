@@ -11,10 +11,9 @@ Each must become one typed :class:`~moa_stream.ContextLengthError`, sent once an
 
 from __future__ import annotations
 
-import aiohttp
 import orjson
 import pytest
-from realhelpers import OVERFLOW, chat_request, drain, provider
+from realhelpers import OVERFLOW, chat_request, drain, provider, raw_session
 
 from moa_stream import ContextLengthError
 from moa_stream.llamacpp import InferenceServer
@@ -26,7 +25,7 @@ pytestmark = [pytest.mark.real, pytest.mark.timeout(300)]
 async def _raw(server: InferenceServer, *, stream: bool) -> tuple[int, bytes]:
     body = {"model": "smollm2", "messages": OVERFLOW, "max_tokens": 8, "stream": stream}
     async with (
-        aiohttp.ClientSession() as session,
+        raw_session() as session,
         session.post(f"{server.base_url}/chat/completions", json=body) as resp,
     ):
         return resp.status, await resp.read()
