@@ -107,7 +107,9 @@ async def run(runs: int, base_url: str | None, threads: int | None) -> dict[str,
             url,
             name="llama-server",
             timeouts=Timeouts(connect=10, first_token=120, idle=120, total=600),
-            retry=RetryPolicy(max_attempts=1),
+            # Two: llama-server closes the connection after each stream, and the next request
+            # on it has to be sent again.
+            retry=RetryPolicy(max_attempts=2),
         )
         async with provider:
             for i in range(runs):
@@ -167,7 +169,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--base-url", help="a running OpenAI-compatible server with SmolLM2")
-    parser.add_argument("--threads", type=int, help="llama-server threads (default: its own)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="llama-server compute threads (default: 1)"
+    )
     parser.add_argument("--json", type=Path, help="write every run and the summary here")
     args = parser.parse_args()
     quiet_logs()

