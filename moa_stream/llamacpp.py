@@ -236,10 +236,11 @@ class InferenceServer:
             except (urllib.error.URLError, OSError):
                 pass  # not listening yet, or still loading (503)
             if time.monotonic() > deadline:
+                log = self.log_text()
                 self.stop()
                 raise InferenceServerError(
-                    f"{self.name} was not ready after {self._start_timeout:.0f} s; its log ends:\n"
-                    + _tail(self.log_text())
+                    f"{self.name} was not ready after {self._start_timeout:g} s; its log ends:\n"
+                    + _tail(log)
                 )
             time.sleep(delay)
             delay = min(0.5, delay * 1.5)
