@@ -208,8 +208,9 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        policy = r["policy"].replace("|", "\\|")  # a policy's | would end the table cell
         lines.append(
-            f"| {r['moa']} | `{r['policy']}` | {r['runs']} | {_fmt(r['ttft_p50_s'])} | "
+            f"| {r['moa']} | `{policy}` | {r['runs']} | {_fmt(r['ttft_p50_s'])} | "
             f"{_fmt(r['ttft_min_s'])} | {_fmt(r['ttft_max_s'])} | {_fmt(r['total_p50_s'])} | "
             f"{r['prompt_tokens_p50']:.0f} |"
         )

@@ -152,16 +152,21 @@ def moa_serve(config: str, *, timeout: float = 60.0) -> Iterator[Serve]:
 
 
 def moa_config(
-    providers: Mapping[str, str], agents: Mapping[str, tuple[str, int]], moas: str
+    providers: Mapping[str, str],
+    agents: Mapping[str, tuple[str, int]],
+    moas: str,
+    *,
+    provider_lines: str = "",
 ) -> str:
     """A config TOML: ``providers`` name -> base URL; ``agents`` name -> (provider,
-    max_tokens); ``moas`` the ``[moa.*]`` tables as written."""
+    max_tokens); ``moas`` the ``[moa.*]`` tables as written; ``provider_lines`` added to every
+    provider's table."""
     parts = []
     for name, url in providers.items():
         parts.append(
             f'[providers.{name}]\nbase_url = "{url}"\n'
             "timeouts = { connect = 5, first_token = 60, idle = 60, total = 240 }\n"
-            "retry = { max_attempts = 2 }\n"
+            f"retry = {{ max_attempts = 2 }}\n{provider_lines}"
         )
     for name, (prov, max_tokens) in agents.items():
         parts.append(
@@ -170,3 +175,43 @@ def moa_config(
         )
     parts.append(moas)
     return "\n".join(parts)
+
+
+async def progress_stream(
+    url: str, model: str, on_item: Any, messages: list[ChatMessage] | None = None
+) -> tuple[int, str, list[dict[str, Any]], list[dict[str, Any]]]:
+    """POST a streamed request with progress on, calling ``on_item`` for each progress item
+    (and with ``{"type": "content"}`` for each answer token); the status, the answer text, the
+    progress items and any error frames."""
+    body = {
+        "model": model,
+        "messages": messages or QUESTION,
+        "stream": True,
+        "temperature": 0,
+    }
+    items: list[dict[str, Any]] = []
+    errors: list[dict[str, Any]] = []
+    text = []
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=240)) as session,
+        session.post(
+            f"{url}/v1/chat/completions", json=body, headers={"X-MoA-Progress": "1"}
+        ) as resp,
+    ):
+        if resp.status != 200:
+            return resp.status, (await resp.text()), items, errors
+        async for line in resp.content:
+            if line.startswith(b": moa.progress "):
+                item = orjson.loads(line[len(b": moa.progress ") :])
+                items.append(item)
+                on_item(item)
+            elif line.startswith(b"data: ") and line.strip() != b"data: [DONE]":
+                chunk = orjson.loads(line[len(b"data: ") :])
+                if "error" in chunk:
+                    errors.append(chunk["error"])
+                elif chunk.get("choices"):
+                    content = chunk["choices"][0]["delta"].get("content") or ""
+                    text.append(content)
+                    if content:
+                        on_item({"type": "content", "content": content})
+    return 200, "".join(text), items, errors

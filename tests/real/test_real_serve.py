@@ -11,11 +11,9 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-import aiohttp
 import openai
-import orjson
 import pytest
-from realhelpers import QUESTION, Serve, moa_config, moa_serve, wait_for_log
+from realhelpers import QUESTION, Serve, moa_config, moa_serve, progress_stream, wait_for_log
 
 from moa_stream.llamacpp import InferenceServer, llama_server
 
@@ -131,41 +129,6 @@ async def test_client_disconnect_cancels_the_upstream_generation(
     assert outcomes[-1] == "client_disconnected"
 
 
-async def _progress_stream(
-    url: str, model: str, on_item: Any
-) -> tuple[int, str, list[dict[str, Any]], list[dict[str, Any]]]:
-    """POST a streamed request with progress on, calling ``on_item`` for each progress item
-    (and with ``{"type": "content"}`` for each answer token); the status, the answer text, the
-    progress items and any error frames."""
-    body = {"model": model, "messages": QUESTION, "stream": True, "temperature": 0}
-    items: list[dict[str, Any]] = []
-    errors: list[dict[str, Any]] = []
-    text = []
-    async with (
-        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=240)) as session,
-        session.post(
-            f"{url}/v1/chat/completions", json=body, headers={"X-MoA-Progress": "1"}
-        ) as resp,
-    ):
-        if resp.status != 200:
-            return resp.status, (await resp.text()), items, errors
-        async for line in resp.content:
-            if line.startswith(b": moa.progress "):
-                item = orjson.loads(line[len(b": moa.progress ") :])
-                items.append(item)
-                on_item(item)
-            elif line.startswith(b"data: ") and line.strip() != b"data: [DONE]":
-                chunk = orjson.loads(line[len(b"data: ") :])
-                if "error" in chunk:
-                    errors.append(chunk["error"])
-                elif chunk.get("choices"):
-                    content = chunk["choices"][0]["delta"].get("content") or ""
-                    text.append(content)
-                    if content:
-                        on_item({"type": "content", "content": content})
-    return 200, "".join(text), items, errors
-
-
 async def test_a_proposer_killed_mid_answer_leaves_the_others_to_answer(
     llama: InferenceServer,
 ) -> None:
@@ -188,7 +151,7 @@ async def test_a_proposer_killed_mid_answer_leaves_the_others_to_answer(
                 doomed.kill()
 
         with moa_serve(config) as serve:
-            status, text, items, errors = await _progress_stream(
+            status, text, items, errors = await progress_stream(
                 serve.url, "m", kill_once_it_streams
             )
         assert not doomed.running
@@ -223,7 +186,7 @@ async def test_an_aggregator_killed_before_its_turn_falls_back(llama: InferenceS
                 doomed.kill()
 
         with moa_serve(_doomed_aggregator_config(llama, doomed, fallback=True)) as serve:
-            status, text, items, errors = await _progress_stream(serve.url, "m", kill_at_layer_done)
+            status, text, items, errors = await progress_stream(serve.url, "m", kill_at_layer_done)
     assert status == 200 and not errors
     assert text.strip()
     kinds = [(i["type"], i.get("agent")) for i in items if i["type"].startswith("aggregator.")]
@@ -247,7 +210,7 @@ async def test_an_aggregator_killed_mid_answer_ends_the_stream_with_an_error(
                 doomed.kill()
 
         with moa_serve(_doomed_aggregator_config(llama, doomed, fallback=True)) as serve:
-            status, text, _, errors = await _progress_stream(serve.url, "m", kill_at_first_token)
+            status, text, _, errors = await progress_stream(serve.url, "m", kill_at_first_token)
     assert status == 200
     assert text  # what arrived before the kill
     assert [e["code"] for e in errors] == ["aggregator_failed"]
