@@ -44,6 +44,7 @@ from types import TracebackType
 from typing import Any, Self
 
 __all__ = [
+    "DEFAULT_START_TIMEOUT",
     "InferenceServer",
     "InferenceServerError",
     "llama_cpp_python_server",
