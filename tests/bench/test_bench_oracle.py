@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from types import MappingProxyType
 
 import pytest
@@ -140,3 +141,31 @@ async def test_recomputed_schedule_matches_what_the_simulator_scheduled(sim: Sim
     oracle = run_oracle(trace, schedule)
     assert result.report.ttft_s is not None and oracle is not None
     assert 0 < oracle <= result.report.ttft_s
+
+
+async def test_trace_matches_requests_to_report_entries_by_request_id(sim: SimServer) -> None:
+    provider = RecordingProvider(OpenAIProvider(sim.base_url, name="sim"))
+    # Two proposers on one model: order alone cannot tell their requests apart.
+    spec = moa(
+        [Agent("one", provider, "fast"), Agent("two", provider, "fast")],
+        Agent("agg", provider, "agg"),
+    )
+    log = CallLog()
+    token = current_log.set(log)
+    try:
+        async with spec.stream([{"role": "user", "content": "[Q5] the question"}]) as run:
+            result = await run.final()
+    finally:
+        current_log.reset(token)
+        await provider.aclose()
+    agents = result.report.agents
+    assert all(a.request_id is not None for a in agents)
+    # Listed in another order than the requests were made, each entry still gets its own.
+    shuffled = dataclasses.replace(result.report, agents=tuple(reversed(agents)))
+    trace = trace_from_report(shuffled, log.calls)
+    assert [c.request_id for c in trace.calls] == [a.request_id for a in reversed(agents)]
+    assert [c.agent for c in trace.calls] == [a.agent for a in reversed(agents)]
+    # Without ids, the n-th request for a model goes to the n-th entry for it.
+    anonymous = tuple(dataclasses.replace(a, request_id=None) for a in agents)
+    trace = trace_from_report(dataclasses.replace(result.report, agents=anonymous), log.calls)
+    assert [c.request_id for c in trace.calls] == [a.request_id for a in agents]
