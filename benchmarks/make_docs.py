@@ -444,7 +444,10 @@ same proposer timings and the same proposer answers: the differences are the str
   (proposers, cancelled ones included, counted up to where they were cancelled, and the
   aggregator), as the upstream counted them (for engine runs, from the simulator's own
   records: a staircase step closed early never receives its usage chunk); in brackets the share
-  of prompt tokens the model's prefix cache served, which cost no prefill time.
+  of prompt tokens the model's prefix cache served, which cost no prefill time. A † marks
+  counts of which part is an estimate (a request cancelled before its usage chunk, counted from
+  the characters that arrived, or an upstream that sends no usage); the line under the table
+  says in how many runs.
 - **aggregator requests**: per run; one per staircase step.
 - **refs complete / partial**: references per run that went forward complete, or partial (a
   partial policy took a proposer's text before it finished; for a staircase, what the start
