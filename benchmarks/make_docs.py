@@ -455,9 +455,9 @@ same proposer timings and the same proposer answers: the differences are the str
 - **quality**: the fraction of runs whose final answer is exactly right (Wilson 95% interval).
 - **oracle**: the TTFT the same references would have allowed with zero orchestration cost,
   from the simulator's own schedule. The simulator plans every reply before writing a byte (the
-  time of each token after the request arrives, a pure function of the model, the request and
-  the seed), so the benchmark recomputes, for each request a run made, when its tokens left the
-  server: the oracle is, per layer, the latest time a used reference was usable (a complete one
+  time of each token after the request arrives, a pure function of the model, the request, the
+  seed and what its prefix cache held) and keeps that plan in its request records, so the
+  benchmark looks up, for each request a run made, when its tokens left the server: the oracle is, per layer, the latest time a used reference was usable (a complete one
   at its end, a partial one at its last used token; retries cost what the simulator made them
   cost), summed over layers, plus the aggregator's scheduled TTFT. *measured / oracle* is the
   median of the per-run ratios. The bound is on orchestration, not on the policy: a deadline

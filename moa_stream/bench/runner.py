@@ -35,7 +35,7 @@ from moa_stream.bench._progress import Progress
 from moa_stream.bench._recording import CallLog, RecordingProvider, current_log
 from moa_stream.bench._simhost import InProcessSimHost, ProcessSimHost, SimHost
 from moa_stream.bench.baseline import Endpoint, ReferenceMoA, run_reference
-from moa_stream.bench.oracle import SimSchedule, oracle_parts
+from moa_stream.bench.oracle import RecordSchedule, oracle_parts
 from moa_stream.bench.quality import (
     BenchQuestion,
     arithmetic_questions,
@@ -253,7 +253,6 @@ async def _offline_cell(
     n = settings.requests or scenario.requests
     concurrency = settings.concurrency or scenario.concurrency
     url = await host.start(scen.models, settings.seed)
-    schedule = SimSchedule(MappingProxyType({m.name: m for m in scen.models}), settings.seed)
     # Enough pooled connections for every request of every run in flight (self-MoA sends four
     # to one model), so no request waits for a connection.
     limit = concurrency * max(4, len(scen.proposers)) + 8
@@ -299,6 +298,7 @@ async def _offline_cell(
         await host.stop()
     for sample in samples:
         _server_prompt_tokens(sample, records)
+    schedule = RecordSchedule(records)
     for sample in samples:
         trace = sample.trace
         parts = None if trace is None else oracle_parts(trace, schedule)
