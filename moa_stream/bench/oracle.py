@@ -221,7 +221,5 @@ def oracle_parts(trace: RunTrace, schedule: Schedule) -> OracleParts | None:
     attempts = schedule.attempts(answered)
     if not attempts:
         return None
-    aggregator = (
-        before + sum(attempt_cost(p) for p in attempts[:-1]) + _first_offset(attempts[-1])
-    )
+    aggregator = before + sum(attempt_cost(p) for p in attempts[:-1]) + _first_offset(attempts[-1])
     return OracleParts(tuple(max(ready) if ready else 0.0 for ready in layers), aggregator)
