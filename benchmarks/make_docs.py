@@ -444,21 +444,25 @@ same proposer timings and the same proposer answers: the differences are the str
   (proposers, cancelled ones included, counted up to where they were cancelled, and the
   aggregator), as the upstream counted them (for engine runs, from the simulator's own
   records: a staircase step closed early never receives its usage chunk); in brackets the share
-  of prompt tokens the model's prefix cache served, which cost no prefill time.
+  of prompt tokens the model's prefix cache served, which cost no prefill time. A † marks
+  counts of which part is an estimate (a request cancelled before its usage chunk, counted from
+  the characters that arrived, or an upstream that sends no usage); the line under the table
+  says in how many runs.
 - **aggregator requests**: per run; one per staircase step.
 - **refs complete / partial**: references per run that went forward complete, or partial (a
   partial policy took a proposer's text before it finished; for a staircase, what the start
   rule took: later steps see more).
 - **quality**: the fraction of runs whose final answer is exactly right (Wilson 95% interval).
-- **oracle**: the TTFT the same references would have allowed with zero orchestration cost,
-  from the simulator's own schedule. The simulator plans every reply before writing a byte (the
-  time of each token after the request arrives, a pure function of the model, the request and
-  the seed), so the benchmark recomputes, for each request a run made, when its tokens left the
-  server: the oracle is, per layer, the latest time a used reference was usable (a complete one
-  at its end, a partial one at its last used token; retries cost what the simulator made them
-  cost), summed over layers, plus the aggregator's scheduled TTFT. *measured / oracle* is the
-  median of the per-run ratios. The bound is on orchestration, not on the policy: a deadline
-  that waited longer than its references needed shows as measured > oracle.
+- **oracle**: the TTFT the same references would have allowed with zero orchestration cost, from
+  the simulator's own schedule. The simulator plans every reply before writing a byte (the time of
+  each token after the request arrives, a pure function of the model, the request, the seed and
+  what its prefix cache held) and keeps that plan in its request records, so the benchmark looks
+  up, for each request a run made, when its tokens left the server: the oracle is, per layer, the
+  latest time a used reference was usable (a complete one at its end, a partial one at its last
+  used token; retries cost what the simulator made them cost), summed over layers, plus the
+  aggregator's scheduled TTFT. *measured / oracle* is the median of the per-run ratios. The bound
+  is on orchestration, not on the policy: a deadline that waited longer than its references needed
+  shows as measured > oracle.
 - The **reference MoA** is the original method, written without the engine: proposers are
   asked with ordinary non-streaming requests (one JSON answer each), the layer waits for all
   of them, then the aggregator's answer is streamed. It drops a proposer that keeps failing

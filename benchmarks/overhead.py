@@ -6,7 +6,7 @@ the schedule of every request is known exactly: with the ``wait_all`` policy ::
 
     oracle TTFT = max over proposers (ttft + (tokens - 1) / tokens_per_s) + aggregator ttft
 
-(the benchmark recomputes it per run from the simulator's own planning function, which gives
+(the benchmark takes it per run from the plans in the simulator's request records, which give
 the same number). Observed TTFT minus that oracle is everything the client side adds: sending
 the requests, the simulator's HTTP handling, loopback TCP, SSE parsing, the engine's fan-in and
 policy decision, and the aggregator's request. Measured at 1, 64 and 256 concurrent runs, on
@@ -32,7 +32,6 @@ import platform
 import sys
 import time
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 import orjson
@@ -44,7 +43,7 @@ import provider_throughput as pt
 from moa_stream.bench._cli import quiet_logs
 from moa_stream.bench._recording import RecordingProvider
 from moa_stream.bench._simhost import ProcessSimHost
-from moa_stream.bench.oracle import SimSchedule, run_oracle
+from moa_stream.bench.oracle import RecordSchedule, run_oracle
 from moa_stream.bench.quality import quiz_questions
 from moa_stream.bench.report import percentile
 from moa_stream.bench.runner import run_cell
@@ -123,7 +122,6 @@ def client_share(trace: Any) -> tuple[float, float, float] | None:
 async def engine_overhead(level: int, quick: bool, host: ProcessSimHost) -> dict[str, Any]:
     """Observed TTFT minus the oracle, for ``level`` concurrent wait-all runs."""
     url = await host.start(MODELS, seed=0)
-    schedule = SimSchedule(MappingProxyType({m.name: m for m in MODELS}), seed=0)
     provider = RecordingProvider(
         OpenAIProvider(
             url,
@@ -146,6 +144,7 @@ async def engine_overhead(level: int, quick: bool, host: ProcessSimHost) -> dict
         sim_cpu = await host.cpu_seconds()
         samples, wall, cpu = await run_cell(spec, lineup, questions[level:], level, ramp_s=ramp)
         sim_cpu = await host.cpu_seconds() - sim_cpu
+        schedule = RecordSchedule({r["request_id"]: r for r in await host.records()})
     finally:
         await provider.aclose()
         await host.stop()

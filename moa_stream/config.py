@@ -48,7 +48,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Self, cast
+from typing import TYPE_CHECKING, Any, Literal, Self, cast
 
 from moa_stream._exceptions import ConfigError
 from moa_stream._resource import AsyncResource
@@ -64,6 +64,11 @@ from moa_stream.engine.spec import Agent, Layer, LayerCut, MoA
 from moa_stream.engine.staircase import Continuation, Staircase, parse_continuation, parse_steps
 from moa_stream.providers import Provider, RetryPolicy, Timeouts
 from moa_stream.providers._factory import PROVIDER_KINDS, build_provider
+
+if TYPE_CHECKING:
+    # Imported where it is started: a configuration without simulated providers never loads
+    # the simulator.
+    from moa_stream.sim import SimServer
 
 __all__ = [
     "AgentConfig",
@@ -579,7 +584,7 @@ class Runtime(AsyncResource):
         self.providers: dict[str, Provider] = {}
         self.agents: dict[str, Agent] = {}
         self.moas: dict[str, MoA] = {}
-        self.sim: Any = None
+        self.sim: SimServer | None = None
         self._closed = False
 
     async def __aenter__(self) -> Self:
@@ -592,14 +597,16 @@ class Runtime(AsyncResource):
 
     async def start(self) -> None:
         config = self.config
+        sim_url = ""
         if any(p.kind == "sim" for p in config.providers.values()):
             from moa_stream.sim import SimServer, models_from_table
 
             models = models_from_table(config.sim.models, source=config.source)
             self.sim = SimServer(models=models, seed=config.sim.seed)
             await self.sim.start()
+            sim_url = self.sim.base_url
         for name, p in config.providers.items():
-            base_url = self.sim.base_url if p.kind == "sim" else p.base_url
+            base_url = sim_url if p.kind == "sim" else p.base_url
             if p.api_key_env and not (p.api_key or os.environ.get(p.api_key_env)):
                 raise ConfigError(
                     f"environment variable {p.api_key_env} is not set",

@@ -14,7 +14,7 @@ See ``docs/benchmarks.md`` for what is measured and how.
 """
 
 from moa_stream.bench.baseline import Endpoint, ReferenceMoA, run_reference
-from moa_stream.bench.oracle import SimSchedule, oracle_ttft, ready_at, run_oracle
+from moa_stream.bench.oracle import RecordSchedule, oracle_ttft, ready_at, run_oracle
 from moa_stream.bench.quality import BenchQuestion, arithmetic_questions, is_correct
 from moa_stream.bench.report import CellResult, RunSample, headline, percentile, summarize
 from moa_stream.bench.runner import BenchOutput, BenchSettings, run_bench, run_cell
@@ -29,12 +29,12 @@ __all__ = [
     "Endpoint",
     "Lineup",
     "QUICK",
+    "RecordSchedule",
     "ReferenceMoA",
     "RunSample",
     "SCENARIOS",
     "STRATEGIES",
     "Scenario",
-    "SimSchedule",
     "Strategy",
     "arithmetic_questions",
     "headline",

@@ -1,9 +1,10 @@
 """Recording which upstream requests a run made, without touching the engine.
 
 The engine's report says what each request did (timings, status, usage) but not what it sent.
-The oracle needs the exact requests, to recompute the simulator's schedule for them, so every
-agent's provider is wrapped in a :class:`RecordingProvider` that appends each request to the
-:class:`CallLog` of the run that made it. Which run that is comes from a context variable: the
+The traces keep the exact requests and the upstream's request ids (which find the simulator's
+record of each request, and so its schedule, for the oracle), so every agent's provider is
+wrapped in a :class:`RecordingProvider` that appends each request to the :class:`CallLog` of the
+run that made it. Which run that is comes from a context variable: the
 benchmark sets it in the run's own task, and the engine's proposer tasks inherit it when they are
 created, so concurrent runs never mix their logs.
 """

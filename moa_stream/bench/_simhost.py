@@ -68,6 +68,14 @@ def record_fields(record: SimRecord) -> dict[str, Any]:
         "last_token_sent_at": record.last_token_sent_at,
         "prompt_tokens": record.prompt_tokens,
         "cached_tokens": record.cached_tokens,
+        "fault": record.fault,
+        "fault_at": record.fault_at,
+        "retry_after_s": record.retry_after_s,
+        "end_offset": record.end_offset,
+        "token_offsets": list(record.token_offsets),
+        "token_chars": list(record.token_chars),
+        "repeat_key": record.repeat_key,
+        "occurrence": record.occurrence,
     }
 
 

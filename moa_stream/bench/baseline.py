@@ -66,6 +66,7 @@ class Completion:
     started: float
     ended: float
     error: str | None = None
+    request_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +124,7 @@ async def complete(
                         attempt,
                         started,
                         clock(),
+                        request_id=resp.headers.get("x-request-id"),
                     )
                 error = f"HTTP {resp.status}"
                 if resp.status not in _RETRIED_STATUS:
@@ -196,6 +198,7 @@ async def run_reference(
                     streamed=False,
                     request=request,
                     tries=result.attempts,
+                    request_id=result.request_id,
                 )
             )
             text = result.text or ""
@@ -237,6 +240,7 @@ async def run_reference(
             duration_s=ended - started,
             request=request,
             tries=max(1, stream.timings.attempts),
+            request_id=getattr(stream, "request_id", None),
         )
     )
     ttft = None if first is None else first - t0

@@ -1,9 +1,10 @@
 """The oracle: the best TTFT a run's references allowed, from the simulator's own schedule.
 
 The simulator decides everything a reply does before it writes a byte: the time of every token
-relative to the request's arrival (:func:`moa_stream.sim._plan.build_plan`, a pure function of
-the model, the request, the seed and how many times that exact request was seen). So for any
-run the benchmark can recompute, for each request it made, when each token left the server.
+relative to the start of generation, which fault strikes and where. Its request records
+(:class:`moa_stream.sim.SimRecord`: ``token_offsets``, ``end_offset``, ``fault_at``...) keep
+that plan, so for any run the benchmark can look up, for each request it made (by the upstream
+request id the client saw), when each token was due to leave the server.
 
 With zero orchestration cost, every layer's requests would arrive at the simulator the moment
 the layer started, a reference would be usable the moment its last used token (for a complete
@@ -28,17 +29,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import orjson
-
-from moa_stream._types import ChatRequest
-from moa_stream.bench.trace import RunTrace
-from moa_stream.sim import SimModel
-from moa_stream.sim._plan import Plan, build_plan, parse_request
+from moa_stream.bench.trace import CallTrace, RunTrace
 
 __all__ = [
     "OracleParts",
+    "RecordSchedule",
     "Schedule",
-    "SimSchedule",
+    "Scheduled",
+    "ScheduledAttempt",
     "attempt_cost",
     "oracle_parts",
     "oracle_ttft",
@@ -47,78 +45,132 @@ __all__ = [
 ]
 
 
+class ScheduledAttempt(Protocol):
+    """One attempt of a request as the upstream scheduled it; offsets in seconds after its
+    generation started."""
+
+    @property
+    def offsets(self) -> Sequence[float]: ...
+    @property
+    def token_chars(self) -> Sequence[int]: ...
+    @property
+    def end_offset(self) -> float: ...
+    @property
+    def fault(self) -> str | None: ...
+    @property
+    def fault_at(self) -> int: ...
+    @property
+    def retry_after_s(self) -> float: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Scheduled:
+    """A :class:`ScheduledAttempt` from a simulator record (see
+    :func:`moa_stream.bench._simhost.record_fields`)."""
+
+    offsets: tuple[float, ...]
+    token_chars: tuple[int, ...]
+    end_offset: float
+    fault: str | None = None
+    fault_at: int = 0
+    retry_after_s: float = 0.0
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> Scheduled:
+        offsets = tuple(float(t) for t in record["token_offsets"])
+        end = record["end_offset"]
+        retry_after = record["retry_after_s"]
+        return cls(
+            offsets,
+            tuple(int(c) for c in record["token_chars"]),
+            (offsets[-1] if offsets else 0.0) if end is None else float(end),
+            record["fault"],
+            int(record["fault_at"]),
+            0.0 if retry_after is None else float(retry_after),
+        )
+
+
+def _first_offset(attempt: ScheduledAttempt) -> float:
+    """When the first token (or, with none, the finish chunk) went out."""
+    return attempt.offsets[0] if attempt.offsets else attempt.end_offset
+
+
+def _event_offset(attempt: ScheduledAttempt, k: int) -> float:
+    """When something scheduled after ``k`` content tokens happened."""
+    offsets = attempt.offsets
+    return offsets[k] if k < len(offsets) else attempt.end_offset
+
+
 def oracle_ttft(layers: Sequence[Sequence[float]], aggregator_ttft: float) -> float:
     """The oracle for ready times per layer (seconds after each layer's start) and the
     aggregator's scheduled TTFT. A layer with no ready time costs nothing."""
     return sum(max(ready) for ready in layers if ready) + aggregator_ttft
 
 
-def attempt_cost(plan: Plan) -> float:
+def attempt_cost(attempt: ScheduledAttempt) -> float:
     """How long a failed attempt held a reference up, by the simulator's schedule."""
-    if plan.fault == "rate_limit":
-        return plan.retry_after_s
-    if plan.fault == "server_error":
+    if attempt.fault == "rate_limit":
+        return attempt.retry_after_s
+    if attempt.fault == "server_error":
         return 0.0
-    return plan.event_offset(plan.fault_at)
+    return _event_offset(attempt, attempt.fault_at)
 
 
-def ready_at(plans: Sequence[Plan], used_chars: int | None = None) -> float:
+def ready_at(attempts: Sequence[ScheduledAttempt], used_chars: int | None = None) -> float:
     """When a reference became usable, seconds after its first attempt arrived.
 
-    ``plans`` are its attempts in order (the last one delivered the text); ``used_chars`` is how
-    much of its text was used (``None``: all of it, so the reference is ready at its end).
+    ``attempts`` are in order (the last one delivered the text); ``used_chars`` is how much of
+    its text was used (``None``: all of it, so the reference is ready at its end).
     """
-    if not plans:
+    if not attempts:
         raise ValueError("a reference needs at least one attempt")
-    before = sum(attempt_cost(p) for p in plans[:-1])
-    last = plans[-1]
-    if used_chars is None or not last.tokens:
+    before = sum(attempt_cost(p) for p in attempts[:-1])
+    last = attempts[-1]
+    if used_chars is None or not last.token_chars:
         return before + last.end_offset
     sent = 0
-    for offset, token in zip(last.offsets, last.tokens, strict=True):
-        sent += len(token)
+    for offset, chars in zip(last.offsets, last.token_chars, strict=True):
+        sent += chars
         if sent >= used_chars:
             return before + offset
     return before + last.end_offset
 
 
-def _body(request: ChatRequest) -> bytes:
-    """A request body as a provider would send it, for the fields the schedule depends on."""
-    body: dict[str, Any] = {"model": request.model, "messages": list(request.messages)}
-    if request.max_tokens is not None:
-        body["max_tokens"] = request.max_tokens
-    if request.stop:
-        body["stop"] = list(request.stop)
-    for key in ("seed", "sim"):
-        if key in request.extra:
-            body[key] = request.extra[key]
-    return orjson.dumps(body)
-
-
 class Schedule(Protocol):
-    """Anything that can say how the upstream scheduled a request's attempts."""
+    """Anything that can say how the upstream scheduled a call's attempts."""
 
-    def plans(self, request: ChatRequest, tries: int = 1) -> list[Plan]: ...
+    def attempts(self, call: CallTrace) -> Sequence[ScheduledAttempt] | None:
+        """The call's ``call.tries`` attempts in order; ``None`` if they are not known."""
+        ...
 
 
-@dataclass(frozen=True, slots=True)
-class SimSchedule:
-    """The simulator's planning for one server: its models and seed."""
+class RecordSchedule:
+    """The simulator's schedule of a benchmark cell, from its request records (as
+    :func:`~moa_stream.bench._simhost.record_fields` gives them), found by request id.
 
-    models: Mapping[str, SimModel]
-    seed: int
+    A call's earlier attempts are the records of the same request (``repeat_key``) just before
+    its last one (``occurrence``): the benchmark gives every run a distinct prompt, so only
+    retries repeat a request.
+    """
 
-    def plans(self, request: ChatRequest, tries: int = 1) -> list[Plan]:
-        """The plans of ``tries`` attempts of ``request``, in order.
+    __slots__ = ("_by_id", "_by_repeat")
 
-        Attempt ``i`` is the request's ``i``-th occurrence at the server: the benchmark gives
-        every run a distinct prompt, so only retries repeat a request.
-        """
-        model = self.models[request.model]
-        parsed = parse_request(_body(request))
-        return [
-            build_plan(model, parsed, seed=self.seed, occurrence=i) for i in range(max(1, tries))
+    def __init__(self, records: Mapping[str, Mapping[str, Any]]) -> None:
+        self._by_id = records
+        self._by_repeat = {(r["repeat_key"], r["occurrence"]): r for r in records.values()}
+
+    def attempts(self, call: CallTrace) -> list[Scheduled] | None:
+        last = self._by_id.get(call.request_id) if call.request_id is not None else None
+        if last is None:
+            return None
+        key, occurrence = last["repeat_key"], last["occurrence"]
+        found = [
+            self._by_repeat.get((key, i))
+            for i in range(max(0, occurrence - call.tries + 1), occurrence)
         ]
+        if any(r is None for r in found):
+            return None
+        return [Scheduled.from_record(r) for r in [*found, last] if r is not None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,22 +201,25 @@ def oracle_parts(trace: RunTrace, schedule: Schedule) -> OracleParts | None:
         ready: list[float] = []
         for ref in layer.used:
             call = trace.call("proposer", layer.layer, ref.index)
-            if call is None or call.request is None:
+            attempts = None if call is None else schedule.attempts(call)
+            if not attempts:
                 return None
-            plans = schedule.plans(call.request, call.tries)
-            ready.append(ready_at(plans, ref.chars if ref.status == "partial" else None))
+            ready.append(ready_at(attempts, ref.chars if ref.status == "partial" else None))
         layers.append(ready)
     aggregator_calls = [c for c in trace.calls if c.role == "aggregator"]
     # The first aggregator request that answered gave the first token (later ones, if any,
     # are staircase steps).
     answered = next((c for c in aggregator_calls if c.ttft_s is not None), None)
-    if answered is None or answered.request is None:
+    if answered is None:
         return None
     before = 0.0
     for call in itertools.takewhile(lambda c: c is not answered, aggregator_calls):
-        if call.request is None:
+        earlier = schedule.attempts(call)
+        if earlier is None:
             return None
-        before += sum(attempt_cost(p) for p in schedule.plans(call.request, call.tries))
-    plans = schedule.plans(answered.request, answered.tries)
-    aggregator = before + sum(attempt_cost(p) for p in plans[:-1]) + plans[-1].first_offset
+        before += sum(attempt_cost(p) for p in earlier)
+    attempts = schedule.attempts(answered)
+    if not attempts:
+        return None
+    aggregator = before + sum(attempt_cost(p) for p in attempts[:-1]) + _first_offset(attempts[-1])
     return OracleParts(tuple(max(ready) if ready else 0.0 for ready in layers), aggregator)

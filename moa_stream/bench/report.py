@@ -12,6 +12,9 @@ Times are seconds. ``tokens`` is the mean of prompt plus completion tokens over 
 of a run (proposers, cancelled ones included, and the aggregator); ``tokens_in_cached_mean``
 is the part of the prompt tokens the servers served from their prefix caches, and
 ``aggregator_requests_mean`` the aggregator requests per run (one per staircase step).
+``tokens_estimated_runs`` counts the runs where part of that usage is an estimate rather than
+the server's count (an upstream sent no usage, or a request ended before its usage came);
+results written before it existed lack it, and render without the marker.
 ``quality`` is the fraction of runs whose final answer was exactly right (``None`` for
 open-ended prompts).
 """
@@ -47,7 +50,8 @@ NOT_POLICIES = frozenset({"reference-moa", "single"})
 
 @dataclass(slots=True)
 class RunSample:
-    """One run's outcome. ``correct`` is ``None`` for open-ended prompts."""
+    """One run's outcome. ``correct`` is ``None`` for open-ended prompts. ``tokens_estimated``:
+    part of the run's usage is an estimate (see :attr:`moa_stream.Usage.estimated`)."""
 
     index: int
     question_id: str
@@ -60,6 +64,7 @@ class RunSample:
     refs_failed: int
     correct: bool | None
     cached_tokens: int = 0
+    tokens_estimated: bool = False
     aggregator_requests: int = 1
     decided_s: float | None = None
     oracle_ttft_s: float | None = None
@@ -181,6 +186,7 @@ def summarize(cell: CellResult) -> dict[str, Any]:
         "tokens_out_mean": round(mean_out, 1),
         "tokens_in_cached_mean": round(mean_cached, 1),
         "tokens_in_uncached_mean": round(mean_in - mean_cached, 1),
+        "tokens_estimated_runs": sum(1 for s in samples if s.tokens_estimated),
         "aggregator_requests_mean": _round(
             _mean([float(s.aggregator_requests) for s in samples]), 2
         ),
@@ -384,10 +390,20 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
+#: Marks token counts of which part is an estimate; explained under the table.
+ESTIMATED_MARK = "†"
+
+
+def _tokens_estimated(r: Mapping[str, Any]) -> bool:
+    # Results written before the field existed say nothing either way: no mark.
+    return bool(r.get("tokens_estimated_runs"))
+
+
 def _tokens_in_out(r: Mapping[str, Any]) -> str:
     cached = r.get("tokens_in_cached_mean") or 0.0
     share = f" ({100 * cached / r['tokens_in_mean']:.0f}%)" if r["tokens_in_mean"] else ""
-    return f"{r['tokens_in_mean']:,.0f}{share} / {r['tokens_out_mean']:,.0f}"
+    mark = f" {ESTIMATED_MARK}" if _tokens_estimated(r) else ""
+    return f"{r['tokens_in_mean']:,.0f}{share} / {r['tokens_out_mean']:,.0f}{mark}"
 
 
 def render_table(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -425,6 +441,18 @@ def render_table(rows: Sequence[Mapping[str, Any]]) -> str:
             )
             + " |"
         )
+    estimated = [r for r in rows if _tokens_estimated(r)]
+    if estimated:
+        runs = ", ".join(
+            f"{r['strategy']} {r['tokens_estimated_runs']} of {r.get('requests', '?')}"
+            for r in estimated
+        )
+        lines += [
+            "",
+            f"{ESTIMATED_MARK} Part of the counted usage is an estimate, not the server's count "
+            "(an upstream sent no usage, or a request ended before its usage came), in some "
+            f"runs: {runs}.",
+        ]
     return "\n".join(lines)
 
 

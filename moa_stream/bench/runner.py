@@ -35,7 +35,7 @@ from moa_stream.bench._progress import Progress
 from moa_stream.bench._recording import CallLog, RecordingProvider, current_log
 from moa_stream.bench._simhost import InProcessSimHost, ProcessSimHost, SimHost
 from moa_stream.bench.baseline import Endpoint, ReferenceMoA, run_reference
-from moa_stream.bench.oracle import SimSchedule, oracle_parts
+from moa_stream.bench.oracle import RecordSchedule, oracle_parts
 from moa_stream.bench.quality import (
     BenchQuestion,
     arithmetic_questions,
@@ -133,6 +133,7 @@ async def _run_engine(spec: MoA, index: int, question: BenchQuestion) -> rep.Run
         refs_failed=sum(1 for r in refs if r.status == "failed"),
         correct=_graded(report.text, question, error),
         cached_tokens=report.usage.cached_prompt_tokens,
+        tokens_estimated=report.usage.estimated,
         aggregator_requests=sum(1 for a in report.agents if a.role == "aggregator"),
         decided_s=report.time_to_quorum_s,
         error=error or report.error,
@@ -171,6 +172,7 @@ async def _run_reference(
         refs_failed=sum(1 for r in refs if r.status == "failed"),
         correct=_graded(result.text, question, result.error),
         cached_tokens=result.usage.cached_prompt_tokens,
+        tokens_estimated=result.usage.estimated,
         decided_s=trace.layers[0].decided_s if trace.layers else None,
         error=result.error,
         text=result.text,
@@ -251,7 +253,6 @@ async def _offline_cell(
     n = settings.requests or scenario.requests
     concurrency = settings.concurrency or scenario.concurrency
     url = await host.start(scen.models, settings.seed)
-    schedule = SimSchedule(MappingProxyType({m.name: m for m in scen.models}), settings.seed)
     # Enough pooled connections for every request of every run in flight (self-MoA sends four
     # to one model), so no request waits for a connection.
     limit = concurrency * max(4, len(scen.proposers)) + 8
@@ -297,6 +298,7 @@ async def _offline_cell(
         await host.stop()
     for sample in samples:
         _server_prompt_tokens(sample, records)
+    schedule = RecordSchedule(records)
     for sample in samples:
         trace = sample.trace
         parts = None if trace is None else oracle_parts(trace, schedule)

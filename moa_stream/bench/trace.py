@@ -129,17 +129,24 @@ def trace_from_report(
 ) -> RunTrace:
     """The trace of an engine run, its requests matched from the run's call log.
 
-    The engine opens its streams in the order its report lists them; matching per model (the
-    n-th logged request for a model is the n-th report entry for it) keeps that robust even if
-    requests to different models interleave differently.
+    A report entry and a logged request are the same request when they carry the same upstream
+    request id. Entries without one (an upstream that sends no id) fall back to order: the
+    engine opens its streams in the order its report lists them, and matching per model (the
+    n-th unmatched logged request for a model is the n-th such report entry for it) keeps that
+    robust even if requests to different models interleave differently.
     """
+    by_id = {call.request_id: call for call in logged if call.request_id is not None}
+    matched = [by_id.pop(a.request_id, None) if a.request_id else None for a in report.agents]
+    taken = {id(call) for call in matched if call is not None}
     pending: dict[str, list[LoggedCall]] = {}
     for call in logged:
-        pending.setdefault(call.model, []).append(call)
+        if id(call) not in taken:
+            pending.setdefault(call.model, []).append(call)
     calls = []
-    for a in report.agents:
-        queue = pending.get(a.model)
-        match = queue.pop(0) if queue else None
+    for a, match in zip(report.agents, matched, strict=True):
+        if match is None:
+            queue = pending.get(a.model)
+            match = queue.pop(0) if queue else None
         timings = match.stream.timings if match is not None and match.stream is not None else None
         calls.append(
             CallTrace(

@@ -218,7 +218,9 @@ class Hedged:
 @dataclass(frozen=True, slots=True)
 class AgentReport:
     """What one request of the run did. ``role`` is ``proposer`` or ``aggregator``; times are
-    seconds since the run started (``started_s``) or since the request started (``ttft_s``)."""
+    seconds since the run started (``started_s``) or since the request started (``ttft_s``).
+    ``request_id`` is the upstream's id of the request (of its last attempt, after retries), when
+    the provider's response carried one: it names the request in the upstream's own logs."""
 
     agent: str
     model: str
@@ -234,6 +236,7 @@ class AgentReport:
     chars: int
     error: str | None = None
     hedge: HedgeInfo | None = None
+    request_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -145,6 +145,13 @@ class Call:
         """The hedge of this call's request, if one was sent."""
         return getattr(self.stream, "hedge", None)
 
+    @property
+    def request_id(self) -> str | None:
+        """The upstream's id of this call's request, if its response named one. Read when the
+        report is built, never while streaming; providers without the attribute give ``None``."""
+        value = getattr(self.stream, "request_id", None)
+        return value if isinstance(value, str) else None
+
     def usage(self) -> Usage:
         """The provider's figures (the server's count when it sent one, else the provider's
         estimate); the package's estimate only when the provider has none yet."""

@@ -817,6 +817,7 @@ class MoARun(AsyncResource):
                     chars=c.chars,
                     error=c.error,
                     hedge=c.hedge,
+                    request_id=c.request_id,
                 )
             )
         end = self._ended_at if self._ended_at is not None else self._clock()

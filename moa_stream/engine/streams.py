@@ -130,6 +130,10 @@ class StreamWrapper(AsyncResource):
     def hedge(self) -> HedgeInfo | None:
         return getattr(self._inner, "hedge", None)
 
+    @property
+    def request_id(self) -> str | None:
+        return getattr(self._inner, "request_id", None)
+
     def __aiter__(self) -> Self:
         return self
 
@@ -268,6 +272,11 @@ class HedgedStream(AsyncResource):
     @property
     def timings(self) -> StreamTimings:
         return (self._winner or self._primary).timings
+
+    @property
+    def request_id(self) -> str | None:
+        """The upstream's id of the copy that won (of the primary, before either did)."""
+        return getattr(self._winner or self._primary, "request_id", None)
 
     def __aiter__(self) -> Self:
         return self

@@ -151,10 +151,7 @@ class MessagesRoute:
             fault=forced,
             random_faults=random_faults,
         )
-        record.prompt_tokens = plan.prompt_tokens
-        record.fault = plan.fault_label
-        record.question_id = plan.question_id
-        record.answer = plan.answer
+        record._take_plan(plan, req.repeat_key, occurrence)
         refusal = self._refusal(record, model, plan)
         if refusal is not None:
             return refusal

@@ -89,6 +89,11 @@ class ParsedRequest:
         """What varies the sample between otherwise equal requests: OpenAI ``seed``, sim sample."""
         return (self.seed, None if self.sim is None else self.sim.sample)
 
+    @property
+    def repeat_key(self) -> str:
+        """What makes two requests the same one (a retry): model, messages and sample."""
+        return f"{self.model}/{self.prompt_digest}/{self.sample!r}"
+
 
 def _bad(param: str, message: str, code: str = "invalid_type") -> RequestError:
     return RequestError(400, message, param=param, code=code)

@@ -16,8 +16,9 @@ import contextlib
 import math
 import secrets
 import time
+from array import array
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from types import MappingProxyType, TracebackType
 from typing import Any, Literal
@@ -76,6 +77,17 @@ class SimRecord:
     ``scheduled_ttft_s`` is that minus ``received_at``. ``completion_tokens`` counts the content
     tokens actually written. ``fault`` names the injected fault, if any; ``question_id`` and
     ``answer`` are set for quiz prompts.
+
+    The plan, for whoever wants to know when the reply was due (a benchmark's oracle), with
+    offsets in seconds after generation started (``received_at + queued_s``):
+    ``token_offsets[i]`` is when content token ``i`` was due, ``token_chars[i]`` its length in
+    characters (the reply may have stopped sooner), ``end_offset`` when the finish chunk was due
+    (both compact arrays: a record outlives its reply, the text need not).
+    ``fault_at`` counts the content tokens sent before a mid-stream fault; ``retry_after_s`` is
+    what a 429 asked the client to wait. ``repeat_key`` is equal for requests the simulator
+    treats as the same one (model, messages and sample), ``occurrence`` says how many of them
+    came before this one: a retry's earlier attempts are the records with its key and lower
+    occurrences.
     """
 
     request_id: str
@@ -98,6 +110,29 @@ class SimRecord:
     answer: int | None = None
     cached_tokens: int = 0
     continuation: str | None = None
+    token_offsets: Sequence[float] = ()
+    token_chars: Sequence[int] = ()
+    end_offset: float | None = None
+    fault_at: int = 0
+    retry_after_s: float | None = None
+    repeat_key: str = ""
+    occurrence: int = 0
+
+    def _take_plan(self, plan: Plan, repeat_key: str, occurrence: int) -> None:
+        """Keep what a plan decided (once per request, before the reply starts)."""
+        self.prompt_tokens = plan.prompt_tokens
+        self.cached_tokens = plan.cached_tokens
+        self.continuation = plan.continuation
+        self.fault = plan.fault_label
+        self.question_id = plan.question_id
+        self.answer = plan.answer
+        self.token_offsets = array("d", plan.offsets)
+        self.token_chars = array("I", map(len, plan.tokens))
+        self.end_offset = plan.end_offset
+        self.fault_at = plan.fault_at
+        self.retry_after_s = plan.retry_after_s if plan.fault == "rate_limit" else None
+        self.repeat_key = repeat_key
+        self.occurrence = occurrence
 
     @property
     def ttft_s(self) -> float | None:
@@ -479,12 +514,7 @@ class SimServer:
             continuation=continuation,
             cached_chars=cached_chars,
         )
-        record.prompt_tokens = plan.prompt_tokens
-        record.cached_tokens = plan.cached_tokens
-        record.continuation = plan.continuation
-        record.fault = plan.fault_label
-        record.question_id = plan.question_id
-        record.answer = plan.answer
+        record._take_plan(plan, req.repeat_key, occurrence)
 
         if plan.fault == "rate_limit":
             return self._refuse(record, 429, plan)

@@ -56,6 +56,16 @@ async def test_a_slow_aggregator_is_hedged_to_the_fast_backup(
     assert hedge.requests == 1 and hedge.hedges == 1
     assert [r.model for r in sim.records] == ["slow", "fast"]
     assert sim.records[0].outcome != "complete", "the losing copy was closed"
+    assert report.agents[0].request_id == sim.records[1].request_id, "the winner's request"
+
+
+async def test_an_agent_with_timeouts_still_reports_its_upstream_request_id(
+    provider: OpenAIProvider, sim: SimServer
+) -> None:
+    spec = single(Agent("fast", provider, "fast", first_token_timeout=30.0, timeout=60.0))
+    result = await spec.stream(USER).final()
+    (record,) = sim.records
+    assert result.report.agents[0].request_id == record.request_id
 
 
 async def test_a_slow_proposer_is_hedged_and_its_answer_used(provider: OpenAIProvider) -> None:

@@ -86,6 +86,20 @@ async def test_the_aggregator_sees_the_proposers_answers_over_http(
     assert result.report.usage.prompt_tokens > 0 and not result.report.usage.estimated
 
 
+async def test_each_report_entry_names_the_upstream_request_it_made(
+    sim: SimServer, provider: OpenAIProvider
+) -> None:
+    result = (
+        await moa(agents(provider, "fast-a", "fast-b"), Agent("agg", provider, "agg"))
+        .stream(USER)
+        .final()
+    )
+    await sim.wait_idle(timeout=5.0)
+    models = {r.request_id: r.model for r in sim.records}
+    assert len(models) == 3
+    assert {a.request_id: a.model for a in result.report.agents} == models
+
+
 async def test_a_failing_proposer_over_http_is_reported_with_its_kind(
     provider: OpenAIProvider,
 ) -> None:
