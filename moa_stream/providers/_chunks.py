@@ -32,7 +32,6 @@ __all__ = [
     "make_delta",
     "parse_chunk",
     "parse_completion",
-    "parse_error_body",
     "upstream_error",
 ]
 
@@ -251,18 +250,6 @@ def upstream_error(data: str) -> ProviderError:
     if overflow is not None:
         return overflow
     return UpstreamError(message, code=code, error_type=error_type)
-
-
-def parse_error_body(body: bytes) -> tuple[str, str | None, str | None]:
-    """``(message, code, type)`` from an HTTP error response body, JSON or not."""
-    try:
-        fields = error_fields(_loads(body))
-    except _JSONDecodeError:
-        fields = None
-    if fields is not None:
-        return fields
-    text = body.decode("utf-8", "replace").strip()
-    return (text[:MAX_ERROR_CHARS], None, None)
 
 
 def parse_chunk(data: str) -> Delta | Done | None:

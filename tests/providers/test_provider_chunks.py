@@ -13,8 +13,8 @@ from moa_stream.providers._chunks import (
     make_delta,
     parse_chunk,
     parse_completion,
-    parse_error_body,
 )
+from moa_stream.providers._http import status_error
 
 
 def chunk(delta: dict[str, Any] | None = None, finish: Any = None, **top: Any) -> str:
@@ -254,12 +254,15 @@ def test_fast_delta_factory_builds_equal_deltas() -> None:
     ],
 )
 def test_error_body(body: bytes, expected: tuple[str, str | None, str | None]) -> None:
-    assert parse_error_body(body) == expected
+    message, code, error_type = expected
+    error = status_error(502, body, {}, "Bad Gateway")
+    assert error.message == f"HTTP 502: {message or 'Bad Gateway'}"
+    assert (error.code, error.error_type) == (code, error_type)
 
 
 def test_error_body_text_is_bounded() -> None:
-    message, _, _ = parse_error_body(b"x" * 10_000)
-    assert len(message) <= 500
+    error = status_error(502, b"x" * 10_000, {}, None)
+    assert len(error.message) <= len("HTTP 502: ") + 500
 
 
 def test_completion_body() -> None:
