@@ -47,7 +47,7 @@ from moa_stream._types import ChatRequest, Delta, StreamTimings, Usage
 from moa_stream._wire import parse_retry_after
 from moa_stream.providers._base import check_continuation
 from moa_stream.providers._chunks import context_length_error, make_delta
-from moa_stream.providers._http import Endpoint
+from moa_stream.providers._http import Endpoint, _status_error_class
 from moa_stream.providers._policy import RetryPolicy, Timeouts
 from moa_stream.providers._retry import RetryingStream
 
@@ -94,14 +94,11 @@ def _translate(exc: Exception, *, started: bool) -> ProviderError:
         return ConnectError(message)
     if status is None:
         return UpstreamError(message) if started else ConnectError(message)
-    if status in (401, 403):
-        return AuthenticationError(message, status=status)
-    if status == 404:
-        return ModelNotFoundError(message, status=status)
-    if status == 429:
-        return RateLimitError(message, status=status, retry_after=parse_retry_after(headers))
-    if status == 408 or status >= 500:
-        return ServerError(message, status=status, retry_after=parse_retry_after(headers))
+    cls = _status_error_class(status)
+    if cls in (RateLimitError, ServerError):
+        return cls(message, status=status, retry_after=parse_retry_after(headers))
+    if cls in (AuthenticationError, ModelNotFoundError):
+        return cls(message, status=status)
     overflow = context_length_error(message, None, None)
     if overflow is not None:
         overflow.status = status
