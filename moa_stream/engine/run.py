@@ -267,6 +267,20 @@ class MoARun(AsyncResource):
         self._tasks.add(task)
         return task
 
+    def _messages_for(self, agent: Agent, refs: Sequence[Reference] | None) -> list[ChatMessage]:
+        """The request messages of a call: the conversation under the agent's system prompt,
+        plus the previous layer's references when there is one (first-layer proposers and a
+        single-model run have none)."""
+        if refs is None:
+            return with_system_prompt(self.messages, agent.system_prompt)
+        return build_reference_messages(
+            self.messages,
+            refs,
+            templates=self.spec.templates,
+            system_prompt=agent.system_prompt,
+            max_reference_chars=self.spec.max_reference_chars,
+        )
+
     def _start_layer(self, li: int, refs: Sequence[Reference] | None) -> list[Event]:
         spec = self.spec
         layer = spec.layers[li]
@@ -274,16 +288,7 @@ class MoARun(AsyncResource):
         calls: list[Call] = []
         events: list[Event] = []
         for index, agent in enumerate(layer.agents):
-            if refs is None:
-                messages = with_system_prompt(self.messages, agent.system_prompt)
-            else:
-                messages = build_reference_messages(
-                    self.messages,
-                    refs,
-                    templates=spec.templates,
-                    system_prompt=agent.system_prompt,
-                    max_reference_chars=spec.max_reference_chars,
-                )
+            messages = self._messages_for(agent, refs)
             call = self._new_call(agent, "proposer", li, index, now, messages)
             calls.append(call)
             request = agent.request(messages, max_tokens=layer.max_tokens)
@@ -653,17 +658,7 @@ class MoARun(AsyncResource):
         """Build the aggregator's request and send it, in this task: no loop turn between the
         decision and the request. Returns once the response headers arrived (real servers send
         them at once; the first token comes much later) or the attempt failed."""
-        spec = self.spec
-        if refs is None:
-            messages = with_system_prompt(self.messages, agent.system_prompt)
-        else:
-            messages = build_reference_messages(
-                self.messages,
-                refs,
-                templates=spec.templates,
-                system_prompt=agent.system_prompt,
-                max_reference_chars=spec.max_reference_chars,
-            )
+        messages = self._messages_for(agent, refs)
         temperature, max_tokens, stop = self._overrides
         request = agent.request(messages, temperature=temperature, max_tokens=max_tokens, stop=stop)
         call = self._new_call(
