@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Self
@@ -206,12 +207,6 @@ class MoARun(AsyncResource):
                 task.cancel()
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
-            # A task cancelled before it first ran never saw its CancelledError.
-            now = self._clock()
-            for call in self._calls:
-                if call.outcome == "running" and call.role == "proposer":
-                    call.outcome = "cancelled"
-                    call.ended_at = now
         self._tasks.clear()
         self._closed = True
         self._report = None  # rebuilt with the final accounting on next access
@@ -293,6 +288,7 @@ class MoARun(AsyncResource):
             calls.append(call)
             request = agent.request(messages, max_tokens=layer.max_tokens)
             call.task = self._spawn(self._propose(call, agent, request))
+            call.task.add_done_callback(functools.partial(self._proposer_task_done, call))
             events.append(ProposerStarted(li, index, agent.name, now - self._t0))
         self._states.append(
             LayerState(
@@ -304,6 +300,13 @@ class MoARun(AsyncResource):
             )
         )
         return events
+
+    def _proposer_task_done(self, call: Call, task: asyncio.Task[Any]) -> None:
+        """A proposer task cancelled before it first ran never entered :meth:`_propose`, so
+        never saw its CancelledError: record the cancellation here, whoever cancelled it."""
+        if task.cancelled() and call.outcome == "running":
+            call.outcome = "cancelled"
+            call.ended_at = self._clock()
 
     def _new_call(
         self,
