@@ -513,12 +513,17 @@ class MoARun(AsyncResource):
         (for the report; before that the queue is the events' source)."""
         if not (self._finished or self._gen_exited.is_set()):
             return
+        self._take_queued(self._clock())
+
+    def _take_queued(
+        self, now: float, li: int | None = None, events: list[Event] | None = None
+    ) -> None:
+        """Take in everything queued, timer ticks aside; ``events`` gets layer ``li``'s."""
         inbox = self._inbox
-        now = self._clock()
         while not inbox.empty():
             item = inbox.get_nowait()
             if item is not None:
-                self._take(item, None, now)
+                self._take(item, events if item.layer == li else None, now)
 
     # -- the run -----------------------------------------------------------------------------
     async def _drive(self) -> AsyncGenerator[Event, None]:
@@ -864,15 +869,11 @@ class _StaircaseHost:
         return [c.chunks for c in self.state.calls if c.status == "running"]
 
     def drain(self) -> list[Event]:
-        run, inbox = self.run, self.run._inbox
-        if inbox.empty():
+        run = self.run
+        if run._inbox.empty():
             return []
         events: list[Event] = []
-        now = run._clock()
-        while not inbox.empty():
-            item = inbox.get_nowait()
-            if item is not None:
-                run._take(item, events if item.layer == self.li else None, now)
+        run._take_queued(run._clock(), self.li, events)
         return events
 
     async def wait(self, until: float | None) -> list[Event]:
