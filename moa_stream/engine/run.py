@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Self
@@ -206,12 +207,6 @@ class MoARun(AsyncResource):
                 task.cancel()
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
-            # A task cancelled before it first ran never saw its CancelledError.
-            now = self._clock()
-            for call in self._calls:
-                if call.outcome == "running" and call.role == "proposer":
-                    call.outcome = "cancelled"
-                    call.ended_at = now
         self._tasks.clear()
         self._closed = True
         self._report = None  # rebuilt with the final accounting on next access
@@ -267,6 +262,20 @@ class MoARun(AsyncResource):
         self._tasks.add(task)
         return task
 
+    def _messages_for(self, agent: Agent, refs: Sequence[Reference] | None) -> list[ChatMessage]:
+        """The request messages of a call: the conversation under the agent's system prompt,
+        plus the previous layer's references when there is one (first-layer proposers and a
+        single-model run have none)."""
+        if refs is None:
+            return with_system_prompt(self.messages, agent.system_prompt)
+        return build_reference_messages(
+            self.messages,
+            refs,
+            templates=self.spec.templates,
+            system_prompt=agent.system_prompt,
+            max_reference_chars=self.spec.max_reference_chars,
+        )
+
     def _start_layer(self, li: int, refs: Sequence[Reference] | None) -> list[Event]:
         spec = self.spec
         layer = spec.layers[li]
@@ -274,20 +283,12 @@ class MoARun(AsyncResource):
         calls: list[Call] = []
         events: list[Event] = []
         for index, agent in enumerate(layer.agents):
-            if refs is None:
-                messages = with_system_prompt(self.messages, agent.system_prompt)
-            else:
-                messages = build_reference_messages(
-                    self.messages,
-                    refs,
-                    templates=spec.templates,
-                    system_prompt=agent.system_prompt,
-                    max_reference_chars=spec.max_reference_chars,
-                )
+            messages = self._messages_for(agent, refs)
             call = self._new_call(agent, "proposer", li, index, now, messages)
             calls.append(call)
             request = agent.request(messages, max_tokens=layer.max_tokens)
             call.task = self._spawn(self._propose(call, agent, request))
+            call.task.add_done_callback(functools.partial(self._proposer_task_done, call))
             events.append(ProposerStarted(li, index, agent.name, now - self._t0))
         self._states.append(
             LayerState(
@@ -299,6 +300,13 @@ class MoARun(AsyncResource):
             )
         )
         return events
+
+    def _proposer_task_done(self, call: Call, task: asyncio.Task[Any]) -> None:
+        """A proposer task cancelled before it first ran never entered :meth:`_propose`, so
+        never saw its CancelledError: record the cancellation here, whoever cancelled it."""
+        if task.cancelled() and call.outcome == "running":
+            call.outcome = "cancelled"
+            call.ended_at = self._clock()
 
     def _new_call(
         self,
@@ -505,12 +513,17 @@ class MoARun(AsyncResource):
         (for the report; before that the queue is the events' source)."""
         if not (self._finished or self._gen_exited.is_set()):
             return
+        self._take_queued(self._clock())
+
+    def _take_queued(
+        self, now: float, li: int | None = None, events: list[Event] | None = None
+    ) -> None:
+        """Take in everything queued, timer ticks aside; ``events`` gets layer ``li``'s."""
         inbox = self._inbox
-        now = self._clock()
         while not inbox.empty():
             item = inbox.get_nowait()
             if item is not None:
-                self._take(item, None, now)
+                self._take(item, events if item.layer == li else None, now)
 
     # -- the run -----------------------------------------------------------------------------
     async def _drive(self) -> AsyncGenerator[Event, None]:
@@ -653,17 +666,7 @@ class MoARun(AsyncResource):
         """Build the aggregator's request and send it, in this task: no loop turn between the
         decision and the request. Returns once the response headers arrived (real servers send
         them at once; the first token comes much later) or the attempt failed."""
-        spec = self.spec
-        if refs is None:
-            messages = with_system_prompt(self.messages, agent.system_prompt)
-        else:
-            messages = build_reference_messages(
-                self.messages,
-                refs,
-                templates=spec.templates,
-                system_prompt=agent.system_prompt,
-                max_reference_chars=spec.max_reference_chars,
-            )
+        messages = self._messages_for(agent, refs)
         temperature, max_tokens, stop = self._overrides
         request = agent.request(messages, temperature=temperature, max_tokens=max_tokens, stop=stop)
         call = self._new_call(
@@ -866,15 +869,11 @@ class _StaircaseHost:
         return [c.chunks for c in self.state.calls if c.status == "running"]
 
     def drain(self) -> list[Event]:
-        run, inbox = self.run, self.run._inbox
-        if inbox.empty():
+        run = self.run
+        if run._inbox.empty():
             return []
         events: list[Event] = []
-        now = run._clock()
-        while not inbox.empty():
-            item = inbox.get_nowait()
-            if item is not None:
-                run._take(item, events if item.layer == self.li else None, now)
+        run._take_queued(run._clock(), self.li, events)
         return events
 
     async def wait(self, until: float | None) -> list[Event]:

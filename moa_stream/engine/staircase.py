@@ -166,11 +166,16 @@ class Staircase:
     continuation: Mapping[str, Continuation] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        parse_steps(self.steps)
+        # An invalid argument is a ConfigError, as everywhere else in the engine; the text
+        # parsers keep raising ValueError, which the config loader turns into a located error.
+        try:
+            parse_steps(self.steps)
+        except ValueError as exc:
+            raise ConfigError(f"Staircase(steps): {exc}") from None
         if self.lead is not None and self.lead < 0:
-            raise ValueError("Staircase(lead) needs lead >= 0")
+            raise ConfigError("Staircase(lead) needs lead >= 0")
         if self.give_up_after is not None and not self.give_up_after >= 0:
-            raise ValueError("Staircase(give_up_after) needs a non-negative number")
+            raise ConfigError("Staircase(give_up_after) needs a non-negative number")
 
     def for_agent(self, name: str) -> Continuation:
         return self.continuation.get(name, self.default)

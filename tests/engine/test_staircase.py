@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 from hypothesis import given
@@ -16,6 +16,7 @@ from moa_stream.engine.staircase import (
     Continuation,
     Joiner,
     ReferenceTracker,
+    Staircase,
     StepPrompts,
     parse_continuation,
     parse_steps,
@@ -136,6 +137,18 @@ def test_step_schedule_repeats_its_last_size() -> None:
     for bad in ("", "8, x", "0", "-4"):
         with pytest.raises(ValueError, match="step"):
             parse_steps(bad)
+
+
+def test_staircase_rejects_bad_arguments_with_config_error() -> None:
+    bad: list[Callable[[], Staircase]] = [
+        lambda: Staircase(steps=()),
+        lambda: Staircase(steps=(8, 0)),
+        lambda: Staircase(lead=-1),
+        lambda: Staircase(give_up_after=-0.5),
+    ]
+    for make in bad:
+        with pytest.raises(ConfigError, match="Staircase"):
+            make()
 
 
 def test_continuation_names() -> None:

@@ -211,3 +211,18 @@ async def test_cancelling_the_caller_mid_step_leaks_nothing(
         await task
     await sim.wait_idle(timeout=5.0)
     assert sim.in_flight == 0
+
+
+async def test_proposer_events_go_on_while_the_steps_run(provider: OpenAIProvider) -> None:
+    """The references a staircase keeps reading still reach the caller as events: each
+    proposer's deltas add up to the text its ``proposer.done`` reports."""
+    deltas: dict[str, list[str]] = {}
+    done: dict[str, str] = {}
+    async with stairs(provider).stream(USER) as run:
+        async for event in run.events():
+            if event.type == "proposer.delta":
+                deltas.setdefault(event.agent, []).append(event.text)
+            elif event.type == "proposer.done":
+                done[event.agent] = event.text
+    assert set(done) == {"p-a", "p-b", "p-slow"}
+    assert {name: "".join(parts) for name, parts in deltas.items()} == done
