@@ -232,8 +232,7 @@ class MessagesRoute:
         record.first_token_sent_at = record.last_token_sent_at = now
         record.status = 200
         record.completion_tokens = n
-        record.finish_reason = plan.finish_reason
-        record.outcome = f"fault:{plan.fault_label}" if plan.fault_label else "complete"
+        self._sim._mark_done(record, plan)
         return _json(200, body, record.request_id)
 
     async def _stream(
@@ -414,8 +413,7 @@ class MessagesRoute:
             + _event("message_stop", {"type": "message_stop"})
         )
         await resp.write_eof()
-        record.finish_reason = plan.finish_reason
-        record.outcome = f"fault:{plan.fault_label}" if plan.fault_label else "complete"
+        self._sim._mark_done(record, plan)
 
 
 async def _sleep_until(when: float) -> None:
