@@ -108,16 +108,13 @@ def progress_level(options: Mapping[str, Any], header: str | None) -> tuple[bool
     """``(progress, text)`` asked for by the body's ``moa_stream`` options and the
     ``X-MoA-Progress`` header: progress is on with a truthy header, ``text``, or
     ``"progress": true`` / ``"text"`` in the body; text only with ``text``."""
-    header_text = header is not None and header.strip().lower() == PROGRESS_TEXT
-    if options.get("progress") == PROGRESS_TEXT:
+    value = options.get("progress")
+    if value == PROGRESS_TEXT:
         return True, True
-    try:
-        body = optional_bool(options, "progress", "moa_stream.progress")
-    except WireError:
-        raise wrong_type(
-            "moa_stream.progress", 'a boolean or "text"', options.get("progress")
-        ) from None
-    return body or header_text or truthy_header(header), header_text
+    if value is not None and not isinstance(value, bool):
+        raise wrong_type("moa_stream.progress", 'a boolean or "text"', value)
+    header_text = header is not None and header.strip().lower() == PROGRESS_TEXT
+    return bool(value) or header_text or truthy_header(header), header_text
 
 
 class RequestContext:

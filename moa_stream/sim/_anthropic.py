@@ -206,7 +206,7 @@ class MessagesRoute:
         thinking: bool,
     ) -> web.StreamResponse:
         async with self._sim._slot(model):
-            start = self._start(record, plan)
+            start = self._sim._mark_start(record, plan)
             delay = start + plan.end_offset - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
@@ -232,17 +232,8 @@ class MessagesRoute:
         record.first_token_sent_at = record.last_token_sent_at = now
         record.status = 200
         record.completion_tokens = n
-        record.finish_reason = plan.finish_reason
-        record.outcome = f"fault:{plan.fault_label}" if plan.fault_label else "complete"
+        self._sim._mark_done(record, plan)
         return _json(200, body, record.request_id)
-
-    @staticmethod
-    def _start(record: SimRecord, plan: Plan) -> float:
-        start = time.monotonic()
-        record.queued_s = start - record.received_at
-        record.scheduled_first_token_at = start + plan.first_offset
-        record.scheduled_ttft_s = record.scheduled_first_token_at - record.received_at
-        return start
 
     async def _stream(
         self,
@@ -268,7 +259,7 @@ class MessagesRoute:
             await resp.prepare(request)
             record.status = 200
             async with sim._slot(model):
-                start = self._start(record, plan)
+                start = sim._mark_start(record, plan)
                 message: dict[str, Any] = {
                     "id": message_id,
                     "type": "message",
@@ -422,8 +413,7 @@ class MessagesRoute:
             + _event("message_stop", {"type": "message_stop"})
         )
         await resp.write_eof()
-        record.finish_reason = plan.finish_reason
-        record.outcome = f"fault:{plan.fault_label}" if plan.fault_label else "complete"
+        self._sim._mark_done(record, plan)
 
 
 async def _sleep_until(when: float) -> None:

@@ -592,6 +592,12 @@ class SimServer:
         return start
 
     @staticmethod
+    def _mark_done(record: SimRecord, plan: Plan) -> None:
+        """Record a reply that went out in full: its finish reason, and its planned fault."""
+        record.finish_reason = plan.finish_reason
+        record.outcome = f"fault:{plan.fault_label}" if plan.fault_label else "complete"
+
+    @staticmethod
     def _x_sim(record: SimRecord, first_token_at: float) -> dict[str, Any]:
         return {
             "request_id": record.request_id,
@@ -645,8 +651,7 @@ class SimServer:
             body = body[: len(body) // 2]
         record.status = 200
         record.completion_tokens = len(plan.tokens)
-        record.finish_reason = plan.finish_reason
-        record.outcome = f"fault:{plan.fault_label}" if plan.fault_label else "complete"
+        self._mark_done(record, plan)
         return _json_response(body, 200, record.request_id)
 
     async def _stream(
@@ -777,5 +782,4 @@ class SimServer:
             parts.append(after_finish)
             await resp.write(b"".join(parts))
         await resp.write_eof()
-        record.finish_reason = plan.finish_reason
-        record.outcome = f"fault:{plan.fault_label}" if plan.fault_label else "complete"
+        self._mark_done(record, plan)
