@@ -19,7 +19,6 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp import web
-from test_playground import finish, lanes, open_page
 
 from moa_stream._types import Usage
 from moa_stream._wire import DONE, ChunkEncoder
@@ -42,6 +41,7 @@ from moa_stream.server.progress import PREFIX, ProgressEncoder
 pytest.importorskip("selenium", reason="selenium is not installed: pip install -e '.[ui]'")
 
 from selenium.webdriver.common.by import By
+from support.playground_page import finish, lanes, open_page
 
 pytestmark = pytest.mark.ui
 
