@@ -95,7 +95,9 @@ def scripted_stream() -> list[bytes]:
     frames.append(progress.frame(ProposerDone(0, 1, "b", "x", "stop", usage, 0.2, 0.9)) or b"")
     frames.append(progress.frame(AggregatorDone("agg", "stop", usage, 0.1, 1.15)) or b"")
     frames.append(progress.frame(RunDone(report, 1.2)) or b"")
-    frames.append(chunks.finish("stop") + chunks.usage(usage) + DONE)
+    frames.append(
+        chunks.finish("stop") + chunks.usage(usage.prompt_tokens, usage.completion_tokens) + DONE
+    )
     return frames
 
 
