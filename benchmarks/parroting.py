@@ -33,22 +33,12 @@ from typing import Any
 
 import orjson
 
+# The open questions of the real-inference benchmark: the two measure the same prompts.
+from real_inference import QUESTIONS
+
 from moa_stream import Agent, OpenAIProvider, RetryPolicy, Timeouts, WaitAll, moa
 from moa_stream.bench._cli import quiet_logs
 from moa_stream.engine.prompts import PromptTemplates
-
-QUESTIONS = (
-    "Why is the sky blue?",
-    "What are three tips for staying healthy?",
-    "Explain what a compiler does.",
-    "How do plants make their food?",
-    "What is the difference between weather and climate?",
-    "Give two reasons to learn a second language.",
-    "Why do we have seasons on Earth?",
-    "What is a good way to start learning to cook?",
-    "How does a bicycle stay upright?",
-    "What causes tides in the ocean?",
-)
 
 PROPOSERS = 3
 

@@ -20,7 +20,7 @@ from moa_stream.bench.oracle import (
     run_oracle,
 )
 from moa_stream.bench.trace import CallTrace, LayerTrace, RefTrace, RunTrace, trace_from_report
-from moa_stream.engine import Agent, Quorum, moa
+from moa_stream.engine import Agent, MoA, Quorum, RunResult, moa
 from moa_stream.providers import OpenAIProvider, RetryPolicy
 from moa_stream.sim import SimServer
 
@@ -33,6 +33,21 @@ def plan(offsets: list[float], tokens: list[str] | None = None, **kw: object) ->
     end = kw.pop("end_offset", offsets[-1] if offsets else 0.0)
     chars = tuple(len(t) for t in tokens)
     return Scheduled(tuple(offsets), chars, end, **kw)  # type: ignore[arg-type]
+
+
+async def _final_and_calls(
+    spec: MoA, provider: RecordingProvider, question: str
+) -> tuple[RunResult, CallLog]:
+    """Run ``spec`` on ``question`` to its end, logging its calls; then close ``provider``."""
+    log = CallLog()
+    token = current_log.set(log)
+    try:
+        async with spec.stream([{"role": "user", "content": question}]) as run:
+            result = await run.final()
+    finally:
+        current_log.reset(token)
+        await provider.aclose()
+    return result, log
 
 
 def test_oracle_adds_the_slowest_used_reference_of_each_layer_and_the_aggregator() -> None:
@@ -127,14 +142,7 @@ async def test_the_schedule_from_the_records_is_what_the_simulator_did(sim: SimS
     provider = RecordingProvider(OpenAIProvider(sim.base_url, name="sim"))
     agents = {m.name: Agent(m.name, provider, m.name) for m in MODELS}
     spec = moa([agents["fast"], agents["mid"], agents["slow"]], agents["agg"], policy=Quorum(2))
-    log = CallLog()
-    token = current_log.set(log)
-    try:
-        async with spec.stream([{"role": "user", "content": "[Q3] the question"}]) as run:
-            result = await run.final()
-    finally:
-        current_log.reset(token)
-        await provider.aclose()
+    result, log = await _final_and_calls(spec, provider, "[Q3] the question")
     await sim.wait_idle()
     schedule = RecordSchedule({r.request_id: record_fields(r) for r in sim.records})
     records = {r.model: r for r in sim.records}
@@ -165,14 +173,7 @@ async def test_trace_matches_requests_to_report_entries_by_request_id(sim: SimSe
         [Agent("one", provider, "fast"), Agent("two", provider, "fast")],
         Agent("agg", provider, "agg"),
     )
-    log = CallLog()
-    token = current_log.set(log)
-    try:
-        async with spec.stream([{"role": "user", "content": "[Q5] the question"}]) as run:
-            result = await run.final()
-    finally:
-        current_log.reset(token)
-        await provider.aclose()
+    result, log = await _final_and_calls(spec, provider, "[Q5] the question")
     agents = result.report.agents
     assert all(a.request_id is not None for a in agents)
     # Listed in another order than the requests were made, each entry still gets its own.
@@ -194,14 +195,7 @@ async def test_a_retried_reference_is_ready_after_its_refusal_and_its_retry(
     )
     refused_once = {"sim": {"fault": "rate_limit", "times": 1, "retry_after": 0.25}}
     spec = moa([Agent("fast", provider, "fast", extra=refused_once)], Agent("agg", provider, "agg"))
-    log = CallLog()
-    token = current_log.set(log)
-    try:
-        async with spec.stream([{"role": "user", "content": "[Q4] the question"}]) as run:
-            result = await run.final()
-    finally:
-        current_log.reset(token)
-        await provider.aclose()
+    result, log = await _final_and_calls(spec, provider, "[Q4] the question")
     await sim.wait_idle()
     schedule = RecordSchedule({r.request_id: record_fields(r) for r in sim.records})
     trace = trace_from_report(result.report, log.calls)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from support.bench import MODELS
+from support.bench import DUO_CONFIG, MODELS
 
 from moa_stream import cli
 from moa_stream.bench import BenchSettings, run_bench
@@ -20,27 +20,6 @@ from moa_stream.sim import SimServer
 
 # The simulator fixture: the fast models of support.bench.
 pytestmark = pytest.mark.moa_sim(*MODELS, seed=0)
-
-CONFIG = """
-[providers.upstream]
-base_url = "{base_url}"
-
-[agents.fast]
-provider = "upstream"
-model = "fast"
-
-[agents.mid]
-provider = "upstream"
-model = "mid"
-
-[agents.agg]
-provider = "upstream"
-model = "agg"
-
-[moa.duo]
-proposers = ["fast", "mid"]
-aggregator = "agg"
-"""
 
 
 def test_without_matplotlib_bench_stops_before_running_and_names_no_plots(
@@ -114,7 +93,7 @@ async def test_a_judge_whose_replies_do_not_parse_gets_a_loud_warning(
     tmp_path: Path, sim: SimServer
 ) -> None:
     config = tmp_path / "bench.toml"
-    config.write_text(CONFIG.format(base_url=sim.base_url))
+    config.write_text(DUO_CONFIG.format(base_url=sim.base_url, aggregator="agg"))
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Why is the sky blue?\nName a prime number.\n")
     progress = io.StringIO()

@@ -7,34 +7,13 @@ from pathlib import Path
 
 import orjson
 import pytest
-from support.bench import MODELS
+from support.bench import DUO_CONFIG, MODELS
 
 from moa_stream.bench import BenchSettings, run_bench
 from moa_stream.bench.report import ESTIMATED_MARK, CellResult, RunSample, render_table, summarize
 from moa_stream.sim import LatencyProfile, SimModel, SimServer
 
 pytestmark = pytest.mark.moa_sim(*MODELS, seed=0)
-
-CONFIG = """
-[providers.upstream]
-base_url = "{base_url}"
-
-[agents.fast]
-provider = "upstream"
-model = "fast"
-
-[agents.mid]
-provider = "upstream"
-model = "mid"
-
-[agents.agg]
-provider = "upstream"
-model = "{aggregator}"
-
-[moa.duo]
-proposers = ["fast", "mid"]
-aggregator = "agg"
-"""
 
 
 def _sample(index: int, estimated: bool) -> RunSample:
@@ -80,7 +59,7 @@ def test_results_written_before_the_field_render_unmarked() -> None:
 
 async def _bench(tmp_path: Path, sim: SimServer, aggregator: str) -> dict:
     config = tmp_path / f"{aggregator}.toml"
-    config.write_text(CONFIG.format(base_url=sim.base_url, aggregator=aggregator))
+    config.write_text(DUO_CONFIG.format(base_url=sim.base_url, aggregator=aggregator))
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Why is the sky blue?\nName a prime number.\n")
     out = tmp_path / aggregator

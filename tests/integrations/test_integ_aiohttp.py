@@ -3,8 +3,6 @@ and the SSE helper in an application's own handler."""
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -13,7 +11,7 @@ import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from support.integrations import MOA_IDS, config, wait_for
+from support.integrations import MOA_IDS, config, leave_while_proposers_crawl, wait_for
 from support.requests import body
 from support.sse import sse_chunks, sse_items, sse_text
 
@@ -137,16 +135,7 @@ async def test_disconnect_cancels_the_run(
         ) as resp:
             await resp.read()
 
-    task = asyncio.create_task(client())
-    await wait_for(lambda: sim.active_streams == 2)
-    started = time.monotonic()
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    await sim.wait_idle(5)
-    assert time.monotonic() - started < 5.0
-    records = [r for r in sim.records if r.model == "p-crawl"]
-    assert [r.outcome for r in records] == ["client_disconnected"] * 2
+    await leave_while_proposers_crawl(client(), sim)
     state = host.app._subapps[0][MoAServer.KEY]
     await wait_for(lambda: state.active == 0)
 
@@ -270,11 +259,4 @@ async def test_helper_disconnect_before_the_answer_cancels_the_proposers(
         async with custom.post("/chat", json=body("crawl-proposers")) as resp:
             await resp.read()
 
-    task = asyncio.create_task(client())
-    await wait_for(lambda: sim.active_streams == 2)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    await sim.wait_idle(5)
-    records = [r for r in sim.records if r.model == "p-crawl"]
-    assert [r.outcome for r in records] == ["client_disconnected"] * 2
+    await leave_while_proposers_crawl(client(), sim)

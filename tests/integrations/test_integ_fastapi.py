@@ -4,8 +4,6 @@ uvicorn for streaming with the openai SDK and for disconnects."""
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,7 +15,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.testclient import TestClient
 from starlette.responses import Response
 from support.asgi import uvicorn_serving
-from support.integrations import MOA_IDS, config, wait_for
+from support.integrations import MOA_IDS, config, leave_while_proposers_crawl
 from support.requests import body
 from support.sse import sse_chunks, sse_items, sse_text
 
@@ -206,16 +204,7 @@ async def test_disconnect_cancels_the_run(served: str, runtime: Runtime, stream:
         ):
             await resp.read()
 
-    task = asyncio.create_task(client())
-    await wait_for(lambda: sim.active_streams == 2)
-    started = time.monotonic()
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    await sim.wait_idle(5)
-    assert time.monotonic() - started < 5.0
-    records = [r for r in sim.records if r.model == "p-crawl"]
-    assert [r.outcome for r in records] == ["client_disconnected"] * 2
+    await leave_while_proposers_crawl(client(), sim)
 
 
 async def test_disconnect_mid_answer_cancels_the_aggregator(served: str, runtime: Runtime) -> None:

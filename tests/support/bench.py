@@ -20,3 +20,26 @@ MODELS = (
     fast_model("slow", 0.04, 0.85),
     fast_model("agg", 0.01, 0.80),
 )
+
+# A bench config with the proposers "fast" and "mid" of MODELS behind one provider; the
+# aggregator's model is a parameter so a test can swap in a model of its own.
+DUO_CONFIG = """
+[providers.upstream]
+base_url = "{base_url}"
+
+[agents.fast]
+provider = "upstream"
+model = "fast"
+
+[agents.mid]
+provider = "upstream"
+model = "mid"
+
+[agents.agg]
+provider = "upstream"
+model = "{aggregator}"
+
+[moa.duo]
+proposers = ["fast", "mid"]
+aggregator = "agg"
+"""

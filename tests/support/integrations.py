@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import pytest
 
 from moa_stream.config import Config, loads_config
+from moa_stream.sim import SimServer
 
 # Fixed latencies of tens of milliseconds; "crawl" models take about 20 s, so a test that ends
 # quickly proves the run was cancelled.
@@ -110,3 +114,21 @@ async def wait_for(predicate: Callable[[], bool], within: float = 5.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.005)
+
+
+async def leave_while_proposers_crawl(
+    client: Coroutine[Any, Any, None], sim: SimServer | None
+) -> None:
+    """Run ``client`` (a request to ``crawl-proposers``) and cancel it once both 20 s proposers
+    stream: both must end at once, recorded by the simulator as ``client_disconnected``."""
+    assert sim is not None
+    task = asyncio.create_task(client)
+    await wait_for(lambda: sim.active_streams == 2)
+    started = time.monotonic()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await sim.wait_idle(5)
+    assert time.monotonic() - started < 5.0
+    records = [r for r in sim.records if r.model == "p-crawl"]
+    assert [r.outcome for r in records] == ["client_disconnected"] * 2

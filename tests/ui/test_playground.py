@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import re
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import Select
+from support.playground_page import finish, lanes, open_page, wait_for
 
 pytestmark = pytest.mark.ui
 
@@ -52,45 +52,9 @@ new MutationObserver(() => {
 """
 
 
-def wait_for(condition: Callable[[], Any], timeout: float = 30.0, what: str = "") -> Any:
-    """Polls ``condition`` until it returns something truthy (the runs take a few seconds)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or condition}")
-        time.sleep(0.05)
-
-
-def open_page(driver: Any, url: str) -> None:
-    driver.get(url + "/")
-    wait_for(lambda: driver.find_element(By.ID, "run").is_enabled(), what="the models to load")
-
-
 def run_and_wait(driver: Any, runs: int = 1) -> list[Any]:
     driver.find_element(By.ID, "run").click()
     return finish(driver, runs)
-
-
-def finish(driver: Any, runs: int) -> list[Any]:
-    def done() -> list[Any] | None:
-        panels = driver.find_elements(By.CSS_SELECTOR, ".run")
-        if len(panels) == runs and all(p.get_attribute("data-outcome") for p in panels):
-            return panels
-        return None
-
-    panels: list[Any] = wait_for(done, what="the runs to end")
-    assert [p.get_attribute("data-outcome") for p in panels] == ["done"] * runs
-    return panels
-
-
-def lanes(panel: Any) -> dict[str, Any]:
-    return {
-        lane.get_attribute("data-agent"): lane
-        for lane in panel.find_elements(By.CSS_SELECTOR, ".lane.proposer")
-    }
 
 
 def stat(panel: Any, key: str) -> str:

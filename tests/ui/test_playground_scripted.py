@@ -19,7 +19,6 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp import web
-from test_playground import finish, lanes, open_page
 
 from moa_stream._types import Usage
 from moa_stream._wire import DONE, ChunkEncoder
@@ -42,6 +41,7 @@ from moa_stream.server.progress import PREFIX, ProgressEncoder
 pytest.importorskip("selenium", reason="selenium is not installed: pip install -e '.[ui]'")
 
 from selenium.webdriver.common.by import By
+from support.playground_page import finish, lanes, open_page
 
 pytestmark = pytest.mark.ui
 
@@ -95,7 +95,9 @@ def scripted_stream() -> list[bytes]:
     frames.append(progress.frame(ProposerDone(0, 1, "b", "x", "stop", usage, 0.2, 0.9)) or b"")
     frames.append(progress.frame(AggregatorDone("agg", "stop", usage, 0.1, 1.15)) or b"")
     frames.append(progress.frame(RunDone(report, 1.2)) or b"")
-    frames.append(chunks.finish("stop") + chunks.usage(usage) + DONE)
+    frames.append(
+        chunks.finish("stop") + chunks.usage(usage.prompt_tokens, usage.completion_tokens) + DONE
+    )
     return frames
 
 
