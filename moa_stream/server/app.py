@@ -121,6 +121,7 @@ class RequestContext:
     """What one request did, gathered for its log line and its metrics."""
 
     __slots__ = (
+        "answered",
         "chat",
         "completion_id",
         "created",
@@ -152,6 +153,10 @@ class RequestContext:
         self.first_token_at: float | None = None
         self.run: MoARun | None = None
         self.degraded = False
+        #: The whole answer, through ``[DONE]``, was handed to the transport. What happens
+        #: afterwards (the run's clean-up, the client hanging up as curl and the SDKs do at
+        #: the end of a stream) cannot make the request anything but the answer it was.
+        self.answered = False
 
     def fail(self, error: APIError) -> None:
         """Record ``error`` as the request's result."""
@@ -390,8 +395,10 @@ class MoAServer:
             ctx.fail(self._deadline_error())
         except ConnectionResetError:
             # The client went away while we wrote; leaving the run's block cancels the run.
-            ctx.outcome = "client_disconnected"
-            ctx.status = 499
+            # After the answer's end it had everything: the request stays an answered one.
+            if not ctx.answered:
+                ctx.outcome = "client_disconnected"
+                ctx.status = 499
         except Exception:
             # A bug: the log gets the traceback; the client an error it can act on.
             log.exception("request.crashed", request_id=ctx.request_id)
@@ -418,7 +425,7 @@ class MoAServer:
                 return resp
             # Written before the run is closed, like the tail: closing may wait for stragglers.
             error = ctx.error
-            if error is None and not finished:
+            if error is None and not (finished or ctx.answered):
                 log.error("stream.ended_without_report", request_id=ctx.request_id)
                 error = APIError.internal()
             if error is not None:
@@ -459,8 +466,11 @@ class MoAServer:
                 tail = writer.done(event)
                 await self._prepare(request, resp, ctx, writer)
                 await write(tail)
-                await resp.write_eof()
+                # From here on the client has the whole answer, [DONE] included: it may hang
+                # up before the chunked body's last bytes, and that is no disconnect.
+                ctx.answered = True
                 finished = True
+                await resp.write_eof()
             else:
                 self._observe(ctx.model or "unknown", event)
                 frames = writer.event(event)
@@ -581,8 +591,15 @@ class MoAServer:
             ctx.fail(err)
             response = err.response()
         except asyncio.CancelledError:
-            ctx.outcome = "shutting_down" if self._expired else "client_disconnected"
-            ctx.status = 499  # nginx's "client closed request"; nothing was sent with it
+            if ctx.answered:
+                # Cancelled after the answer went out whole: the client hung up at the end of
+                # the stream (curl and the SDKs do) while the run was still closing (a
+                # staircase cancels, or waits for, its proposers only after run.done).
+                ctx.outcome = ctx.outcome or "ok"
+                ctx.status = ctx.status or 200
+            else:
+                ctx.outcome = "shutting_down" if self._expired else "client_disconnected"
+                ctx.status = 499  # nginx's "client closed request"; nothing was sent with it
             self._finish(request, ctx)
             raise
         except Exception:
