@@ -33,6 +33,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
+import aiohttp
 import orjson
 import structlog
 from aiohttp import web
@@ -54,7 +55,15 @@ from moa_stream.engine.events import AggregatorDelta, Event
 from moa_stream.engine.run import MoARun
 from moa_stream.engine.spec import MoA
 from moa_stream.server._connections import ConnectionGuard
-from moa_stream.server.errors import APIError, from_http_exception, from_moa_error, timeout_error
+from moa_stream.server.errors import (
+    APIError,
+    as_json_error,
+    clip,
+    from_http_exception,
+    from_moa_error,
+    quote,
+    timeout_error,
+)
 from moa_stream.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from moa_stream.server.metrics import ServerMetrics
 from moa_stream.server.playground import add_playground_routes
@@ -165,6 +174,24 @@ class RequestContext:
 
 
 _CTX = web.RequestKey("moa_stream.context", RequestContext)
+#: An ``Expect`` header this server cannot meet, left by :func:`expect_handler` for the
+#: middleware to refuse (as JSON, logged and counted like every other error).
+_UNMET_EXPECT = web.RequestKey("moa_stream.unmet_expect", str)
+
+
+async def expect_handler(request: web.Request) -> None:
+    """The ``Expect`` handler of every route: ``100-continue`` as aiohttp does; anything else
+    is noted for the middleware instead of aiohttp's own text/plain 417, which it writes
+    before any middleware runs (so with no request log line and not as an OpenAI error)."""
+    if request.version != aiohttp.HttpVersion11:
+        return  # HTTP/1.0 has no Expect; aiohttp ignores it there too
+    expect = request.headers.get("Expect", "")
+    if expect.lower() != "100-continue":
+        request[_UNMET_EXPECT] = expect
+        return
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    # The interim response is not part of the response's own size.
+    request.writer.output_size = 0
 
 
 class MoAServer:
@@ -536,8 +563,9 @@ class MoAServer:
         if not self.origin_allowed(origin):
             raise APIError(
                 403,
-                f"Browser requests from the origin {origin!r} are not allowed. Allow it with "
-                f"'moa-stream serve --cors-origin {origin}' or in [server] cors_origins.",
+                f"Browser requests from the origin {quote(origin)} are not allowed. Allow it "
+                f"with 'moa-stream serve --cors-origin {clip(origin)}' or in [server] "
+                "cors_origins.",
                 code="cors_origin_not_allowed",
                 outcome="forbidden",
             )
@@ -577,6 +605,8 @@ class MoAServer:
                 and "Access-Control-Request-Method" in request.headers
             ):
                 response = self._preflight(request)
+            elif _UNMET_EXPECT in request:
+                raise APIError.expectation_failed(request[_UNMET_EXPECT])
             elif path.startswith("/v1/") and not self.authorized(
                 request.headers.get("Authorization")
             ):
@@ -603,7 +633,7 @@ class MoAServer:
             self._finish(request, ctx)
             raise
         except Exception:
-            log.exception("request.crashed", request_id=ctx.request_id, path=request.path)
+            log.exception("request.crashed", request_id=ctx.request_id, path=clip(request.path))
             err = APIError.internal()
             ctx.fail(err)
             response = err.response()
@@ -618,6 +648,10 @@ class MoAServer:
         ctx = request.get(_CTX)
         if ctx is not None:
             response.headers["X-Request-Id"] = ctx.request_id
+        if isinstance(response, web.Response):
+            # Errors aiohttp writes without the middleware (an unmet Expect on an unknown
+            # path): the same OpenAI error body as every other.
+            as_json_error(response)
         origin = request.headers.get("Origin")
         if origin and self._origins and self.origin_allowed(origin):
             response.headers["Access-Control-Allow-Origin"] = (
@@ -636,7 +670,8 @@ class MoAServer:
         fields: dict[str, Any] = {
             "request_id": ctx.request_id,
             "method": request.method,
-            "path": request.path,
+            # Client-supplied: bounded, like everything of the client's a line carries.
+            "path": clip(request.path),
             "status": ctx.status,
             "outcome": ctx.outcome,
             "duration_s": round(now - ctx.started, 4),
@@ -705,11 +740,12 @@ def build_app(state: MoAServer) -> web.Application:
     )
     app[MoAServer.KEY] = state
     app.on_response_prepare.append(state.on_response_prepare)
-    app.router.add_post(_CHAT_PATH, state.chat_completions)
-    app.router.add_get("/v1/models", state.list_models)
-    app.router.add_get("/v1/models/{model}", state.get_model)
-    app.router.add_get("/healthz", state.healthz)
-    app.router.add_get("/metrics", state.metrics_handler)
+    expect = expect_handler
+    app.router.add_post(_CHAT_PATH, state.chat_completions, expect_handler=expect)
+    app.router.add_get("/v1/models", state.list_models, expect_handler=expect)
+    app.router.add_get("/v1/models/{model}", state.get_model, expect_handler=expect)
+    app.router.add_get("/healthz", state.healthz, expect_handler=expect)
+    app.router.add_get("/metrics", state.metrics_handler, expect_handler=expect)
     if state.config.ui:
-        add_playground_routes(app.router)
+        add_playground_routes(app.router, expect_handler=expect)
     return app

@@ -28,8 +28,11 @@ from moa_stream._exceptions import AggregatorError, LayerFailedError, MoAError
 from moa_stream._wire import WireError, retry_after_headers
 
 __all__ = [
+    "MAX_ECHO_CHARS",
+    "MAX_MESSAGE_CHARS",
     "SHOULD_RETRY_HEADER",
     "APIError",
+    "clip",
     "from_http_exception",
     "from_moa_error",
     "timeout_error",
@@ -39,6 +42,27 @@ __all__ = [
 #: The header the OpenAI SDKs read to decide on a retry before looking at the status.
 SHOULD_RETRY_HEADER = "x-should-retry"
 _RETRYABLE_STATUSES = frozenset({429, 503})
+
+#: The most of one client-supplied string (a model id, a path, an origin, a header) that an
+#: error message quotes or a log line carries: enough to recognise it, never the 500 KB a
+#: client can put in a ``model`` field.
+MAX_ECHO_CHARS = 200
+#: The most of any error message the server sends or logs. Messages quote client values (the
+#: wire module's) and upstream errors; a bound here holds whatever a quote forgot.
+MAX_MESSAGE_CHARS = 2000
+
+
+def clip(value: str, limit: int = MAX_ECHO_CHARS) -> str:
+    """``value`` cut to ``limit`` characters, saying how long it was when cut, so that a reader
+    knows the quote is partial."""
+    if len(value) <= limit:
+        return value
+    return f"{value[:limit]}... ({len(value)} characters)"
+
+
+def quote(value: str) -> str:
+    """A client-supplied string as an error message quotes it: bounded, then ``repr``-ed."""
+    return repr(clip(value))
 
 
 class APIError(WireError):
@@ -61,7 +85,12 @@ class APIError(WireError):
         close_connection: bool = False,
     ) -> None:
         super().__init__(
-            status, message, error_type=error_type, param=param, code=code, headers=headers
+            status,
+            clip(message, MAX_MESSAGE_CHARS),
+            error_type=error_type,
+            param=param,
+            code=code,
+            headers=headers,
         )
         self.outcome = outcome
         self.close_connection = close_connection
@@ -126,7 +155,7 @@ class APIError(WireError):
         """404: the model id names no ``[moa.<id>]`` of the config."""
         return cls(
             404,
-            f"The model {model!r} does not exist. Available models: {', '.join(known)}.",
+            f"The model {quote(model)} does not exist. Available models: {', '.join(known)}.",
             param="model",
             code="model_not_found",
         )
@@ -160,6 +189,17 @@ class APIError(WireError):
             f"The request body did not arrive within {limit:g} s.",
             code="request_body_timeout",
             close_connection=True,
+        )
+
+    @classmethod
+    def expectation_failed(cls, expect: str) -> APIError:
+        """417: an ``Expect`` header other than ``100-continue``, the one expectation HTTP/1.1
+        defines (and the only one this server can meet)."""
+        return cls(
+            417,
+            f"Unsupported Expect header {quote(expect)}: only '100-continue' is supported.",
+            param="Expect",
+            code="expectation_failed",
         )
 
     @classmethod
@@ -226,8 +266,37 @@ def from_http_exception(exc: web.HTTPException, path: str) -> APIError:
     if status in _HTTP_MESSAGES:
         message, code, outcome = _HTTP_MESSAGES[status]
         if status == 404:
-            message = f"Unknown path {path!r}."
+            message = f"Unknown path {quote(path)}."
         return APIError(status, message, code=code, outcome=outcome, headers=headers)
+    if status == 417:
+        return APIError.expectation_failed((exc.text or "").removeprefix("Unknown Expect: "))
     error_type = "server_error" if status >= 500 else "invalid_request_error"
     outcome = "internal_error" if status >= 500 else "invalid_request"
     return APIError(status, exc.reason, error_type=error_type, outcome=outcome, headers=headers)
+
+
+def as_json_error(response: web.Response) -> None:
+    """Rewrite an error response aiohttp wrote itself (plain text, outside the middleware: an
+    unmet ``Expect`` on a path without a route of ours) into the OpenAI error body, so that
+    every error a client gets from this server parses the same way.
+
+    Called from ``on_response_prepare``, the one hook such a response passes through: its
+    headers are computed but not written yet, so ``Content-Length`` is set again for the new
+    body. Responses that are already JSON, and successes, are left as they are.
+    """
+    if response.status < 400 or response.content_type == "application/json":
+        return
+    if response.body is not None and not isinstance(response.body, bytes | bytearray):
+        return  # a streamed payload: not one of aiohttp's short error texts
+    text = response.text or ""
+    if response.status == 417:
+        error = APIError.expectation_failed(text.removeprefix("Unknown Expect: "))
+    else:
+        error_type = "server_error" if response.status >= 500 else "invalid_request_error"
+        error = APIError(response.status, response.reason, error_type=error_type)
+    body = error.body()
+    response.body = body
+    response.content_type = "application/json"
+    if "Content-Length" in response.headers:
+        response.headers["Content-Length"] = str(len(body))
+    response.headers[SHOULD_RETRY_HEADER] = "true" if error.retryable else "false"

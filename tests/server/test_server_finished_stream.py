@@ -58,9 +58,7 @@ async def test_finished_staircase_stream_is_ok_when_the_client_hangs_up() -> Non
     cfg = loads_config(CONFIG + STAIRCASE, "<test config>")
     running: Running
     async with serving(cfg) as running, aiohttp.ClientSession() as session:
-        received = await _read_to_done_and_hang_up(
-            running.url, body("stairs", stream=True)
-        )
+        received = await _read_to_done_and_hang_up(running.url, body("stairs", stream=True))
         assert received.startswith(b"HTTP/1.1 200")
         families = None
         requests = "moa_stream_requests_total"

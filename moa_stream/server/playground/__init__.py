@@ -14,9 +14,12 @@ origin: it can load nothing and call nothing elsewhere.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Awaitable, Callable
 from importlib import resources
 
 from aiohttp import web
+
+_ExpectHandler = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
 
 __all__ = ["FILES", "add_playground_routes"]
 
@@ -55,9 +58,15 @@ class _StaticFile:
         return web.Response(body=self.body, headers=headers)
 
 
-def add_playground_routes(router: web.UrlDispatcher) -> None:
-    """Serve the playground at ``/`` and its files under ``/playground/``."""
+def add_playground_routes(
+    router: web.UrlDispatcher, *, expect_handler: _ExpectHandler | None = None
+) -> None:
+    """Serve the playground at ``/`` and its files under ``/playground/``.
+
+    ``expect_handler`` is the server's, so that the page's routes refuse an unmet ``Expect``
+    the way the API's do.
+    """
     files = {name: _StaticFile(name) for name in FILES}
-    router.add_get("/", files["index.html"].handle)
+    router.add_get("/", files["index.html"].handle, expect_handler=expect_handler)
     for name, static in files.items():
-        router.add_get(f"/playground/{name}", static.handle)
+        router.add_get(f"/playground/{name}", static.handle, expect_handler=expect_handler)
