@@ -71,10 +71,14 @@ class Completion:
 
 @dataclass(frozen=True, slots=True)
 class ReferenceResult:
+    """The run's answer, usage and trace; ``chunk_times`` are when each content chunk of the
+    answer arrived, in seconds since the run started."""
+
     text: str
     usage: Usage
     trace: RunTrace
     error: str | None = None
+    chunk_times: tuple[float, ...] = ()
 
 
 def _retry_delay(resp: aiohttp.ClientResponse | None, attempt: int) -> float:
@@ -212,6 +216,7 @@ async def run_reference(
     started = clock()
     first: float | None = None
     parts: list[str] = []
+    chunk_times: list[float] = []
     error: str | None = None
     status: CallStatus = "complete"
     stream = agent.provider.stream(request)
@@ -219,8 +224,10 @@ async def run_reference(
         async with stream:
             async for delta in stream:
                 if delta.content:
+                    now = clock()
                     if first is None:
-                        first = clock()
+                        first = now
+                    chunk_times.append(now - t0)
                     parts.append(delta.content)
     except Exception as exc:  # the run's failure is a result to report, not a crash
         error = f"{type(exc).__name__}: {exc}"
@@ -245,7 +252,7 @@ async def run_reference(
     )
     ttft = None if first is None else first - t0
     trace = RunTrace(tuple(calls), tuple(layers), ttft, ended - t0, started_at=t0)
-    return ReferenceResult("".join(parts), usage, trace, error)
+    return ReferenceResult("".join(parts), usage, trace, error, tuple(chunk_times))
 
 
 def _with_refs(

@@ -17,11 +17,24 @@ the server's count (an upstream sent no usage, or a request ended before its usa
 results written before it existed lack it, and render without the marker.
 ``quality`` is the fraction of runs whose final answer was exactly right (``None`` for
 open-ended prompts).
+
+Answer integrity, smoothness and cost (see :mod:`moa_stream.bench.integrity`), over the runs
+that did not fail: ``restarts_mean`` (sentences that start the answer over, per answer),
+``markup_answers`` (answers holding prompt markup or prompt text; ``markup_examples`` a few of
+the pieces), ``words_p50``, ``length_ratio_p50`` (each answer's words over the ``single``
+strategy's answer to the same question), ``ended_early_runs`` (of ``ended_early_known``);
+``itl_p50_s``/``itl_p99_s`` (every gap between consecutive content chunks of every run,
+pooled, as vLLM reports inter-token latency), ``longest_gap_p50_s``/``longest_gap_p99_s``
+(each run's longest gap, over the runs), ``gaps_over_1s_mean`` (per run); ``bill_mean`` (per
+run, by price model, in uncached input tokens) and ``bill_vs_wait_all`` (that over the
+wait-all strategy's, on the same scenario; ``bill_base`` names the strategy used when
+wait-all did not run). Results written before these fields existed lack them.
 """
 
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,16 +42,32 @@ from typing import Any
 
 import orjson
 
+from moa_stream.bench.integrity import (
+    PRICE_MODELS,
+    answer_integrity,
+    bills,
+    ended_early,
+    inter_token_gaps,
+    stream_gaps,
+    word_count,
+)
 from moa_stream.bench.trace import RunTrace
 
 __all__ = [
+    "INDICATIVE_RUNS",
     "CellResult",
     "RunSample",
+    "attach_one_shot",
     "headline",
     "headline_sentence",
     "percentile",
+    "reduction_note",
+    "render_integrity_table",
     "render_summary",
     "staircase_figures",
+    "ttft_reduction_interval",
+    "with_bill_ratios",
+    "with_reduction_intervals",
     "summarize",
     "wilson_interval",
     "write_results",
@@ -51,7 +80,13 @@ NOT_POLICIES = frozenset({"reference-moa", "single"})
 @dataclass(slots=True)
 class RunSample:
     """One run's outcome. ``correct`` is ``None`` for open-ended prompts. ``tokens_estimated``:
-    part of the run's usage is an estimate (see :attr:`moa_stream.Usage.estimated`)."""
+    part of the run's usage is an estimate (see :attr:`moa_stream.Usage.estimated`).
+
+    ``chunk_times``: when each content chunk of the answer reached the caller, in seconds since
+    the run started. ``reference_ends``: when each proposer of the last layer ended (``None``:
+    it had not), on the same clock; with the last chunk's time it says whether the answer ended
+    while a reference was still being written. ``one_shot_words``: the length of the
+    ``single`` strategy's answer to the same question, where it ran."""
 
     index: int
     question_id: str
@@ -74,6 +109,9 @@ class RunSample:
     error: str | None = None
     text: str = field(default="", repr=False)
     trace: RunTrace | None = field(default=None, repr=False)
+    chunk_times: tuple[float, ...] = field(default=(), repr=False)
+    reference_ends: tuple[float | None, ...] = field(default=(), repr=False)
+    one_shot_words: int | None = None
 
 
 @dataclass(slots=True)
@@ -201,7 +239,156 @@ def summarize(cell: CellResult) -> dict[str, Any]:
         "judge_score": _round(_mean(judged)),
         "wall_s": round(cell.wall_s, 3),
         "client_cpu_s": round(cell.client_cpu_s, 3),
+        **_integrity_figures(samples),
     }
+
+
+#: How many distinct pieces of copied markup ``results.json`` keeps per cell, as examples.
+MARKUP_EXAMPLES = 3
+
+
+def _integrity_figures(samples: Sequence[RunSample]) -> dict[str, Any]:
+    """Answer integrity, stream smoothness and cost of a cell's runs that did not fail."""
+    answered = [s for s in samples if s.error is None]
+    checked = [(s, answer_integrity(s.text, one_shot_words=s.one_shot_words)) for s in answered]
+    streamed = [s for s in answered if s.chunk_times]
+    smooth = [stream_gaps(s.chunk_times, start=0.0, end=s.total_s) for s in streamed]
+    pooled = [g for s in streamed for g in inter_token_gaps(s.chunk_times)]
+    early = [
+        ended_early(
+            i.words,
+            s.one_shot_words,
+            answer_end=s.chunk_times[-1] if s.chunk_times else None,
+            reference_ends=s.reference_ends,
+        )
+        for s, i in checked
+    ]
+    examples: list[str] = []
+    for _, i in checked:
+        for piece in i.markup:
+            short = piece if len(piece) <= 80 else piece[:77] + "..."
+            if short not in examples and len(examples) < MARKUP_EXAMPLES:
+                examples.append(short)
+    uncached = [float(s.prompt_tokens - s.cached_tokens) for s in samples]
+    run_bills = [bills(s.prompt_tokens, s.cached_tokens, s.completion_tokens) for s in samples]
+    return {
+        "answers": len(answered),
+        "restarts_mean": _round(_mean([float(i.restarts) for _, i in checked]), 3),
+        "restarts_answers": sum(1 for _, i in checked if i.restarts),
+        "markup_answers": sum(1 for _, i in checked if i.markup),
+        "markup_examples": examples,
+        "words_p50": _round(percentile([float(i.words) for _, i in checked], 50), 1),
+        "length_ratio_p50": _round(percentile(_present(i.length_ratio for _, i in checked), 50), 3),
+        "ended_early_runs": sum(1 for e in early if e),
+        "ended_early_known": sum(1 for e in early if e is not None),
+        "itl_p50_s": _round(percentile(pooled, 50), 5),
+        "itl_p99_s": _round(percentile(pooled, 99), 5),
+        "longest_gap_p50_s": _round(percentile([m.longest for m in smooth], 50), 4),
+        "longest_gap_p99_s": _round(percentile([m.longest for m in smooth], 99), 4),
+        "gaps_over_1s_mean": _round(_mean([float(m.stalls) for m in smooth]), 3),
+        "streamed_runs": len(smooth),
+        "prompt_tokens_p50": _round(percentile([float(s.prompt_tokens) for s in samples], 50), 1),
+        "prompt_tokens_uncached_p50": _round(percentile(uncached, 50), 1),
+        "bill_mean": {
+            m.name: _round(_mean([b[m.name] for b in run_bills]), 1) for m in PRICE_MODELS
+        },
+    }
+
+
+def attach_one_shot(cells: Sequence[CellResult], one_shot: str = "single") -> None:
+    """Give every run the length of the one-shot answer to its question: the ``one_shot``
+    strategy's answer on the same scenario (runs that failed there give none)."""
+    lengths: dict[tuple[str, str], int] = {}
+    for cell in cells:
+        if cell.strategy != one_shot:
+            continue
+        for s in cell.samples:
+            if s.error is None and s.text:
+                lengths[(cell.scenario, s.question_id)] = word_count(s.text)
+    for cell in cells:
+        for s in cell.samples:
+            s.one_shot_words = lengths.get((cell.scenario, s.question_id))
+
+
+#: The strategies a bill is compared with, first found on the scenario: wait-all, else the
+#: reference MoA (the same prompts, not streamed).
+BILL_BASES = ("wait-all", "reference-moa")
+
+
+def with_bill_ratios(results: Sequence[dict[str, Any]]) -> None:
+    """Set each row's ``bill_vs_wait_all`` (its mean bill over wait-all's, per price model,
+    on the same scenario) and ``bill_base`` (the strategy compared with), in place."""
+    for row in results:
+        rows = {r["strategy"]: r for r in results if r["scenario"] == row["scenario"]}
+        base = next((rows[name] for name in BILL_BASES if name in rows), None)
+        mine = row.get("bill_mean") or {}
+        theirs = {} if base is None else base.get("bill_mean") or {}
+        row["bill_base"] = None if base is None else base["strategy"]
+        row["bill_vs_wait_all"] = {
+            name: _round(mine[name] / theirs[name], 3) if theirs.get(name) else None
+            for name in mine
+            if mine[name] is not None
+        }
+
+
+#: Below this many paired runs a headline figure is called indicative only.
+INDICATIVE_RUNS = 30
+
+
+def ttft_reduction_interval(
+    samples: Sequence[RunSample],
+    baseline: Sequence[RunSample],
+    *,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float, int] | None:
+    """The 95% bootstrap interval of the TTFT p50 reduction of ``samples`` against
+    ``baseline`` (``1 - p50 / baseline p50``), and the number of runs it rests on.
+
+    Runs are paired by question (every strategy answers the same ones), and pairs are
+    resampled: a question that is slow for both counts once, so the interval is about the
+    strategies' difference, not the questions'. Seeded: the same runs give the same interval.
+    ``None`` with fewer than two paired runs.
+    """
+    base = {s.question_id: s.ttft_s for s in baseline if s.ttft_s is not None}
+    mine = {s.question_id: s.ttft_s for s in samples if s.ttft_s is not None}
+    pairs = [(a, base[q]) for q, a in mine.items() if q in base]
+    if len(pairs) < 2:
+        return None
+    rng = random.Random(seed)
+    n = len(pairs)
+    cuts = []
+    for _ in range(resamples):
+        drawn = [pairs[rng.randrange(n)] for _ in range(n)]
+        ours = percentile([a for a, _ in drawn], 50)
+        theirs = percentile([b for _, b in drawn], 50)
+        if ours is not None and theirs:
+            cuts.append(1.0 - ours / theirs)
+    lo, hi = percentile(cuts, 2.5), percentile(cuts, 97.5)
+    if lo is None or hi is None:
+        return None
+    return round(lo, 4), round(hi, 4), n
+
+
+def with_reduction_intervals(head: dict[str, Any], cells: Sequence[CellResult]) -> None:
+    """Add to ``head`` (a :func:`headline`) the bootstrap intervals of its TTFT reductions
+    (``ttft_p50_reduction_ci95``, ``fastest_ttft_p50_reduction_ci95``) and the runs they
+    rest on (``paired_runs``), in place."""
+    by_name = {c.strategy: c for c in cells if c.scenario == head["scenario"]}
+    base = by_name.get(head["baseline"])
+
+    def interval(strategy: str) -> tuple[float, float, int] | None:
+        cell = by_name.get(strategy)
+        if cell is None or base is None:
+            return None
+        return ttft_reduction_interval(cell.samples, base.samples)
+
+    best = interval(head["strategy"])
+    fastest = best if head["fastest_strategy"] == head["strategy"] else None
+    fastest = fastest or interval(head["fastest_strategy"])
+    head["ttft_p50_reduction_ci95"] = None if best is None else [best[0], best[1]]
+    head["paired_runs"] = None if best is None else best[2]
+    head["fastest_ttft_p50_reduction_ci95"] = None if fastest is None else [fastest[0], fastest[1]]
 
 
 def _overlap(a: Sequence[float] | None, b: Sequence[float] | None) -> bool:
@@ -273,6 +460,7 @@ def headline(
         "quality_within_noise": separates
         and _overlap(best.get("quality_ci95"), base.get("quality_ci95")),
         "tolerance": tolerance,
+        "runs": min(int(best.get("requests") or 0), int(base.get("requests") or 0)) or None,
         "fastest_strategy": fastest["strategy"],
         "fastest_ttft_p50_reduction": round(1.0 - fastest["ttft_p50_s"] / base["ttft_p50_s"], 4),
         "fastest_quality_diff": delta(fastest["quality"], base["quality"]),
@@ -343,10 +531,27 @@ def staircase_figures(
     }
 
 
+def reduction_note(ci: Sequence[float] | None, runs: int | None) -> str:
+    """What a TTFT reduction rests on, to follow its figure: its 95% interval and, below
+    :data:`INDICATIVE_RUNS` runs, that it is indicative only (empty when neither is known)."""
+    parts = []
+    if ci:
+        parts.append(f"95% interval {100 * ci[0]:.0f}-{100 * ci[1]:.0f}%")
+    if runs is not None and runs < INDICATIVE_RUNS:
+        parts.append(f"{runs} runs; indicative only")
+    elif runs is not None and ci:
+        parts.append(f"{runs} paired runs")
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
 def headline_sentence(h: Mapping[str, Any]) -> str:
-    """The headline as one sentence (two when a caveat is due)."""
+    """The headline as one sentence (two when a caveat is due). The reduction carries its
+    interval, and says it is indicative only when it rests on few runs: a figure from eight
+    runs can be 20 points off either way."""
+    runs = h.get("paired_runs") or h.get("runs")
     speed = (
-        f"cuts TTFT p50 by {100 * h['ttft_p50_reduction']:.0f}% against the reference MoA "
+        f"cuts TTFT p50 by {100 * h['ttft_p50_reduction']:.0f}%"
+        f"{reduction_note(h.get('ttft_p50_reduction_ci95'), runs)} against the reference MoA "
         f"({h['ttft_p50_s']:.2f} s vs {h['baseline_ttft_p50_s']:.2f} s)"
     )
     if not h.get("quality_separates", True):
@@ -456,6 +661,98 @@ def render_table(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _gap(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value < 0.00005:
+        return "<0.1 ms"  # chunks that came in one read
+    if value < 0.01:
+        return f"{value * 1000:.1f} ms"
+    return _s(value)
+
+
+def _pair(a: str, b: str) -> str:
+    return "-" if a == b == "-" else f"{a} / {b}"
+
+
+def _bill_ratios(r: Mapping[str, Any]) -> str:
+    ratios = r.get("bill_vs_wait_all") or {}
+    if not any(v is not None for v in ratios.values()):
+        return "-"
+    return " / ".join(
+        "-" if ratios.get(m.name) is None else f"{ratios[m.name]:.2f}x" for m in PRICE_MODELS
+    )
+
+
+def _code(text: str) -> str:
+    # One line, no backticks, no table-ending pipes: a readable code span inside a table note.
+    flat = " ".join(text.split()).replace("`", "'")
+    return f"`{_cell(flat)}`"
+
+
+def render_integrity_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """One scenario's answer integrity, stream smoothness and cost as a Markdown table, with
+    notes under it (copied markup seen; the strategy bills are compared with). Empty for
+    results written before these figures existed."""
+    rows = [r for r in rows if "restarts_mean" in r]
+    if not rows:
+        return ""
+    models = " / ".join(m.name for m in PRICE_MODELS)
+    lines = [
+        "| strategy | restarts / answer | answers with markup | words p50 (x one-shot) "
+        "| ended early | ITL p50 / p99 | longest gap p50 / p99 | gaps > 1 s per run "
+        "| total p50 | aggregator requests / run | prompt tokens per run: all / uncached "
+        f"| bill vs wait-all ({models}) |",
+        "|" + "---|" * 12,
+    ]
+    for r in rows:
+        answers = r.get("answers", r.get("requests", 0))
+        words = "-" if r.get("words_p50") is None else f"{r['words_p50']:.0f}"
+        if r.get("length_ratio_p50") is not None:
+            words += f" ({r['length_ratio_p50']:.2f}x)"
+        known = r.get("ended_early_known") or 0
+        early = f"{r.get('ended_early_runs', 0)} of {known}" if known else "-"
+        stalls = r.get("gaps_over_1s_mean")
+        restarts = r.get("restarts_mean")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["strategy"],
+                    "-" if restarts is None else f"{restarts:.2f}",
+                    f"{r.get('markup_answers', 0)} of {answers}",
+                    words,
+                    early,
+                    _pair(_gap(r.get("itl_p50_s")), _gap(r.get("itl_p99_s"))),
+                    _pair(_gap(r.get("longest_gap_p50_s")), _gap(r.get("longest_gap_p99_s"))),
+                    "-" if stalls is None else f"{stalls:.2f}",
+                    _s(r.get("total_p50_s")),
+                    f"{r.get('aggregator_requests_mean') or 1:.1f}",
+                    f"{r['tokens_in_mean']:,.0f} / "
+                    f"{r.get('tokens_in_uncached_mean', r['tokens_in_mean']):,.0f}",
+                    _bill_ratios(r),
+                ]
+            )
+            + " |"
+        )
+    notes = []
+    copied = [r for r in rows if r.get("markup_examples")]
+    if copied:
+        notes.append(
+            "Copied prompt markup or text, for example: "
+            + "; ".join(
+                f"{r['strategy']} {', '.join(_code(x) for x in r['markup_examples'])}"
+                for r in copied
+            )
+            + "."
+        )
+    bases = {r.get("bill_base") for r in rows if r.get("bill_vs_wait_all")}
+    if bases and "wait-all" not in bases:
+        named = ", ".join(sorted(b for b in bases if b))
+        notes.append(f"wait-all did not run here: bills are against {named}.")
+    return "\n".join([*lines, *(["", *notes] if notes else [])])
+
+
 def render_summary(
     results: Sequence[Mapping[str, Any]],
     metadata: Mapping[str, Any],
@@ -489,6 +786,14 @@ def render_summary(
             render_table(rows),
             "",
         ]
+        integrity = render_integrity_table(rows)
+        if integrity:
+            out += [
+                "Answer integrity, stream smoothness and cost (see docs/benchmarks.md):",
+                "",
+                integrity,
+                "",
+            ]
     if plots:
         out += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     return "\n".join(out)

@@ -113,9 +113,15 @@ async def _run_engine(spec: MoA, index: int, question: BenchQuestion) -> rep.Run
 
     run = spec.stream(_messages(question), clock=clock)
     error: str | None = None
+    # When each piece of the answer reached the caller: one list append per piece, on the
+    # engine's own event times (seconds since the run started), so recording costs nothing
+    # measurable. The answer is analysed after the cell, off the measured path.
+    chunk_times: list[float] = []
     try:
         async with run:
-            await run.final()
+            async for event in run.events():
+                if event.type == "aggregator.delta" and event.text:
+                    chunk_times.append(event.t)
     except MoAStreamError as exc:
         error = f"{type(exc).__name__}: {exc}"
     report = run.report
@@ -139,6 +145,22 @@ async def _run_engine(spec: MoA, index: int, question: BenchQuestion) -> rep.Run
         error=error or report.error,
         text=report.text,
         trace=trace,
+        chunk_times=tuple(chunk_times),
+        reference_ends=_last_layer_ends(trace),
+    )
+
+
+def _last_layer_ends(trace: RunTrace) -> tuple[float | None, ...]:
+    """When each proposer of the run's last layer ended, in seconds since the run started
+    (``None``: it had not ended when the run was reported)."""
+    proposers = [c for c in trace.calls if c.role == "proposer"]
+    if not proposers:
+        return ()
+    last = max(c.layer for c in proposers)
+    return tuple(
+        None if c.duration_s is None else c.started_s + c.duration_s
+        for c in proposers
+        if c.layer == last
     )
 
 
@@ -177,6 +199,8 @@ async def _run_reference(
         error=result.error,
         text=result.text,
         trace=trace,
+        chunk_times=result.chunk_times,
+        reference_ends=_last_layer_ends(trace),
     )
 
 
@@ -562,7 +586,9 @@ def _finish(
     metadata: dict[str, Any],
     scenarios: dict[str, str],
 ) -> BenchOutput:
+    rep.attach_one_shot(cells)
     results = [rep.summarize(c) for c in cells]
+    rep.with_bill_ratios(results)
     head = rep.headline(results, settings.headline_scenario, tolerance=settings.quality_tolerance)
     if head is None and results:
         # The headline scenario was not run: report the first one that has a reference MoA.
@@ -570,6 +596,8 @@ def _finish(
             head = rep.headline(results, name, tolerance=settings.quality_tolerance)
             if head is not None:
                 break
+    if head is not None:
+        rep.with_reduction_intervals(head, cells)
     out = BenchOutput(results, metadata, head, cells)
     settings.out.mkdir(parents=True, exist_ok=True)
     timelines: dict[str, RunTrace] = {

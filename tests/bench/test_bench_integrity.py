@@ -19,6 +19,18 @@ from moa_stream.bench.integrity import (
     stream_gaps,
     word_count,
 )
+from moa_stream.bench.report import (
+    CellResult,
+    RunSample,
+    attach_one_shot,
+    headline_sentence,
+    reduction_note,
+    render_integrity_table,
+    summarize,
+    ttft_reduction_interval,
+    with_bill_ratios,
+    with_reduction_intervals,
+)
 from moa_stream.engine.prompts import PromptTemplates
 
 # A staircase answer of SmolLM2-135M that started over twice.
@@ -208,3 +220,139 @@ def test_caching_never_costs_more_than_no_cache_at_half_price(
     b = bills(prompt, min(cached, prompt), completion)
     assert b["cached-0.5x"] <= b["no-cache"] + 1e-6
     assert b["no-cache"] == pytest.approx(prompt + OUTPUT_PRICE * completion)
+
+
+# -- in the bench's figures ----------------------------------------------------------------------
+
+
+def _sample(
+    index: int,
+    text: str,
+    chunks: tuple[float, ...],
+    *,
+    ttft: float | None = 0.5,
+    prompt: int = 100,
+    cached: int = 0,
+    refs: tuple[float | None, ...] = (),
+) -> RunSample:
+    return RunSample(
+        index=index,
+        question_id=f"q{index}",
+        ttft_s=ttft,
+        total_s=(chunks[-1] if chunks else 1.0) + 0.1,
+        prompt_tokens=prompt,
+        completion_tokens=20,
+        refs_complete=2,
+        refs_partial=0,
+        refs_failed=0,
+        correct=None,
+        cached_tokens=cached,
+        text=text,
+        chunk_times=chunks,
+        reference_ends=refs,
+    )
+
+
+ONE_SHOT = " ".join(["word"] * 40) + "."
+
+
+def test_a_cell_reports_integrity_smoothness_and_bills() -> None:
+    single = CellResult(
+        "single", "", "-", "s", 1, 1, [_sample(i, ONE_SHOT, (0.5, 0.6)) for i in range(2)], 1, 0
+    )
+    stair = CellResult(
+        "staircase",
+        "",
+        "p",
+        "s",
+        1,
+        1,
+        [
+            # Started over, copied a tag, stopped at 8 words while a proposer still wrote,
+            # with a 1.5 s stall.
+            _sample(0, STARTED_OVER + " </draft>", (0.5, 0.6, 2.1, 2.2), refs=(1.0, 3.0)),
+            _sample(1, "Short and done.", (0.5, 0.7), refs=(0.4, 0.6), prompt=300, cached=200),
+        ],
+        1,
+        0,
+    )
+    wait = CellResult(
+        "wait-all", "", "w", "s", 1, 1, [_sample(i, ONE_SHOT, (1.0, 1.1)) for i in range(2)], 1, 0
+    )
+    cells = [single, stair, wait]
+    attach_one_shot(cells)
+    assert [s.one_shot_words for s in stair.samples] == [40, 40]
+    rows = [summarize(c) for c in cells]
+    with_bill_ratios(rows)
+    row = rows[1]
+    assert row["restarts_mean"] == 1.0 and row["restarts_answers"] == 1
+    assert row["markup_answers"] == 1 and row["markup_examples"] == ["</draft>"]
+    # The first answer: 30 words, while a proposer ran to 3.0 s: not below half of 40. The
+    # second: 3 words after every proposer ended.
+    assert row["ended_early_runs"] == 0 and row["ended_early_known"] == 2
+    assert row["gaps_over_1s_mean"] == 0.5
+    assert row["longest_gap_p50_s"] == pytest.approx((1.5 + 0.2) / 2)
+    # Gaps pooled over runs: 0.1, 1.5, 0.1, 0.2.
+    assert row["itl_p50_s"] == pytest.approx(0.15)
+    assert row["bill_base"] == "wait-all"
+    ratio = row["bill_vs_wait_all"]
+    # Each run writes 20 completion tokens (80 units). Staircase: 100 + 80, and 300 prompt
+    # tokens of which 200 cached + 80; wait-all: 100 + 80.
+    assert ratio["no-cache"] == pytest.approx((180 + 380) / 2 / 180, abs=1e-3)
+    assert ratio["cached-0.5x"] == pytest.approx((180 + 100 + 100 + 80) / 2 / 180, abs=1e-3)
+    assert ratio["cached-0.1x-write-1.25x"] == pytest.approx(
+        (205 + 125 + 20 + 80) / 2 / 205, abs=1e-3
+    )
+    assert rows[2]["bill_vs_wait_all"] == dict.fromkeys(ratio, 1.0)
+    table = render_integrity_table(rows)
+    assert table.splitlines()[3].startswith("| staircase | 1.00 | 1 of 2 | ")
+    assert "`</draft>`" in table
+    # Rows written before these figures existed: no table.
+    old = {k: v for k, v in rows[0].items() if k != "restarts_mean"}
+    assert render_integrity_table([old]) == ""
+
+
+def test_an_early_ending_answer_is_counted() -> None:
+    single = CellResult("single", "", "-", "s", 1, 1, [_sample(0, ONE_SHOT, (0.5,))], 1, 0)
+    short = CellResult(
+        "staircase", "", "p", "s", 1, 1, [_sample(0, "Too short.", (0.5, 0.6), refs=(2.0,))], 1, 0
+    )
+    attach_one_shot([single, short])
+    assert summarize(short)["ended_early_runs"] == 1
+
+
+def test_the_reduction_interval_is_paired_and_few_runs_are_called_indicative() -> None:
+    base = [_sample(i, "", (1.0,), ttft=1.0 + 0.1 * i) for i in range(8)]
+    fast = [_sample(i, "", (0.3,), ttft=0.3 + 0.05 * i) for i in range(8)]
+    found = ttft_reduction_interval(fast, base)
+    assert found is not None
+    lo, hi, n = found
+    assert n == 8 and 0.0 < lo <= hi < 1.0
+    assert ttft_reduction_interval(fast, base) == found  # seeded
+    assert ttft_reduction_interval(fast[:1], base) is None
+    assert reduction_note([lo, hi], n).endswith("; 8 runs; indicative only)")
+    assert reduction_note([0.5, 0.6], 120) == " (95% interval 50-60%; 120 paired runs)"
+    assert reduction_note(None, None) == ""
+    head = {
+        "scenario": "s",
+        "baseline": "reference-moa",
+        "strategy": "quorum-2",
+        "policy": "quorum(2)",
+        "ttft_p50_s": 0.45,
+        "baseline_ttft_p50_s": 1.35,
+        "ttft_p50_reduction": 0.67,
+        "fastest_strategy": "quorum-2",
+        "quality_separates": False,
+        "quality_silent_reason": "no quality was measured",
+    }
+    cells = [
+        CellResult("reference-moa", "", "w", "s", 1, 1, base, 1, 0),
+        CellResult("quorum-2", "", "q", "s", 1, 1, fast, 1, 0),
+    ]
+    with_reduction_intervals(head, cells)
+    assert head["paired_runs"] == 8 and head["ttft_p50_reduction_ci95"] == [lo, hi]
+    assert head["fastest_ttft_p50_reduction_ci95"] == [lo, hi]
+    sentence = headline_sentence(head)
+    assert f"by 67% (95% interval {100 * lo:.0f}-{100 * hi:.0f}%; 8 runs; indicative only)" in (
+        sentence
+    )
