@@ -3,7 +3,10 @@
 A real aiohttp server that hosts any number of named simulated models, with seeded latency
 (TTFT with prefill, queueing and heavy tails; decode rate with jitter), seeded faults (429, 500,
 stalls, resets, malformed chunks, error frames, keep-alive comments) and a quiz quality model
-for offline benchmarks. Tests run it in-process on port 0; ``moa-stream sim`` runs it alone.
+for offline benchmarks. Each model continues answers (assistant prefill, appended "continue"
+turns) as faithfully as its :class:`ContinuationProfile` says: ``perfect`` by default, or with
+the restarts, early stops and copied markup of a ``strong`` or a ``small`` real model. Tests
+run it in-process on port 0; ``moa-stream sim`` runs it alone.
 
 ::
 
@@ -18,8 +21,10 @@ See ``docs/simulator.md``.
 
 from moa_stream.sim._config import SimSettings, load_sim_config, models_from_table
 from moa_stream.sim.profiles import (
+    CONTINUATION_PROFILES,
     FAULT_KINDS,
     PROFILES,
+    ContinuationProfile,
     FaultKind,
     FaultProfile,
     LatencyProfile,
@@ -29,6 +34,8 @@ from moa_stream.sim.profiles import (
 from moa_stream.sim.server import Outcome, SimRecord, SimServer
 
 __all__ = [
+    "CONTINUATION_PROFILES",
+    "ContinuationProfile",
     "FAULT_KINDS",
     "FaultKind",
     "FaultProfile",

@@ -13,6 +13,10 @@ Faults, in Anthropic's terms: ``rate_limit`` is a 429 ``rate_limit_error`` with 
 ``overloaded_error`` after some text, ``context_overflow`` a 400 "prompt is too long",
 ``keepalive`` extra ``ping`` events; stalls, resets and malformed data as on the other route.
 
+A final assistant message is continued (a prefill), as the API does, with the model's
+continuation flaws; a model that refuses prefills answers as Anthropic's newer models do, a 400
+``invalid_request_error`` "This model does not support assistant message prefill. ...".
+
 It is part of the simulator, and uses the server's bookkeeping (records, slots, counters) from
 inside the package.
 """
@@ -28,6 +32,8 @@ from typing import TYPE_CHECKING, Any, Final
 import orjson
 from aiohttp import web
 
+from moa_stream.sim._continue import detect_continuation
+from moa_stream.sim._flaws import PREFILL_REFUSAL
 from moa_stream.sim._plan import ParsedRequest, Plan, RequestError, build_plan, parse_request
 from moa_stream.sim.profiles import SimModel
 
@@ -143,6 +149,13 @@ class MessagesRoute:
 
         forced, random_faults = sim._forced_fault(req)
         occurrence = sim._occurrences.bump((req.model, req.prompt_digest, req.sample))
+        # The Messages API always continues a final assistant message.
+        continuation = detect_continuation(
+            req.messages,
+            continue_final_message=False,
+            last_prefix=False,
+            continue_trailing_assistant=True,
+        )
         plan = build_plan(
             model,
             req,
@@ -150,9 +163,10 @@ class MessagesRoute:
             occurrence=occurrence,
             fault=forced,
             random_faults=random_faults,
+            continuation=continuation,
         )
         record._take_plan(plan, req.repeat_key, occurrence)
-        refusal = self._refusal(record, model, plan)
+        refusal = self._refusal(record, model, req, plan)
         if refusal is not None:
             return refusal
         message_id = "msg_" + secrets.token_hex(12)
@@ -161,8 +175,13 @@ class MessagesRoute:
         return await self._complete(record, model, req, plan, message_id, thinking)
 
     @staticmethod
-    def _refusal(record: SimRecord, model: SimModel, plan: Plan) -> web.Response | None:
+    def _refusal(
+        record: SimRecord, model: SimModel, req: ParsedRequest, plan: Plan
+    ) -> web.Response | None:
         rid = record.request_id
+        if plan.refused:
+            record.status, record.outcome = 400, "error"
+            return _json(400, _error_body("invalid_request_error", PREFILL_REFUSAL), rid)
         if plan.fault == "rate_limit":
             retry = max(0.0, plan.retry_after_s)
             headers = {
@@ -179,7 +198,15 @@ class MessagesRoute:
             return _json(529, _error_body("overloaded_error", "Overloaded"), rid)
         if plan.fault == "context_overflow":
             window = model.context_window or max(1, plan.prompt_tokens // 2)
-            message = f"prompt is too long: {plan.prompt_tokens} tokens > {window} maximum"
+            prompt = plan.prompt_tokens
+            if model.context_window is not None and prompt <= window and req.max_tokens:
+                message = (
+                    f"input length and `max_tokens` exceed context limit: {prompt} + "
+                    f"{req.max_tokens} > {window}, decrease input length or `max_tokens` "
+                    "and try again"
+                )
+            else:
+                message = f"prompt is too long: {prompt} tokens > {window} maximum"
             record.status, record.outcome = 400, "fault:context_overflow"
             return _json(400, _error_body("invalid_request_error", message), rid)
         return None

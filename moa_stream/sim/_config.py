@@ -23,6 +23,14 @@
     profile = "medium"
     continue_trailing_assistant = true
     echo_prefill = true
+    context_window = 8192        # longer prompts get an overflow error in the overflow style
+    overflow = "llama-server"
+    continuation = "small"       # restarts, early stops, copied markup (or "strong", "perfect")
+
+    [models.claude]
+    profile = "large-slow"
+    cache_min_prefix = 1024      # shorter cached prefixes are not reported cached
+    continuation = { profile = "strong", refuse_prefill = 1.0 }
 
 The same keys work in the ``[sim]`` table of a ``moa-stream`` config file (``[sim.models.fast]``);
 a file with a ``[sim]`` table is read from that table. ``models`` may also be an array of tables
@@ -39,12 +47,21 @@ from pathlib import Path
 from typing import Any
 
 from moa_stream._exceptions import ConfigError
-from moa_stream.sim.profiles import PROFILES, FaultProfile, LatencyProfile, SimModel, default_models
+from moa_stream.sim.profiles import (
+    CONTINUATION_PROFILES,
+    PROFILES,
+    ContinuationProfile,
+    FaultProfile,
+    LatencyProfile,
+    SimModel,
+    default_models,
+)
 
 __all__ = ["SimSettings", "load_sim_config", "models_from_table"]
 
 _LATENCY_KEYS = frozenset(f.name for f in fields(LatencyProfile))
 _FAULT_KEYS = frozenset(f.name for f in fields(FaultProfile))
+_CONTINUATION_KEYS = frozenset(f.name for f in fields(ContinuationProfile))
 _FLOAT_KEYS = frozenset(
     {
         "ttft",
@@ -53,12 +70,24 @@ _FLOAT_KEYS = frozenset(
         "accuracy",
         *_LATENCY_KEYS,
         *_FAULT_KEYS,
+        *_CONTINUATION_KEYS,
     }
 )
-_INT_KEYS = frozenset({"answer_tokens", "max_answer_tokens", "slots"})
-_STR_KEYS = frozenset({"name", "profile", "answer_at", "owned_by"})
-_BOOL_KEYS = frozenset({"continue_trailing_assistant", "echo_prefill", "prefix_cache"})
-_MODEL_KEYS = (_FLOAT_KEYS - _FAULT_KEYS) | _INT_KEYS | _STR_KEYS | _BOOL_KEYS | {"faults"}
+_INT_KEYS = frozenset(
+    {"answer_tokens", "max_answer_tokens", "slots", "context_window", "cache_min_prefix"}
+)
+_STR_KEYS = frozenset({"name", "profile", "answer_at", "owned_by", "overflow"})
+_BOOL_KEYS = frozenset(
+    {"continue_trailing_assistant", "echo_prefill", "prefix_cache", "sends_usage"}
+)
+_TABLE_KEYS = frozenset({"faults", "continuation"})
+_MODEL_KEYS = (
+    (_FLOAT_KEYS - _FAULT_KEYS - _CONTINUATION_KEYS)
+    | _INT_KEYS
+    | _STR_KEYS
+    | _BOOL_KEYS
+    | _TABLE_KEYS
+)
 _SIM_MODEL_FIELDS = frozenset(f.name for f in fields(SimModel))
 
 
@@ -115,7 +144,7 @@ def _model(
     name: str, table: Mapping[str, Any], base: SimModel | None, path: str, source: str | None
 ) -> SimModel:
     _check_keys(table, _MODEL_KEYS, path, source)
-    values = {k: _typed(v, k, path, source) for k, v in table.items() if k != "faults"}
+    values = {k: _typed(v, k, path, source) for k, v in table.items() if k not in _TABLE_KEYS}
 
     latency: LatencyProfile | None = base.latency if base is not None else None
     if "profile" in values:
@@ -155,12 +184,45 @@ def _model(
         except ConfigError as exc:
             raise _relocated(exc, where, source) from None
 
+    continuation = base.continuation if base is not None else CONTINUATION_PROFILES["perfect"]
+    if "continuation" in table:
+        continuation = _continuation(table["continuation"], continuation, path, source)
+
     model_fields = {k: v for k, v in values.items() if k in _SIM_MODEL_FIELDS}
-    model_fields.update(name=name, latency=latency, faults=faults)
+    model_fields.update(name=name, latency=latency, faults=faults, continuation=continuation)
     try:
         return replace(base, **model_fields) if base is not None else SimModel(**model_fields)
     except ConfigError as exc:
         raise _relocated(exc, path, source) from None
+
+
+def _continuation(
+    raw: object, base: ContinuationProfile, path: str, source: str | None
+) -> ContinuationProfile:
+    """A model's ``continuation``: a built-in profile's name, or a table of probabilities that
+    change the model's current profile (or, with ``profile``, a built-in one)."""
+    where = f"{path}.continuation"
+    known = ", ".join(CONTINUATION_PROFILES)
+
+    def named(value: object, at: str) -> ContinuationProfile:
+        if not isinstance(value, str) or value not in CONTINUATION_PROFILES:
+            raise ConfigError(f"must be a continuation profile ({known})", path=at, source=source)
+        return CONTINUATION_PROFILES[value]
+
+    if isinstance(raw, str):
+        return named(raw, where)
+    if not isinstance(raw, Mapping):
+        raise ConfigError(
+            f"must be a continuation profile ({known}) or a table", path=where, source=source
+        )
+    _check_keys(raw, _CONTINUATION_KEYS | {"profile"}, where, source)
+    if "profile" in raw:
+        base = named(raw["profile"], f"{where}.profile")
+    typed = {k: _typed(v, k, where, source) for k, v in raw.items() if k != "profile"}
+    try:
+        return replace(base, **typed)
+    except ConfigError as exc:
+        raise _relocated(exc, where, source) from None
 
 
 def models_from_table(

@@ -17,6 +17,7 @@ import orjson
 
 from moa_stream._wire import WireError, optional_bool, parse_chat_request
 from moa_stream.sim._continue import ContinuationInfo, anchor_digest
+from moa_stream.sim._flaws import Flaw, continue_with_flaws
 from moa_stream.sim._rng import seeded_rng
 from moa_stream.sim.profiles import FAULT_KINDS, FaultKind, SimModel
 from moa_stream.sim.quiz import (
@@ -221,6 +222,12 @@ class Plan:
     answer: int | None = None
     cached_tokens: int = 0
     continuation: str | None = None
+    continuation_flaws: tuple[Flaw, ...] = ()
+
+    @property
+    def refused(self) -> bool:
+        """Whether the model refuses the request's prefill (an HTTP 400, nothing planned)."""
+        return "refused" in self.continuation_flaws
 
     @property
     def fault_label(self) -> str | None:
@@ -256,14 +263,18 @@ def build_plan(
     and random faults also depend on ``occurrence`` (how many times this exact request was seen
     before), so a retry gets fresh draws. ``fault`` forces a fault; ``random_faults=False``
     turns the model's own fault probabilities off. ``continuation``: what the request
-    continues (see :mod:`moa_stream.sim._continue`); ``cached_chars``: how much of its prompt
-    the model's prefix cache held, which costs no prefill time.
+    continues (see :mod:`moa_stream.sim._continue`), continued as the model's
+    :class:`~moa_stream.sim.profiles.ContinuationProfile` allows (see
+    :mod:`moa_stream.sim._flaws`); ``cached_chars``: how much of its prompt the model's prefix
+    cache held, which costs no prefill time (none below the model's ``cache_min_prefix``).
     """
     sim = req.sim or SimOptions()
     contents = [content for _, content in req.messages]
     prompt_tokens = count_prompt_tokens(contents)
     info = continuation or ContinuationInfo(None, "", req.messages)
     cached_tokens = min(prompt_tokens, cached_chars // 4)
+    if cached_tokens < model.cache_min_prefix:
+        cached_tokens = 0
 
     # The text belongs to the conversation's anchor, not the whole prompt, so the steps of a
     # staircase, which only add to the prompt's end, continue one planned text.
@@ -296,8 +307,22 @@ def build_plan(
         tokens = _with_answer(body, n, answer, model.answer_at)
     else:
         tokens = list(_planned_body(model, seed, anchor, req.sample, sim.tokens, False)[1])
+    flaws: tuple[Flaw, ...] = ()
     if info.kind is not None:
-        tokens = _rest_of(tokens, info.answer)
+        tokens, whole = _rest_of(tokens, info.answer)
+        if not model.continuation.perfect:
+            # Its own stream: whether a step misbehaves depends on that step's request only.
+            flaw_rng = seeded_rng("flaws", seed, model.name, req.prompt_digest, req.sample)
+            reply = continue_with_flaws(
+                model.continuation,
+                info.kind,
+                info.answer,
+                tokens,
+                rest_is_whole=whole,
+                messages=req.messages,
+                rng=flaw_rng,
+            )
+            tokens, flaws = reply.tokens, reply.flaws
         if model.echo_prefill and info.kind == "prefill" and tokens:
             tokens[0] = info.answer + tokens[0]  # llama-server repeats the prefill first
 
@@ -306,6 +331,18 @@ def build_plan(
     if req.max_tokens is not None and len(tokens) > req.max_tokens:
         tokens = tokens[: req.max_tokens]
         finish_reason = "length"
+    overflows = False
+    window = model.context_window
+    if window is not None:
+        overflows = prompt_tokens > window or (
+            # OpenAI and vLLM refuse a reply that could not fit; local servers just stop it.
+            model.overflow == "openai"
+            and req.max_tokens is not None
+            and prompt_tokens + req.max_tokens > window
+        )
+        if not overflows and len(tokens) > window - prompt_tokens:
+            tokens = tokens[: window - prompt_tokens]
+            finish_reason = "length"
     n = len(tokens)
 
     timing_rng = seeded_rng("timing", seed, model.name, req.prompt_digest, req.sample, occurrence)
@@ -318,7 +355,7 @@ def build_plan(
         fault_at = sim.after if sim.after is not None else max(1, n // 2)
     if fault == "keepalive":
         fault, keepalive = None, True
-    if model.context_window is not None and prompt_tokens > model.context_window:
+    if overflows:
         fault = "context_overflow"
     fault_at = min(fault_at, n) if fault in MID_STREAM_FAULTS else 0
 
@@ -358,6 +395,7 @@ def build_plan(
         answer=answer,
         cached_tokens=cached_tokens,
         continuation=info.kind,
+        continuation_flaws=flaws,
     )
 
 
@@ -384,8 +422,9 @@ def _with_answer(body: Sequence[str], n: int, answer: int, answer_at: AnswerAt) 
     return [*body, "\nAnswer: " if body else "Answer: ", str(answer)]
 
 
-def _rest_of(planned: list[str], written: str) -> list[str]:
-    """The tokens of ``planned`` after the text already ``written`` (which may end mid-token).
+def _rest_of(planned: list[str], written: str) -> tuple[list[str], bool]:
+    """The tokens of ``planned`` after the text already ``written`` (which may end mid-token),
+    and whether they begin with a whole token (not the end of one ``written`` cut).
     If ``written`` is not the planned text's start (another text, edited), the reply goes on
     from the planned token after as many words as were written."""
     pos = 0
@@ -397,5 +436,6 @@ def _rest_of(planned: list[str], written: str) -> list[str]:
         rest = planned[k:]
         if rest and pos < len(written):
             rest[0] = rest[0][len(written) - pos :]
-        return rest
-    return planned[len(written.split()) :]
+            return rest, False
+        return rest, True
+    return planned[len(written.split()) :], True

@@ -36,15 +36,17 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
 from typing import Literal
 
 from moa_stream._exceptions import ConfigError
 
 __all__ = [
+    "CONTINUATION_PROFILES",
     "FAULT_KINDS",
     "PROFILES",
+    "ContinuationProfile",
     "FaultKind",
     "FaultProfile",
     "LatencyProfile",
@@ -250,6 +252,75 @@ class FaultProfile:
         return None, keepalive
 
 
+@dataclass(frozen=True, slots=True)
+class ContinuationProfile:
+    """How faithfully a model continues an answer it is asked to continue (each field a
+    probability in 0..1, rolled once per continuing request).
+
+    Real models do not all take a prefill or a "continue" turn as an instruction to go on from
+    the last word: small ones often start their answer again, stop after restating it, or copy
+    the prompt's quoting into the answer. A benchmark that continues perfectly flatters every
+    strategy that continues answers, so each simulated model says how it fails:
+
+    * ``restart_at_boundary``: after a prefill that ends a sentence or a line, the reply first
+      restates the opening of the answer so far (on a new line), then goes on.
+    * ``restart_mid_sentence``: the same after a prefill that ends mid-sentence (a model
+      finishing a sentence rarely starts over).
+    * ``restart_after_turn``: the same after appended turns, with no new line (a new turn).
+    * ``stop_after_restart``: of the replies that restart after appended turns, the share that
+      stop once the restatement has given a few words, with ``finish_reason: "stop"``.
+    * ``copy_markup``: the reply begins with, or somewhere includes, a piece of the request's
+      own markup: its last closing tag, its last opening tag line, or a sentence of the
+      instructions that follow its quoted blocks.
+    * ``refuse_prefill``: a request that ends with an assistant message to continue is refused
+      with HTTP 400, as models without prefill support (recent Claude models) answer.
+
+    ``perfect`` (every probability 0) continues exactly, as the simulator always did.
+    """
+
+    restart_at_boundary: float = 0.0
+    restart_mid_sentence: float = 0.0
+    restart_after_turn: float = 0.0
+    stop_after_restart: float = 0.0
+    copy_markup: float = 0.0
+    refuse_prefill: float = 0.0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            p = getattr(self, f.name)
+            _check(0.0 <= p <= 1.0, f.name, "must be a probability in 0..1")
+
+    @property
+    def perfect(self) -> bool:
+        """Whether the model always continues exactly (every probability is 0)."""
+        return not any(getattr(self, f.name) for f in fields(self))
+
+
+#: Built-in continuation behaviours; ``small`` is calibrated on SmolLM2-135M served by
+#: llama.cpp's llama-server, see ``docs/simulator.md``.
+CONTINUATION_PROFILES: MappingProxyType[str, ContinuationProfile] = MappingProxyType(
+    {
+        "perfect": ContinuationProfile(),
+        "strong": ContinuationProfile(
+            restart_at_boundary=0.03,
+            restart_mid_sentence=0.0,
+            restart_after_turn=0.03,
+            stop_after_restart=0.2,
+            copy_markup=0.01,
+        ),
+        "small": ContinuationProfile(
+            restart_at_boundary=0.7,
+            restart_mid_sentence=0.1,
+            restart_after_turn=0.6,
+            stop_after_restart=0.5,
+            copy_markup=0.3,
+        ),
+    }
+)
+
+_PERFECT = CONTINUATION_PROFILES["perfect"]
+
+
 #: The built-in model classes; see the module docstring for the figures and their source.
 PROFILES: MappingProxyType[str, LatencyProfile] = MappingProxyType(
     {
@@ -319,7 +390,15 @@ class SimModel:
     continues a final assistant message without being asked, and ``echo_prefill`` repeats it
     at the start of the first delta, both as llama.cpp's llama-server does.
     ``prefix_cache`` turns the model's prefix cache on (prompt blocks it served recently cost
-    no prefill time and are reported as ``cached_tokens``).
+    no prefill time and are reported as ``cached_tokens``); a cached prefix shorter than
+    ``cache_min_prefix`` tokens counts for nothing, as providers with a minimum cacheable
+    prompt (1,024 tokens at OpenAI and Anthropic) report. ``continuation`` says how faithfully
+    the model continues an answer (see :class:`ContinuationProfile`; default: perfectly).
+
+    ``context_window`` (tokens): a prompt longer than it gets the model's ``overflow`` answer;
+    so does, in the ``openai`` style, a prompt that fits but leaves less room than the
+    request's ``max_tokens``, as OpenAI and vLLM count both. A reply never runs past the window
+    (it ends with ``finish_reason: "length"``).
     """
 
     name: str
@@ -338,6 +417,8 @@ class SimModel:
     context_window: int | None = None
     overflow: OverflowStyle = "openai"
     sends_usage: bool = True
+    continuation: ContinuationProfile = _PERFECT
+    cache_min_prefix: int = 0
 
     def __post_init__(self) -> None:
         where = f"sim.models.{self.name}"
@@ -358,6 +439,7 @@ class SimModel:
             f"{where}.overflow",
             f"must be one of {', '.join(OVERFLOW_STYLES)}",
         )
+        _check(self.cache_min_prefix >= 0, f"{where}.cache_min_prefix", "must be >= 0")
 
     def sample_answer_tokens(self, rng: random.Random) -> int:
         """This request's reply length in tokens."""

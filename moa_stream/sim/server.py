@@ -29,6 +29,7 @@ from aiohttp import web
 from moa_stream._exceptions import ConfigError
 from moa_stream.sim._anthropic import MessagesRoute
 from moa_stream.sim._continue import PrefixCache, detect_continuation, render_prompt
+from moa_stream.sim._flaws import PREFILL_REFUSAL
 from moa_stream.sim._overflow import overflow_response
 from moa_stream.sim._plan import (
     ParsedRequest,
@@ -76,7 +77,10 @@ class SimRecord:
     first token (queueing included);
     ``scheduled_ttft_s`` is that minus ``received_at``. ``completion_tokens`` counts the content
     tokens actually written. ``fault`` names the injected fault, if any; ``question_id`` and
-    ``answer`` are set for quiz prompts.
+    ``answer`` are set for quiz prompts. ``continuation`` says what the request continued
+    (``"prefill"``, ``"turns"`` or None) and ``continuation_flaws`` how the reply failed to
+    continue it exactly (``"restart"``, ``"early_stop"``, ``"markup"``, ``"refused"``; see
+    :class:`~moa_stream.sim.profiles.ContinuationProfile`).
 
     The plan, for whoever wants to know when the reply was due (a benchmark's oracle), with
     offsets in seconds after generation started (``received_at + queued_s``):
@@ -110,6 +114,7 @@ class SimRecord:
     answer: int | None = None
     cached_tokens: int = 0
     continuation: str | None = None
+    continuation_flaws: tuple[str, ...] = ()
     token_offsets: Sequence[float] = ()
     token_chars: Sequence[int] = ()
     end_offset: float | None = None
@@ -123,6 +128,7 @@ class SimRecord:
         self.prompt_tokens = plan.prompt_tokens
         self.cached_tokens = plan.cached_tokens
         self.continuation = plan.continuation
+        self.continuation_flaws = plan.continuation_flaws
         self.fault = plan.fault_label
         self.question_id = plan.question_id
         self.answer = plan.answer
@@ -516,6 +522,10 @@ class SimServer:
         )
         record._take_plan(plan, req.repeat_key, occurrence)
 
+        if plan.refused:
+            record.status, record.outcome = 400, "error"
+            body = error_body(PREFILL_REFUSAL, "invalid_request_error", None, "messages")
+            return _json_response(body, 400, rid)
         if plan.fault == "rate_limit":
             return self._refuse(record, 429, plan)
         if plan.fault == "server_error":
