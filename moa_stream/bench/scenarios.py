@@ -7,6 +7,12 @@ benchmark report discusses; :data:`QUICK` is a tiny fixed-latency set for smoke 
 
 Model names are unique within a scenario: on the quiz, a model's wrong answers are fixed per
 (model name, question), so distinct names give distinct mistakes, as distinct models make.
+
+How faithfully the aggregator continues its own answer (a staircase's steps) is the scenario's
+``continuation_profile``, one of the simulator's
+:data:`~moa_stream.sim.CONTINUATION_PROFILES` (default: the aggregator's own, ``perfect``).
+:func:`get_scenarios` also takes ``name@profile`` (``long-form@small``, ``long-form@strong``),
+so one benchmark can run the same scenario with a small and a strong aggregator.
 """
 
 from __future__ import annotations
@@ -15,7 +21,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 
-from moa_stream.sim import PROFILES, FaultProfile, LatencyProfile, SimModel
+from moa_stream.sim import (
+    CONTINUATION_PROFILES,
+    PROFILES,
+    FaultProfile,
+    LatencyProfile,
+    SimModel,
+)
 
 __all__ = ["QUICK", "SCENARIOS", "STAIRCASE_STRATEGIES", "Scenario", "get_scenarios"]
 
@@ -32,6 +44,9 @@ class Scenario:
     simulator's real-time profiles: a scenario of millisecond models needs millisecond deadlines.
     ``ramp_s`` spreads the first ``concurrency`` runs' starts over that many seconds (about one
     run's length), as users arrive over time rather than all in the same millisecond.
+    ``continuation_profile`` names the :data:`~moa_stream.sim.CONTINUATION_PROFILES` entry the
+    aggregator continues its answers with (``None``: as its model says); the scenario's
+    :attr:`aggregator` carries it.
     """
 
     name: str
@@ -44,6 +59,7 @@ class Scenario:
     strategies: tuple[str, ...] | None = None
     policy_scale: float = 1.0
     ramp_s: float = 3.0
+    continuation_profile: str | None = None
 
     def __post_init__(self) -> None:
         names = [m.name for m in self.models]
@@ -51,6 +67,16 @@ class Scenario:
             raise ValueError(f"scenario {self.name}: model names must be unique: {names}")
         if self.layers < 1 or self.concurrency < 1 or self.requests < 1:
             raise ValueError(f"scenario {self.name}: layers, concurrency, requests must be >= 1")
+        if self.continuation_profile is not None:
+            profile = CONTINUATION_PROFILES.get(self.continuation_profile)
+            if profile is None:
+                raise ValueError(
+                    f"scenario {self.name}: unknown continuation profile "
+                    f"{self.continuation_profile!r}; known: {', '.join(CONTINUATION_PROFILES)}"
+                )
+            # The aggregator is what the simulator hosts, so it carries the profile (frozen:
+            # set once, here, as dataclasses document for derived fields).
+            object.__setattr__(self, "aggregator", replace(self.aggregator, continuation=profile))
 
     @property
     def models(self) -> tuple[SimModel, ...]:
@@ -61,6 +87,13 @@ class Scenario:
     def best(self) -> SimModel:
         """The single best model: the most accurate one (the faster one on a tie)."""
         return max(self.models, key=lambda m: (m.accuracy, -m.latency.ttft_p50))
+
+    def with_continuation(self, profile: str) -> Scenario:
+        """This scenario with an aggregator that continues its answers as ``profile`` (a
+        :data:`~moa_stream.sim.CONTINUATION_PROFILES` name) says, named ``<name>@<profile>``
+        so its results stay apart from the original's."""
+        base = self.name.split("@", 1)[0]
+        return replace(self, name=f"{base}@{profile}", continuation_profile=profile)
 
     def scaled(self, factor: float) -> Scenario:
         """This scenario with every delay multiplied by ``factor`` (decode rates divided)."""
@@ -265,13 +298,21 @@ QUICK = Scenario(
 
 def get_scenarios(names: Sequence[str] | None, *, quick: bool = False) -> list[Scenario]:
     """The scenarios named (all built-in ones when ``names`` is empty; :data:`QUICK` with
-    ``quick``). Raises ``KeyError`` naming the unknown one."""
+    ``quick``). ``name@profile`` is the scenario with its aggregator continuing as the
+    continuation profile says (see :meth:`Scenario.with_continuation`). Raises ``KeyError``
+    naming the unknown scenario or profile."""
     known = {**SCENARIOS, QUICK.name: QUICK}
     if not names:
         return [QUICK] if quick else list(SCENARIOS.values())
     out = []
     for name in names:
-        if name not in known:
-            raise KeyError(f"unknown scenario {name!r}; known: {', '.join(known)}")
-        out.append(known[name])
+        base, _, profile = name.partition("@")
+        if base not in known:
+            raise KeyError(f"unknown scenario {base!r}; known: {', '.join(known)}")
+        if profile and profile not in CONTINUATION_PROFILES:
+            raise KeyError(
+                f"unknown continuation profile {profile!r} in {name!r}; "
+                f"known: {', '.join(CONTINUATION_PROFILES)}"
+            )
+        out.append(known[base].with_continuation(profile) if profile else known[base])
     return out
