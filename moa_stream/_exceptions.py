@@ -34,7 +34,8 @@ A :class:`UsageError` is a bug in the calling program, not an upstream failure: 
 No aiohttp, asyncio or orjson exception escapes a provider: they are translated at one boundary
 (``moa_stream.providers._http``, or the adapter module of a provider that has no HTTP layer of
 its own) and chained with ``raise ... from exc``. Messages never contain
-API keys.
+API keys: the providers mask the key in everything an upstream supplied (its error body, its
+request id, its error code) and bound its length before an error leaves them.
 """
 
 from __future__ import annotations
@@ -69,6 +70,10 @@ __all__ = [
     "UpstreamError",
     "UsageError",
 ]
+
+
+#: The most of an upstream's request id that an error's text carries.
+_MAX_ID_CHARS = 128
 
 
 class ErrorDetails(TypedDict, total=False):
@@ -151,7 +156,9 @@ class ProviderError(MoAStreamError):
         if self.status is not None:
             details.append(f"status={self.status}")
         if self.request_id:
-            details.append(f"request_id={self.request_id}")
+            # The upstream's header, as it sent it: bounded here whoever made the error (the
+            # providers also mask the key in it before it gets here).
+            details.append(f"request_id={self.request_id[:_MAX_ID_CHARS]}")
         if details:
             parts.append("(" + ", ".join(details) + ")")
         return " ".join(parts)

@@ -49,7 +49,7 @@ from moa_stream._exceptions import (
     UsageError,
 )
 from moa_stream._resource import AsyncResource
-from moa_stream._secrets import mask_secrets
+from moa_stream._secrets import MAX_UPSTREAM_ID_CHARS, clean, mask_secrets
 from moa_stream._types import Delta, StreamTimings, Usage
 from moa_stream._wire import parse_retry_after
 from moa_stream.providers._chunks import (
@@ -103,6 +103,12 @@ class Endpoint:
             return text
         masked = mask_secrets(text, (secret,))
         return text if masked == text else masked
+
+    def clean(self, text: str, limit: int = MAX_UPSTREAM_ID_CHARS) -> str:
+        """An upstream-supplied string (a header, an id, an error field) as it may reach a
+        client or a log: the secret masked, then cut to ``limit``. An upstream that echoes the
+        key in its ``x-request-id`` must not get it into a 502 body or a progress item."""
+        return clean(text, (self.secret,) if self.secret else (), limit)
 
 
 class EventParser(Protocol):
@@ -382,6 +388,9 @@ def status_error(
     message, code, error_type = fields
     if not message:
         message = reason or "error"
+    # The error's code and type are the upstream's words too: bounded like its id.
+    code = code[:MAX_UPSTREAM_ID_CHARS] if code else code
+    error_type = error_type[:MAX_UPSTREAM_ID_CHARS] if error_type else error_type
     cls = _status_error_class(status)
     if cls is RequestRejectedError:
         overflow = context_length_error(f"HTTP {status}: {message}", code, error_type, obj)
@@ -543,7 +552,8 @@ class ResponseReader:
         self._resp = resp
         self._content = resp.content
         self.status = resp.status
-        self.request_id = resp.headers.get("x-request-id") or resp.headers.get("request-id")
+        request_id = resp.headers.get("x-request-id") or resp.headers.get("request-id")
+        self.request_id = endpoint.clean(request_id) if request_id else None
         self._connect_dl = _INF
         if timeouts.idle is not None:
             self._idle_dl = now + timeouts.idle
@@ -722,11 +732,14 @@ class ResponseReader:
         except ProviderError:
             pass  # the status says enough; the body was only for the message
         body = b"".join(parts)
-        if self._endpoint.secret:
+        endpoint = self._endpoint
+        if endpoint.secret:
             # Masked before the message is cut to length: a key straddling the cut would
             # otherwise leak its first part.
-            body = self._endpoint.redact(body.decode("utf-8", "replace")).encode()
-        return status_error(resp.status, body, resp.headers, resp.reason)
+            body = endpoint.redact(body.decode("utf-8", "replace")).encode()
+        # The reason phrase is the upstream's too (the message when the body says nothing).
+        reason = endpoint.clean(resp.reason, MAX_ERROR_CHARS) if resp.reason else None
+        return status_error(resp.status, body, resp.headers, reason)
 
     def _timeout_error(self, *, total: bool = False) -> ProviderTimeout:
         """The error for the deadline that expired: the earliest of those in force."""

@@ -300,6 +300,16 @@ class RetryingStream(AsyncResource):
             if exc.request_id is None:
                 exc.request_id = reader.request_id
             exc.delivered = reader.delivered
+        # Every upstream-supplied field of the error reaches clients (a 502 body, a
+        # proposer.failed item) and the log through str(exc): masked and bounded, whichever
+        # way it was made (an error frame's code, an id header, an adapter's own error).
+        endpoint = self._endpoint
+        if exc.request_id:
+            exc.request_id = endpoint.clean(exc.request_id)
+        if exc.code:
+            exc.code = endpoint.clean(exc.code)
+        if exc.error_type:
+            exc.error_type = endpoint.clean(exc.error_type)
         if isinstance(exc, ContextLengthError) and exc.estimated_prompt_tokens is not None:
             return  # already masked, cut and explained (an error passes here more than once)
         # Mask the key first, then cut: a key straddling the cut would leave its start behind.
