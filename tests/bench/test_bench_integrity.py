@@ -3,10 +3,16 @@ on answers a real small model wrote and on hand-computed streams."""
 
 from __future__ import annotations
 
+import io
+from pathlib import Path
+
+import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from support.bench import DUO_CONFIG, MODELS
 
+from moa_stream.bench import BenchSettings, run_bench
 from moa_stream.bench.integrity import (
     OUTPUT_PRICE,
     PRICE_MODELS,
@@ -32,6 +38,7 @@ from moa_stream.bench.report import (
     with_reduction_intervals,
 )
 from moa_stream.engine.prompts import PromptTemplates
+from moa_stream.sim import SimServer
 
 # A staircase answer of SmolLM2-135M that started over twice.
 STARTED_OVER = (
@@ -356,3 +363,30 @@ def test_the_reduction_interval_is_paired_and_few_runs_are_called_indicative() -
     assert f"by 67% (95% interval {100 * lo:.0f}-{100 * hi:.0f}%; 8 runs; indicative only)" in (
         sentence
     )
+
+
+@pytest.mark.moa_sim(*MODELS, seed=0)
+async def test_config_mode_reports_the_same_figures(tmp_path: Path, sim: SimServer) -> None:
+    config = tmp_path / "bench.toml"
+    config.write_text(DUO_CONFIG.format(base_url=sim.base_url, aggregator="agg"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Why is the sky blue?\nName a prime number.\n")
+    out = tmp_path / "out"
+    settings = BenchSettings(
+        out=out,
+        config=config,
+        prompts=prompts,
+        strategies=("single", "wait-all", "staircase"),
+        plots=False,
+    )
+    await run_bench(settings, io.StringIO())
+    document = orjson.loads((out / "results.json").read_bytes())
+    rows = {r["strategy"]: r for r in document["results"]}
+    for row in rows.values():
+        assert row["restarts_mean"] is not None and row["itl_p50_s"] is not None
+        assert row["length_ratio_p50"] is not None  # against single's answers
+        assert set(row["bill_vs_wait_all"]) == {m.name for m in PRICE_MODELS}
+    assert rows["wait-all"]["bill_vs_wait_all"]["no-cache"] == 1.0
+    assert rows["staircase"]["aggregator_requests_mean"] >= 1
+    summary = (out / "summary.md").read_text()
+    assert "| strategy | restarts / answer | answers with markup |" in summary
