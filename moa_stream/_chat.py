@@ -102,10 +102,14 @@ class ChatSession:
             return
         try:
             policy = parse_policy(text)
+            # The layer checks the policy against its proposers (``quorum(9)`` of three is
+            # rejected there, not by the parser): a mistake either way is one line, and the
+            # conversation goes on with the policy it had.
+            spec = self.spec.with_policy(policy)
         except (ConfigError, ValueError) as exc:
             self.say(f"invalid policy: {exc}")
             return
-        self.spec = self.spec.with_policy(policy)
+        self.spec = spec
         self.say(f"({self.moa_id}: policy {policy!r})")
 
     # -- one turn ----------------------------------------------------------------------------

@@ -12,6 +12,11 @@ Every command takes the same options:
   is ``warning`` for the interactive commands and ``info`` for ``serve``;
 - ``--log-format console|json``: readable lines on a terminal, one JSON object per line
   otherwise (the default picks by whether stderr is a terminal).
+
+``demo`` and ``chat`` draw a live status line on the same terminal. Every log line goes
+through :class:`_LiveAwareStream`, which asks the live view (:func:`set_live_line`) to erase its
+line first and draw it again after, or to hold the log line while an answer streams there:
+a warning never lands inside the status line or the answer.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import contextlib
 import logging
 import sys
 from collections.abc import Iterable
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO, cast
 
 import orjson
 import structlog
@@ -134,6 +139,71 @@ class Redactor:
         return {k: self._clean(v) for k, v in event_dict.items()}
 
 
+class LiveLine(Protocol):
+    """A live line on the terminal that log lines must not be written into."""
+
+    def before_log(self) -> bool:
+        """Erase the line before a log line; False: hold the log line until released."""
+        ...
+
+    def after_log(self) -> None:
+        """Draw the line again after the log line."""
+        ...
+
+
+_live: LiveLine | None = None
+_held: list[tuple[TextIO, str]] = []
+
+
+def set_live_line(line: LiveLine) -> None:
+    """``line`` is now drawn on the terminal (it replaces any earlier one)."""
+    global _live
+    _live = line
+
+
+def release_live_line(line: LiveLine) -> None:
+    """``line`` is gone: write the log lines held back meanwhile."""
+    global _live
+    if _live is line:
+        _live = None
+    held = list(_held)
+    _held.clear()
+    for stream, text in held:
+        stream.write(text)
+        stream.flush()
+
+
+class _LiveAwareStream:
+    """The stream log lines are written to: around each write the live line, if any, is
+    erased and redrawn (or the write held until the live line is released)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        live = _live
+        if live is None:
+            return self.stream.write(text)
+        if not live.before_log():
+            _held.append((self.stream, text))
+            return len(text)
+        try:
+            written = self.stream.write(text)
+            self.stream.flush()
+        finally:
+            live.after_log()
+        return written
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+
 def _orjson_str(obj: Any, **_: Any) -> str:
     return orjson.dumps(obj, default=str).decode()
 
@@ -155,6 +225,7 @@ def configure_logging(
     if fmt not in FORMATS:
         raise ValueError(f"unknown log format {fmt!r}")
     out = stream if stream is not None else sys.stderr
+    sink = cast(TextIO, _LiveAwareStream(out))
     numeric = LEVELS[level]
     renderer: Processor
     if fmt == "json":
@@ -172,7 +243,7 @@ def configure_logging(
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.WriteLoggerFactory(out),
+        logger_factory=structlog.WriteLoggerFactory(sink),
         # Not cached: tests and a second configure() call must see the new set-up.
         cache_logger_on_first_use=False,
     )
@@ -187,7 +258,7 @@ def configure_logging(
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
         foreign_pre_chain=[add_logger_name, *shared],
     )
-    handler = logging.StreamHandler(out)
+    handler = logging.StreamHandler(sink)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     for old in list(root.handlers):

@@ -2,9 +2,10 @@
 
 It needs nothing: the simulated upstream starts in this process. It asks one quiz question and
 runs two MoAs of the embedded config on it: the original MoA (the aggregator waits for every
-proposer) and one whose aggregator starts once two proposers have answered. Then it compares
-their times to the first token. The simulated models write filler text that ends in an
-"Answer: N" line, right or wrong at each model's configured accuracy.
+proposer) and the staircase (the aggregator starts on the proposers' first few tokens and is
+asked again, step by step, with what they wrote since). Then it compares their times to the
+first token. The simulated models write filler text that ends in an "Answer: N" line, right or
+wrong at each model's configured accuracy.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import IO, Any
 import orjson
 
 from moa_stream import _aio
-from moa_stream._exceptions import MoAStreamError
+from moa_stream._exceptions import ConfigError, MoAStreamError
 from moa_stream._live import LiveView, fmt_seconds, fmt_tokens
 from moa_stream._types import ChatMessage
 from moa_stream.config import Config, Runtime, default_config, load_config
@@ -127,6 +128,20 @@ def comparison(rows: Sequence[dict[str, Any]]) -> str | None:
     )
 
 
+def staircase_note(
+    rows: Sequence[dict[str, Any]], names: Sequence[str], specs: dict[str, MoA]
+) -> str | None:
+    """A line under the table when a staircase is in it: its aggregator TTFT and prompt tokens
+    look alarming next to a plain MoA's, and both have a reason that the table cannot say."""
+    stairs = [n for n in names if specs[n].staircase is not None]
+    if not stairs or not rows:
+        return None
+    return (
+        f"{', '.join(stairs)}: the aggregator is asked again at each step, so agg TTFT runs "
+        "from its first request and tokens in add up over the steps (mostly prefix-cache hits)."
+    )
+
+
 def _is_simulated(config: Config, spec: MoA) -> bool:
     names = {a.name for a in spec.agents}
     return all(
@@ -158,11 +173,13 @@ async def _demo(args: argparse.Namespace) -> int:
         raise MoAStreamError(f"unknown MoA {unknown[0]!r}; known: {', '.join(config.moas)}")
     out = sys.stdout
     rows = []
+    runtime_specs: dict[str, MoA] = {}
     async with Runtime(config) as runtime:
         if not args.json:
             _intro(out, prompt, all(_is_simulated(config, runtime.moas[n]) for n in names))
         for name in names:
             spec = runtime.moas[name]
+            runtime_specs[name] = spec
             view = None
             if not args.json:
                 about = config.moas[name].description or repr(spec.layers[0].policy)
@@ -185,6 +202,9 @@ async def _demo(args: argparse.Namespace) -> int:
             "(~: estimated from characters, where a model sent no usage).\n"
         )
         out.write(render_table(rows) + "\n")
+        note = staircase_note(rows, names, runtime_specs)
+        if note:
+            out.write(note + "\n")
         line = comparison(rows)
         if line:
             out.write(line + "\n")
@@ -192,12 +212,14 @@ async def _demo(args: argparse.Namespace) -> int:
 
 
 def run_command(coro_fn: Any, args: argparse.Namespace) -> int:
-    """Run a command's coroutine; a library error becomes one line on stderr and exit 1."""
+    """Run a command's coroutine; a library error becomes one line on stderr and exit 1, a
+    configuration error exit 2 (as for ``serve`` and ``chat``, so a script can tell them
+    apart)."""
     try:
         return int(_aio.run(coro_fn(args)))
     except MoAStreamError as exc:
-        sys.stderr.write(f"moa-stream: error: {exc}\n")
-        return 1
+        sys.stderr.write(f"moa-stream demo: error: {exc}\n")
+        return 2 if isinstance(exc, ConfigError) else 1
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
