@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any, Literal, Self, cast
 
 from moa_stream._exceptions import ConfigError
 from moa_stream._resource import AsyncResource
-from moa_stream.engine.policies import Policy, WaitAll, parse_policy
+from moa_stream.engine.policies import Policy, WaitAll, parse_policy, required_completions
 from moa_stream.engine.prompts import PromptTemplates
 from moa_stream.engine.similarity import (
     Similarity,
@@ -450,6 +450,15 @@ def _moa(t: _Table, moa_id: str, agents: Mapping[str, AgentConfig]) -> MoAConfig
         staircase=staircase,
     )
     t.done()
+    # The layer checks this too, but only when Runtime builds it: here the error still knows
+    # its file and field.
+    needed = required_completions(policy)
+    has = {"moa": len(proposers), "self_moa": config.samples}.get(preset)
+    if has is not None and needed > has:
+        what = "samples" if preset == "self_moa" else "proposers"
+        raise t.err(
+            "policy", f"policy {policy!r} asks for {needed} proposers; the layer has {has} {what}"
+        )
     return config
 
 

@@ -348,7 +348,9 @@ def _paren(p: Policy) -> str:
 Token = tuple[Literal["name", "num", "bool", "op", "eof"], str]
 
 
-def _tokenize(text: str) -> list[Token]:
+def _tokenize(text: str, notes: list[str] | None = None) -> list[Token]:
+    """The tokens of ``text``; a slip the parser can read past (a unit after a number) is
+    added to ``notes`` instead of ending the parse."""
     tokens: list[Token] = []
     i = 0
     while i < len(text):
@@ -363,6 +365,18 @@ def _tokenize(text: str) -> list[Token]:
             while j < len(text) and (text[j].isdigit() or text[j] in ".eE_"):
                 j += 1
             tokens.append(("num", text[i:j]))
+            if j < len(text) and text[j].isalpha():
+                # "2s", "500ms": a unit is the usual slip, and the parser's error at the
+                # letters ("expected '='") would not say so. Skipped here and reported with
+                # whatever else is wrong, so one message names every mistake.
+                k = j
+                while k < len(text) and text[k].isalnum():
+                    k += 1
+                if notes is not None:
+                    notes.append(
+                        f"durations are plain seconds: write {text[i:j]}, not {text[i:k]!r}"
+                    )
+                j = k
             i = j
         elif c.isalpha() or c == "_":
             j = i
@@ -372,6 +386,11 @@ def _tokenize(text: str) -> list[Token]:
             kind: Literal["name", "bool"] = "bool" if word in ("true", "false") else "name"
             tokens.append((kind, word))
             i = j
+        elif c == "-":
+            raise ConfigError(
+                f"unexpected '-' at position {i}: durations are non-negative seconds and "
+                "counts whole numbers >= 0"
+            )
         else:
             raise ConfigError(f"unexpected character {c!r} at position {i}")
     tokens.append(("eof", ""))
@@ -380,7 +399,9 @@ def _tokenize(text: str) -> list[Token]:
 
 class _Parser:
     def __init__(self, text: str) -> None:
-        self.tokens = _tokenize(text)
+        #: mistakes read past, reported together with the first real error (or alone)
+        self.notes: list[str] = []
+        self.tokens = _tokenize(text, self.notes)
         self.pos = 0
 
     def peek(self) -> Token:
@@ -396,7 +417,14 @@ class _Parser:
 
     def parse(self) -> Policy:
         policy = self.any_of()
-        self.take("eof")
+        kind, value = self.peek()
+        if kind != "eof":
+            # Two policies side by side: say how they combine rather than "expected 'eof'".
+            word = f" (not {value!r})" if value.lower() in ("or", "and") else ""
+            raise ConfigError(
+                f"unexpected {value!r} after a policy: combine policies with '|' (whichever "
+                f"fires first) or '&' (once both hold){word}"
+            )
         return policy
 
     def any_of(self) -> Policy:
@@ -502,4 +530,13 @@ def parse_policy(text: str) -> Policy:
 
     Raises :class:`moa_stream.ConfigError` with a message naming what is wrong.
     """
-    return _Parser(text).parse()
+    parser = _Parser(text)
+    try:
+        policy = parser.parse()
+    except ConfigError as exc:
+        if not parser.notes:
+            raise
+        raise ConfigError("; ".join([str(exc), *parser.notes])) from None
+    if parser.notes:
+        raise ConfigError("; ".join(parser.notes))
+    return policy
