@@ -690,9 +690,7 @@ class ResponseReader:
             # else wait for the next piece. Never readline(): its line limit breaks big events.
             data = content.read_nowait()
             if not data and not content.at_eof():
-                deadline = self._idle_dl
-                if not self.delivered and self._first_token_dl < deadline:
-                    deadline = self._first_token_dl
+                deadline = self._gap_deadline()
                 if self._total_dl < deadline:
                     deadline = self._total_dl
                 watchdog.arm(deadline)
@@ -717,6 +715,18 @@ class ResponseReader:
         if idle is not None:
             self._idle_dl = now + idle
         return data
+
+    def _gap_deadline(self) -> float:
+        """When the current wait for data ends, total aside.
+
+        Before the first token only ``first_token`` bounds it: a server may send its headers
+        at once and think for minutes (the docs raise ``first_token`` to 120 s for Ollama
+        while ``idle`` stays at 60 s), and ``idle`` is about gaps *between* chunks of an
+        answer. Without a ``first_token`` limit, ``idle`` bounds the wait from the start.
+        """
+        if not self.delivered and self._first_token_dl != _INF:
+            return self._first_token_dl
+        return self._idle_dl
 
     async def _status_error(self, resp: aiohttp.ClientResponse) -> ProviderError:
         """The error for a non-2xx response; reads (a bounded part of) its body."""
@@ -746,6 +756,8 @@ class ResponseReader:
         timeouts = self._endpoint.timeouts
         if total:
             return TotalTimeout(f"the stream took over {timeouts.total} s", timeout=timeouts.total)
+        # The deadline the last wait ran under names the timeout, as _gap_deadline chose it.
+        waiting_first = not self.delivered and self._first_token_dl != _INF
         candidates: list[tuple[float, ProviderTimeout]] = [
             (
                 self._connect_dl,
@@ -761,7 +773,7 @@ class ResponseReader:
                 ),
             ),
             (
-                self._idle_dl,
+                _INF if waiting_first else self._idle_dl,
                 IdleTimeout(f"no data for {timeouts.idle} s", timeout=timeouts.idle),
             ),
             (
