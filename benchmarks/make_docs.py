@@ -40,6 +40,8 @@ from moa_stream.bench import BenchSettings, run_bench  # noqa: E402
 from moa_stream.bench._cli import quiet_logs  # noqa: E402
 from moa_stream.bench.report import (  # noqa: E402
     headline_sentence,
+    reduction_note,
+    render_integrity_table,
     render_table,
     staircase_figures,
 )
@@ -168,8 +170,10 @@ def headline_block(matrix: dict[str, Any]) -> list[str]:
     h = head
     if not h.get("quality_separates", True):
         return ["> " + headline_sentence(h), ""]
+    runs = h.get("paired_runs") or h.get("runs")
     lines = [
-        f"> **{100 * h['ttft_p50_reduction']:.0f}% lower TTFT p50 than the reference MoA, "
+        f"> **{100 * h['ttft_p50_reduction']:.0f}% lower TTFT p50 than the reference MoA"
+        f"{reduction_note(h.get('ttft_p50_reduction_ci95'), runs)}, "
         f"{100 * (h['quality_diff'] or 0):+.1f} points of quality** (heterogeneous scenario, "
         f"simulated): {h['strategy']} (`{h['policy']}`), the fastest policy within "
         f"{100 * h['tolerance']:.0f} points of the reference MoA's quality, shows the first token "
@@ -178,7 +182,8 @@ def headline_block(matrix: dict[str, Any]) -> list[str]:
         f"{_pct(h['baseline_quality'])}.",
         ">",
         f"> The fastest policy of all, {h['fastest_strategy']}, cuts TTFT p50 by "
-        f"{100 * h['fastest_ttft_p50_reduction']:.0f}% at "
+        f"{100 * h['fastest_ttft_p50_reduction']:.0f}%"
+        f"{reduction_note(h.get('fastest_ttft_p50_reduction_ci95'), runs)} at "
         f"{100 * (h['fastest_quality_diff'] or 0):+.1f} points.",
         "",
     ]
@@ -344,6 +349,9 @@ def results_block(matrix: dict[str, Any]) -> list[str]:
         if not mine:
             continue
         lines += [f"### {name}", "", f"{scenario.description}.", "", render_table(mine), ""]
+        integrity = render_integrity_table(mine)
+        if integrity:
+            lines += ["Answer integrity, stream smoothness and cost:", "", integrity, ""]
         for kind, caption in (
             ("pareto", "TTFT p50 against quality"),
             ("ttft-cdf", "TTFT distribution"),
@@ -467,6 +475,50 @@ same proposer timings and the same proposer answers: the differences are the str
   asked with ordinary non-streaming requests (one JSON answer each), the layer waits for all
   of them, then the aggregator's answer is streamed. It drops a proposer that keeps failing
   instead of crashing.
+
+Under each scenario's main table, a second one says whether the answers that came early still
+hold together, how smoothly they streamed and what they cost (`moa_stream.bench.integrity`;
+over the runs that did not fail):
+
+- **restarts / answer**: sentences that start the answer over. Sentences are split on `.`,
+  `!`, `?` and line breaks; a sentence restarts when its first four words (lowercased,
+  punctuation dropped) open an earlier sentence of the same answer, also with one word inserted
+  ("The sky is blue. The sky is indeed blue, ..." is one restart). Sentences under four words
+  never count.
+- **answers with markup**: answers holding prompt markup (`<draft`, `</draft>`, `status="`,
+  chat-template tokens such as `<|im_start|>`) or a run of six or more consecutive words of the
+  aggregator's own instructions, header or continue text (the templates of
+  `moa_stream.engine.prompts`); the line under the table quotes a few of the pieces found.
+- **words p50 (x one-shot)**: the answer's length in words, and in brackets the median over
+  runs of its ratio to the `single` strategy's answer to the same question (blank where
+  `single` did not run).
+- **ended early**: runs whose answer ended while a proposer of the last layer was still
+  writing *and* that have fewer than half the one-shot answer's words: an aggregator that gave
+  up before its references were in. A short answer after every reference finished is the
+  aggregator's choice and does not count.
+- **ITL p50 / p99**: inter-token latency as vLLM reports it, the gaps between consecutive
+  content chunks as the caller received them, pooled over every run of the strategy (a chunk
+  may hold several tokens; `<0.1 ms` is chunks that arrived in one read). **longest gap p50 /
+  p99**: each run's longest gap, over the runs; **gaps > 1 s per run**: stalls a reader
+  notices, such as a staircase waiting for its proposers between steps.
+- **total p50** and **aggregator requests / run** as in the main table; **prompt tokens per
+  run: all / uncached**, the mean over runs, uncached being what no prefix cache served.
+- **bill vs wait-all**: the mean bill per run over wait-all's on the same scenario (the
+  reference MoA's where wait-all did not run), under three price models, each counting in
+  units of one uncached input token, with every output token at 4 units (hosted models price
+  output at 3-5x input):
+  - `no-cache`: every prompt token at full price (1);
+  - `cached-0.5x`: prompt tokens served from the prefix cache at 0.5, the rest at 1 (automatic
+    caching as OpenAI bills it);
+  - `cached-0.1x-write-1.25x`: cached prompt tokens at 0.1, uncached ones at 1.25, since each
+    is written to the cache (explicit caching as Anthropic bills it, every prompt cacheable).
+
+  A staircase re-sends its growing prompt at every step, so it pays for many more prompt
+  tokens than wait-all; how much of that the bill shows depends on the cache.
+
+Headline reductions carry a 95% interval: a bootstrap over the runs, paired by question (every
+strategy answers the same questions), 2,000 resamples; a figure from fewer than 30 runs says
+"indicative only".
 
 ### The quality model (offline)
 
