@@ -2,28 +2,46 @@
 
 The run hands over through a small :class:`StaircaseHost`: the references of the last layer
 as they stand, a way to take in what the proposers sent meanwhile (``drain`` without waiting,
-``wait`` for more), and the book-keeping of each step's request. The aggregator's stream is
+``wait`` for more), and the book-keeping of each step's request. The current step's stream is
 read here, in the run's own task, so a token reaches the caller in the loop turn it was parsed
 in; between two deltas the proposers' queued chunks are drained (no wait, no queue hop for the
 answer) so that, at a step boundary, the references are as fresh as they can be.
 
-At a step boundary (the step wrote its budget of tokens):
+A step boundary comes once the step wrote its budget of tokens, at the next word that starts
+inside a sentence (:func:`~moa_stream.engine.staircase.cut_point`). There the current stream
+is *paused*, not closed (its tokens wait in the connection), for at most ``max_pause``:
 
-- every reference already settled when the step was asked: nothing more can come, so no
-  boundary is checked again and the step runs to the end;
-- the answer is more than ``lead`` tokens ahead of a reference still being written: the
-  stream is closed, and the next step waits until the references catch up (or settle, or are
-  given up on);
-- the references added something: the stream is closed and the next step asked with it;
-- nothing new: the current stream just continues, and the next boundary is one step later.
+1. while the answer is more than ``lead`` tokens ahead of a reference still being written;
+2. unless the references gained enough since the last step (``min_news``), the pause ends
+   there and the current stream goes on;
+3. the next step is asked, and its first words are held by a
+   :class:`~moa_stream.engine.staircase.ContinuationGuard`. Accepted: the current stream is
+   closed and the next one takes over, its held words first. Rejected (restart, markup,
+   instruction text, an early end, an error, or not ready within the pause): the next stream
+   is closed and the current one goes on from where it paused, as if nothing happened.
+
+So the caller never waits longer than ``max_pause`` at a boundary, every reference a step
+took is only counted as given if that step was accepted, and an error of a later step never
+reaches the caller: the previous step's answer is still there to finish.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import weakref
 from collections.abc import AsyncGenerator, Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
-from moa_stream._exceptions import AggregatorError, ProviderError
+import structlog
+
+from moa_stream._exceptions import (
+    AggregatorError,
+    ContextLengthError,
+    ProviderError,
+    RequestRejectedError,
+)
 from moa_stream._types import ChatMessage, ChatRequest, Usage
 from moa_stream.engine.events import (
     AggregatorDelta,
@@ -31,13 +49,19 @@ from moa_stream.engine.events import (
     AggregatorFailed,
     AggregatorStarted,
     AggregatorStep,
+    AggregatorStepRejected,
     Event,
 )
 from moa_stream.engine.staircase import (
+    Continuation,
+    ContinuationGuard,
     Joiner,
     ReferenceTracker,
     RefView,
+    Staircase,
     StepPrompts,
+    cut_point,
+    estimated_tokens,
     step_sizes,
 )
 
@@ -85,6 +109,43 @@ class StaircaseHost(Protocol):
     ) -> None: ...
 
 
+_log = structlog.get_logger("moa_stream.staircase")
+
+#: Providers whose server refused an assistant prefill, with the models concerned: those
+#: continue by appended turns for the life of the provider object.
+_NO_PREFILL: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+
+
+def _refuses_prefill(exc: ProviderError) -> bool:
+    if not isinstance(exc, RequestRejectedError) or isinstance(exc, ContextLengthError):
+        return False
+    text = str(exc).lower()
+    return "prefill" in text or "end with a user message" in text
+
+
+def _continuation_for(staircase: Staircase, agent: Agent) -> Continuation:
+    continuation = staircase.for_agent(agent.name)
+    if continuation.method == "prefill":
+        refused = _NO_PREFILL.get(agent.provider)
+        if refused is not None and agent.model in refused:
+            return Continuation("turns")
+    return continuation
+
+
+@dataclass(slots=True)
+class _Step:
+    """The step whose stream the caller is reading."""
+
+    number: int
+    stream: ProviderStream
+    record: Any
+    joiner: Joiner
+    budget: int
+    final: bool
+    written: int = 0
+    ended: bool = False
+
+
 async def run_staircase(
     host: StaircaseHost,
     spec: MoA,
@@ -101,7 +162,7 @@ async def run_staircase(
     every step's request).
 
     Falls back to the next aggregator while no token has reached the caller; after that a
-    failure raises :class:`AggregatorError` with the answer so far.
+    failure of the current step raises :class:`AggregatorError` with the answer so far.
     """
     staircase = spec.staircase
     assert staircase is not None
@@ -111,129 +172,28 @@ async def run_staircase(
     if staircase.give_up_after is not None:
         give_up_at = started_at + staircase.give_up_after
     for attempt, agent in enumerate((spec.aggregator, *spec.fallbacks)):
-        continuation = staircase.for_agent(agent.name)
-        tracker = ReferenceTracker(spec.templates, spec.max_reference_chars)
-        prompts = StepPrompts(messages, continuation, spec.templates, agent.system_prompt)
-        request_messages = prompts.first(tracker.first(host.references()))
-        extra: dict[str, Any] = {}
-        sizes = step_sizes(staircase.steps)
-        joiner = Joiner()
-        given_up = False
-        step = 0
-        prefill: str | None = None
-        asked_at = clock()
-        first_token_at: float | None = None
-        usage = Usage()  # of this aggregator's steps so far
-        yield AggregatorStarted(agent.name, attempt, asked_at - t0)
-        while True:
-            refs = host.references()
-            final = given_up or tracker.settled(refs)
-            text_so_far = "".join(answer)
-            yield AggregatorStep(
-                agent.name,
-                step,
-                str(continuation),
-                tracker.infos(refs),
-                len(text_so_far),
-                final,
-                clock() - t0,
-            )
-            request = _request(agent, request_messages, extra, temperature, max_tokens, stop)
-            if max_tokens is not None and step > 0:
-                # ``max_tokens`` bounds the whole answer, as for a single request.
-                request = _with_max_tokens(request, max(1, max_tokens - len(answer)))
-            joiner.begin(text_so_far, prefill, echoes=continuation.echoes)
-            stream = agent.provider.stream(request)
-            record = host.open_step(agent, step, request_messages, stream)
-            budget = next(sizes)
-            written = 0
-            step_text: list[str] = []
-            cut = False
-            try:
-                async with stream:
-                    async for delta in stream:
-                        content = delta.content
-                        if content:
-                            written += 1
-                            text = joiner.feed(content)
-                            now = clock()
-                            host.step_delta(record, text, now)
-                            if text:
-                                if first_token_at is None:
-                                    first_token_at = now
-                                answer.append(text)
-                                step_text.append(text)
-                                yield AggregatorDelta(text, now - t0)
-                        for event in host.drain():
-                            yield event
-                        if final or written < budget:
-                            continue
-                        refs = host.references()
-                        if give_up_at is not None and clock() >= give_up_at:
-                            given_up = True
-                            host.give_up()
-                        if _ahead(answer, host.running_tokens(), staircase.lead, given_up):
-                            cut = True
-                            break
-                        if tracker.has_news(refs, given_up=given_up):
-                            cut = True
-                            break
-                        budget += next(sizes)
-                    rest = joiner.flush()
-                    if rest:
-                        now = clock()
-                        host.step_delta(record, rest, now)
-                        answer.append(rest)
-                        step_text.append(rest)
-                        yield AggregatorDelta(rest, now - t0)
-            except ProviderError as exc:
-                errors[agent.name] = exc
-                host.close_step(record, "failed", None, exc)
-                if answer:
-                    raise AggregatorError(
-                        f"aggregator {agent.name} failed at step {step + 1} of its answer: {exc}",
-                        partial_text="".join(answer),
-                        errors=errors,
-                    ) from exc
-                yield AggregatorFailed(agent.name, attempt, str(exc), exc.kind, clock() - t0)
-                break
-            except BaseException as exc:
-                host.close_step(record, "cancelled", None, exc)
-                raise
-            if not cut:
-                host.close_step(record, "complete", stream.finish_reason, None)
-                yield AggregatorDone(
-                    agent.name,
-                    stream.finish_reason,
-                    usage + (stream.usage or Usage(estimated=True)),
-                    None if first_token_at is None else first_token_at - asked_at,
-                    clock() - t0,
-                )
-                return
-            host.close_step(record, "cancelled", None, None)
-            usage = usage + (stream.usage or Usage(estimated=True))
-            # The next step: wait while the answer is too far ahead (or, having stopped for
-            # that, while there is nothing new yet), then ask with the news.
-            while (running := host.running_tokens()) and (
-                _ahead(answer, running, staircase.lead, given_up)
-                or not tracker.has_news(host.references(), given_up=given_up)
-            ):
-                if given_up:
-                    break
-                if give_up_at is not None and clock() >= give_up_at:
-                    given_up = True
-                    host.give_up()
-                    break
-                for event in await host.wait(give_up_at):
-                    yield event
-            for event in host.drain():
+        driver = _Driver(
+            host,
+            spec,
+            staircase,
+            agent,
+            answer,
+            clock=clock,
+            t0=t0,
+            give_up_at=give_up_at,
+            overrides=(temperature, max_tokens, stop),
+        )
+        yield AggregatorStarted(agent.name, attempt, driver.asked_at - t0)
+        async with contextlib.aclosing(driver.run(messages)) as events:
+            async for event in events:
                 yield event
-            refs = host.references()
-            parts = tracker.gains(refs, given_up=given_up)
-            whole = "".join(answer)
-            request_messages, extra = prompts.next(parts, "".join(step_text), whole)
-            prefill = whole.rstrip() if continuation.method == "prefill" else None
-            step += 1
+        if driver.done:
+            return
+        assert driver.error is not None
+        errors[agent.name] = driver.error
+        yield AggregatorFailed(
+            agent.name, attempt, str(driver.error), driver.error.kind, clock() - t0
+        )
     raise AggregatorError(
         "every aggregator failed before answering: "
         + "; ".join(f"{name}: {err}" for name, err in errors.items()),
@@ -241,40 +201,333 @@ async def run_staircase(
     )
 
 
-def _ahead(answer: list[str], running: Sequence[int], lead: int | None, given_up: bool) -> bool:
+class _Driver:
+    """One aggregator's staircase (see the module docstring)."""
+
+    def __init__(
+        self,
+        host: StaircaseHost,
+        spec: MoA,
+        staircase: Staircase,
+        agent: Agent,
+        answer: list[str],
+        *,
+        clock: Callable[[], float],
+        t0: float,
+        give_up_at: float | None,
+        overrides: tuple[float | None, int | None, tuple[str, ...] | None],
+    ) -> None:
+        self.host = host
+        self.spec = spec
+        self.staircase = staircase
+        self.agent = agent
+        self.answer = answer
+        self.clock = clock
+        self.t0 = t0
+        self.give_up_at = give_up_at
+        self.overrides = overrides
+        self.continuation = _continuation_for(staircase, agent)
+        self.tracker = ReferenceTracker(spec.templates, spec.max_reference_chars)
+        self.sizes = step_sizes(staircase.steps)
+        t = spec.templates
+        self.instructions = (t.instructions, t.header, t.update_header, t.continue_instruction)
+        self.given_up = False
+        self.stepping = True
+        self.steps_asked = 0
+        self.rejects = 0
+        self.turn_from = 0  # answer characters the committed turns already hold
+        self.usage = Usage()  # of the steps closed so far
+        self.first_token_at: float | None = None
+        self.chunks = 0  # content chunks of the answer passed on, whichever step wrote them
+        self.asked_at = clock()
+        self.done = False
+        self.error: ProviderError | None = None
+        self.cur: _Step | None = None
+
+    # -- the caller's stream ----------------------------------------------------------------
+    def _emit(self, step: _Step, text: str, chunks: int = 1) -> AggregatorDelta:
+        now = self.clock()
+        self.chunks += chunks
+        self.host.step_delta(step.record, text, now)
+        if self.first_token_at is None:
+            self.first_token_at = now
+        self.answer.append(text)
+        return AggregatorDelta(text, now - self.t0)
+
+    def _request(self, messages: list[ChatMessage], extra: dict[str, Any]) -> ChatRequest:
+        temperature, max_tokens, stop = self.overrides
+        request = self.agent.request(
+            messages, temperature=temperature, max_tokens=max_tokens, stop=stop
+        )
+        if max_tokens is not None and self.chunks:
+            # ``max_tokens`` bounds the whole answer, as for a single request.
+            request = replace(request, max_tokens=max(1, max_tokens - self.chunks))
+        if extra:
+            request = replace(request, extra={**request.extra, **extra})
+        return request
+
+    async def run(self, messages: Sequence[ChatMessage]) -> AsyncGenerator[Event, None]:
+        host = self.host
+        self.prompts = StepPrompts(
+            messages, self.continuation, self.spec.templates, self.agent.system_prompt
+        )
+        refs = host.references()
+        request_messages = self.prompts.first(self.tracker.first(refs))
+        final = self.tracker.settled(refs)
+        yield self._step_event(0, refs, final)
+        stream = self.agent.provider.stream(self._request(request_messages, {}))
+        record = host.open_step(self.agent, 0, request_messages, stream)
+        joiner = Joiner()
+        joiner.begin("".join(self.answer))
+        step = self.cur = _Step(0, stream, record, joiner, next(self.sizes), final)
+        try:
+            await stream.__aenter__()
+        except ProviderError as exc:
+            await stream.aclose()
+            host.close_step(record, "failed", None, exc)
+            self.error = exc
+            return
+        except BaseException as exc:
+            await stream.aclose()
+            host.close_step(record, "cancelled", None, exc)
+            raise
+        try:
+            while True:
+                step = self.cur
+                if step.ended:
+                    break
+                try:
+                    delta = await step.stream.__anext__()
+                except StopAsyncIteration:
+                    break
+                content = delta.content
+                if content:
+                    step.written += 1
+                    text = step.joiner.feed(content)
+                    if not text:
+                        host.step_delta(step.record, "", self.clock())
+                    elif self._due(step, text):
+                        async for event in self._boundary(step, text):
+                            yield event
+                    else:
+                        yield self._emit(step, text)
+                for event in host.drain():
+                    yield event
+        except ProviderError as exc:
+            step = self.cur
+            await step.stream.aclose()
+            host.close_step(step.record, "failed", None, exc)
+            if self.answer:
+                raise AggregatorError(
+                    f"aggregator {self.agent.name} failed at step {step.number + 1} of its "
+                    f"answer: {exc}",
+                    partial_text="".join(self.answer),
+                    errors={self.agent.name: exc},
+                ) from exc
+            self.error = exc
+            return
+        except BaseException as exc:
+            step = self.cur
+            await step.stream.aclose()
+            host.close_step(step.record, "cancelled", None, exc)
+            raise
+        step = self.cur
+        rest = step.joiner.flush()
+        if rest:
+            yield self._emit(step, rest)
+        await step.stream.aclose()
+        host.close_step(step.record, "complete", step.stream.finish_reason, None)
+        self.done = True
+        yield AggregatorDone(
+            self.agent.name,
+            step.stream.finish_reason,
+            self.usage + (step.stream.usage or Usage(estimated=True)),
+            None if self.first_token_at is None else self.first_token_at - self.asked_at,
+            self.clock() - self.t0,
+        )
+
+    def _step_event(self, number: int, refs: Sequence[RefView], final: bool) -> AggregatorStep:
+        return AggregatorStep(
+            self.agent.name,
+            number,
+            str(self.continuation),
+            self.tracker.infos(refs),
+            sum(map(len, self.answer)),
+            final,
+            self.clock() - self.t0,
+        )
+
+    def _due(self, step: _Step, text: str) -> bool:
+        if step.final or not self.stepping:
+            return False
+        if step.written < step.budget and not _ahead(
+            self.chunks, self.host.running_tokens(), self.staircase.lead, self.given_up
+        ):
+            return False
+        return cut_point("".join(self.answer[-64:]), text)
+
+    def _check_give_up(self) -> None:
+        if not self.given_up and self.give_up_at is not None and self.clock() >= self.give_up_at:
+            self.given_up = True
+            self.host.give_up()
+
+    # -- a step boundary ----------------------------------------------------------------------
+    async def _boundary(self, step: _Step, text: str) -> AsyncGenerator[Event, None]:
+        """``text`` is the current step's next delta, not passed on yet: the next step takes
+        over before it, or the current one goes on with it."""
+        host = self.host
+        sc = self.staircase
+        pause_until = self.clock() + sc.max_pause
+        self._check_give_up()
+        while (
+            not self.given_up
+            and _ahead(self.chunks, host.running_tokens(), sc.lead, self.given_up)
+            and self.clock() < pause_until
+        ):
+            until = pause_until if self.give_up_at is None else min(pause_until, self.give_up_at)
+            for event in await host.wait(until):
+                yield event
+            self._check_give_up()
+        for event in host.drain():
+            yield event
+        refs = host.references()
+        chars, changed = self.tracker.news(refs, given_up=self.given_up)
+        if sc.max_steps is not None and self.steps_asked >= sc.max_steps:
+            self.stepping = False
+        # The last step allowed is kept for references that all reached their end, so that
+        # the answer's conclusion is written from them.
+        last_one = sc.max_steps is not None and self.steps_asked + 1 >= sc.max_steps
+        settling = self.given_up or all(state != "running" for _, _, state, _ in refs)
+        if (
+            not self.stepping
+            or (not changed and chars < sc.min_news)
+            or (last_one and not settling)
+        ):
+            step.budget = step.written + next(self.sizes)
+            yield self._emit(step, text)
+            return
+        answer = "".join(self.answer)
+        snapshot = self.tracker.snapshot()
+        parts = self.tracker.gains(refs, given_up=self.given_up)
+        request_messages, extra = self.prompts.propose(parts, answer[self.turn_from :], answer)
+        if self._too_long(request_messages):
+            self.tracker.restore(snapshot)
+            self.stepping = False
+            _log.info("staircase.context_full", agent=self.agent.name, step=step.number + 1)
+            yield self._emit(step, text)
+            return
+        number = step.number + 1
+        final = self.tracker.settled(refs)
+        yield self._step_event(number, refs, final)
+        self.steps_asked += 1
+        prefill = answer.rstrip() if self.continuation.method == "prefill" else None
+        stream = self.agent.provider.stream(self._request(request_messages, extra))
+        record = host.open_step(self.agent, number, request_messages, stream)
+        joiner = Joiner()
+        joiner.begin(answer, prefill, echoes=self.continuation.echoes)
+        guard = ContinuationGuard(answer, self.instructions, words=sc.guard_words)
+        verdict: bool | None = None
+        ended = False
+        written = 0
+        error: ProviderError | None = None
+        held_events: list[Event] = []
+        try:
+            async with asyncio.timeout(max(0.0, pause_until - self.clock())):
+                await stream.__aenter__()
+                while verdict is None:
+                    try:
+                        delta = await stream.__anext__()
+                    except StopAsyncIteration:
+                        ended = True
+                        rest = joiner.flush()
+                        if rest:
+                            verdict = guard.feed(rest)
+                        if verdict is None:
+                            verdict = guard.finish()
+                        break
+                    if delta.content:
+                        written += 1
+                        piece = joiner.feed(delta.content)
+                        if piece:
+                            verdict = guard.feed(piece)
+                    held_events.extend(host.drain())
+        except TimeoutError:
+            verdict = False
+            guard.reason = "not ready in time"
+        except ProviderError as exc:
+            verdict = False
+            error = exc
+            guard.reason = exc.kind
+        except BaseException as exc:
+            await stream.aclose()
+            host.close_step(record, "cancelled", None, exc)
+            raise
+        for event in held_events:
+            yield event
+        if verdict:
+            await step.stream.aclose()
+            host.close_step(step.record, "cancelled", None, None)
+            self.usage = self.usage + (step.stream.usage or Usage(estimated=True))
+            self.prompts.commit()
+            if self.continuation.method == "turns":
+                self.turn_from = len(answer)
+            self.rejects = 0
+            new = _Step(number, stream, record, joiner, next(self.sizes), final, written, ended)
+            self.cur = new
+            yield self._emit(new, guard.held, max(1, written))
+            return
+        await stream.aclose()
+        reason = guard.reason or "rejected"
+        host.close_step(record, "cancelled", None, _Rejected(reason))
+        self.tracker.restore(snapshot)
+        self.rejects += 1
+        if error is not None and _refuses_prefill(error):
+            self._downgrade(error)
+        elif isinstance(error, ContextLengthError):
+            self.stepping = False
+        if self.rejects >= sc.max_rejects:
+            self.stepping = False
+        _log.info("staircase.step_rejected", agent=self.agent.name, step=number, reason=reason)
+        yield AggregatorStepRejected(self.agent.name, number, reason, self.clock() - self.t0)
+        step.budget = step.written + next(self.sizes)
+        yield self._emit(step, text)
+
+    def _too_long(self, messages: Sequence[ChatMessage]) -> bool:
+        window = self.staircase.context_window
+        if window is None:
+            return False
+        max_tokens = self.overrides[1]
+        reserve = 256 if max_tokens is None else max(1, max_tokens - self.chunks)
+        return estimated_tokens(messages) + reserve > window
+
+    def _downgrade(self, error: ProviderError) -> None:
+        """The server refused prefill: appended turns from now on, for this provider's model."""
+        self.rejects -= 1  # not the model's fault: the next boundary tries again
+        refused = _NO_PREFILL.setdefault(self.agent.provider, set())
+        if self.agent.model not in refused:
+            refused.add(self.agent.model)
+            _log.warning(
+                "staircase.prefill_refused",
+                agent=self.agent.name,
+                provider=self.agent.provider.name,
+                model=self.agent.model,
+                error=str(error),
+                hint="continuing by appended turns; set the provider's continuation to turns",
+            )
+        self.continuation = Continuation("turns")
+        self.prompts.switch(self.continuation)
+        self.turn_from = 0
+
+
+class _Rejected(Exception):
+    """Why a step was not passed on (the step's record error)."""
+
+    def __str__(self) -> str:
+        return f"rejected: {self.args[0]}"
+
+
+def _ahead(chunks: int, running: Sequence[int], lead: int | None, given_up: bool) -> bool:
     """Whether the answer is more than ``lead`` chunks ahead of a reference being written."""
     if lead is None or given_up or not running:
         return False
-    return len(answer) - min(running) > lead
-
-
-def _request(
-    agent: Agent,
-    messages: list[ChatMessage],
-    extra: dict[str, Any],
-    temperature: float | None,
-    max_tokens: int | None,
-    stop: tuple[str, ...] | None,
-) -> ChatRequest:
-    request = agent.request(messages, temperature=temperature, max_tokens=max_tokens, stop=stop)
-    if not extra:
-        return request
-    return ChatRequest(
-        messages=request.messages,
-        model=request.model,
-        temperature=request.temperature,
-        max_tokens=request.max_tokens,
-        stop=request.stop,
-        extra={**request.extra, **extra},
-    )
-
-
-def _with_max_tokens(request: ChatRequest, n: int) -> ChatRequest:
-    return ChatRequest(
-        messages=request.messages,
-        model=request.model,
-        temperature=request.temperature,
-        max_tokens=n,
-        stop=request.stop,
-        extra=request.extra,
-    )
+    return chunks - min(running) > lead

@@ -19,6 +19,7 @@ __all__ = [
     "AggregatorFailed",
     "AggregatorStarted",
     "AggregatorStep",
+    "AggregatorStepRejected",
     "Event",
     "Hedged",
     "HedgeInfo",
@@ -180,6 +181,21 @@ class AggregatorStep:
 
 
 @dataclass(frozen=True, slots=True)
+class AggregatorStepRejected:
+    """A staircase step's first words were not passed on (``reason``: ``restart``,
+    ``markup``, ``instruction text``, ``new line mid-sentence``, ``ended early``,
+    ``not ready in time`` or the provider's error kind); the previous step's stream goes on."""
+
+    type: Literal["aggregator.step_rejected"] = field(
+        default="aggregator.step_rejected", init=False
+    )
+    agent: str
+    step: int
+    reason: str
+    t: float
+
+
+@dataclass(frozen=True, slots=True)
 class AggregatorDone:
     type: Literal["aggregator.done"] = field(default="aggregator.done", init=False)
     agent: str
@@ -294,6 +310,7 @@ Event = (
     | AggregatorStarted
     | AggregatorDelta
     | AggregatorStep
+    | AggregatorStepRejected
     | AggregatorFailed
     | AggregatorDone
     | Hedged

@@ -921,5 +921,7 @@ class _StaircaseHost:
         if status == "failed" and error is not None:
             record.error = str(error)
             record.exc = error
+        elif status == "cancelled" and isinstance(error, Exception) and str(error):
+            record.error = str(error)  # a rejected step says why
         if status == "complete":
             record.finish_reason = self.run._finish_reason = finish_reason

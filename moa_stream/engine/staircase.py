@@ -46,15 +46,20 @@ from moa_stream.engine.prompts import (
 )
 
 __all__ = [
+    "CHARS_PER_TOKEN",
     "CONTINUATION_METHODS",
     "PREFILL_FLAVOURS",
     "Continuation",
+    "ContinuationGuard",
     "RefView",
     "Joiner",
     "ReferenceTracker",
     "Staircase",
     "StepPrompts",
+    "cut_point",
+    "estimated_tokens",
     "parse_steps",
+    "sentence_openings",
     "stable_length",
     "step_sizes",
 ]
@@ -149,14 +154,35 @@ class Staircase:
 
     The last layer's policy is the *start rule* (``partial(2, min_tokens=8)``,
     ``deadline(0.5, partial=true)`` ...); its proposers keep running after it fires, and each
-    step sees what they wrote since. ``steps``: the step schedule in aggregator tokens (the last
-    size repeats). ``lead``: at a step boundary the next step waits until the answer is at most
-    this many tokens ahead of every reference still being written (``None``: never waits), so the
-    answer's conclusion is written from finished references rather than openings.
+    step sees what they wrote since.
+
+    ``steps``: the step schedule in aggregator tokens (the last size repeats): a step boundary
+    comes after that many tokens, at the next word that starts inside a sentence (a model asked
+    to continue a sentence continues it; one asked to continue after a full stop tends to start
+    over).
+
+    At a boundary the stream *pauses*, for at most ``max_pause`` seconds in all: first while the
+    answer is more than ``lead`` tokens ahead of a reference still being written (``None``:
+    never), then while the next step is asked and its first ``guard_words`` words are held and
+    checked (:class:`ContinuationGuard`). A step that restarts the answer, copies prompt markup
+    or instruction text, ends at once or is not ready in time is *rejected*: it is closed and the
+    previous step's stream, which was only paused, goes on. So the staircase never stalls the
+    stream for longer than ``max_pause``, and an answer is never worse-formed than its previous
+    step would have written it.
+
+    Stepping stops (the current step runs to the end of the answer) once every reference is
+    complete, failed or given up on; after ``max_steps`` later steps; after ``max_rejects``
+    rejected steps in a row; and when the next request would not fit ``context_window`` (tokens,
+    estimated at :data:`CHARS_PER_TOKEN` characters each, with room for the rest of the answer;
+    ``None``: unknown, a context-length error from the server then ends the stepping instead).
+    A boundary asks a new step only when the references gained at least ``min_news``
+    characters since the last one, or one of them completed or failed.
+
     ``give_up_after``: seconds after the start rule fired at which references still running are
     given up on (and, if the layer's stragglers are ``cancel``, cancelled); ``None``: never.
     ``continuation``: how answers are continued, per aggregator name, with ``default`` for the
-    others.
+    others. An aggregator whose server refuses prefill (HTTP 400, as Anthropic's newer models
+    answer) is moved to appended turns for the life of its provider, once, with a warning.
     """
 
     steps: tuple[int, ...] = (8, 16, 32, 64, 128)
@@ -164,6 +190,12 @@ class Staircase:
     give_up_after: float | None = None
     default: Continuation = field(default_factory=Continuation)
     continuation: Mapping[str, Continuation] = field(default_factory=dict)
+    max_steps: int | None = 6
+    max_rejects: int = 2
+    max_pause: float = 0.6
+    guard_words: int = 4
+    min_news: int = 80
+    context_window: int | None = None
 
     def __post_init__(self) -> None:
         # An invalid argument is a ConfigError, as everywhere else in the engine; the text
@@ -176,9 +208,33 @@ class Staircase:
             raise ConfigError("Staircase(lead) needs lead >= 0")
         if self.give_up_after is not None and not self.give_up_after >= 0:
             raise ConfigError("Staircase(give_up_after) needs a non-negative number")
+        for name in ("max_steps", "max_rejects", "guard_words", "min_news", "context_window"):
+            value = getattr(self, name)
+            if value is None and name in ("max_steps", "context_window"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"Staircase({name}) needs a whole number >= 0")
+        if self.guard_words < 1:
+            raise ConfigError("Staircase(guard_words) needs at least 1 word")
+        if not self.max_pause > 0:
+            raise ConfigError("Staircase(max_pause) needs a positive number of seconds")
 
     def for_agent(self, name: str) -> Continuation:
         return self.continuation.get(name, self.default)
+
+
+#: Characters per token when a prompt's size is estimated against a context window: low for
+#: English (about 4), so the estimate errs towards "does not fit".
+CHARS_PER_TOKEN = 3.0
+
+
+def estimated_tokens(messages: Sequence[ChatMessage]) -> int:
+    """A cautious token count of ``messages`` (text plus a few tokens of template each)."""
+    chars = 0
+    for message in messages:
+        content = message.get("content")
+        chars += len(content) if isinstance(content, str) else 0
+    return int(chars / CHARS_PER_TOKEN) + 8 * len(messages)
 
 
 # -- what a reference may hand over ----------------------------------------------------------
@@ -215,6 +271,146 @@ def stable_length(text: str, complete: bool) -> int:
     if space + 1 > tail_start and len(text) - tail_start >= _SHORT_TAIL:
         cut = space + 1
     return cut
+
+
+# -- where a step may end, and whether the next one may take over ---------------------------
+
+_WORD = re.compile(r"[^\W_]+(?:['\u2019][^\W_]+)*")
+_SENTENCE_SPLIT = re.compile(r"[.!?]+(?=\s|$)|\n+")
+
+
+def cut_point(answer: str, next_text: str, *, min_words: int = 3) -> bool:
+    """Whether a step may end between ``answer`` and ``next_text`` (the next delta, not yet
+    passed on): at a word boundary (``next_text`` starts a new word, whether the space that
+    separates them ends ``answer`` or starts ``next_text``), inside a sentence that already
+    has ``min_words`` words. Ending mid-sentence is what lets a model continue rather than
+    start over; ending after a whole word keeps tokenizers on a word boundary."""
+    if not next_text or next_text[0] == "\n":
+        return False
+    stripped = answer.rstrip(" \t")
+    if len(stripped) == len(answer):
+        if not next_text[0].isspace():
+            return False
+    elif next_text[0].isspace() or "\n" in answer[len(stripped) :]:
+        return False
+    last = stripped[-1:]
+    if not (last.isalnum() or last == ","):
+        return False
+    tail = stripped[-200:]
+    start = 0
+    for match in _SENTENCE_SPLIT.finditer(tail):
+        start = match.end()
+    return len(_WORD.findall(tail[start:])) >= min_words
+
+
+def _opening(sentence: str, n: int) -> tuple[str, ...] | None:
+    words = _WORD.findall(sentence.lower())
+    return tuple(words[:n]) if len(words) >= n else None
+
+
+def sentence_openings(text: str, n: int = 4) -> set[tuple[str, ...]]:
+    """The first ``n`` words (lower-cased) of every sentence of ``text`` that has ``n``."""
+    out = set()
+    start = 0
+    for match in _SENTENCE_SPLIT.finditer(text):
+        opening = _opening(text[start : match.start()], n)
+        if opening:
+            out.add(opening)
+        start = match.end()
+    opening = _opening(text[start:], n)
+    if opening:
+        out.add(opening)
+    return out
+
+
+_MARKUP = re.compile(
+    r"<\s*/?\s*draft\b|\bdraft\s+n\s*=|status\s*=\s*\"|<\|[a-z_]*\|?>?|\[/?(?:INST|answer)\b",
+    re.IGNORECASE,
+)
+
+
+def _shingles(text: str, n: int) -> set[tuple[str, ...]]:
+    words = _WORD.findall(text.lower())
+    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+class ContinuationGuard:
+    """Judges the first words of a later step before any of them reaches the caller.
+
+    Rejects a step whose first words restart the answer (a sentence whose first four words open
+    a sentence already written, or the held text itself beginning like one), copy prompt markup
+    (draft tags, chat-template tokens) or instruction text (five words in a row of the prompt's
+    own instructions), begin a new line in the middle of a sentence, or end before
+    ``words`` words unless they end a sentence. Accepts once ``words`` whole words passed.
+    """
+
+    __slots__ = ("_answer", "_held", "_instructions", "_openings", "_words", "reason")
+
+    def __init__(self, answer: str, instructions: Sequence[str], *, words: int = 4) -> None:
+        self._answer = answer
+        self._words = words
+        self._held = ""
+        self._openings = sentence_openings(answer)
+        shingles: set[tuple[str, ...]] = set()
+        for text in instructions:
+            shingles |= _shingles(text, 5)
+        self._instructions = shingles
+        self.reason: str | None = None
+
+    @property
+    def held(self) -> str:
+        return self._held
+
+    def feed(self, text: str) -> bool | None:
+        """Take the step's next text: ``True`` accepted, ``False`` rejected (see ``reason``),
+        ``None`` not decided yet."""
+        self._held += text
+        held = self._held
+        problem = self._problem(held)
+        if problem:
+            self.reason = problem
+            return False
+        words = _WORD.findall(held)
+        # A word is whole once something follows it.
+        if len(words) > self._words or (len(words) == self._words and not held[-1:].isalnum()):
+            return True
+        return None
+
+    def finish(self) -> bool:
+        """The step ended before a decision: accepted only if what it wrote ends a sentence."""
+        problem = self._problem(self._held)
+        if problem:
+            self.reason = problem
+            return False
+        if self._held.rstrip()[-1:] in (".", "!", "?") and self._answer.strip():
+            return True
+        self.reason = "ended early"
+        return False
+
+    def _problem(self, held: str) -> str | None:
+        if _MARKUP.search(held):
+            return "markup"
+        stripped = held.lstrip(" \t")
+        answer = self._answer
+        if stripped.startswith("\n") and answer[-1:].isalnum():
+            return "new line mid-sentence"
+        if self._instructions and self._instructions & _shingles(held, 5):
+            return "instruction text"
+        openings = self._openings
+        if openings:
+            own = _opening(held, 4)
+            if own is not None and own in openings:
+                return "restart"
+            # Sentences that begin inside the held text.
+            text = answer + held
+            start = len(answer)
+            for match in _SENTENCE_SPLIT.finditer(text, max(0, len(answer) - 200)):
+                if match.end() < start:
+                    continue
+                opening = _opening(text[match.end() :], 4)
+                if opening is not None and opening in openings:
+                    return "restart"
+        return None
 
 
 # -- references across steps -----------------------------------------------------------------
@@ -312,6 +508,39 @@ class ReferenceTracker:
                 return False
         return True
 
+    def snapshot(self) -> dict[int, tuple[int, int, str]]:
+        """What has been given so far, to :meth:`restore` if the step that took it is rejected."""
+        return {i: (g.number, g.chars, g.status) for i, g in self._given.items()}
+
+    def restore(self, snapshot: dict[int, tuple[int, int, str]]) -> None:
+        self._given = {i: _Given(*v) for i, v in snapshot.items()}
+
+    def news(self, refs: Sequence[RefView], *, given_up: bool = False) -> tuple[int, bool]:
+        """What :meth:`gains` would report: characters of new text, and whether a reference
+        changed state (completed, failed, given up on, or appeared). Records nothing."""
+        chars = 0
+        changed = False
+        for index, _, state, text in refs:
+            status = self._status(state, given_up)
+            if status is None:
+                continue
+            given = self._given.get(index)
+            if given is None:
+                if status == "cancelled":
+                    continue
+                n = self._limit(stable_length(text, status == "complete"))
+                if status != "partial" or n:
+                    changed = changed or status != "partial"
+                    chars += n
+                    changed = changed or n > 0
+                continue
+            if status != given.status:
+                changed = True
+            if status in ("partial", "complete"):
+                n = self._limit(stable_length(text, status == "complete"))
+                chars += max(0, n - given.chars)
+        return chars, changed
+
     def has_news(self, refs: Sequence[RefView], *, given_up: bool = False) -> bool:
         """Whether :meth:`gains` would report anything (it records nothing)."""
         for index, _, state, text in refs:
@@ -366,6 +595,7 @@ class StepPrompts:
         self._t = templates
         self._base = with_system_prompt(conversation, system_prompt)
         self._messages: list[ChatMessage] = []
+        self._pending: list[ChatMessage] | None = None
         self.steps = 0
 
     def first(self, reference_block: str) -> list[ChatMessage]:
@@ -378,25 +608,55 @@ class StepPrompts:
         self, update_parts: Sequence[str], step_text: str, answer: str
     ) -> tuple[list[ChatMessage], dict[str, Any]]:
         """The next step, after the previous step wrote ``step_text`` (the answer so far is
-        ``answer``); ``update_parts`` come from :meth:`ReferenceTracker.gains`."""
-        self.steps += 1
+        ``answer``); ``update_parts`` come from :meth:`ReferenceTracker.gains`. Taken at once:
+        :meth:`propose` and :meth:`commit` in one."""
+        messages, extra = self.propose(update_parts, step_text, answer)
+        self.commit()
+        return messages, extra
+
+    def propose(
+        self, update_parts: Sequence[str], step_text: str, answer: str
+    ) -> tuple[list[ChatMessage], dict[str, Any]]:
+        """The next step's request, not yet taken: :meth:`commit` takes it (the step was
+        accepted); a rejected step is simply never committed, and the step after it is proposed
+        from the same point."""
         c = self.continuation
+        messages = list(self._messages)
+        extra: dict[str, Any] = {}
         if c.method == "turns":
             update = render_update(update_parts, self._t, ask_to_continue=True)
             if step_text:
-                self._messages.append({"role": "assistant", "content": step_text})
-                self._messages.append({"role": "user", "content": update})
+                messages.append({"role": "assistant", "content": step_text})
+                messages.append({"role": "user", "content": update})
             else:  # the previous step wrote nothing: its user turn just grows
-                append_to_last_user(self._messages, update)
-            return list(self._messages), {}
-        update = render_update(update_parts, self._t, ask_to_continue=False)
-        append_to_last_user(self._messages, update)
-        # Trailing whitespace is left out of the prefill (Anthropic refuses it, and tokenizers
-        # continue a word boundary better without it); the joiner drops it if it comes back.
-        prefill = answer.rstrip()
-        if not prefill:
-            return list(self._messages), {}
-        return [*self._messages, c.prefill_message(prefill)], c.prefill_extra()
+                append_to_last_user(messages, update)
+            request = list(messages)
+        else:
+            if update_parts:
+                update = render_update(update_parts, self._t, ask_to_continue=False)
+                append_to_last_user(messages, update)
+            # Trailing whitespace is left out of the prefill (Anthropic refuses it, and
+            # tokenizers continue a word boundary better without it); the joiner drops it if
+            # it comes back.
+            prefill = answer.rstrip()
+            request = [*messages, c.prefill_message(prefill)] if prefill else list(messages)
+            if prefill:
+                extra = c.prefill_extra()
+        self._pending = messages
+        return request, extra
+
+    def commit(self) -> None:
+        """The proposed step was accepted: later steps extend it."""
+        if self._pending is not None:
+            self._messages = self._pending
+            self._pending = None
+            self.steps += 1
+
+    def switch(self, continuation: Continuation) -> None:
+        """Continue by ``continuation`` from now on (the server refused prefill). The request
+        so far stays as it is: its user message holds the updates given so far, and the next
+        appended turn carries the whole answer so far as the assistant's."""
+        self.continuation = continuation
 
 
 # -- one seamless stream ---------------------------------------------------------------------

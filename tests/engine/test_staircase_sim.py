@@ -70,7 +70,14 @@ def stairs(
         policy=Partial(2, min_tokens=8),
         fallbacks=[Agent(f, provider, f) for f in fallbacks],
         staircase=Staircase(
-            steps=(8, 16, 32), lead=kw.pop("lead", 16), default=continuation or Continuation()
+            steps=(8, 16, 32),
+            lead=kw.pop("lead", 4),
+            default=continuation or Continuation(),
+            # The aggregator here writes 20 times faster than the slowest proposer: a long
+            # pause lets every step boundary wait for the references, as these tests need.
+            max_pause=kw.pop("max_pause", 5.0),
+            min_news=kw.pop("min_news", 1),
+            max_steps=kw.pop("max_steps", None),
         ),
         **kw,
     )
