@@ -117,6 +117,12 @@ class StaircaseConfig:
     lead: int | None = 32
     give_up_after: float | None = None
     continuation: Literal["auto", "prefill", "turns"] = "auto"
+    max_steps: int | None = 6
+    max_rejects: int = 2
+    max_pause: float = 0.6
+    guard_words: int = 4
+    min_news: int = 80
+    context_window: int | None = None
     #: The continuation each aggregator (and fallback) uses, resolved against its provider.
     resolved: Mapping[str, Continuation] = field(default_factory=dict)
 
@@ -370,9 +376,32 @@ def _staircase(t: _Table) -> StaircaseConfig:
             Literal["auto", "prefill", "turns"],
             t.choice("continuation", ("auto", "prefill", "turns"), "auto"),
         ),
+        max_steps=_whole_or_false(t, "max_steps", d.max_steps),
+        max_rejects=_whole(t, "max_rejects", d.max_rejects, minimum=0),
+        max_pause=t.positive("max_pause", float, d.max_pause),
+        guard_words=_whole(t, "guard_words", d.guard_words, minimum=1),
+        min_news=_whole(t, "min_news", d.min_news, minimum=0),
+        context_window=_whole_or_false(t, "context_window", d.context_window),
     )
     t.done()
     return config
+
+
+def _whole(t: _Table, key: str, default: int, *, minimum: int) -> int:
+    value = t.get(key, (int, bool), default)
+    if isinstance(value, bool) or value < minimum:
+        raise t.err(key, f"must be a whole number >= {minimum}")
+    return cast(int, value)
+
+
+def _whole_or_false(t: _Table, key: str, default: int | None) -> int | None:
+    """A whole number >= 1, or ``false`` for no limit."""
+    value = t.get(key, (int, bool), default)
+    if value is False or value is None:
+        return None
+    if value is True or value < 1:
+        raise t.err(key, "must be a whole number >= 1, or false (no limit)")
+    return cast(int, value)
 
 
 def _agent(t: _Table, name: str, providers: Mapping[str, ProviderConfig]) -> AgentConfig:
@@ -685,6 +714,12 @@ def build_moa(m: MoAConfig, agents: Mapping[str, Agent]) -> MoA:
             lead=sc.lead,
             give_up_after=sc.give_up_after,
             continuation=dict(sc.resolved),
+            max_steps=sc.max_steps,
+            max_rejects=sc.max_rejects,
+            max_pause=sc.max_pause,
+            guard_words=sc.guard_words,
+            min_news=sc.min_news,
+            context_window=sc.context_window,
         )
     return MoA(
         layers=layers,
