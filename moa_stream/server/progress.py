@@ -18,7 +18,9 @@ A client that wants to show the proposers' text (the playground page does) asks 
 ``text`` level: ``proposer.text`` items then carry each proposer's new text, batched per layer
 at most every :data:`TEXT_INTERVAL` seconds, and flushed before that proposer's
 ``proposer.done`` or ``proposer.failed`` and before ``layer.done``, so a client holds every
-proposer's text by the time it learns what became of it.
+proposer's text by the time it learns what became of it. Each ``proposer.text`` item is
+followed by the layer's ``proposer.tokens`` item, so the counts a client shows always match
+the text it holds.
 The JSON of each item is documented in ``docs/server.md``.
 """
 
@@ -212,14 +214,24 @@ class ProgressEncoder:
         }
 
     def _text(self, layer: int, t: float) -> bytes:
-        """The ``proposer.text`` frame of ``layer``'s unsent text (empty bytes if none)."""
+        """The ``proposer.text`` frame of ``layer``'s unsent text (empty bytes if none),
+        followed by the layer's ``proposer.tokens`` item.
+
+        The counts go with the text they count: a page that shows a lane's text beside its
+        "tokens so far" must never show a lane full of text counted at 0, which is what the
+        tokens item's own interval allowed when a burst of text arrived (a staircase hands its
+        proposers' deltas on in bursts) or the last text was flushed at ``run.done``.
+        """
         assert self._pending is not None
         self._last_text_at[layer] = t
         pending = self._pending.pop(layer, None)
         if not pending:
             return b""
         texts = {agent: "".join(pieces) for agent, pieces in pending.items()}
-        return self._frame({"type": "proposer.text", "layer": layer, "text": texts, "t": _round(t)})
+        frame = self._frame(
+            {"type": "proposer.text", "layer": layer, "text": texts, "t": _round(t)}
+        )
+        return frame + self._frame(self._tokens(layer, t))
 
     def frame(self, event: Event) -> bytes | None:
         """The progress frame(s) for ``event``, or None when it adds nothing worth sending.
@@ -238,9 +250,9 @@ class ProgressEncoder:
             if self._pending is not None:
                 self._pending.setdefault(layer, {}).setdefault(event.agent, []).append(event.text)
                 if t - self._last_text_at.get(layer, 0.0) >= TEXT_INTERVAL:
-                    out = self._text(layer, t)
-            if t - self._last_tokens_at.get(layer, 0.0) >= TOKENS_INTERVAL:
-                out += self._frame(self._tokens(layer, t))
+                    out = self._text(layer, t)  # with the layer's counts
+            if not out and t - self._last_tokens_at.get(layer, 0.0) >= TOKENS_INTERVAL:
+                out = self._frame(self._tokens(layer, t))
             return out or None
         if event.type == "aggregator.delta":
             return None

@@ -209,7 +209,7 @@ def test_text_is_batched_and_flushed_before_the_proposer_is_done() -> None:
     assert texts[1]["text"] == {"b": "Hi you again", "a": "there world."}
     out += frames(enc.frame(ProposerDelta(0, 0, "a", " More.", late + step)))
     done = frames(enc.frame(ProposerDone(0, 0, "a", "x", "stop", Usage(1, 5), 0.1, late + step)))
-    assert [item["type"] for item in done] == ["proposer.text", "proposer.done"]
+    assert [item["type"] for item in done] == ["proposer.text", "proposer.tokens", "proposer.done"]
     assert done[0]["text"] == {"a": " More."}
 
 
@@ -221,16 +221,17 @@ def test_text_is_flushed_before_failure_layer_end_and_run_end() -> None:
     failed = frames(enc.frame(ProposerFailed(0, 0, "a", "boom", "server", 0.52)))
     assert [(i["type"], i.get("text")) for i in failed] == [
         ("proposer.text", {"a": " cut"}),
+        ("proposer.tokens", None),
         ("proposer.failed", None),
     ]
     enc.frame(ProposerDelta(0, 1, "b", "late", 0.53))
     ref = ReferenceInfo("b", 1, "partial", 4, 1)
     layer = frames(enc.frame(LayerDone(0, "partial", (ref,), None, None, 0.54)))
-    assert [i["type"] for i in layer] == ["proposer.text", "layer.done"]
+    assert [i["type"] for i in layer] == ["proposer.text", "proposer.tokens", "layer.done"]
     enc.frame(ProposerDelta(0, 1, "b", " straggler", 0.55))
     report = RunReport("", None, None, None, None, 0.6, Usage(), (), ())
     end = frames(enc.frame(RunDone(report, 0.6)))
-    assert [i["type"] for i in end] == ["proposer.text", "run.done"]
+    assert [i["type"] for i in end] == ["proposer.text", "proposer.tokens", "run.done"]
     assert end[0]["text"] == {"b": " straggler"}
 
 
