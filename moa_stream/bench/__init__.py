@@ -10,10 +10,22 @@ plots. The same is available from Python::
 
     output = _aio.run(run_bench(BenchSettings(out=Path("out"), quick=True)))
 
-See ``docs/benchmarks.md`` for what is measured and how.
+See ``docs/benchmarks.md`` for what is measured and how. The measures of an answer's integrity,
+its stream's smoothness and its cost (:mod:`moa_stream.bench.integrity`) are pure and work on
+any answer text and chunk times, from anywhere.
 """
 
 from moa_stream.bench.baseline import Endpoint, ReferenceMoA, run_reference
+from moa_stream.bench.integrity import (
+    PRICE_MODELS,
+    Integrity,
+    PriceModel,
+    Smoothness,
+    answer_integrity,
+    bill,
+    ended_early,
+    stream_gaps,
+)
 from moa_stream.bench.oracle import RecordSchedule, oracle_ttft, ready_at, run_oracle
 from moa_stream.bench.quality import BenchQuestion, arithmetic_questions, is_correct
 from moa_stream.bench.report import CellResult, RunSample, headline, percentile, summarize
@@ -27,7 +39,10 @@ __all__ = [
     "BenchSettings",
     "CellResult",
     "Endpoint",
+    "Integrity",
     "Lineup",
+    "PRICE_MODELS",
+    "PriceModel",
     "QUICK",
     "RecordSchedule",
     "ReferenceMoA",
@@ -35,8 +50,12 @@ __all__ = [
     "SCENARIOS",
     "STRATEGIES",
     "Scenario",
+    "Smoothness",
     "Strategy",
+    "answer_integrity",
     "arithmetic_questions",
+    "bill",
+    "ended_early",
     "headline",
     "is_correct",
     "oracle_ttft",
@@ -47,5 +66,6 @@ __all__ = [
     "run_cell",
     "run_oracle",
     "run_reference",
+    "stream_gaps",
     "summarize",
 ]
