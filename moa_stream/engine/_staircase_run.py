@@ -111,9 +111,24 @@ class StaircaseHost(Protocol):
 
 _log = structlog.get_logger("moa_stream.staircase")
 
-#: Providers whose server refused an assistant prefill, with the models concerned: those
-#: continue by appended turns for the life of the provider object.
-_NO_PREFILL: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+#: (provider id, provider name, model) of servers that refused an assistant prefill: those
+#: continue by appended turns for the life of the provider object (the entry goes with it).
+_NO_PREFILL: set[tuple[int, str, str]] = set()
+
+
+def _prefill_refused(agent: Agent) -> bool:
+    return (id(agent.provider), agent.provider.name, agent.model) in _NO_PREFILL
+
+
+def _remember_refusal(agent: Agent) -> bool:
+    """Record that ``agent``'s server refuses prefill; ``False`` if it was known."""
+    key = (id(agent.provider), agent.provider.name, agent.model)
+    if key in _NO_PREFILL:
+        return False
+    _NO_PREFILL.add(key)
+    with contextlib.suppress(TypeError):  # not every provider can be weakly referenced
+        weakref.finalize(agent.provider, _NO_PREFILL.discard, key)
+    return True
 
 
 def _refuses_prefill(exc: ProviderError) -> bool:
@@ -125,10 +140,8 @@ def _refuses_prefill(exc: ProviderError) -> bool:
 
 def _continuation_for(staircase: Staircase, agent: Agent) -> Continuation:
     continuation = staircase.for_agent(agent.name)
-    if continuation.method == "prefill":
-        refused = _NO_PREFILL.get(agent.provider)
-        if refused is not None and agent.model in refused:
-            return Continuation("turns")
+    if continuation.method == "prefill" and _prefill_refused(agent):
+        return Continuation("turns")
     return continuation
 
 
@@ -259,9 +272,10 @@ class _Driver:
         request = self.agent.request(
             messages, temperature=temperature, max_tokens=max_tokens, stop=stop
         )
-        if max_tokens is not None and self.chunks:
-            # ``max_tokens`` bounds the whole answer, as for a single request.
-            request = replace(request, max_tokens=max(1, max_tokens - self.chunks))
+        if request.max_tokens is not None and self.chunks:
+            # ``max_tokens`` (the run's or the agent's) bounds the whole answer, as for a
+            # single request.
+            request = replace(request, max_tokens=max(1, request.max_tokens - self.chunks))
         if extra:
             request = replace(request, extra={**request.extra, **extra})
         return request
@@ -496,16 +510,14 @@ class _Driver:
         window = self.staircase.context_window
         if window is None:
             return False
-        max_tokens = self.overrides[1]
+        max_tokens = self.overrides[1] or self.agent.max_tokens
         reserve = 256 if max_tokens is None else max(1, max_tokens - self.chunks)
         return estimated_tokens(messages) + reserve > window
 
     def _downgrade(self, error: ProviderError) -> None:
         """The server refused prefill: appended turns from now on, for this provider's model."""
         self.rejects -= 1  # not the model's fault: the next boundary tries again
-        refused = _NO_PREFILL.setdefault(self.agent.provider, set())
-        if self.agent.model not in refused:
-            refused.add(self.agent.model)
+        if _remember_refusal(self.agent):
             _log.warning(
                 "staircase.prefill_refused",
                 agent=self.agent.name,

@@ -372,9 +372,16 @@ class ContinuationGuard:
             return False
         words = _WORD.findall(held)
         # A word is whole once something follows it.
-        if len(words) > self._words or (len(words) == self._words and not held[-1:].isalnum()):
-            return True
-        return None
+        whole = len(words) - (1 if held[-1:].isalnum() else 0)
+        if whole < self._words:
+            return None
+        # A sentence begun inside the held text is judged on its own first four words.
+        ends = [m.end() for m in _SENTENCE_SPLIT.finditer(held)]
+        if ends and ends[-1] < len(held):
+            started = _WORD.findall(held[ends[-1] :])
+            if len(started) - (1 if held[-1:].isalnum() else 0) < 4:
+                return None
+        return True
 
     def finish(self) -> bool:
         """The step ended before a decision: accepted only if what it wrote ends a sentence."""

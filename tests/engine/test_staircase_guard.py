@@ -1,0 +1,292 @@
+"""The staircase's defences against an aggregator that does not continue its own answer well.
+
+Pure parts (where a step may end, the guard on a later step's first words), then whole runs on
+scripted providers whose later steps restart, copy prompt markup, stall, stop at once, refuse
+prefill or continue correctly. A rejected step never reaches the caller: the previous step's
+stream, only paused, goes on.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import structlog
+
+from moa_stream import RequestRejectedError
+from moa_stream._types import ChatRequest
+from moa_stream.engine import Agent, Partial, moa
+from moa_stream.engine.events import AggregatorStep, AggregatorStepRejected, Event
+from moa_stream.engine.prompts import PromptTemplates
+from moa_stream.engine.staircase import (
+    Continuation,
+    ContinuationGuard,
+    Staircase,
+    cut_point,
+    estimated_tokens,
+    sentence_openings,
+)
+from moa_stream.testing import Script, ScriptedProvider, ScriptedStream
+
+T = PromptTemplates()
+INSTRUCTIONS = (T.instructions, T.header, T.update_header, T.continue_instruction)
+
+
+# -- where a step may end --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("answer", "nxt", "ok"),
+    [
+        ("The sky is blue because", " light", True),  # leading-space tokens
+        ("The sky is blue because ", "light ", True),  # trailing-space tokens
+        ("The sky is blue.", " It", False),  # a sentence end invites a restart
+        ("The sky is blue. ", "It ", False),
+        ("The sky is", " blue", True),
+        ("The sky", " is", False),  # too early in the sentence
+        ("The sky is bl", "ue", False),  # mid-word
+        ("The sky is blue because", "\nLight", False),
+        ("First, the sky is blue,", " and", True),
+        ("A list:\n- the sky is", " blue", True),
+    ],
+)
+def test_a_step_ends_only_between_words_inside_a_sentence(answer: str, nxt: str, ok: bool) -> None:
+    assert cut_point(answer, nxt) is ok
+
+
+def test_sentence_openings_are_the_first_four_words() -> None:
+    text = "The sky is blue. \nThe sky is indeed blue, because light scatters! Short one."
+    assert sentence_openings(text) == {("the", "sky", "is", "blue"), ("the", "sky", "is", "indeed")}
+
+
+# -- the guard -------------------------------------------------------------------------------
+
+
+def judge(answer: str, pieces: list[str], *, end: bool = False) -> tuple[bool | None, str | None]:
+    guard = ContinuationGuard(answer, INSTRUCTIONS, words=4)
+    verdict: bool | None = None
+    for piece in pieces:
+        verdict = guard.feed(piece)
+        if verdict is not None:
+            return verdict, guard.reason
+    if end:
+        return guard.finish(), guard.reason
+    return verdict, guard.reason
+
+
+ANSWER = "The sky is blue. Sunlight is scattered by the air, and blue light"
+
+
+@pytest.mark.parametrize(
+    ("pieces", "reason"),
+    [
+        # the failures seen on a 135M model, as a later step's first words
+        ([" \nThe", " sky", " is", " indeed", " blue"], "new line mid-sentence"),
+        ([" is", " scattered. The", " sky", " is", " blue"], "restart"),
+        ([" </draft>", " more"], "markup"),
+        ([' <draft n="1" status="partial, still being written" continued>'], "markup"),
+        ([" <|im_start|>assistant"], "markup"),
+        ([" do", " not", " mention", " the", " drafts,"], "instruction text"),
+    ],
+)
+def test_the_guard_rejects_restarts_markup_and_instructions(pieces: list[str], reason: str) -> None:
+    assert judge(ANSWER, pieces) == (False, reason)
+
+
+def test_a_whole_restart_glued_to_the_answer_is_caught() -> None:
+    # appended turns: "The sky is blue. \nThe" then "The sky is blue. \nThe" again
+    assert judge("The sky is blue. \nThe sky is", ["The", " sky", " is", " blue."]) == (
+        False,
+        "restart",
+    )
+
+
+def test_the_guard_accepts_a_continuation_after_four_whole_words() -> None:
+    guard = ContinuationGuard(ANSWER, INSTRUCTIONS, words=4)
+    assert guard.feed(" is") is None
+    assert guard.feed(" scattered") is None
+    assert guard.feed(" more") is None
+    assert guard.feed(" than") is None  # "than" may still grow into "thank"
+    assert guard.feed(" red") is True
+    assert guard.held == " is scattered more than red"
+
+
+def test_a_step_that_ends_at_once_is_accepted_only_if_it_ends_a_sentence() -> None:
+    assert judge(ANSWER, [" most."], end=True) == (True, None)
+    assert judge(ANSWER, [" most"], end=True) == (False, "ended early")
+    assert judge(ANSWER, [], end=True) == (False, "ended early")
+
+
+def test_estimated_tokens_err_towards_more() -> None:
+    messages = [{"role": "user", "content": "x" * 4000}]
+    assert estimated_tokens(messages) > 4000 / 4  # English runs at about 4 characters a token
+
+
+# -- whole runs --------------------------------------------------------------------------------
+
+TEXT = (
+    "Light from the sun is scattered by the molecules of the air and blue light is scattered "
+    "far more than red light because its wavelength is shorter so the sky looks blue to us "
+    "during the day while sunsets look red because the light crosses more air"
+)
+WORDS = TEXT.split(" ")
+STEP0 = tuple(f" {w}" for w in WORDS)  # one-shot answer, 45 tokens
+PROPOSER = tuple(f" word{i}" + ("." if i % 6 == 5 else "") for i in range(40))
+
+
+@dataclass
+class StairProvider(ScriptedProvider):
+    """Scripts chosen by model and, for the aggregator, by whether the request is a later step
+    (it continues an answer: a final assistant message, or an assistant turn before it)."""
+
+    later: Callable[[ChatRequest, int], Script | Exception] | None = None
+    later_requests: list[ChatRequest] = field(default_factory=list)
+
+    def stream(self, request: ChatRequest) -> ScriptedStream:
+        later = any(m["role"] == "assistant" for m in request.messages)
+        if request.model == "agg" and later and self.later is not None:
+            self.requests.append(request)
+            self.later_requests.append(request)
+            outcome = self.later(request, len(self.later_requests))
+            if isinstance(outcome, Exception):
+                return ScriptedStream(self, Script(tokens=(), error=outcome, fail_after=0))  # type: ignore[arg-type]
+            return ScriptedStream(self, outcome)
+        return super().stream(request)
+
+
+def provider(later: Callable[[ChatRequest, int], Script | Exception]) -> StairProvider:
+    return StairProvider(
+        scripts={
+            "p1": Script(tokens=PROPOSER, ttft=0.0, interval=0.004),
+            "p2": Script(tokens=PROPOSER, ttft=0.0, interval=0.006),
+            "agg": Script(tokens=STEP0, ttft=0.0, interval=0.01),
+        },
+        later=later,
+    )
+
+
+def stairs(p: StairProvider, method: str = "prefill", **kw: Any) -> Any:
+    kw.setdefault("steps", (4, 8))
+    kw.setdefault("lead", None)
+    kw.setdefault("min_news", 1)
+    kw.setdefault("max_pause", 0.3)
+    return moa(
+        [Agent("p1", p, "p1"), Agent("p2", p, "p2")],
+        Agent("agg", p, "agg"),
+        policy=Partial(1, min_tokens=2),
+        staircase=Staircase(default=Continuation(method, "vllm"), **kw),  # type: ignore[arg-type]
+    )
+
+
+async def run(spec: Any) -> tuple[str, list[Event], Any]:
+    events: list[Event] = []
+    async with spec.stream([{"role": "user", "content": "Why is the sky blue?"}]) as r:
+        async for event in r.events():
+            events.append(event)
+        report = r.report
+    return r.answer, events, report
+
+
+def rejected(events: list[Event]) -> list[AggregatorStepRejected]:
+    return [e for e in events if isinstance(e, AggregatorStepRejected)]
+
+
+async def test_restarting_steps_are_rejected_and_the_first_answer_goes_on_whole() -> None:
+    restart = Script(tokens=(" \nLight", " from", " the", " sun", " is"), interval=0.001)
+    p = provider(lambda request, n: restart)
+    answer, events, report = await run(stairs(p))
+    assert answer == "".join(STEP0)  # word for word the first step's answer
+    reasons = [e.reason for e in rejected(events)]
+    assert reasons == ["new line mid-sentence"] * 2  # max_rejects, then no more steps
+    assert len(p.later_requests) == 2
+    assert p.open_streams == 0
+    steps = [a for a in report.agents if a.role == "aggregator"]
+    assert [a.error for a in steps[1:]] == ["rejected: new line mid-sentence"] * 2
+
+
+async def test_a_good_step_takes_over_after_the_cut() -> None:
+    def later(request: ChatRequest, n: int) -> Script:
+        return Script(tokens=(" which", " is", " why", " it", " is", " blue."), interval=0.001)
+
+    p = provider(later)
+    answer, events, report = await run(stairs(p, max_steps=1))
+    assert not rejected(events)
+    assert len(p.later_requests) == 1
+    prefill = p.later_requests[0].messages[-1]
+    assert prefill["role"] == "assistant"
+    # the caller got the first step up to the cut, then the second step, nothing twice
+    assert answer == prefill["content"] + " which is why it is blue."
+    assert answer.startswith("".join(STEP0[:4]).lstrip()) or answer.startswith(" Light")
+    assert p.open_streams == 0
+    statuses = [a.status for a in report.agents if a.role == "aggregator"]
+    assert statuses == ["cancelled", "complete"]
+
+
+async def test_a_slow_step_is_rejected_within_the_pause_and_the_stream_goes_on() -> None:
+    slow = Script(tokens=(" which", " is", " why", " it", " is"), ttft=5.0)
+    p = provider(lambda request, n: slow)
+    answer, events, _ = await run(stairs(p, max_pause=0.2))
+    assert answer == "".join(STEP0)
+    assert [e.reason for e in rejected(events)] == ["not ready in time"] * 2
+    # no gap between two answer deltas much longer than the pause (generous margin)
+    times = [e.t for e in events if e.type == "aggregator.delta"]
+    assert max(b - a for a, b in itertools.pairwise(times)) < 0.2 + 1.0
+    assert p.open_streams == 0
+
+
+async def test_markup_copied_by_a_step_never_reaches_the_caller() -> None:
+    copy = Script(tokens=(" </draft>", "\n\n", "<draft", ' n="1"'), interval=0.001)
+    p = provider(lambda request, n: copy)
+    answer, events, _ = await run(stairs(p))
+    assert "draft" not in answer and answer == "".join(STEP0)
+    assert {e.reason for e in rejected(events)} == {"markup"}
+
+
+async def test_a_refused_prefill_moves_the_aggregator_to_appended_turns_once() -> None:
+    refusal = RequestRejectedError(
+        "This model does not support assistant message prefill. The conversation must end "
+        "with a user message.",
+        status=400,
+    )
+
+    def later(request: ChatRequest, n: int) -> Script | Exception:
+        if request.messages[-1]["role"] == "assistant":
+            return refusal
+        return Script(tokens=(" which", " is", " why", " it", " is", " blue."), interval=0.001)
+
+    p = provider(later)
+    with structlog.testing.capture_logs() as logs:
+        answer, _, _ = await run(stairs(p, max_steps=2))
+        # the provider object remembers it: a second run asks by turns at once
+        answer2, events2, _ = await run(stairs(p, max_steps=2))
+    assert [m["role"] for m in p.later_requests[0].messages][-1] == "assistant"
+    assert all(r.messages[-1]["role"] == "user" for r in p.later_requests[1:])
+    warnings = [e for e in logs if e["event"] == "staircase.prefill_refused"]
+    assert len(warnings) == 1 and warnings[0]["log_level"] == "warning"
+    assert answer.endswith(" which is why it is blue.")
+    assert answer2.endswith(" which is why it is blue.")
+    steps2 = [e for e in events2 if isinstance(e, AggregatorStep) and e.step > 0]
+    assert steps2 and all(e.continuation == "turns" for e in steps2)
+    assert p.open_streams == 0
+
+
+async def test_no_step_is_sent_that_would_not_fit_the_context_window() -> None:
+    good = Script(tokens=(" which", " is", " why", " it", " is"), interval=0.001)
+    p = provider(lambda request, n: good)
+    # The first request is about 250 estimated tokens: with 256 kept for the rest of the
+    # answer, no later step fits in 400.
+    answer, events, _ = await run(stairs(p, context_window=400))
+    assert p.later_requests == []
+    assert answer == "".join(STEP0)
+    assert not [e for e in events if isinstance(e, AggregatorStep) and e.step > 0]
+
+
+async def test_steps_stop_at_max_steps() -> None:
+    good = Script(tokens=(" and", " so", " on", " and", " so", " on"), interval=0.001)
+    p = provider(lambda request, n: good)
+    await run(stairs(p, max_steps=1, max_pause=1.0))
+    assert len(p.later_requests) <= 1
