@@ -9,7 +9,6 @@ stream, only paused, goes on.
 from __future__ import annotations
 
 import itertools
-
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
