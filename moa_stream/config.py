@@ -50,6 +50,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Self, cast
 
+from moa_stream import _log
 from moa_stream._exceptions import ConfigError
 from moa_stream._resource import AsyncResource
 from moa_stream.engine.policies import Policy, WaitAll, parse_policy, required_completions
@@ -64,6 +65,10 @@ from moa_stream.engine.spec import Agent, Layer, LayerCut, MoA
 from moa_stream.engine.staircase import Continuation, Staircase, parse_continuation, parse_steps
 from moa_stream.providers import Provider, RetryPolicy, Timeouts
 from moa_stream.providers._factory import PROVIDER_KINDS, build_provider
+
+# The package's __init__ imports this module, so this runs on ``import moa_stream``, before any
+# of its loggers is used: the library stays silent until the application configures logging.
+_log.quiet_until_configured()
 
 if TYPE_CHECKING:
     # Imported where it is started: a configuration without simulated providers never loads
