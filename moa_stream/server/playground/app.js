@@ -57,6 +57,56 @@ function follow(box, grow) {
   if (atEnd) box.scrollTop = box.scrollHeight;
 }
 
+// -- the answer's smoothness ------------------------------------------------------------------
+//
+// Computed here from what the page received, not from the server's report: the gaps a reader
+// sees are the browser's, and a restart is visible in the text whoever caused it.
+
+/** The answer's sentences: split after ., ! or ? followed by white space. */
+export function sentences(text) {
+  return text
+    .split(/(?<=[.!?])\s+/u)
+    .map((s) => s.trim())
+    .filter(Boolean);
+}
+
+/** A sentence's first `n` words, lowercased without punctuation; null if it has fewer. */
+export function opening(sentence, n = 4) {
+  const words = sentence
+    .toLowerCase()
+    .replace(/[^\p{L}\p{N}\s]/gu, "")
+    .split(/\s+/u)
+    .filter(Boolean);
+  return words.length >= n ? words.slice(0, n).join(" ") : null;
+}
+
+/**
+ * How many sentences restart the answer: their first four words (lowercased, without
+ * punctuation) open an earlier sentence of the same answer. A staircase step that starts over
+ * instead of continuing shows up here.
+ */
+export function countRestarts(text) {
+  const seen = new Set();
+  let restarts = 0;
+  for (const sentence of sentences(text)) {
+    const key = opening(sentence);
+    if (key === null) continue;
+    if (seen.has(key)) restarts += 1;
+    else seen.add(key);
+  }
+  return restarts;
+}
+
+/** The longest time between two consecutive arrival times (seconds), or null under two. */
+export function longestGap(times) {
+  let longest = null;
+  for (let i = 1; i < times.length; i += 1) {
+    const gap = times[i] - times[i - 1];
+    if (longest === null || gap > longest) longest = gap;
+  }
+  return longest;
+}
+
 // -- the API ----------------------------------------------------------------------------------
 
 class ApiError extends Error {
@@ -181,6 +231,9 @@ class Lane {
     );
     this.text.setAttribute("aria-label", `${title}: text`);
     this.tokens = 0;
+    // Set once the lane has its final figure (proposer.done, proposer.failed, run.done): live
+    // counts stop there.
+    this.final = false;
     this.setStatus("waiting");
   }
 
@@ -214,6 +267,16 @@ class RunView {
     this.report = null;
     this.usage = null;
     this.clientTtft = null;
+    // The answer as received, and when each chunk arrived (seconds since the request).
+    this.answerText = "";
+    this.chunkTimes = [];
+    // aggregator.done's figure: every step's tokens, the one the header and the tiles show.
+    this.answerTokens = null;
+    // "layer:index" of every proposer whose text some step read (layer.done's references and
+    // every aggregator.step's): one set, so a reference used later is never "not used".
+    this.used = new Set();
+    // Per layer: the policy note and what it says, rewritten when a staircase reads on.
+    this.notes = new Map();
 
     this.state = el("span", { class: "run-state", text: "running" });
     this.layersBox = el("div", { class: "layers" });
@@ -307,8 +370,11 @@ class RunView {
   }
 
   content(text) {
+    const now = (performance.now() - this.t0) / 1000;
+    this.chunkTimes.push(now);
+    this.answerText += text;
     if (this.clientTtft === null) {
-      this.clientTtft = (performance.now() - this.t0) / 1000;
+      this.clientTtft = now;
       this.answer.root.dataset.firstTokenAt = String(this.clientTtft);
       this.answer.setStatus("streaming");
       this.setStats();
@@ -342,8 +408,8 @@ class RunView {
       ["Policy fired", seconds(r && r.time_to_quorum_s), "policy"],
       ["Total time", seconds(this.total), "total"],
     ];
-    const aggregator = r && r.agents.find((a) => a.role === "aggregator" && a.agent === r.aggregator && a.status === "complete");
-    rows.push(["Answer tokens", aggregator ? String(aggregator.usage.completion_tokens) : "–", "answer-tokens"]);
+    const answer = this.answerFigure();
+    rows.push(["Answer tokens", answer ? `${answer.estimated ? "≈ " : ""}${answer.tokens}` : "–", "answer-tokens"]);
     const usage = this.usage || (r && r.usage);
     const approx = usage && usage.estimated ? "≈ " : "";
     rows.push([
@@ -351,10 +417,56 @@ class RunView {
       usage ? `${approx}${usage.prompt_tokens} in · ${approx}${usage.completion_tokens} out` : "–",
       "tokens",
     ]);
+    const gap = longestGap(this.chunkTimes);
+    rows.push(["Longest gap between answer chunks", seconds(gap), "longest-gap"]);
+    rows.push(["Restarts", this.answerText ? String(countRestarts(this.answerText)) : "–", "restarts"]);
     this.stats.replaceChildren(
       ...rows.map(([term, value, key]) =>
         el("div", { class: "stat", "data-stat": key }, el("dt", { text: term }), el("dd", { text: value })),
       ),
+    );
+  }
+
+  /**
+   * The answer's tokens: aggregator.done's figure, which counts every staircase step; from the
+   * report (every request of the answering aggregator) if that item never came.
+   */
+  answerFigure() {
+    if (this.answerTokens) return this.answerTokens;
+    const r = this.report;
+    if (!r || !r.aggregator) return null;
+    const steps = r.agents.filter((a) => a.role === "aggregator" && a.agent === r.aggregator && a.status !== "failed");
+    if (!steps.length) return null;
+    return {
+      tokens: steps.reduce((sum, a) => sum + a.usage.completion_tokens, 0),
+      estimated: steps.some((a) => a.usage.estimated),
+    };
+  }
+
+  /** Marks a reference some step read as used (a partial one as partial, with its cut). */
+  useReference(layer, ref) {
+    const key = `${layer}:${ref.index}`;
+    const lane = this.lanes.get(key) || (ref.agent !== undefined ? this.byAgent.get(`${layer}:${ref.agent}`) : null);
+    if (!lane) return;
+    const read = ref.status === "complete" || ref.status === "partial";
+    // A step that was shown a reference before any of its text arrived did not use it.
+    if (!read || ref.chars === 0) return;
+    this.used.add(`${layer}:${lane.root.dataset.index}`);
+    lane.root.dataset.used = "yes";
+  }
+
+  /** The policy note of a layer, from its references and what still runs on after it. */
+  writeNote(layer) {
+    const note = this.notes.get(layer);
+    const counts = {};
+    for (const ref of note.refs) counts[ref.status] = (counts[ref.status] || 0) + 1;
+    const tally = Object.entries(counts).map(([status, n]) => `${n} ${status}`);
+    if (note.runningOn > 0) tally.push(`${note.runningOn} still running, read by later steps`);
+    else if (note.unused > 0) tally.push(`${note.unused} not waited for`);
+    note.marker.replaceChildren(
+      el("strong", { text: `Policy fired at ${seconds(note.t)}` }),
+      ` — ${note.why}. References: ${tally.join(", ") || "none"}.`,
+      note.cut ? el("span", { class: "cut-note", text: ` ${CUTS[note.cut] || note.cut}.` }) : null,
     );
   }
 
@@ -374,8 +486,11 @@ class RunView {
     for (const layer of r.layers) {
       for (const ref of layer.references) if (ref.status === "partial") partial.add(`${layer.layer}:${ref.index}`);
     }
+    // So is one a later staircase step read before it was cancelled.
+    for (const key of this.used) partial.add(key);
     const rows = r.agents.map((a) => {
-      const status = a.role === "proposer" && partial.has(`${a.layer}:${a.index}`) ? "partial" : a.status;
+      const key = `${a.layer}:${a.index}`;
+      const status = a.role === "proposer" && a.status !== "complete" && partial.has(key) ? "partial" : a.status;
       const first = a.ttft_s === null ? null : a.started_s + a.ttft_s;
       const stop = a.duration_s === null ? r.total_s : a.started_s + a.duration_s;
       const track = el("div", { class: "track" });
@@ -436,24 +551,28 @@ RunView.prototype.handlers = {
       const lane = this.byAgent.get(`${item.layer}:${agent}`);
       if (!lane) continue;
       lane.tokens = tokens;
-      if (lane.status === "streaming") lane.meta.textContent = `≈ ${plural(tokens, "token")} so far`;
+      // Every lane still receiving text, partial references and those a staircase reads on
+      // included, until its final figure arrives.
+      if (!lane.final) lane.meta.textContent = `≈ ${plural(tokens, "token")} so far`;
     }
   },
   "proposer.done"(item) {
     const lane = this.lane(item.layer, item.index, item.agent);
     lane.setStatus("complete");
+    lane.final = true;
     lane.meta.textContent = `${item.estimated ? "≈ " : ""}${plural(item.tokens, "token")} · first token ${seconds(item.ttft_s)} · done at ${seconds(item.t)}`;
   },
   "proposer.failed"(item) {
     const lane = this.lane(item.layer, item.index, item.agent);
     lane.setStatus("failed");
+    lane.final = true;
     lane.meta.textContent = `failed at ${seconds(item.t)}: ${item.kind}`;
     lane.meta.title = item.error || "";
   },
   "layer.done"(item) {
     const layer = this.layer(item.layer);
     const refs = item.references || [];
-    const used = new Set(refs.filter((r) => r.status === "complete" || r.status === "partial").map((r) => r.index));
+    this.lastLayer = item.layer;
     for (const ref of refs) {
       const lane = this.lanes.get(`${item.layer}:${ref.index}`);
       if (lane && ref.status === "partial") {
@@ -463,22 +582,24 @@ RunView.prototype.handlers = {
     }
     for (const [key, lane] of this.lanes) {
       if (!key.startsWith(`${item.layer}:`)) continue;
-      lane.root.dataset.used = used.has(Number(lane.root.dataset.index)) ? "yes" : "no";
-      if (lane.status === "streaming" || lane.status === "waiting") lane.setStatus("cancelled", "not waited for");
+      lane.root.dataset.used = "no";
+      if (lane.status === "streaming" || lane.status === "waiting") {
+        lane.setStatus("cancelled", "not waited for");
+        lane.notWaited = true;
+      }
     }
-    const counts = {};
-    for (const ref of refs) counts[ref.status] = (counts[ref.status] || 0) + 1;
-    const tally = Object.entries(counts).map(([status, n]) => `${n} ${status}`);
-    const unused = this.layerLanes(item.layer).length - refs.length;
-    if (unused > 0) tally.push(`${unused} not waited for`);
-    const why = REASONS[item.reason] || item.reason;
-    const marker = el(
-      "div",
-      { class: "policy-marker", role: "note", "data-reason": item.reason, "data-layer": item.layer },
-      el("strong", { text: `Policy fired at ${seconds(item.t)}` }),
-      ` — ${why}. References: ${tally.join(", ") || "none"}.`,
-      item.cut ? el("span", { class: "cut-note", text: ` ${CUTS[item.cut] || item.cut}.` }) : null,
-    );
+    for (const ref of refs) this.useReference(item.layer, ref);
+    const marker = el("div", { class: "policy-marker", role: "note", "data-reason": item.reason, "data-layer": item.layer });
+    this.notes.set(item.layer, {
+      marker,
+      refs,
+      t: item.t,
+      why: REASONS[item.reason] || item.reason,
+      cut: item.cut,
+      unused: this.layerLanes(item.layer).length - refs.length,
+      runningOn: 0,
+    });
+    this.writeNote(item.layer);
     layer.section.append(marker);
   },
   "aggregator.started"(item) {
@@ -497,11 +618,36 @@ RunView.prototype.handlers = {
       : "";
     const label = `step ${n}`;
     this.answer.mark("step", label, refs ? `${label} — ${refs}` : label);
+    const layer = this.lastLayer;
+    if (layer !== undefined && Array.isArray(item.references)) {
+      // The staircase reads on: proposers layer.done left behind keep running for later steps.
+      for (const ref of item.references) {
+        const lane =
+          (Number.isInteger(ref.index) && this.lanes.get(`${layer}:${ref.index}`)) || this.byAgent.get(`${layer}:${ref.agent}`);
+        if (lane && lane.notWaited) {
+          lane.notWaited = false;
+          lane.setStatus("streaming");
+        }
+        if (lane && Number.isInteger(ref.index)) this.useReference(layer, ref);
+        else if (lane) this.useReference(layer, { ...ref, index: Number(lane.root.dataset.index) });
+      }
+      const note = this.notes.get(layer);
+      if (note) {
+        note.runningOn = [...this.lanes.entries()].filter(
+          ([key, lane]) => key.startsWith(`${layer}:`) && !note.refs.some((r) => `${layer}:${r.index}` === key) && !lane.notWaited,
+        ).length;
+        this.writeNote(layer);
+      }
+    }
     if (typeof item.t === "number") this.steps.push({ t: item.t, label });
   },
   "aggregator.done"(item) {
     this.answer.setStatus("complete");
-    this.answer.meta.textContent = `${item.estimated ? "≈ " : ""}${plural(item.tokens, "token")} · first token ${seconds(item.ttft_s)} after the request`;
+    // The same figures as the tiles: every step's tokens, and the first token as this browser
+    // saw it (the aggregator's own TTFT from its request would be a third, different figure).
+    this.answerTokens = { tokens: item.tokens, estimated: Boolean(item.estimated) };
+    this.answer.meta.textContent = `${item.estimated ? "≈ " : ""}${plural(item.tokens, "token")} · first token at ${seconds(this.clientTtft)}`;
+    this.setStats();
   },
   "run.done"(item) {
     this.report = item.report;
@@ -511,9 +657,13 @@ RunView.prototype.handlers = {
       if (!lane) continue;
       // The run's final word: a lane the policy did not wait for was cancelled, or went on (a
       // partial reference stays "partial": its text so far is what the aggregator read).
-      if (agent.status === "cancelled" && lane.status !== "partial") lane.setStatus("cancelled");
+      const used = this.used.has(`${agent.layer}:${agent.index}`);
+      lane.final = true;
+      lane.notWaited = false;
+      if (agent.status === "cancelled" && lane.status !== "partial") lane.setStatus(used ? "partial" : "cancelled", used ? "partial" : undefined);
       else if (agent.status === "complete" && lane.status !== "complete") lane.setStatus("complete");
-      if (lane.root.dataset.used === "no" && agent.status === "complete") lane.badge.textContent += " · not used";
+      lane.root.dataset.used = used ? "yes" : "no";
+      if (!used && agent.status === "complete") lane.badge.textContent += " · not used";
       if (agent.status !== "failed") {
         const ended = agent.duration_s === null ? null : agent.started_s + agent.duration_s;
         lane.meta.textContent =
