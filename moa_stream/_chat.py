@@ -22,6 +22,7 @@ from moa_stream import _aio
 from moa_stream._demo import render_table, stream_run, summary_row
 from moa_stream._exceptions import ConfigError, MoAStreamError
 from moa_stream._live import LiveView, one_line_summary
+from moa_stream._probe import check_at_start, hint_for
 from moa_stream._types import ChatMessage
 from moa_stream.config import Config, Runtime, default_config, load_config
 from moa_stream.engine.policies import parse_policy
@@ -120,7 +121,8 @@ class ChatSession:
             report = await stream_run(self.spec, messages, view)
         except MoAStreamError as exc:
             view.clear()
-            self.say(f"error: {exc}")
+            hint = hint_for(exc, self.runtime.config)
+            self.say(f"error: {exc}" + (f"; {hint}" if hint else ""))
             return False
         if report.error:
             self.say(f"error: {report.error}")
@@ -222,6 +224,8 @@ def _chat(args: argparse.Namespace) -> int:
         raise MoAStreamError(f"unknown MoA {moa_id!r}; known: {', '.join(config.moas)}")
     interactive = args.prompt is None and sys.stdin.isatty()
     with asyncio.Runner(loop_factory=_aio.loop_factory()) as runner:
+        if not runner.run(check_at_start(config, "chat", fatal=args.check)):
+            return 1
         runtime = Runtime(config)
         try:
             runner.run(runtime.__aenter__())
@@ -270,5 +274,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     chat.add_argument("--model", dest="moa", help=argparse.SUPPRESS)  # the option's former name
     chat.add_argument(
         "--stats", action="store_true", help="a table of timings after each answer, not one line"
+    )
+    chat.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 1 when a provider is unreachable or lacks a model (default: a warning)",
     )
     chat.set_defaults(func=run)

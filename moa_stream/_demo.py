@@ -20,6 +20,7 @@ import orjson
 from moa_stream import _aio
 from moa_stream._exceptions import ConfigError, MoAStreamError
 from moa_stream._live import LiveView, fmt_seconds, fmt_tokens
+from moa_stream._probe import check_at_start, hint_for
 from moa_stream._types import ChatMessage
 from moa_stream.config import Config, Runtime, default_config, load_config
 from moa_stream.engine.events import RunReport
@@ -171,6 +172,8 @@ async def _demo(args: argparse.Namespace) -> int:
     unknown = [n for n in names if n not in config.moas]
     if unknown:
         raise MoAStreamError(f"unknown MoA {unknown[0]!r}; known: {', '.join(config.moas)}")
+    if not await check_at_start(config, "demo", fatal=args.check):
+        return 1
     out = sys.stdout
     rows = []
     runtime_specs: dict[str, MoA] = {}
@@ -185,7 +188,13 @@ async def _demo(args: argparse.Namespace) -> int:
                 about = config.moas[name].description or repr(spec.layers[0].policy)
                 out.write(f"== {name}: {about}\n")
                 view = LiveView(spec, progress=out, answer=out, live=out.isatty())
-            report = await stream_run(spec, messages, view)
+            try:
+                report = await stream_run(spec, messages, view)
+            except MoAStreamError as exc:
+                hint = hint_for(exc, config)
+                if hint is None:
+                    raise
+                raise MoAStreamError(f"{exc}; {hint}") from exc
             if not args.json:
                 out.write("\n")
             rows.append(summary_row(name, spec, report, prompt))
@@ -240,6 +249,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         action="append",
         metavar="ID",
         help=f"a MoA id of the config to run (repeatable; default: {', '.join(DEMO_MOAS)})",
+    )
+    demo.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 1 when a provider is unreachable or lacks a model (default: a warning)",
     )
     # The option's former name, kept working; `bench --strategy` names bench strategies.
     demo.add_argument("--strategy", action="append", dest="moa", help=argparse.SUPPRESS)

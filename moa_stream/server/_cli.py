@@ -19,6 +19,7 @@ from dataclasses import replace
 from moa_stream import _aio
 from moa_stream._cli_logging import configure_from_args, format_from_args, level_from_args
 from moa_stream._exceptions import ConfigError
+from moa_stream._probe import check_at_start
 from moa_stream.config import Config, default_config, load_config
 from moa_stream.server._serve import _url, reserve_port, serve, supervise, worker_argv
 
@@ -67,6 +68,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         metavar="KEY",
         help=f"require 'Authorization: Bearer KEY' on /v1/*; adds to [server] api_keys. "
         f"Prefer the {API_KEY_ENV} variable: a command line is visible to other users",
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 1 when a provider is unreachable or lacks a model, before listening "
+        "(default: a warning)",
     )
     # Set by the supervisor on the workers it starts.
     parser.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
@@ -154,6 +161,10 @@ def run(args: argparse.Namespace) -> int:
     configure_from_args(args, secrets=_secrets(config))
     host = config.server.host if args.host is None else args.host
     port = config.server.port if args.port is None else args.port
+    # Once, before listening: a wrong base_url or model otherwise shows only per request. The
+    # workers a supervisor starts leave it to the supervisor.
+    if not args.reuse_port and not _aio.run(check_at_start(config, "serve", fatal=args.check)):
+        return 1
 
     if args.workers > 1:
         try:
