@@ -38,11 +38,19 @@ DEMO_MOAS = ("moa-wait-all", "staircase")
 async def stream_run(
     spec: MoA, messages: Sequence[ChatMessage], view: LiveView | None
 ) -> RunReport:
-    """Run ``spec`` on ``messages``, showing every event on ``view``; the report."""
-    async with spec.stream(messages) as run:
-        async for event in run.events():
-            if view is not None:
-                view(event)
+    """Run ``spec`` on ``messages``, showing every event on ``view``; the report.
+
+    A run that fails or is cancelled leaves no live line behind, and the log lines held back
+    while its answer streamed are written."""
+    try:
+        async with spec.stream(messages) as run:
+            async for event in run.events():
+                if view is not None:
+                    view(event)
+    except BaseException:
+        if view is not None:
+            view.clear()
+        raise
     return run.report
 
 

@@ -7,17 +7,22 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import AsyncIterator
 from types import SimpleNamespace
 from typing import cast
 
 import pytest
+import structlog
 
 from moa_stream import MoA
 from moa_stream._cli_logging import configure_logging
+from moa_stream._demo import stream_run
+from moa_stream._exceptions import AggregatorError
 from moa_stream._live import LiveView
 from moa_stream._types import Usage
 from moa_stream.engine.events import (
     AggregatorDelta,
+    Event,
     LayerDone,
     ProposerDelta,
     ProposerDone,
@@ -142,8 +147,6 @@ def test_a_count_never_goes_down_when_the_providers_figure_arrives() -> None:
 def test_a_warning_clears_the_live_line_and_it_is_drawn_again_after() -> None:
     terminal = io.StringIO()
     configure_logging(level="warning", fmt="console", stream=terminal)
-    import structlog
-
     view = LiveView(_staircase_spec(), progress=terminal, answer=io.StringIO(), live=True)
     view(ProposerStarted(0, 0, "a", 0.0))
     view(ProposerDelta(0, 0, "a", "some words", 0.1))
@@ -157,8 +160,6 @@ def test_a_warning_clears_the_live_line_and_it_is_drawn_again_after() -> None:
 def test_a_warning_during_a_shared_answer_waits_for_its_end() -> None:
     terminal = io.StringIO()
     configure_logging(level="warning", fmt="console", stream=terminal)
-    import structlog
-
     view = LiveView(_staircase_spec(), progress=terminal, answer=terminal, live=True)
     _start(view)
     view(AggregatorDelta("The answer ", 0.6))
@@ -168,3 +169,42 @@ def test_a_warning_during_a_shared_answer_waits_for_its_end() -> None:
     view(RunDone(_report(), 1.0))
     text = terminal.getvalue()
     assert text.index("provider.failed") > text.index("goes on.")
+
+
+class _FailingRun:
+    """A run that streams part of an answer, then fails."""
+
+    report: RunReport
+
+    def __init__(self) -> None:
+        self.report = _report()
+
+    async def __aenter__(self) -> _FailingRun:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    async def events(self) -> AsyncIterator[Event]:
+        yield ProposerStarted(0, 0, "a", 0.0)
+        yield ProposerDelta(0, 0, "a", "some words", 0.1)
+        refs = (ReferenceInfo("a", 0, "partial", 10, 2),)
+        yield LayerDone(0, "deadline", refs, None, None, 0.5)
+        yield AggregatorDelta("The answer ", 0.6)
+        structlog.get_logger("moa_stream.providers").warning("provider.failed", attempts=1)
+        raise AggregatorError("aggregator agg failed at step 2 of its answer")
+
+
+async def test_a_failed_run_writes_the_log_lines_it_held_back() -> None:
+    terminal = io.StringIO()
+    configure_logging(level="warning", fmt="console", stream=terminal)
+    spec = SimpleNamespace(
+        staircase=object(),
+        layers=(SimpleNamespace(stragglers="cancel"),),
+        stream=lambda messages: _FailingRun(),
+    )
+    view = LiveView(cast(MoA, spec), progress=terminal, answer=terminal, live=True)
+    with pytest.raises(AggregatorError):
+        await stream_run(cast(MoA, spec), [{"role": "user", "content": "q"}], view)
+    assert "provider.failed" in terminal.getvalue()
+    assert "tok" not in screen(terminal.getvalue())[-2], "no live line left behind"
