@@ -84,15 +84,21 @@ POLICIES = {
     "quorum-2": "quorum(2)",
     "partial": "partial(3, min_tokens=16)",
 }
-PROPOSER_TOKENS = 96
-AGGREGATOR_TOKENS = 64
+#: Chat-length answers: a one-shot SmolLM2 answer to these questions runs to 150-250 words.
+PROPOSER_TOKENS = 160
+AGGREGATOR_TOKENS = 320
 
 
-#: The staircase MoA (``--staircase``; needs a version of the library with the staircase): the
-#: aggregator starts on partial answers and continues its answer by assistant prefill, which
-#: llama-server supports (it echoes the prefill first, the "llama" flavour).
+#: The staircase MoAs (``--staircase``): the aggregator starts on partial answers and continues
+#: its answer by assistant prefill (``staircase-prefill``; llama-server continues a trailing
+#: assistant message and echoes it first, the "llama" flavour) or by appended turns
+#: (``staircase-turns``), with the library's default steps, lead, pause and guard. The context
+#: window is each slot's (``-c`` split between the ``-np`` slots), as a user would set it.
 STAIRCASE_POLICY = "partial(2, min_tokens=8) | deadline(0.5, min_k=1, partial=true)"
-STAIRCASE_TABLE = 'staircase = { steps = [8, 16, 32, 64], lead = 32, continuation = "prefill" }'
+STAIRCASE_TABLES = {
+    "staircase-prefill": 'staircase = { continuation = "prefill", context_window = 2048 }',
+    "staircase-turns": 'staircase = { continuation = "turns", context_window = 2048 }',
+}
 
 
 def config_toml(base_url: str, policies: dict[str, str | None], staircase: bool) -> str:
@@ -124,8 +130,8 @@ def config_toml(base_url: str, policies: dict[str, str | None], staircase: bool)
         else:
             lines += ['proposers = ["p1", "p2", "p3"]', 'aggregator = "agg"']
             lines.append(f'policy = "{policy}"')
-            if moa_id == "staircase":
-                lines.append(STAIRCASE_TABLE)
+            if moa_id in STAIRCASE_TABLES:
+                lines.append(STAIRCASE_TABLES[moa_id])
             lines.append("")
     return "\n".join(lines)
 
@@ -445,7 +451,9 @@ async def measure(
     results = []
     with tempfile.TemporaryDirectory(prefix="real-inference-") as tmp:
         config = Path(tmp) / "moa.toml"
-        config.write_text(config_toml(base_url, policies, "staircase" in policies))
+        config.write_text(
+            config_toml(base_url, policies, any(m in policies for m in STAIRCASE_TABLES))
+        )
         process, url = start_serve(config, Path(tmp) / "serve.log")
         try:
             async with openai.AsyncOpenAI(
@@ -513,7 +521,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     policies = dict(POLICIES)
     if args.staircase:
-        policies["staircase"] = STAIRCASE_POLICY
+        for moa_id in STAIRCASE_TABLES:
+            policies[moa_id] = STAIRCASE_POLICY
     for item in args.policy:
         moa_id, _, policy = item.partition("=")
         policies[moa_id] = policy

@@ -124,7 +124,13 @@ def staircase_strategy(
             layers=lineup.layers,
             policy=start(lineup.time_scale),
             name=name,
-            staircase=Staircase(steps=steps, lead=lead, default=continuation),
+            # The pause bound is a time like the policies': it scales with the lineup.
+            staircase=Staircase(
+                steps=steps,
+                lead=lead,
+                default=continuation,
+                max_pause=Staircase().max_pause * lineup.time_scale,
+            ),
         )
         if lineup.layers == 1:
             return spec

@@ -56,6 +56,7 @@ from moa_stream.engine.staircase import (
     Continuation,
     ContinuationGuard,
     Joiner,
+    MarkupFilter,
     ReferenceTracker,
     RefView,
     Staircase,
@@ -79,6 +80,10 @@ class StaircaseHost(Protocol):
 
     def running_tokens(self) -> list[int]:
         """Content chunks so far of each reference still being written."""
+        ...
+
+    def running_chunks(self) -> list[tuple[int, int]]:
+        """``(index, content chunks so far)`` of each reference still being written."""
         ...
 
     def drain(self) -> list[Event]:
@@ -117,18 +122,58 @@ _NO_PREFILL: set[tuple[int, str, str]] = set()
 
 
 def _prefill_refused(agent: Agent) -> bool:
-    return (id(agent.provider), agent.provider.name, agent.model) in _NO_PREFILL
+    return _agent_key(agent) in _NO_PREFILL
 
 
 def _remember_refusal(agent: Agent) -> bool:
     """Record that ``agent``'s server refuses prefill; ``False`` if it was known."""
-    key = (id(agent.provider), agent.provider.name, agent.model)
+    key = _agent_key(agent)
     if key in _NO_PREFILL:
         return False
     _NO_PREFILL.add(key)
     with contextlib.suppress(TypeError):  # not every provider can be weakly referenced
         weakref.finalize(agent.provider, _NO_PREFILL.discard, key)
     return True
+
+
+#: Per (provider id, provider name, model): runs left in which a staircase asks no later step,
+#: and the next back-off. A step not ready within ``max_pause`` means the server could not
+#: prefill its prompt in time (a busy or slow server, a prefix cache held per slot): asking
+#: again at once would only cost the server the same work while it writes the answer.
+_LATE: dict[tuple[int, str, str], tuple[int, int]] = {}
+_MAX_BACKOFF = 16
+
+
+def _agent_key(agent: Agent) -> tuple[int, str, str]:
+    return (id(agent.provider), agent.provider.name, agent.model)
+
+
+def _steps_suspended(agent: Agent) -> bool:
+    """Whether this run of ``agent`` asks no later step (and counts the run)."""
+    key = _agent_key(agent)
+    entry = _LATE.get(key)
+    if entry is None or entry[0] <= 0:
+        return False
+    _LATE[key] = (entry[0] - 1, entry[1])
+    return True
+
+
+def _record_late(agent: Agent) -> int:
+    """A step was not ready in time: suspend later steps for the next runs, twice as many as
+    last time (up to 16). Returns how many."""
+    key = _agent_key(agent)
+    backoff = min(_MAX_BACKOFF, _LATE.get(key, (0, 0))[1] * 2 or 1)
+    if key not in _LATE:
+        with contextlib.suppress(TypeError):
+            weakref.finalize(agent.provider, _LATE.pop, key, None)
+    _LATE[key] = (backoff, backoff)
+    return backoff
+
+
+def _record_ready(agent: Agent) -> None:
+    entry = _LATE.get(_agent_key(agent))
+    if entry is not None:
+        _LATE[_agent_key(agent)] = (entry[0], 0)
 
 
 def _refuses_prefill(exc: ProviderError) -> bool:
@@ -240,18 +285,21 @@ class _Driver:
         self.give_up_at = give_up_at
         self.overrides = overrides
         self.continuation = _continuation_for(staircase, agent)
+        self.stepping = not _steps_suspended(agent)
         self.tracker = ReferenceTracker(spec.templates, spec.max_reference_chars)
         self.sizes = step_sizes(staircase.steps)
         t = spec.templates
         self.instructions = (t.instructions, t.header, t.update_header, t.continue_instruction)
         self.given_up = False
-        self.stepping = True
         self.steps_asked = 0
         self.rejects = 0
         self.turn_from = 0  # answer characters the committed turns already hold
         self.usage = Usage()  # of the steps closed so far
         self.first_token_at: float | None = None
         self.chunks = 0  # content chunks of the answer passed on, whichever step wrote them
+        self.markup = MarkupFilter()
+        self.paced: set[int] = set()  # references the answer keeps pace with
+        self.late: set[int] = set()  # references left behind
         self.asked_at = clock()
         self.done = False
         self.error: ProviderError | None = None
@@ -317,7 +365,10 @@ class _Driver:
                 content = delta.content
                 if content:
                     step.written += 1
-                    text = step.joiner.feed(content)
+                    text = self.markup.feed(step.joiner.feed(content))
+                    if text and self._pacing():
+                        async for event in self._pace():
+                            yield event
                     if not text:
                         host.step_delta(step.record, "", self.clock())
                     elif self._due(step, text):
@@ -346,7 +397,7 @@ class _Driver:
             host.close_step(step.record, "cancelled", None, exc)
             raise
         step = self.cur
-        rest = step.joiner.flush()
+        rest = self.markup.feed(step.joiner.flush()) + self.markup.flush()
         if rest:
             yield self._emit(step, rest)
         await step.stream.aclose()
@@ -372,13 +423,53 @@ class _Driver:
         )
 
     def _due(self, step: _Step, text: str) -> bool:
-        if step.final or not self.stepping:
-            return False
-        if step.written < step.budget and not _ahead(
-            self.chunks, self.host.running_tokens(), self.staircase.lead, self.given_up
-        ):
+        if step.final or not self.stepping or step.written < step.budget:
             return False
         return cut_point("".join(self.answer[-64:]), text)
+
+    # -- pacing ---------------------------------------------------------------------------------
+    def _pacing(self) -> bool:
+        """Whether the next chunk would put the answer more than ``lead`` chunks ahead of a
+        reference it keeps pace with."""
+        lead = self.staircase.lead
+        if lead is None or self.given_up:
+            return False
+        behind = self.chunks + 1 - lead
+        late = self.late
+        for index, chunks in self.host.running_chunks():
+            if chunks == 0 or index in late:
+                continue  # not started: nothing to keep pace with yet
+            if chunks < behind:
+                if index not in self.paced:
+                    late.add(index)  # started when the answer was already far ahead
+                    continue
+                return True
+            self.paced.add(index)
+        return False
+
+    async def _pace(self) -> AsyncGenerator[Event, None]:
+        """Hold the next chunk until the references catch up: the answer streams at the pace
+        of the slowest reference being written, so that its end is written from finished
+        references, instead of racing ahead and stopping for seconds at a step boundary.
+
+        Kept pace with: every reference that had started writing while the answer was at most
+        ``lead`` chunks ahead of it. One that starts later, or stalls for ``max_pause``, is
+        left behind (the answer does not wait for it again); so no chunk waits longer than
+        ``max_pause``."""
+        host = self.host
+        until = self.clock() + self.staircase.max_pause
+        if self.give_up_at is not None:
+            until = min(until, self.give_up_at)
+        while self._pacing():
+            if self.clock() >= until:
+                behind = self.chunks + 1 - (self.staircase.lead or 0)
+                for index, chunks in host.running_chunks():
+                    if 0 < chunks < behind:
+                        self.late.add(index)
+                break
+            for event in await host.wait(until):
+                yield event
+            self._check_give_up()
 
     def _check_give_up(self) -> None:
         if not self.given_up and self.give_up_at is not None and self.clock() >= self.give_up_at:
@@ -393,15 +484,6 @@ class _Driver:
         sc = self.staircase
         pause_until = self.clock() + sc.max_pause
         self._check_give_up()
-        while (
-            not self.given_up
-            and _ahead(self.chunks, host.running_tokens(), sc.lead, self.given_up)
-            and self.clock() < pause_until
-        ):
-            until = pause_until if self.give_up_at is None else min(pause_until, self.give_up_at)
-            for event in await host.wait(until):
-                yield event
-            self._check_give_up()
         for event in host.drain():
             yield event
         refs = host.references()
@@ -442,6 +524,7 @@ class _Driver:
         guard = ContinuationGuard(answer, self.instructions, words=sc.guard_words)
         verdict: bool | None = None
         ended = False
+        late = False
         written = 0
         error: ProviderError | None = None
         held_events: list[Event] = []
@@ -468,6 +551,7 @@ class _Driver:
         except TimeoutError:
             verdict = False
             guard.reason = "not ready in time"
+            late = True
         except ProviderError as exc:
             verdict = False
             error = exc
@@ -478,6 +562,8 @@ class _Driver:
             raise
         for event in held_events:
             yield event
+        if verdict is not None and not late:
+            _record_ready(self.agent)
         if verdict:
             await step.stream.aclose()
             host.close_step(step.record, "cancelled", None, None)
@@ -488,6 +574,7 @@ class _Driver:
             self.rejects = 0
             new = _Step(number, stream, record, joiner, next(self.sizes), final, written, ended)
             self.cur = new
+            self.markup = MarkupFilter()  # what the old stream had begun is not the answer
             yield self._emit(new, guard.held, max(1, written))
             return
         await stream.aclose()
@@ -499,6 +586,16 @@ class _Driver:
             self._downgrade(error)
         elif isinstance(error, ContextLengthError):
             self.stepping = False
+        if late:
+            # The server is too slow or busy for steps now: stop for this run and the next few.
+            self.stepping = False
+            runs = _record_late(self.agent)
+            _log.info(
+                "staircase.steps_suspended",
+                agent=self.agent.name,
+                runs=runs,
+                reason="a step was not ready within max_pause",
+            )
         if self.rejects >= sc.max_rejects:
             self.stepping = False
         _log.info("staircase.step_rejected", agent=self.agent.name, step=number, reason=reason)

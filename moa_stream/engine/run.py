@@ -868,6 +868,9 @@ class _StaircaseHost:
     def running_tokens(self) -> list[int]:
         return [c.chunks for c in self.state.calls if c.status == "running"]
 
+    def running_chunks(self) -> list[tuple[int, int]]:
+        return [(c.index, c.chunks) for c in self.state.calls if c.status == "running"]
+
     def drain(self) -> list[Event]:
         run = self.run
         if run._inbox.empty():

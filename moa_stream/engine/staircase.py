@@ -53,6 +53,7 @@ __all__ = [
     "ContinuationGuard",
     "RefView",
     "Joiner",
+    "MarkupFilter",
     "ReferenceTracker",
     "Staircase",
     "StepPrompts",
@@ -418,6 +419,62 @@ class ContinuationGuard:
                 if opening is not None and opening in openings:
                     return "restart"
         return None
+
+
+_TAG = re.compile(r"<\s*/?\s*draft\b[^>\n]{0,160}>|<\|[^|>\n]{0,40}\|>", re.IGNORECASE)
+_TAG_START = re.compile(
+    r"<(?:\s*/?\s*(?:d(?:r(?:a(?:f(?:t(?:\b[^>\n]{0,160})?)?)?)?)?)?|\|[^|>\n]{0,40}\|?)\Z",
+    re.IGNORECASE,
+)
+
+
+class MarkupFilter:
+    """Drops prompt markup a model copies into its answer: the references' quoting tags
+    (``<draft ...>``, ``</draft>``) and chat-template tokens (``<|im_end|>``), with the line
+    breaks that set them apart. Text without ``<`` passes through untouched (one ``in`` test
+    per delta); from a ``<`` on, text is held until it is known to be a tag or not."""
+
+    __slots__ = ("_held", "_line_start")
+
+    def __init__(self) -> None:
+        self._held = ""
+        self._line_start = True
+
+    def feed(self, text: str) -> str:
+        if not self._held and "<" not in text:
+            if text:
+                self._line_start = text[-1] == "\n"
+            return text
+        text = self._held + text
+        self._held = ""
+        out: list[str] = []
+        while text:
+            i = text.find("<")
+            if i < 0:
+                out.append(text)
+                break
+            if i:
+                out.append(text[:i])
+                self._line_start = text[i - 1] == "\n"
+            rest = text[i:]
+            tag = _TAG.match(rest)
+            if tag is not None:
+                text = rest[tag.end() :]
+                if self._line_start or not out:
+                    text = text.lstrip("\n")
+                continue
+            if _TAG_START.match(rest):
+                self._held = rest
+                break
+            out.append("<")
+            self._line_start = False
+            text = rest[1:]
+        return "".join(out)
+
+    def flush(self) -> str:
+        """What is held at the end: an unfinished ``<...`` that never became a tag."""
+        held, self._held = self._held, ""
+        return held
 
 
 # -- references across steps -----------------------------------------------------------------

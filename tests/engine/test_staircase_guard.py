@@ -230,11 +230,20 @@ async def test_a_slow_step_is_rejected_within_the_pause_and_the_stream_goes_on()
     p = provider(lambda request, n: slow)
     answer, events, _ = await run(stairs(p, max_pause=0.2))
     assert answer == "".join(STEP0)
-    assert [e.reason for e in rejected(events)] == ["not ready in time"] * 2
+    # A server that could not get a step ready in time is not asked again in this run ...
+    assert [e.reason for e in rejected(events)] == ["not ready in time"]
     # no gap between two answer deltas much longer than the pause (generous margin)
     times = [e.t for e in events if e.type == "aggregator.delta"]
     assert max(b - a for a, b in itertools.pairwise(times)) < 0.2 + 1.0
     assert p.open_streams == 0
+    # ... nor in the next run (back-off: 1 run, then 2, 4 ... up to 16 while steps stay late)
+    await run(stairs(p, max_pause=0.2))
+    assert len(p.later_requests) == 1
+    answer, events, _ = await run(stairs(p, max_pause=0.2))
+    assert len(p.later_requests) == 2 and answer == "".join(STEP0)
+    for _ in range(2):
+        await run(stairs(p, max_pause=0.2))
+    assert len(p.later_requests) == 2
 
 
 async def test_markup_copied_by_a_step_never_reaches_the_caller() -> None:

@@ -61,3 +61,71 @@ async def test_staircase_continues_by_prefill_without_repeating_itself(
         assert not text[done:].startswith(text[:done]), (done, text)
     assert not errors
     assert text.strip()
+
+
+#: Open-ended questions: the kind of prompt on which a small aggregator restarted its answer,
+#: copied the drafts' tags into it or stopped early when asked to continue.
+OPEN_QUESTIONS = (
+    "Explain why the sky is blue.",
+    "What are three tips for staying healthy?",
+    "How do plants make their food?",
+    "Why do we have seasons on Earth?",
+)
+
+WHOLE = """
+[moa.single]
+preset = "single"
+aggregator = "agg"
+
+[moa.stairs-prefill]
+proposers = ["p1", "p2", "p3"]
+aggregator = "agg"
+policy = "partial(2, min_tokens=8) | deadline(0.5, min_k=1, partial=true)"
+staircase = { continuation = "prefill", context_window = 1024 }
+
+[moa.stairs-turns]
+proposers = ["p1", "p2", "p3"]
+aggregator = "agg"
+policy = "partial(2, min_tokens=8) | deadline(0.5, min_k=1, partial=true)"
+staircase = { continuation = "turns", context_window = 1024 }
+"""
+
+
+@pytest.mark.parametrize("method", ["prefill", "turns"])
+async def test_staircase_answers_stay_whole_on_a_small_model(
+    llama: InferenceServer, method: str
+) -> None:
+    """What a reader would notice: no copied prompt markup, no more restarts than the same
+    model answering alone (plus one), an answer of about the one-shot length, a stream that
+    ends, and no error; with the default steps, lead, pause and guard."""
+    from moa_stream.bench.integrity import answer_integrity, word_count
+
+    config = moa_config(
+        {"llama": llama.base_url},
+        {"p1": ("llama", 96), "p2": ("llama", 96), "p3": ("llama", 96), "agg": ("llama", 160)},
+        WHOLE,
+        provider_lines='continuation = ["prefill:llama", "turns"]\n',
+    )
+
+    def ignore(item: dict[str, Any]) -> None:
+        return None
+
+    rows = []
+    with moa_serve(config) as serve:
+        for question in OPEN_QUESTIONS:
+            messages = [{"role": "user", "content": question}]
+            _, one_shot, _, _ = await progress_stream(serve.url, "single", ignore, messages)
+            status, text, items, errors = await progress_stream(
+                serve.url, f"stairs-{method}", ignore, messages
+            )
+            assert status == 200 and not errors, (question, errors)
+            assert any(i["type"] == "run.done" for i in items)
+            alone = answer_integrity(one_shot)
+            mine = answer_integrity(text, one_shot_words=word_count(one_shot))
+            rows.append((question, alone, mine, text))
+    for question, alone, mine, text in rows:
+        assert not mine.markup, (question, mine.markup, text)
+        assert mine.restarts <= alone.restarts + 1, (question, text)
+    # Length: the staircase's answers together at least 0.6 of the one-shot answers' (the
+    # model's own answers vary in length from one request to the next).
+    assert sum(m.words for _, _, m, _ in rows) >= 0.6 * sum(a.words for _, a, _, _ in rows)
