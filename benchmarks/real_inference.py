@@ -136,11 +136,14 @@ def config_toml(base_url: str, policies: dict[str, str | None], staircase: bool)
     return "\n".join(lines)
 
 
-def start_serve(config: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_serve(config: Path | None, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """``moa-stream serve`` on a free port, with ``config`` (``None``: the embedded default);
+    returns the process and its URL once it listens."""
     with log.open("wb") as out:
         process = subprocess.Popen(
             [
-                *(sys.executable, "-m", "moa_stream.cli", "serve", "--config", str(config)),
+                *(sys.executable, "-m", "moa_stream.cli", "serve"),
+                *(() if config is None else ("--config", str(config))),
                 *("--port", "0", "--log-level", "info"),
             ],
             stdout=out,
