@@ -45,6 +45,11 @@ class ChatRequest:
     max_tokens: int | None = None
     stop: tuple[str, ...] | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    #: The prompt up to the end of its last user message will be sent again as the start of
+    #: later requests (a staircase's steps). Providers with explicit prompt caching (Anthropic's
+    #: ``cache_control``) mark it; the others, whose servers cache prefixes on their own,
+    #: ignore it.
+    cache_prefix: bool = False
 
 
 def estimate_tokens(chars: int) -> int:

@@ -326,7 +326,8 @@ class _Driver:
             request = replace(request, max_tokens=max(1, request.max_tokens - self.chunks))
         if extra:
             request = replace(request, extra={**request.extra, **extra})
-        return request
+        # Every step's prompt starts with the previous one's: let explicit caches mark it.
+        return replace(request, cache_prefix=True)
 
     async def run(self, messages: Sequence[ChatMessage]) -> AsyncGenerator[Event, None]:
         host = self.host

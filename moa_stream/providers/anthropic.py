@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ClassVar, Final
 
@@ -220,6 +221,31 @@ def _text(message: ChatMessage) -> str:
     return ""
 
 
+_PARAGRAPH = re.compile(r"(?=\n\n)")
+#: Content blocks a marked user message is split into at most (the API looks back about 20
+#: block boundaries from a breakpoint for an earlier cache entry).
+_MAX_BLOCKS = 64
+
+
+def _mark_cache_prefix(messages: list[dict[str, Any]]) -> None:
+    """Mark the last user message with a ``cache_control`` breakpoint, its text split into one
+    content block per paragraph (each block but the first starts with the blank line before
+    it). A staircase's later step extends that message with new paragraphs (or adds turns after
+    it), so the previous step's breakpoint falls on a block boundary of the next request, where
+    the API finds the entry it wrote."""
+    for message in reversed(messages):
+        if message["role"] != "user":
+            continue
+        parts = [p for p in _PARAGRAPH.split(message["content"]) if p]
+        if len(parts) > _MAX_BLOCKS:
+            parts = [*parts[: _MAX_BLOCKS - 1], "".join(parts[_MAX_BLOCKS - 1 :])]
+        blocks: list[dict[str, Any]] = [{"type": "text", "text": p} for p in parts]
+        if blocks:
+            blocks[-1]["cache_control"] = {"type": "ephemeral"}
+            message["content"] = blocks
+        return
+
+
 def _api_root(base_url: str) -> yarl.URL:
     url = yarl.URL(base_url.rstrip("/"))
     if url.scheme not in ("http", "https") or not url.host:
@@ -338,6 +364,8 @@ class AnthropicProvider(PooledHTTPProvider):
             messages[-1]["content"] = messages[-1]["content"].rstrip()
             if not messages[-1]["content"]:
                 messages.pop()  # an empty prefill continues nothing
+        if request.cache_prefix:
+            _mark_cache_prefix(messages)
         body: dict[str, Any] = {
             "model": request.model,
             "messages": messages,

@@ -4,6 +4,7 @@ stream, errors before and inside the stream, retries; end to end against the sim
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -376,3 +377,56 @@ async def test_leaving_early_disconnects_and_faults_mid_stream(sim: SimServer) -
         assert info.value.delivered and "".join(got)
         with pytest.raises(ProtocolError):
             await read(provider, malformed)
+
+
+async def test_a_staircase_marks_its_stable_prefix_for_the_prompt_cache() -> None:
+    """Every step request of a staircase carries ``cache_prefix``: its last user message goes
+    as one content block per paragraph, the last one a ``cache_control`` breakpoint, so the
+    previous step's breakpoint is a block boundary of the next request."""
+    from moa_stream.engine import Agent, Partial, moa
+    from moa_stream.engine.staircase import Continuation, Staircase
+
+    bodies: list[dict[str, Any]] = []
+    models = [
+        SimModel(name=n, latency=LatencyProfile.fixed(ttft=0.01, tokens_per_s=tps), answer_tokens=k)
+        for n, tps, k in (("p1", 400.0, 80), ("p2", 200.0, 80), ("agg", 2000.0, 160))
+    ]
+    async with (
+        SimServer(models=models, seed=3) as sim,
+        provider_for(sim.base_url.removesuffix("/v1")) as provider,
+    ):
+        original = provider._encode
+
+        def spy(request: ChatRequest) -> bytes:
+            data = original(request)
+            bodies.append(orjson.loads(data))
+            return data
+
+        provider._encode = spy  # type: ignore[method-assign]
+        spec = moa(
+            [Agent("p1", provider, "p1"), Agent("p2", provider, "p2")],
+            Agent("agg", provider, "agg"),
+            policy=Partial(1, min_tokens=4),
+            staircase=Staircase(
+                steps=(8,), lead=4, min_news=1, default=Continuation("prefill", "anthropic")
+            ),
+        )
+        async with spec.stream([{"role": "user", "content": "Why is the sky blue?"}]) as run:
+            answer = "".join([t async for t in run.text()])
+    assert answer.strip()
+    proposers = [b for b in bodies if b["model"] != "agg"]
+    steps = [b for b in bodies if b["model"] == "agg"]
+    assert len(steps) >= 2
+    assert all(isinstance(b["messages"][0]["content"], str) for b in proposers)  # not marked
+    texts = []
+    for body in steps:
+        user = body["messages"][0]
+        blocks = user["content"]
+        assert [b.get("cache_control") for b in blocks][-1] == {"type": "ephemeral"}
+        assert all("cache_control" not in b for b in blocks[:-1])
+        texts.append([b["text"] for b in blocks])
+    # each step's user message extends the previous one by whole blocks: the previous
+    # breakpoint is a block boundary of the next request
+    for before, after in itertools.pairwise(texts):
+        assert after[: len(before)] == before
+    assert len(texts[-1]) > len(texts[0])
