@@ -6,6 +6,8 @@
 - ``POST /v1/chat/completions``: streamed (SSE) or not; the MoA's aggregator writes the answer.
 - ``GET /v1/models`` and ``GET /v1/models/{id}``: the MoA ids.
 - ``GET /healthz``: 200 while serving, 503 while draining for shutdown.
+- ``GET /readyz``: 200 when a load balancer should send requests; 503 while starting or
+  draining.
 - ``GET /metrics``: Prometheus text.
 
 When a stream's headers go out: at its first answer token (together with the role chunk and
@@ -100,7 +102,7 @@ _JSON = "application/json"
 _CHAT_PATH = "/v1/chat/completions"
 _TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 _ALWAYS_ALLOWED_HEADERS = ("Authorization", "Content-Type", PROGRESS_HEADER, REASONING_HEADER)
-_QUIET_PATHS = frozenset({"/healthz", "/metrics"})
+_QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 def truthy_header(value: str | None) -> bool:
@@ -220,6 +222,9 @@ class MoAServer:
         self.path_prefix = ""
         self.active = 0
         self.shutting_down = False
+        #: A drain has begun: ``/readyz`` answers 503 and responses close their connections,
+        #: while requests are still served (see :meth:`begin_drain`).
+        self.draining = False
         self._idle = asyncio.Event()
         self._idle.set()
         self._expired = False
@@ -239,8 +244,15 @@ class MoAServer:
         )
 
     # -- shutdown ----------------------------------------------------------------------------
+    def begin_drain(self) -> None:
+        """Report not ready (``/readyz`` 503) and close each connection after its response,
+        but go on serving: a load balancer's health checks take this server out before it
+        stops accepting (:meth:`begin_shutdown`)."""
+        self.draining = True
+
     def begin_shutdown(self) -> None:
         """Refuse new chat requests (503) and report unhealthy; running ones go on."""
+        self.draining = True
         self.shutting_down = True
 
     async def drain(self, grace: float) -> bool:
@@ -319,6 +331,14 @@ class MoAServer:
             return web.Response(status=503, body=b'{"status":"shutting_down"}', content_type=_JSON)
         return web.Response(body=b'{"status":"ok"}', content_type=_JSON)
 
+    async def readyz(self, request: web.Request) -> web.Response:
+        """``GET /readyz``: 200 when requests are welcome; 503 once the server drains, so that
+        a load balancer sends them elsewhere. (While it starts, :func:`~moa_stream.server.serve`
+        answers 503 ``starting`` itself: this application exists once its runtime does.)"""
+        if self.draining:
+            return web.Response(status=503, body=b'{"status":"draining"}', content_type=_JSON)
+        return web.Response(body=b'{"status":"ready"}', content_type=_JSON)
+
     async def metrics_handler(self, request: web.Request) -> web.Response:
         """``GET /metrics``: the Prometheus text of :attr:`metrics`."""
         response = web.Response(body=self.metrics.render())
@@ -374,7 +394,11 @@ class MoAServer:
                 writer = StreamWriter(
                     ChunkEncoder(ctx.completion_id, ctx.created, req.model, req.include_usage),
                     include_usage=req.include_usage,
-                    progress=ProgressEncoder(text=progress_text) if ctx.progress else None,
+                    progress=(
+                        ProgressEncoder(text=progress_text, request_id=ctx.request_id)
+                        if ctx.progress
+                        else None
+                    ),
                     reasoning=reasoning,
                 )
                 return await self._stream(request, ctx, req, run, writer)
@@ -648,6 +672,11 @@ class MoAServer:
         ctx = request.get(_CTX)
         if ctx is not None:
             response.headers["X-Request-Id"] = ctx.request_id
+        if self.draining:
+            # A connection kept alive would carry the next request to a server about to stop.
+            # The header too: aiohttp has written its own by the time this signal runs.
+            response.force_close()
+            response.headers["Connection"] = "close"
         if isinstance(response, web.Response):
             # Errors aiohttp writes without the middleware (an unmet Expect on an unknown
             # path): the same OpenAI error body as every other.
@@ -745,6 +774,7 @@ def build_app(state: MoAServer) -> web.Application:
     app.router.add_get("/v1/models", state.list_models, expect_handler=expect)
     app.router.add_get("/v1/models/{model}", state.get_model, expect_handler=expect)
     app.router.add_get("/healthz", state.healthz, expect_handler=expect)
+    app.router.add_get("/readyz", state.readyz, expect_handler=expect)
     app.router.add_get("/metrics", state.metrics_handler, expect_handler=expect)
     if state.config.ui:
         add_playground_routes(app.router, expect_handler=expect)

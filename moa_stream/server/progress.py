@@ -21,11 +21,19 @@ at most every :data:`TEXT_INTERVAL` seconds, and flushed before that proposer's
 proposer's text by the time it learns what became of it. Each ``proposer.text`` item is
 followed by the layer's ``proposer.tokens`` item, so the counts a client shows always match
 the text it holds.
+Each item of the server's streams also says where it belongs (given a ``request_id``, as the
+server always does): ``request_id`` (the response's ``X-Request-Id``), ``seq`` (0, 1, 2 ... per
+request, in the order the items were written) and ``ts`` (when the item was made, in seconds
+since the Unix epoch, to the millisecond). A client that logs items of many requests, or
+gathers them from several server instances, can then join and order them; ``t`` stays the time
+since the run started.
 The JSON of each item is documented in ``docs/server.md``.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -157,18 +165,35 @@ class ProgressEncoder:
     proposer, the ``proposer.tokens`` count for one still streaming or failed, so that a client
     never sees two sizes for the same answer. With ``text=True`` it also keeps each proposer's
     text not yet sent, and sends it as ``proposer.text`` items.
+
+    With ``request_id``, every item also carries ``request_id``, ``seq`` (its place among the
+    request's items, from 0) and ``ts`` (``clock()`` when it was made: seconds since the
+    epoch). Without it (the integrations' streams, which have no request id) items have
+    neither.
     """
 
     __slots__ = (
         "_agents",
         "_chars",
+        "_clock",
         "_done_tokens",
         "_last_text_at",
         "_last_tokens_at",
         "_pending",
+        "_request_id",
+        "_seq",
     )
 
-    def __init__(self, *, text: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        text: bool = False,
+        request_id: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._request_id = request_id
+        self._clock = clock
+        self._seq = 0
         # Layer -> characters received from each proposer (by index), the estimate's input.
         self._chars: dict[int, list[int]] = {}
         self._agents: dict[int, list[str]] = {}
@@ -188,8 +213,14 @@ class ProgressEncoder:
             item["tokens"] = estimate_tokens(chars[ref.index] if ref.index < len(chars) else 0)
         return item
 
-    @staticmethod
-    def _frame(payload: dict[str, Any]) -> bytes:
+    def _frame(self, payload: dict[str, Any]) -> bytes:
+        if self._request_id is not None:
+            # Numbered as made, which is the order they are written in: a frame made is
+            # always returned, and the handler writes what it gets in order.
+            payload["request_id"] = self._request_id
+            payload["seq"] = self._seq
+            payload["ts"] = round(self._clock(), 3)
+            self._seq += 1
         return PREFIX + orjson.dumps(payload) + b"\n\n"
 
     def _slot(self, layer: int, index: int, agent: str) -> None:
@@ -260,23 +291,22 @@ class ProgressEncoder:
             self._slot(event.layer, event.index, event.agent)
         elif event.type == "proposer.done":
             self._done_tokens[(event.layer, event.index)] = event.usage.completion_tokens
-        if event.type == "layer.done":
-            payload = _payload(event)
-            payload["references"] = [
-                self._reference_tokens(event.layer, r) for r in event.references
-            ]
-            frame = self._frame(payload)
-        else:
-            frame = self._frame(_payload(event))
+        held = b""
         if self._pending:
-            # Text still held back goes first: a client must have a proposer's whole text
-            # before it reads that the proposer is done, or that the layer went on without it.
+            # Text still held back goes first (and is numbered first): a client must have a
+            # proposer's whole text before it reads that the proposer is done, or that the
+            # layer went on without it.
             if (
                 event.type == "proposer.done"
                 or event.type == "proposer.failed"
                 or event.type == "layer.done"
             ):
-                return self._text(event.layer, t) + frame
-            if event.type == "run.done":
-                return b"".join(self._text(layer, t) for layer in list(self._pending)) + frame
-        return frame
+                held = self._text(event.layer, t)
+            elif event.type == "run.done":
+                held = b"".join(self._text(layer, t) for layer in list(self._pending))
+        payload = _payload(event)
+        if event.type == "layer.done":
+            payload["references"] = [
+                self._reference_tokens(event.layer, r) for r in event.references
+            ]
+        return held + self._frame(payload)
