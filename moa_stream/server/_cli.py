@@ -51,6 +51,15 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="processes sharing the port (SO_REUSEPORT), each with its own runtime (default: 1)",
     )
     parser.add_argument(
+        "--drain-delay",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="after SIGTERM, go on serving this long with /readyz answering 503 before the "
+        "listening socket closes, so that a load balancer's health checks take the server "
+        "out first (default: 0)",
+    )
+    parser.add_argument(
         "--no-ui",
         action="store_true",
         help="do not serve the playground page at / (same as [server] ui = false)",
@@ -155,6 +164,8 @@ def run(args: argparse.Namespace) -> int:
         return _fail("--workers must be at least 1", 2)
     if args.port is not None and not 0 <= args.port <= 65535:
         return _fail("--port must be between 0 and 65535", 2)
+    if not 0 <= args.drain_delay < float("inf"):
+        return _fail("--drain-delay must be a number of seconds, 0 or more", 2)
     if args.no_ui:
         config = replace(config, server=replace(config.server, ui=False))
     config = _with_flags(config, args)
@@ -179,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
             options = ["--host", host, "--port", str(port), "--metrics-dir", metrics_dir]
             options += ["--workers", "1", "--reuse-port", "--log-level", level_from_args(args)]
             options += ["--log-format", format_from_args(args)]
+            options += ["--drain-delay", repr(args.drain_delay)]
             for origin in args.cors_origin:
                 options += ["--cors-origin", origin]
             if args.config:
@@ -208,6 +220,7 @@ def run(args: argparse.Namespace) -> int:
                 reuse_port=args.reuse_port,
                 on_ready=on_ready,
                 metrics_dir=args.metrics_dir,
+                drain_delay=args.drain_delay,
             )
         )
     except ConfigError as exc:

@@ -1,7 +1,15 @@
 """Running the server: one process (:func:`serve`) or several on one port (:func:`supervise`).
 
+Start: the socket listens first, and until the runtime has started (the providers' connection
+pools, the in-process simulator of the embedded default) a placeholder answers: ``/healthz``
+200 (the process is alive), ``/readyz`` 503 ``starting``, anything else 503 ``starting``. Then
+the server's own application takes over the socket and ``/readyz`` answers 200.
+
 Shutdown, on SIGTERM or SIGINT:
 
+0. ``/readyz`` answers 503 at once and every response closes its connection, but requests are
+   still served for ``drain_delay`` seconds (``--drain-delay``; default 0), the time a load
+   balancer's health checks need to take this instance out;
 1. the listening socket closes (new connections are refused; a load balancer moves on) and
    ``/healthz`` answers 503, new requests on open keep-alive connections get 503;
 2. requests in flight go on for up to ``shutdown_grace`` seconds;
@@ -9,7 +17,7 @@ Shutdown, on SIGTERM or SIGINT:
    a non-streamed request a 503; aiohttp cancels whatever has not ended a second later;
 4. the runtime (providers, the in-process simulator) closes and the process exits 0.
 
-A second signal skips the rest of the grace period.
+A second signal skips the rest of the drain delay and of the grace period.
 """
 
 from __future__ import annotations
@@ -23,10 +31,11 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
+import orjson
 import structlog
 from aiohttp import web
 
-from moa_stream.config import Config, Runtime
+from moa_stream.config import Config, Runtime, ServerConfig
 from moa_stream.server._shared_metrics import SharedMetrics
 from moa_stream.server.app import MoAServer, build_app
 from moa_stream.server.metrics import ServerMetrics
@@ -44,6 +53,56 @@ def _url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+_STARTING_ERROR = orjson.dumps(
+    {
+        "error": {
+            "message": "The server is starting. Retry in a moment, or on another instance.",
+            "type": "server_error",
+            "param": None,
+            "code": "starting",
+        }
+    }
+)
+
+
+async def _starting(request: web.Request) -> web.Response:
+    """Every answer of the placeholder that listens while the runtime starts."""
+    path = request.path
+    if path == "/healthz":
+        response = web.json_response({"status": "ok"})
+    elif path == "/readyz":
+        response = web.json_response({"status": "starting"}, status=503)
+    else:
+        response = web.Response(
+            status=503,
+            body=_STARTING_ERROR,
+            content_type="application/json",
+            headers={"Retry-After": "1"},
+        )
+    # Not kept alive: the connection's next request should reach the server itself.
+    response.force_close()
+    return response
+
+
+def _starting_app() -> web.Application:
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", _starting)
+    return app
+
+
+class _Switch:
+    """A protocol factory for ``loop.create_server`` that makes whatever :attr:`factory`
+    makes now: the placeholder's connections while starting, the server's afterwards."""
+
+    __slots__ = ("factory",)
+
+    def __init__(self, factory: Callable[[], asyncio.BaseProtocol]) -> None:
+        self.factory = factory
+
+    def __call__(self) -> asyncio.BaseProtocol:
+        return self.factory()
+
+
 async def serve(
     config: Config,
     *,
@@ -53,6 +112,7 @@ async def serve(
     stop: asyncio.Event | None = None,
     on_ready: Callable[[str], None] | None = None,
     metrics_dir: str | None = None,
+    drain_delay: float = 0.0,
 ) -> None:
     """Serve ``config``'s MoAs until SIGTERM or SIGINT (or until ``stop`` is set).
 
@@ -60,7 +120,8 @@ async def serve(
     ``SO_REUSEPORT`` so that several processes share the port. ``on_ready`` is called with the
     base URL once the socket listens (the port is the real one when 0 was asked for).
     ``metrics_dir`` is the directory where the workers of one server share their metrics
-    (see ``_shared_metrics``).
+    (see ``_shared_metrics``). ``drain_delay`` is how long requests are still served, with
+    ``/readyz`` answering 503, between the signal and the closing of the listening socket.
     """
     settings = config.server
     settings = replace(
@@ -83,58 +144,98 @@ async def serve(
             loop.add_signal_handler(sig, on_signal)
             installed.append(sig)
     try:
-        async with Runtime(config) as runtime:
-            descriptions = {moa_id: m.description for moa_id, m in config.moas.items()}
-            metrics = ServerMetrics()
-            flusher: asyncio.Future[None] | None = None
-            if metrics_dir is not None:
-                metrics.shared = SharedMetrics(metrics_dir, metrics.registry)
-                metrics.shared.write()
-                flusher = asyncio.ensure_future(metrics.shared.run())
-            state = MoAServer(runtime.moas, settings, descriptions=descriptions, metrics=metrics)
-            runner = web.AppRunner(
-                build_app(state),
-                handler_cancellation=True,
-                access_log=None,  # one structured line per request is written by the app
-                shutdown_timeout=_AFTER_GRACE,
-            )
-            await runner.setup()
-            listener: asyncio.Server | None = None
-            try:
-                listener = await listen(state, runner, settings.host, settings.port, reuse_port)
-                bound = listener.sockets[0].getsockname()
-                url = _url(settings.host, int(bound[1]))
-                log.info(
-                    "server.listening",
-                    url=url,
-                    models=list(runtime.moas),
-                    pid=os.getpid(),
-                    auth=bool(settings.resolved_api_keys()),
-                )
-                if on_ready is not None:
-                    on_ready(url)
-                await stop.wait()
-                log.info("server.stopping", in_flight=state.active, grace_s=settings.shutdown_grace)
-                state.begin_shutdown()
-                # Closes the listening socket now; open connections are runner.cleanup()'s.
+        starting = web.AppRunner(_starting_app(), access_log=None, shutdown_timeout=_AFTER_GRACE)
+        await starting.setup()
+        assert starting.server is not None
+        switch = _Switch(starting.server)
+        listener: asyncio.Server | None = None
+        try:
+            listener = await _create_server(switch, settings.host, settings.port, reuse_port)
+            async with Runtime(config) as runtime:
+                await _run(
+                    config, runtime, settings, listener, switch, starting,
+                    stop=stop, force=force, on_ready=on_ready, metrics_dir=metrics_dir,
+                    drain_delay=drain_delay,
+                )  # fmt: skip
+        finally:
+            if listener is not None:
                 listener.close()
-                drained = await _drain(state, settings.shutdown_grace, force)
-                if not drained:
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(_AFTER_GRACE):
-                            await state.wait_idle()
-            finally:
-                if listener is not None:
-                    listener.close()
-                await runner.cleanup()
-                if flusher is not None:
-                    flusher.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await flusher
+            await starting.cleanup()
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
     log.info("server.stopped", pid=os.getpid())
+
+
+async def _run(
+    config: Config,
+    runtime: Runtime,
+    settings: ServerConfig,
+    listener: asyncio.Server,
+    switch: _Switch,
+    starting: web.AppRunner,
+    *,
+    stop: asyncio.Event,
+    force: asyncio.Event,
+    on_ready: Callable[[str], None] | None,
+    metrics_dir: str | None,
+    drain_delay: float,
+) -> None:
+    """Serve on ``listener`` from a started ``runtime`` until ``stop``, then drain."""
+    descriptions = {moa_id: m.description for moa_id, m in config.moas.items()}
+    metrics = ServerMetrics()
+    flusher: asyncio.Future[None] | None = None
+    if metrics_dir is not None:
+        metrics.shared = SharedMetrics(metrics_dir, metrics.registry)
+        metrics.shared.write()
+        flusher = asyncio.ensure_future(metrics.shared.run())
+    state = MoAServer(runtime.moas, settings, descriptions=descriptions, metrics=metrics)
+    runner = web.AppRunner(
+        build_app(state),
+        handler_cancellation=True,
+        access_log=None,  # one structured line per request is written by the app
+        shutdown_timeout=_AFTER_GRACE,
+    )
+    await runner.setup()
+    try:
+        # From here on, new connections reach the server; the placeholder's close after
+        # their one response.
+        switch.factory = _protocol_factory(state, runner)
+        await starting.cleanup()
+        bound = listener.sockets[0].getsockname()
+        url = _url(settings.host, int(bound[1]))
+        log.info(
+            "server.listening",
+            url=url,
+            models=list(runtime.moas),
+            pid=os.getpid(),
+            auth=bool(settings.resolved_api_keys()),
+        )
+        if on_ready is not None:
+            on_ready(url)
+        await stop.wait()
+        state.begin_drain()
+        if drain_delay > 0 and not force.is_set():
+            log.info("server.draining", in_flight=state.active, delay_s=drain_delay)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(drain_delay):
+                    await force.wait()
+        log.info("server.stopping", in_flight=state.active, grace_s=settings.shutdown_grace)
+        state.begin_shutdown()
+        # Closes the listening socket now; open connections are runner.cleanup()'s.
+        listener.close()
+        drained = await _drain(state, settings.shutdown_grace, force)
+        if not drained:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_AFTER_GRACE):
+                    await state.wait_idle()
+    finally:
+        listener.close()
+        await runner.cleanup()
+        if flusher is not None:
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
 
 
 async def _drain(state: MoAServer, grace: float, force: asyncio.Event) -> bool:
@@ -157,11 +258,14 @@ async def listen(
 ) -> asyncio.Server:
     """Accept connections for ``runner`` (set up) on ``host:port``, each through the
     connection cap and the header deadline of ``state`` (see ``_connections``)."""
+    return await _create_server(_protocol_factory(state, runner), host, port, reuse_port)
+
+
+def _protocol_factory(state: MoAServer, runner: web.AppRunner) -> Callable[[], asyncio.Protocol]:
     server = runner.server
     if server is None:
         raise RuntimeError("call runner.setup() first")
-    loop = asyncio.get_running_loop()
-    factory = state.connections.protocol_factory(
+    return state.connections.protocol_factory(
         server,
         keepalive_timeout=state.config.keepalive_timeout,
         # After an error response, aiohttp reads what is left of an unread body for this long
@@ -169,6 +273,12 @@ async def listen(
         lingering_time=1.0,
         access_log=None,  # one structured line per request is written by the app
     )
+
+
+async def _create_server(
+    factory: Callable[[], asyncio.BaseProtocol], host: str, port: int, reuse_port: bool
+) -> asyncio.Server:
+    loop = asyncio.get_running_loop()
     return await loop.create_server(
         factory,
         host,
