@@ -71,6 +71,7 @@ from moa_stream.server.metrics import ServerMetrics
 from moa_stream.server.playground import add_playground_routes
 from moa_stream.server.progress import ProgressEncoder, report_object
 from moa_stream.server.stream import StreamWriter, is_degraded
+from moa_stream.tracing import RequestTrace, request_tracer
 
 __all__ = [
     "DEGRADED_HEADER",
@@ -134,6 +135,7 @@ class RequestContext:
     __slots__ = (
         "answered",
         "chat",
+        "chunk_times",
         "completion_id",
         "created",
         "degraded",
@@ -146,7 +148,9 @@ class RequestContext:
         "run",
         "started",
         "status",
+        "steps",
         "stream",
+        "trace",
     )
 
     def __init__(self, request_id: str, started: float) -> None:
@@ -168,6 +172,12 @@ class RequestContext:
         #: afterwards (the run's clean-up, the client hanging up as curl and the SDKs do at
         #: the end of a stream) cannot make the request anything but the answer it was.
         self.answered = False
+        #: When each answer chunk was written (monotonic), for the inter-token metrics.
+        self.chunk_times: list[float] = []
+        #: Staircase steps asked.
+        self.steps = 0
+        #: The request's spans, while tracing is on.
+        self.trace: RequestTrace | None = None
 
     def fail(self, error: APIError) -> None:
         """Record ``error`` as the request's result."""
@@ -386,6 +396,18 @@ class MoAServer:
         self.active += 1
         self._idle.clear()
         self.metrics.active_streams.inc()
+        tracer = request_tracer()
+        if tracer is not None:
+            ctx.trace = RequestTrace(
+                tracer,
+                req.model,
+                headers=request.headers,
+                stream=req.stream,
+                response_id=ctx.completion_id,
+                start_ns=time.time_ns() - int((time.monotonic() - ctx.started) * 1e9),
+            )
+            ctx.trace.attach()  # the run's requests, started in this task, are its children
+            spec = ctx.trace.instrument(spec)
         try:
             run = spec.stream(
                 req.messages, temperature=req.temperature, max_tokens=req.max_tokens, stop=req.stop
@@ -404,6 +426,8 @@ class MoAServer:
                 return await self._stream(request, ctx, req, run, writer)
             return await self._complete(ctx, req, run)
         finally:
+            if ctx.trace is not None:
+                ctx.trace.detach()
             self.active -= 1
             self.metrics.active_streams.dec()
             if self.active == 0:
@@ -420,10 +444,20 @@ class MoAServer:
             else timeout_error(self.config.request_timeout)
         )
 
-    def _observe(self, model: str, event: Event) -> None:
-        """Count a failed agent request in the metrics (by its provider and error kind)."""
+    def _observe(self, ctx: RequestContext, event: Event) -> None:
+        """Count a failed agent request in the metrics (by its provider and error kind) and a
+        staircase step; hand the event to the request's trace (token events excepted)."""
+        if event.type == "proposer.delta" or event.type == "aggregator.delta":
+            return
+        model = ctx.model or "unknown"
         if event.type == "proposer.failed" or event.type == "aggregator.failed":
             self._count_failure(model, event.agent, event.kind)
+        elif event.type == "aggregator.step":
+            ctx.steps += 1
+        elif event.type == "aggregator.step_rejected":
+            self.metrics.staircase_rejected.inc(model, event.reason)
+        if ctx.trace is not None:
+            ctx.trace.event(event)
 
     @contextlib.asynccontextmanager
     async def _guarded(self, ctx: RequestContext, model: str) -> AsyncIterator[None]:
@@ -501,6 +535,9 @@ class MoAServer:
         Reads the events to their end even after ``run.done``, so the generator finishes.
         """
         write = resp.write
+        # One append per chunk; the gaps are observed when the request ends.
+        chunk_at = ctx.chunk_times.append
+        clock = time.monotonic
         finished = False
         if writer.eager:
             await resp.prepare(request)
@@ -510,6 +547,7 @@ class MoAServer:
                 if ctx.first_token_at is None:
                     await self._prepare(request, resp, ctx, writer)
                     ctx.first_token_at = time.monotonic()
+                chunk_at(clock())
                 await write(writer.answer(event.text))
             elif event.type == "run.done":
                 # Written here, not after the run is closed: closing may wait for "keep"
@@ -523,7 +561,7 @@ class MoAServer:
                 finished = True
                 await resp.write_eof()
             else:
-                self._observe(ctx.model or "unknown", event)
+                self._observe(ctx, event)
                 frames = writer.event(event)
                 if frames is not None:
                     await write(frames)
@@ -552,7 +590,7 @@ class MoAServer:
                     if event.type == "run.done":
                         report = event.report
                     else:
-                        self._observe(req.model, event)
+                        self._observe(ctx, event)
         if ctx.error is not None:
             raise ctx.error
         if report is None:
@@ -718,17 +756,28 @@ class MoAServer:
                 ttft = ctx.first_token_at - ctx.started
                 m.ttft.observe(ttft, model)
                 fields["ttft_s"] = round(ttft, 4)
+            m.observe_chunks(model, ctx.chunk_times)
+            if ctx.steps:
+                m.staircase_steps.observe(ctx.steps, model)
             if ctx.run is not None:
                 report = ctx.run.report
+                m.observe_report(model, report)
                 if report.time_to_quorum_s is not None:
-                    m.time_to_quorum.observe(report.time_to_quorum_s, model)
                     fields["time_to_quorum_s"] = round(report.time_to_quorum_s, 4)
                 fields["run_total_s"] = round(report.total_s, 4)
                 fields["aggregator"] = report.aggregator
                 fields["prompt_tokens"] = report.usage.prompt_tokens
                 fields["completion_tokens"] = report.usage.completion_tokens
-                m.tokens.inc(model, "prompt", amount=report.usage.prompt_tokens)
-                m.tokens.inc(model, "completion", amount=report.usage.completion_tokens)
+            if ctx.trace is not None:
+                error = ctx.error
+                ctx.trace.end(
+                    None if ctx.run is None else ctx.run.report,
+                    outcome=ctx.outcome,
+                    status=ctx.status,
+                    error_type=None if error is None else error.code or error.outcome,
+                    error=None if error is None else error.message,
+                )
+                ctx.trace = None
         if ctx.degraded:
             fields["degraded"] = True
         if ctx.error is not None:
