@@ -37,6 +37,7 @@ from moa_stream.server.app import progress_level
 from moa_stream.server.errors import APIError, from_moa_error, timeout_error
 from moa_stream.server.progress import ProgressEncoder, report_object
 from moa_stream.server.stream import StreamWriter
+from moa_stream.tracing import RequestTrace, request_tracer
 
 __all__ = [
     "ChatEndpoints",
@@ -44,6 +45,7 @@ __all__ = [
     "SSE_HEADERS",
     "complete_run",
     "new_completion_id",
+    "start_trace",
     "stream_run",
 ]
 
@@ -77,6 +79,32 @@ def new_completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
 
 
+def start_trace(model: str, *, stream: bool, completion_id: str | None) -> RequestTrace | None:
+    """The spans of one request while tracing is on (see :mod:`moa_stream.tracing`), else
+    None: then nothing of tracing runs for it."""
+    tracer = request_tracer()
+    if tracer is None:
+        return None
+    return RequestTrace(tracer, model, stream=stream, response_id=completion_id)
+
+
+def _end_trace(
+    trace: RequestTrace, run: MoARun, outcome: str, error: APIError | None, started: bool
+) -> None:
+    status: int | None = None
+    if error is not None and not started:
+        status = error.status  # answered with this status instead of a stream
+    elif started or outcome == "ok":
+        status = 200
+    trace.end(
+        run.report,
+        outcome=outcome if error is None else error.outcome,
+        status=status,
+        error_type=None if error is None else error.code or error.outcome,
+        error=None if error is None else error.message,
+    )
+
+
 async def stream_run(
     run: MoARun,
     out: SSEOutput,
@@ -86,6 +114,7 @@ async def stream_run(
     progress: bool = False,
     request_timeout: float | None = None,
     completion_id: str | None = None,
+    trace: RequestTrace | None = None,
 ) -> None:
     """Run ``run`` and write it to ``out`` as an OpenAI chat-completions stream.
 
@@ -96,9 +125,46 @@ async def stream_run(
     been written, so the caller can send it as an error response; an error after that is
     written as an error frame and ``[DONE]``. A client that goes away while we write ends the
     call quietly.
+
+    While tracing is on the request gets its spans (``trace``, or ones started here; see
+    :mod:`moa_stream.tracing`).
     """
+    completion_id = completion_id or new_completion_id()
+    if trace is None:
+        trace = start_trace(model, stream=True, completion_id=completion_id)
+    if trace is None:
+        await _stream_run(
+            run, out, model, include_usage, progress, request_timeout, completion_id, None
+        )
+        return
+    outcome = "client_disconnected"  # unless the call ends otherwise: it was cancelled
+    error: APIError | None = None
+    trace.attach()
+    try:
+        outcome, error = await _stream_run(
+            run, out, model, include_usage, progress, request_timeout, completion_id, trace
+        )
+    except APIError as exc:
+        error = exc
+        raise
+    finally:
+        trace.detach()
+        _end_trace(trace, run, outcome, error, out.started)
+
+
+async def _stream_run(
+    run: MoARun,
+    out: SSEOutput,
+    model: str,
+    include_usage: bool,
+    progress: bool,
+    request_timeout: float | None,
+    completion_id: str,
+    trace: RequestTrace | None,
+) -> tuple[str, APIError | None]:
+    """:func:`stream_run`'s work; returns the outcome and the error written mid-stream."""
     writer = StreamWriter(
-        ChunkEncoder(completion_id or new_completion_id(), int(time.time()), model, include_usage),
+        ChunkEncoder(completion_id, int(time.time()), model, include_usage),
         include_usage=include_usage,
         progress=ProgressEncoder() if progress else None,
     )
@@ -124,6 +190,8 @@ async def stream_run(
                         await write(tail)
                         finished = True
                     else:
+                        if trace is not None and event.type != "proposer.delta":
+                            trace.event(event)
                         frames = writer.event(event)
                         if frames is not None:
                             await write(frames)
@@ -132,7 +200,8 @@ async def stream_run(
         except TimeoutError:
             error = timeout_error(request_timeout or 0.0)
         except ConnectionResetError:
-            return  # the client went away; leaving the block cancels the run
+            # The client went away; leaving the block cancels the run.
+            return ("ok" if finished else "client_disconnected"), None
         except Exception:
             log.exception("stream.crashed", model=model)
             error = APIError.internal()
@@ -144,6 +213,7 @@ async def stream_run(
                 raise error
             with contextlib.suppress(ConnectionResetError):
                 await write(writer.error(error))
+    return "ok", error
 
 
 async def complete_run(
@@ -153,13 +223,43 @@ async def complete_run(
     progress: bool = False,
     request_timeout: float | None = None,
     completion_id: str | None = None,
+    trace: RequestTrace | None = None,
 ) -> bytes:
     """Run ``run`` to its end and return the ``chat.completion`` JSON body.
 
     Errors are :class:`~moa_stream.server.errors.APIError` (502 for a failed run, 504 past
     ``request_timeout``). With ``progress`` the body carries the run's report under
-    ``moa_stream``, as the server's does.
+    ``moa_stream``, as the server's does. While tracing is on the request gets its spans
+    (``trace``, or ones started here).
     """
+    completion_id = completion_id or new_completion_id()
+    if trace is None:
+        trace = start_trace(model, stream=False, completion_id=completion_id)
+    if trace is None:
+        return await _complete_run(run, model, progress, request_timeout, completion_id, None)
+    outcome = "client_disconnected"  # unless the call ends otherwise: it was cancelled
+    error: APIError | None = None
+    trace.attach()
+    try:
+        body = await _complete_run(run, model, progress, request_timeout, completion_id, trace)
+        outcome = "ok"
+        return body
+    except APIError as exc:
+        error = exc
+        raise
+    finally:
+        trace.detach()
+        _end_trace(trace, run, outcome, error, False)
+
+
+async def _complete_run(
+    run: MoARun,
+    model: str,
+    progress: bool,
+    request_timeout: float | None,
+    completion_id: str,
+    trace: RequestTrace | None,
+) -> bytes:
     report = None
     async with run:
         try:
@@ -167,6 +267,12 @@ async def complete_run(
                 async for event in run.events():
                     if event.type == "run.done":
                         report = event.report
+                    elif (
+                        trace is not None
+                        and event.type != "proposer.delta"
+                        and event.type != "aggregator.delta"
+                    ):
+                        trace.event(event)
         except MoAError as exc:
             raise from_moa_error(exc) from None
         except TimeoutError:
@@ -178,7 +284,7 @@ async def complete_run(
     if report is None:
         raise APIError.internal()
     body = completion_object(
-        completion_id=completion_id or new_completion_id(),
+        completion_id=completion_id,
         created=int(time.time()),
         model=model,
         text=report.text,
@@ -233,9 +339,11 @@ class ChatEndpoints:
 
     def open(
         self, raw: bytes, *, progress_header: str | None = None
-    ) -> tuple[ChatCompletionRequest, MoARun, bool]:
+    ) -> tuple[ChatCompletionRequest, MoARun, bool, RequestTrace | None]:
         """Parse a chat-completions body and create (not start) its run; the third item says
-        whether progress was asked for (``X-MoA-Progress`` or ``moa_stream.progress``)."""
+        whether progress was asked for (``X-MoA-Progress`` or ``moa_stream.progress``), the
+        fourth is the request's spans while tracing is on (the run's upstream requests are
+        then traced too)."""
         if len(raw) > self.max_body_bytes:
             raise APIError.body_too_large(self.max_body_bytes)
         try:
@@ -255,7 +363,10 @@ class ChatEndpoints:
                 outcome="not_ready",
                 headers={"Retry-After": "1"},
             )
+        trace = start_trace(req.model, stream=req.stream, completion_id=None)
+        if trace is not None:
+            spec = trace.instrument(spec)
         run = spec.stream(
             req.messages, temperature=req.temperature, max_tokens=req.max_tokens, stop=req.stop
         )
-        return req, run, progress
+        return req, run, progress, trace

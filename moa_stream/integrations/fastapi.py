@@ -43,6 +43,7 @@ from moa_stream.engine.spec import MoA
 from moa_stream.integrations._core import SSE_HEADERS, ChatEndpoints, complete_run, stream_run
 from moa_stream.server.app import PROGRESS_HEADER
 from moa_stream.server.errors import APIError
+from moa_stream.tracing import RequestTrace
 
 __all__ = ["SSEResponse", "moa_router", "sse_response"]
 
@@ -124,8 +125,10 @@ class SSEResponse(Response):
         progress: bool = False,
         request_timeout: float | None = None,
         headers: Mapping[str, str] | None = None,
+        trace: RequestTrace | None = None,
     ) -> None:
         self.run = run
+        self.trace = trace
         self.model = model
         self.include_usage = include_usage
         self.progress = progress
@@ -150,6 +153,7 @@ class SSEResponse(Response):
                 include_usage=self.include_usage,
                 progress=self.progress,
                 request_timeout=self.request_timeout,
+                trace=self.trace,
             )
         except APIError as error:
             await _send_error(send, error)
@@ -164,9 +168,16 @@ class _CompletionResponse(Response):
     that disconnects cancels the run (an endpoint awaiting the run would not notice)."""
 
     def __init__(
-        self, run: MoARun, *, model: str, progress: bool, request_timeout: float | None
+        self,
+        run: MoARun,
+        *,
+        model: str,
+        progress: bool,
+        request_timeout: float | None,
+        trace: RequestTrace | None = None,
     ) -> None:
         self.run = run
+        self.trace = trace
         self.model = model
         self.progress = progress
         self.request_timeout = request_timeout
@@ -184,6 +195,7 @@ class _CompletionResponse(Response):
                 model=self.model,
                 progress=self.progress,
                 request_timeout=self.request_timeout,
+                trace=self.trace,
             )
         except APIError as error:
             await _send_error(send, error)
@@ -283,7 +295,7 @@ def moa_router(
                 raw += piece
                 if len(raw) > endpoints.max_body_bytes:
                     raise APIError.body_too_large(endpoints.max_body_bytes)
-            req, run, progress = endpoints.open(
+            req, run, progress, trace = endpoints.open(
                 bytes(raw), progress_header=request.headers.get(PROGRESS_HEADER)
             )
         except APIError as error:
@@ -295,9 +307,14 @@ def moa_router(
                 include_usage=req.include_usage,
                 progress=progress,
                 request_timeout=endpoints.request_timeout,
+                trace=trace,
             )
         return _CompletionResponse(
-            run, model=req.model, progress=progress, request_timeout=endpoints.request_timeout
+            run,
+            model=req.model,
+            progress=progress,
+            request_timeout=endpoints.request_timeout,
+            trace=trace,
         )
 
     async def list_models() -> Response:
