@@ -140,8 +140,10 @@ def _remember_refusal(agent: Agent) -> bool:
 #: and the next back-off. A step not ready within ``max_pause`` means the server could not
 #: prefill its prompt in time (a busy or slow server, a prefix cache held per slot): asking
 #: again at once would only cost the server the same work while it writes the answer.
-_LATE: dict[tuple[int, str, str], tuple[int, int]] = {}
+_LATE: dict[tuple[int, str, str], tuple[int, int, int]] = {}
 _MAX_BACKOFF = 16
+#: Late steps in a row (across runs) before later steps are suspended.
+_LATE_LIMIT = 2
 
 
 def _agent_key(agent: Agent) -> tuple[int, str, str]:
@@ -154,26 +156,33 @@ def _steps_suspended(agent: Agent) -> bool:
     entry = _LATE.get(key)
     if entry is None or entry[0] <= 0:
         return False
-    _LATE[key] = (entry[0] - 1, entry[1])
+    _LATE[key] = (entry[0] - 1, entry[1], entry[2])
     return True
 
 
 def _record_late(agent: Agent) -> int:
-    """A step was not ready in time: suspend later steps for the next runs, twice as many as
-    last time (up to 16). Returns how many."""
+    """A step was not ready in time. After two in a row (whatever the runs), later steps are
+    suspended for the next runs, twice as many as last time (up to 16). Returns how many
+    (0: not suspended)."""
     key = _agent_key(agent)
-    backoff = min(_MAX_BACKOFF, _LATE.get(key, (0, 0))[1] * 2 or 1)
     if key not in _LATE:
-        with contextlib.suppress(TypeError):
+        with contextlib.suppress(TypeError):  # not every provider can be weakly referenced
             weakref.finalize(agent.provider, _LATE.pop, key, None)
-    _LATE[key] = (backoff, backoff)
+    _, backoff, lates = _LATE.get(key, (0, 0, 0))
+    lates += 1
+    if lates < _LATE_LIMIT:
+        _LATE[key] = (0, backoff, lates)
+        return 0
+    backoff = min(_MAX_BACKOFF, backoff * 2 or 1)
+    _LATE[key] = (backoff, backoff, 0)
     return backoff
 
 
 def _record_ready(agent: Agent) -> None:
-    entry = _LATE.get(_agent_key(agent))
+    key = _agent_key(agent)
+    entry = _LATE.get(key)
     if entry is not None:
-        _LATE[_agent_key(agent)] = (entry[0], 0)
+        _LATE[key] = (entry[0], 0, 0)
 
 
 def _refuses_prefill(exc: ProviderError) -> bool:
@@ -298,7 +307,8 @@ class _Driver:
         self.first_token_at: float | None = None
         self.chunks = 0  # content chunks of the answer passed on, whichever step wrote them
         self.markup = MarkupFilter()
-        self.paced: set[int] = set()  # references the answer keeps pace with
+        self.pass_on: tuple[str, int] = ("", 0)  # the next text to pass on, and its chunks
+        self.pause_until: float | None = None  # the end of a boundary's pause
         self.late: set[int] = set()  # references left behind
         self.asked_at = clock()
         self.done = False
@@ -367,16 +377,23 @@ class _Driver:
                 if content:
                     step.written += 1
                     text = self.markup.feed(step.joiner.feed(content))
-                    if text and self._pacing():
-                        async for event in self._pace():
-                            yield event
                     if not text:
                         host.step_delta(step.record, "", self.clock())
-                    elif self._due(step, text):
-                        async for event in self._boundary(step, text):
-                            yield event
                     else:
-                        yield self._emit(step, text)
+                        pace = self._pacing()
+                        self.pass_on = (text, 1)
+                        self.pause_until = None
+                        if self._due(step, text, pace):
+                            # Waiting for the references anyway: the next step gets ready
+                            # in that time. Whichever step goes on, what it passes on next
+                            # still keeps pace, within the same pause.
+                            async for event in self._boundary(step, text):
+                                yield event
+                        if self._pacing():
+                            async for event in self._pace(self.pause_until):
+                                yield event
+                        piece, chunks = self.pass_on
+                        yield self._emit(self.cur, piece, chunks)
                 for event in host.drain():
                     yield event
         except ProviderError as exc:
@@ -423,8 +440,13 @@ class _Driver:
             self.clock() - self.t0,
         )
 
-    def _due(self, step: _Step, text: str) -> bool:
-        if step.final or not self.stepping or step.written < step.budget:
+    def _due(self, step: _Step, text: str, pace: bool) -> bool:
+        """Whether a boundary comes before ``text``: the step wrote its budget, or the answer
+        waits for the references anyway, or they have all ended since this step was asked
+        (its last step is due at once: what is left of the answer is written from them)."""
+        if step.final or not self.stepping:
+            return False
+        if step.written < step.budget and not pace and self.host.running_chunks():
             return False
         return cut_point("".join(self.answer[-64:]), text)
 
@@ -441,24 +463,20 @@ class _Driver:
             if chunks == 0 or index in late:
                 continue  # not started: nothing to keep pace with yet
             if chunks < behind:
-                if index not in self.paced:
-                    late.add(index)  # started when the answer was already far ahead
-                    continue
                 return True
-            self.paced.add(index)
         return False
 
-    async def _pace(self) -> AsyncGenerator[Event, None]:
+    async def _pace(self, until: float | None = None) -> AsyncGenerator[Event, None]:
         """Hold the next chunk until the references catch up: the answer streams at the pace
         of the slowest reference being written, so that its end is written from finished
         references, instead of racing ahead and stopping for seconds at a step boundary.
 
-        Kept pace with: every reference that had started writing while the answer was at most
-        ``lead`` chunks ahead of it. One that starts later, or stalls for ``max_pause``, is
-        left behind (the answer does not wait for it again); so no chunk waits longer than
-        ``max_pause``."""
+        Kept pace with: every reference that started writing. One that the answer waited for
+        ``max_pause`` in vain (it stalled, or started far behind) is left behind: the answer
+        does not wait for it again; so no chunk waits longer than ``max_pause``."""
         host = self.host
-        until = self.clock() + self.staircase.max_pause
+        if until is None:
+            until = self.clock() + self.staircase.max_pause
         if self.give_up_at is not None:
             until = min(until, self.give_up_at)
         while self._pacing():
@@ -483,7 +501,7 @@ class _Driver:
         over before it, or the current one goes on with it."""
         host = self.host
         sc = self.staircase
-        pause_until = self.clock() + sc.max_pause
+        pause_until = self.pause_until = self.clock() + sc.max_pause
         self._check_give_up()
         for event in host.drain():
             yield event
@@ -501,7 +519,6 @@ class _Driver:
             or (last_one and not settling)
         ):
             step.budget = step.written + next(self.sizes)
-            yield self._emit(step, text)
             return
         answer = "".join(self.answer)
         snapshot = self.tracker.snapshot()
@@ -511,7 +528,6 @@ class _Driver:
             self.tracker.restore(snapshot)
             self.stepping = False
             _log.info("staircase.context_full", agent=self.agent.name, step=step.number + 1)
-            yield self._emit(step, text)
             return
         number = step.number + 1
         final = self.tracker.settled(refs)
@@ -576,7 +592,8 @@ class _Driver:
             new = _Step(number, stream, record, joiner, next(self.sizes), final, written, ended)
             self.cur = new
             self.markup = MarkupFilter()  # what the old stream had begun is not the answer
-            yield self._emit(new, guard.held, max(1, written))
+            self.pass_on = (guard.held, max(1, written))
+            return
             return
         await stream.aclose()
         reason = guard.reason or "rejected"
@@ -588,21 +605,22 @@ class _Driver:
         elif isinstance(error, ContextLengthError):
             self.stepping = False
         if late:
-            # The server is too slow or busy for steps now: stop for this run and the next few.
+            # The server is too slow or busy for steps now: stop for this run (and, after
+            # repeated late steps, the next few).
             self.stepping = False
             runs = _record_late(self.agent)
-            _log.info(
-                "staircase.steps_suspended",
-                agent=self.agent.name,
-                runs=runs,
-                reason="a step was not ready within max_pause",
-            )
+            if runs:
+                _log.info(
+                    "staircase.steps_suspended",
+                    agent=self.agent.name,
+                    runs=runs,
+                    reason="steps were not ready within max_pause",
+                )
         if self.rejects >= sc.max_rejects:
             self.stepping = False
         _log.info("staircase.step_rejected", agent=self.agent.name, step=number, reason=reason)
         yield AggregatorStepRejected(self.agent.name, number, reason, self.clock() - self.t0)
         step.budget = step.written + next(self.sizes)
-        yield self._emit(step, text)
 
     def _too_long(self, messages: Sequence[ChatMessage]) -> bool:
         window = self.staircase.context_window
