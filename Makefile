@@ -56,6 +56,28 @@ $(REAL): $(DEV)
 test-real: $(REAL)
 	$(BIN)/pytest -m real tests/real
 
+# Scale-out (tests/scale, docs/deploy.md): HAProxy in front of three `moa-stream serve`
+# instances, health-checked on /readyz, under steady streaming load from the openai SDK while
+# each instance is restarted in turn; passes when no request fails and no stream breaks. About
+# 45 seconds. Needs Debian's haproxy package: installed here with apt-get when missing and this
+# user can (root, or sudo without a password); otherwise the test is skipped with the reason.
+# Server and HAProxy logs, the HAProxy config and a summary go to build/scale/.
+.PHONY: test-scale
+test-scale: $(DEV)
+	@if ! command -v haproxy >/dev/null 2>&1 && ! test -x /usr/sbin/haproxy; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
+	  else SUDO=none; fi; \
+	  if [ "$$SUDO" = none ] || ! command -v apt-get >/dev/null 2>&1; then \
+	    echo "== haproxy is missing and apt-get cannot install it here: the test will be skipped"; \
+	  else \
+	    echo "== installing Debian's haproxy package"; \
+	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y haproxy \
+	      || { $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y haproxy; } \
+	      || echo "== could not install haproxy: the test will be skipped"; \
+	  fi; \
+	fi
+	$(BIN)/pytest -m scale tests/scale -rA
+
 serve: $(RUNTIME)
 	$(BIN)/moa-stream serve
 
