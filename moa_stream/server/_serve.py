@@ -31,13 +31,14 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
-import orjson
 import structlog
 from aiohttp import web
 
+from moa_stream._wire import retry_after_headers
 from moa_stream.config import Config, Runtime, ServerConfig
 from moa_stream.server._shared_metrics import SharedMetrics
 from moa_stream.server.app import MoAServer, build_app
+from moa_stream.server.errors import APIError
 from moa_stream.server.metrics import ServerMetrics
 
 __all__ = ["listen", "reserve_port", "serve", "supervise", "worker_argv"]
@@ -53,15 +54,13 @@ def _url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-_STARTING_ERROR = orjson.dumps(
-    {
-        "error": {
-            "message": "The server is starting. Retry in a moment, or on another instance.",
-            "type": "server_error",
-            "param": None,
-            "code": "starting",
-        }
-    }
+_STARTING = APIError(
+    503,
+    "The server is starting. Retry in a moment, or on another instance.",
+    error_type="server_error",
+    code="starting",
+    outcome="starting",
+    headers=retry_after_headers(1),
 )
 
 
@@ -73,12 +72,7 @@ async def _starting(request: web.Request) -> web.Response:
     elif path == "/readyz":
         response = web.json_response({"status": "starting"}, status=503)
     else:
-        response = web.Response(
-            status=503,
-            body=_STARTING_ERROR,
-            content_type="application/json",
-            headers={"Retry-After": "1"},
-        )
+        response = _STARTING.response()
     # Not kept alive: the connection's next request should reach the server itself.
     response.force_close()
     return response

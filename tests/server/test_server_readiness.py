@@ -89,6 +89,7 @@ async def test_not_ready_while_the_runtime_starts(monkeypatch: pytest.MonkeyPatc
         status, data, headers = await _get(url + "/v1/models")
         assert status == 503 and data["error"]["code"] == "starting"
         assert headers["Retry-After"] == "1" and headers["Connection"] == "close"
+        assert headers["x-should-retry"] == "true"
         assert not ready.done()
         release.set()
         assert await asyncio.wait_for(ready, 10) == url
