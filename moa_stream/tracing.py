@@ -1,4 +1,5 @@
-"""OpenTelemetry spans for MoA runs: one per run, one per layer, one per upstream request.
+"""OpenTelemetry spans for MoA runs: one per run, one per layer, one per upstream request, one
+per staircase step; and for a server, one per chat request.
 
 Two pieces, neither of which the engine knows about:
 
@@ -9,8 +10,9 @@ Two pieces, neither of which the engine knows about:
   ``gen_ai.response.time_to_first_chunk`` ...).
 - :func:`traced_run` enters a run under a ``moa.run {name}`` span and hands back its events;
   it opens a ``moa.layer {i}`` span per layer from the run's own events (start at the layer's
-  first proposer, end at its decision, with the reason and the references kept) and puts the
-  run's totals (tokens, TTFT, time to quorum, aggregator) on the run span.
+  first proposer, end at its decision, with the reason and the references kept) and a
+  ``moa.step {n}`` span per staircase step, and puts the run's totals (tokens, TTFT, time to
+  quorum, aggregator) on the run span.
 
 The run span is the current span while the run is entered and read, so the upstream spans of
 its proposers and aggregator are its children (asyncio tasks inherit the context they were
@@ -20,6 +22,13 @@ created in). ::
     async with traced_run(moa.stream(messages)) as events:
         async for event in events:
             ...
+
+Servers (``moa-stream serve``, :mod:`moa_stream.integrations`) trace each chat request with a
+:class:`RequestTrace` whenever :func:`request_tracer` finds a tracer provider: set by the
+application, by ``opentelemetry-instrument``, or from the standard ``OTEL_*`` variables
+(:func:`configure_from_env`, at the first request). Its ``chat {model}`` span has the run's
+upstream requests, layers and staircase steps as children. Without a provider nothing of this
+runs: no span, no instrumented MoA, nothing per event.
 
 Without OpenTelemetry installed (``pip install 'moa_stream[otel]'``) both are no-ops:
 :func:`instrument` returns the MoA unchanged and :func:`traced_run` the run's plain events. With
