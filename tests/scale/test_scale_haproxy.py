@@ -1,5 +1,6 @@
 """Scale-out behind a load balancer: HAProxy in front of three ``moa-stream serve`` processes
-(the embedded default config: simulated agents), health-checked on ``/readyz``.
+(the embedded default config: simulated agents), health-checked on ``/readyz``, with the
+HAProxy config that ``docs/deploy.md`` shows (read from the page, ports replaced).
 
 Eight clients of the official openai SDK stream answers through HAProxy without pause while
 each instance in turn is restarted as a deploy would: SIGTERM, wait for the process to exit,
@@ -46,38 +47,22 @@ DRAIN_DELAY = 2.0
 SETTLE_S = float(os.environ.get("MOA_STREAM_SCALE_SETTLE_S", "8"))
 START_WITHIN = 60.0
 
-HAPROXY_CFG = """\
-global
-    maxconn 4096
+DEPLOY_DOC = ROOT / "docs" / "deploy.md"
 
-defaults
-    mode http
-    log stderr format raw local0 info
-    option httplog
-    timeout connect 2s
-    timeout client 60s
-    timeout server 60s
-    timeout http-keep-alive 10s
-    retries 3
-    option redispatch 1
-    retry-on conn-failure empty-response 503
 
-frontend api
-    bind 127.0.0.1:{port}
-    default_backend moa
-
-listen stats
-    bind 127.0.0.1:{stats_port}
-    stats enable
-    stats uri /stats
-
-backend moa
-    balance leastconn
-    option httpchk GET /readyz
-    http-check expect status 200
-    default-server inter 500ms fall 2 rise 2
-{servers}
-"""
+def haproxy_config(port: int, stats_port: int, servers: list[int]) -> str:
+    """The HAProxy config of docs/deploy.md, the one the page shows, on the given ports."""
+    text = DEPLOY_DOC.read_text(encoding="utf-8")
+    section = text[text.index("## HAProxy") :]
+    block = section[section.index("```text\n") + len("```text\n") :]
+    cfg = block[: block.index("```")]
+    cfg = cfg.replace("127.0.0.1:8080", f"127.0.0.1:{port}")
+    cfg = cfg.replace("127.0.0.1:8404", f"127.0.0.1:{stats_port}")
+    for i, server_port in enumerate(servers):
+        documented = f"server s{i} 127.0.0.1:{8081 + i} check"
+        assert documented in cfg, documented
+        cfg = cfg.replace(documented, f"server s{i} 127.0.0.1:{server_port} check")
+    return cfg
 
 
 def _free_ports(count: int) -> list[int]:
@@ -269,9 +254,8 @@ async def test_rolling_restart_behind_haproxy_loses_no_request() -> None:
     *ports, port, stats_port = _free_ports(INSTANCES + 2)
     logs = [(OUT / f"s{i}.log").open("wb") for i in range(INSTANCES)]
     instances = [Instance(f"s{i}", p, logs[i]) for i, p in enumerate(ports)]
-    servers = "\n".join(f"    server {i.name} 127.0.0.1:{i.port} check" for i in instances)
     cfg = OUT / "haproxy.cfg"
-    cfg.write_text(HAPROXY_CFG.format(port=port, stats_port=stats_port, servers=servers))
+    cfg.write_text(haproxy_config(port, stats_port, ports))
     check = await asyncio.create_subprocess_exec(
         binary,
         "-c",
