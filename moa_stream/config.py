@@ -124,7 +124,7 @@ class StaircaseConfig:
     continuation: Literal["auto", "prefill", "turns"] = "auto"
     max_steps: int | None = 6
     max_rejects: int = 2
-    max_pause: float = 0.6
+    max_pause: float = 1.0
     guard_words: int = 4
     min_news: int = 80
     context_window: int | None = None

@@ -310,6 +310,7 @@ class _Driver:
         self.pass_on: tuple[str, int] = ("", 0)  # the next text to pass on, and its chunks
         self.pause_until: float | None = None  # the end of a boundary's pause
         self.late: set[int] = set()  # references left behind
+        self.seen: dict[int, int] = {}  # each reference's chunks at the answer's last chunk
         self.asked_at = clock()
         self.done = False
         self.error: ProviderError | None = None
@@ -319,6 +320,7 @@ class _Driver:
     def _emit(self, step: _Step, text: str, chunks: int = 1) -> AggregatorDelta:
         now = self.clock()
         self.chunks += chunks
+        self._paced(chunks)
         self.host.step_delta(step.record, text, now)
         if self.first_token_at is None:
             self.first_token_at = now
@@ -452,28 +454,45 @@ class _Driver:
 
     # -- pacing ---------------------------------------------------------------------------------
     def _pacing(self) -> bool:
-        """Whether the next chunk would put the answer more than ``lead`` chunks ahead of a
-        reference it keeps pace with."""
+        """Whether the next chunk must wait for a reference: the answer is more than ``lead``
+        chunks ahead of a reference being written and that reference wrote nothing since the
+        answer's last chunk (see :meth:`_pace`)."""
         lead = self.staircase.lead
         if lead is None or self.given_up:
             return False
         behind = self.chunks + 1 - lead
         late = self.late
+        seen = self.seen
         for index, chunks in self.host.running_chunks():
             if chunks == 0 or index in late:
                 continue  # not started: nothing to keep pace with yet
-            if chunks < behind:
+            if chunks < behind and chunks < seen.get(index, 0) + _CATCH_UP:
                 return True
         return False
 
-    async def _pace(self, until: float | None = None) -> AsyncGenerator[Event, None]:
-        """Hold the next chunk until the references catch up: the answer streams at the pace
-        of the slowest reference being written, so that its end is written from finished
-        references, instead of racing ahead and stopping for seconds at a step boundary.
+    def _paced(self, chunks: int) -> None:
+        """The answer passed ``chunks`` on: what each reference had written by then (a
+        reference it is ahead of owes the catch-up of all but the first of them)."""
+        lead = self.staircase.lead
+        if lead is None:
+            return
+        owed = (chunks - 1) * _CATCH_UP
+        behind = self.chunks + 1 - lead
+        self.seen = {
+            index: n + owed if n < behind else n for index, n in self.host.running_chunks()
+        }
 
-        Kept pace with: every reference that started writing. One that the answer waited for
-        ``max_pause`` in vain (it stalled, or started far behind) is left behind: the answer
-        does not wait for it again; so no chunk waits longer than ``max_pause``."""
+    async def _pace(self, until: float | None = None) -> AsyncGenerator[Event, None]:
+        """Hold the next chunk so that the answer falls back towards a reference being
+        written: within ``lead`` chunks of it the answer runs free; further ahead, each chunk
+        waits for the reference to write :data:`_CATCH_UP` of its own. The answer then
+        streams steadily at a fraction of the pace of the slowest reference until that one
+        catches up, and its end comes after theirs: it is written from finished references,
+        instead of the answer racing ahead and stopping for seconds at a step.
+
+        A reference that writes nothing for ``max_pause`` while the answer waits for it
+        (stalled) is left behind: the answer does not wait for it again; so no chunk waits
+        longer than ``max_pause``. References that have not started are not waited for."""
         host = self.host
         if until is None:
             until = self.clock() + self.staircase.max_pause
@@ -483,7 +502,7 @@ class _Driver:
             if self.clock() >= until:
                 behind = self.chunks + 1 - (self.staircase.lead or 0)
                 for index, chunks in host.running_chunks():
-                    if 0 < chunks < behind:
+                    if 0 < chunks < behind and chunks < self.seen.get(index, 0) + _CATCH_UP:
                         self.late.add(index)
                 break
             for event in await host.wait(until):
@@ -652,6 +671,11 @@ class _Rejected(Exception):
 
     def __str__(self) -> str:
         return f"rejected: {self.args[0]}"
+
+
+#: Chunks a reference writes for each chunk of an answer more than ``lead`` ahead of it: the
+#: answer slows to half the reference's pace, and the reference catches up.
+_CATCH_UP = 2
 
 
 def _ahead(chunks: int, running: Sequence[int], lead: int | None, given_up: bool) -> bool:
