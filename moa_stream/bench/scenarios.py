@@ -169,6 +169,7 @@ STAIRCASE_STRATEGIES = (
     "staircase-prefill",
     "staircase-deadline",
     "staircase-flat",
+    "staircase-patient",
     "staircase-unpaced",
 )
 

@@ -113,6 +113,7 @@ def staircase_strategy(
     steps: tuple[int, ...] = (8, 16, 32, 64, 128),
     lead: int | None = 32,
     continuation: Continuation = _TURNS,
+    max_pause: float | None = None,
 ) -> Strategy:
     """A staircase aggregator starting when ``start`` (a function of the lineup's time scale)
     fires on the last layer; earlier layers, if any, wait for a quorum of two."""
@@ -129,7 +130,7 @@ def staircase_strategy(
                 steps=steps,
                 lead=lead,
                 default=continuation,
-                max_pause=Staircase().max_pause * lineup.time_scale,
+                max_pause=(max_pause or Staircase().max_pause) * lineup.time_scale,
             ),
         )
         if lineup.layers == 1:
@@ -235,6 +236,13 @@ _BUILT_IN = (
         _start,
         "the staircase with steps of a fixed 32 tokens",
         steps=(32,),
+    ),
+    staircase_strategy(
+        "staircase-patient",
+        _start,
+        "the staircase that waits up to 5 s (instead of 1 s) for a step or a reference: the "
+        "answer line is written from more finished references, at the cost of stalls",
+        max_pause=5.0,
     ),
     staircase_strategy(
         "staircase-unpaced",
