@@ -45,7 +45,7 @@ from moa_stream.bench.report import (  # noqa: E402
     render_table,
     staircase_figures,
 )
-from moa_stream.bench.scenarios import SCENARIOS  # noqa: E402
+from moa_stream.bench.scenarios import SCENARIOS, get_scenarios  # noqa: E402
 from moa_stream.bench.strategies import STRATEGIES  # noqa: E402
 
 DOCS = ROOT / "docs"
@@ -129,10 +129,26 @@ def wait_for_idle(limit_s: float, threshold: float = 0.15) -> float:
     return busy
 
 
+#: The scenarios where the staircase is at stake, again with an aggregator that continues its
+#: answers like a small model and like a strong one (``moa_stream.sim.CONTINUATION_PROFILES``).
+PROFILED = tuple(
+    f"{name}@{profile}"
+    for name in ("long-form", "heterogeneous")
+    for profile in ("small", "strong")
+)
+
+
 def run_matrix(quick: bool) -> dict[str, Any]:
-    command = "moa-stream bench --out docs/benchmarks --time-scale " + str(TIME_SCALE)
+    scenarios = (*SCENARIOS, *PROFILED)
+    command = (
+        "moa-stream bench --out docs/benchmarks --time-scale "
+        + str(TIME_SCALE)
+        + " --scenario "
+        + " ".join(scenarios)
+    )
     settings = BenchSettings(
         out=OUT,
+        scenarios=scenarios,
         time_scale=TIME_SCALE,
         requests=4 if quick else None,
         command=command if not quick else command + " --requests 4",
@@ -344,7 +360,8 @@ def scenarios_block(matrix: dict[str, Any]) -> list[str]:
 def results_block(matrix: dict[str, Any]) -> list[str]:
     rows = matrix["results"]
     lines: list[str] = []
-    for name, scenario in SCENARIOS.items():
+    for scenario in get_scenarios([*SCENARIOS, *PROFILED]):
+        name = scenario.name
         mine = [r for r in rows if r["scenario"] == name]
         if not mine:
             continue
