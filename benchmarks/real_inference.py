@@ -448,26 +448,28 @@ def questions_for(runs: int, distinct: int | None = None) -> list[str]:
     return [pool[i % len(pool)] for i in range(runs)]
 
 
-async def measure(
-    base_url: str, policies: dict[str, str | None], runs: int, questions: int | None = None
+async def serve_and_ask(
+    config: str | None, moas: list[str], questions: list[str], *, request_timeout: float = 600
 ) -> list[dict[str, Any]]:
+    """Start ``moa-stream serve`` with ``config`` (TOML text; ``None``: the embedded default),
+    warm each MoA id up once, then ask every question of ``questions`` through each of them,
+    interleaved (so a burst of load from elsewhere hits every MoA alike); every run's record."""
     results = []
-    with tempfile.TemporaryDirectory(prefix="real-inference-") as tmp:
-        config = Path(tmp) / "moa.toml"
-        config.write_text(
-            config_toml(base_url, policies, any(m in policies for m in STAIRCASE_TABLES))
-        )
-        process, url = start_serve(config, Path(tmp) / "serve.log")
+    with tempfile.TemporaryDirectory(prefix="moa-serve-") as tmp:
+        path = None
+        if config is not None:
+            path = Path(tmp) / "moa.toml"
+            path.write_text(config)
+        process, url = start_serve(path, Path(tmp) / "serve.log")
         try:
             async with openai.AsyncOpenAI(
-                base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600
+                base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=request_timeout
             ) as client:
                 # One warm-up request per MoA id: connections, the server's first allocation.
-                for moa_id in policies:
+                for moa_id in moas:
                     await one_run(client, moa_id, "Say hello.")
-                for question in questions_for(runs, questions):
-                    # Interleaved, so a burst of load from elsewhere hits every policy alike.
-                    for moa_id in policies:
+                for question in questions:
+                    for moa_id in moas:
                         results.append(await one_run(client, moa_id, question))
                         print(".", end="", file=sys.stderr, flush=True)
         finally:
@@ -475,6 +477,13 @@ async def measure(
             process.wait(15)
     print(file=sys.stderr)
     return results
+
+
+async def measure(
+    base_url: str, policies: dict[str, str | None], runs: int, questions: int | None = None
+) -> list[dict[str, Any]]:
+    config = config_toml(base_url, policies, any(m in policies for m in STAIRCASE_TABLES))
+    return await serve_and_ask(config, list(policies), questions_for(runs, questions))
 
 
 def _positive(text: str) -> int:

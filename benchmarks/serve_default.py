@@ -18,18 +18,16 @@ import argparse
 import asyncio
 import statistics
 import sys
-import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import openai
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from real_inference import QUESTIONS, one_run, start_serve
+from real_inference import QUESTIONS, serve_and_ask
 
 from moa_stream.bench.integrity import answer_integrity, stream_gaps
 
@@ -37,25 +35,8 @@ BASELINE = "moa-wait-all"
 
 
 async def measure(moas: list[str], runs: int) -> list[dict[str, Any]]:
-    results = []
-    with tempfile.TemporaryDirectory(prefix="serve-default-") as tmp:
-        process, url = start_serve(None, Path(tmp) / "serve.log")
-        try:
-            async with openai.AsyncOpenAI(
-                base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120
-            ) as client:
-                for moa_id in moas:
-                    await one_run(client, moa_id, "Say hello.")  # warm-up
-                for i in range(runs):
-                    question = QUESTIONS[i % len(QUESTIONS)]
-                    for moa_id in moas:
-                        results.append(await one_run(client, moa_id, question))
-                        print(".", end="", file=sys.stderr, flush=True)
-        finally:
-            process.terminate()
-            process.wait(15)
-    print(file=sys.stderr)
-    return results
+    questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(runs)]
+    return await serve_and_ask(None, moas, questions, request_timeout=120)
 
 
 def summarize(runs: list[dict[str, Any]], moas: list[str]) -> list[dict[str, Any]]:
