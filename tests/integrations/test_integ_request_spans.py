@@ -11,16 +11,15 @@ import pytest
 from aiohttp import web
 from fastapi import FastAPI, Request
 from opentelemetry import trace
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
-from opentelemetry.util._once import Once
 from starlette.responses import Response
 from support.asgi import uvicorn_serving
 from support.http import serve_app
 from support.integrations import config
 from support.requests import body
+from support.tracing import memory_spans
 
 from moa_stream._wire import parse_chat_request
 from moa_stream.config import Runtime
@@ -31,17 +30,8 @@ from moa_stream.integrations.fastapi import moa_router
 @pytest.fixture
 def spans() -> Iterator[InMemorySpanExporter]:
     """A global SDK tracer provider writing to memory, removed afterwards."""
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    saved = trace._TRACER_PROVIDER, trace._TRACER_PROVIDER_SET_ONCE
-    trace._TRACER_PROVIDER_SET_ONCE = Once()
-    trace.set_tracer_provider(provider)
-    try:
+    with memory_spans() as exporter:
         yield exporter
-    finally:
-        provider.shutdown()
-        trace._TRACER_PROVIDER, trace._TRACER_PROVIDER_SET_ONCE = saved
 
 
 @pytest.fixture

@@ -246,6 +246,11 @@ async def settle(instances: list[Instance], within: float = 60.0) -> None:
         await asyncio.sleep(0.5)
 
 
+async def _haproxy(binary: str, cfg: Path, *flags: str, **stdio: Any) -> asyncio.subprocess.Process:
+    """HAProxy (``binary``) started with ``flags`` on the config file ``cfg``."""
+    return await asyncio.create_subprocess_exec(binary, *flags, "-f", str(cfg), **stdio)
+
+
 async def test_rolling_restart_behind_haproxy_loses_no_request() -> None:
     binary = haproxy_binary()
     assert binary is not None  # the conftest skips otherwise
@@ -256,13 +261,8 @@ async def test_rolling_restart_behind_haproxy_loses_no_request() -> None:
     instances = [Instance(f"s{i}", p, logs[i]) for i, p in enumerate(ports)]
     cfg = OUT / "haproxy.cfg"
     cfg.write_text(haproxy_config(port, stats_port, ports))
-    check = await asyncio.create_subprocess_exec(
-        binary,
-        "-c",
-        "-f",
-        str(cfg),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
+    check = await _haproxy(
+        binary, cfg, "-c", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
     )
     out, _ = await check.communicate()
     assert check.returncode == 0, out.decode()
@@ -274,11 +274,10 @@ async def test_rolling_restart_behind_haproxy_loses_no_request() -> None:
     summary: dict[str, Any] = {"instances": {}, "restarts": []}
     try:
         await asyncio.gather(*(i.start() for i in instances))
-        haproxy = await asyncio.create_subprocess_exec(
+        haproxy = await _haproxy(
             binary,
+            cfg,
             "-db",
-            "-f",
-            str(cfg),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=haproxy_log,
             stderr=haproxy_log,

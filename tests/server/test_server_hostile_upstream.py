@@ -12,7 +12,7 @@ from aiohttp import web
 from structlog.testing import capture_logs
 from support.http import serve_app
 from support.requests import CHAT, body
-from support.server import CONFIG, Running, serving, stream
+from support.server import CONFIG, Running, agent_moas, serving, stream
 
 from moa_stream.config import loads_config
 
@@ -38,20 +38,8 @@ kind = "openai"
 base_url = "{url}/v1"
 api_key = "{KEY}"
 retry = {{ max_attempts = 1 }}
-
-[agents.h]
-provider = "hostile"
-model = "m"
-
-[moa.hostile-proposer]
-proposers = ["h", "a"]
-aggregator = "agg"
-policy = "wait_all"
-
-[moa.hostile-aggregator]
-proposers = ["a"]
-aggregator = "h"
 """
+        extra += agent_moas("hostile", "hostile", "m")
         async with serving(loads_config(CONFIG + extra, "<test config>")) as running:
             yield running
 

@@ -10,11 +10,10 @@ import aiohttp
 import orjson
 import pytest
 from support.requests import body
-from support.server import CONFIG, Running, stream
+from support.server import Running, serving, stairs_config, stream
 from test_server_metrics import Family, parse, scrape, value
 
 from moa_stream._types import Usage
-from moa_stream.config import loads_config
 from moa_stream.engine.events import AgentReport, HedgeInfo, RunReport
 from moa_stream.server.metrics import ServerMetrics
 
@@ -139,43 +138,8 @@ def test_report_figures_per_agent_cached_estimated_and_hedged() -> None:
     assert value(families, "moa_stream_time_to_quorum_seconds_count", model="moa") == 1
 
 
-STAIRS = """
-[sim.models.p-steady]
-ttft = 0.02
-tokens_per_s = 150
-answer_tokens = 60
-
-[sim.models.agg-restarts]
-ttft = 0.02
-tokens_per_s = 200
-answer_tokens = 40
-continuation = { refuse_prefill = 1.0, restart_after_turn = 1.0 }
-
-[agents.s1]
-provider = "sim"
-model = "p-steady"
-
-[agents.s2]
-provider = "sim"
-model = "p-steady"
-
-[agents.agg-restarts]
-provider = "sim"
-model = "agg-restarts"
-
-[moa.stairs]
-proposers = ["a", "s1", "s2"]
-aggregator = "agg-restarts"
-policy = "partial(1, min_tokens=4)"
-staircase = { steps = [4, 8], lead = false }
-"""
-
-
 async def test_staircase_steps_and_rejections_are_counted() -> None:
-    from support.server import serving
-
-    cfg = loads_config(CONFIG + STAIRS, "<test config>")
-    async with serving(cfg) as srv, aiohttp.ClientSession() as session:
+    async with serving(stairs_config(restarts=True)) as srv, aiohttp.ClientSession() as session:
         sse = await stream(session, srv.url, body("stairs"), headers={"X-MoA-Progress": "1"})
         assert sse.status == 200
         items = sse.progress()

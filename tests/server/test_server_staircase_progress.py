@@ -14,11 +14,10 @@ from typing import Any
 import aiohttp
 import orjson
 from support.requests import body
-from support.server import CONFIG, serving, stream
+from support.server import serving, stairs_config, stream
 
 from moa_stream import estimate_tokens
 from moa_stream._types import Usage
-from moa_stream.config import loads_config
 from moa_stream.engine.events import (
     LayerDone,
     ProposerDelta,
@@ -74,40 +73,8 @@ def test_a_burst_of_text_comes_with_its_counts() -> None:
     assert last["tokens"]["b"] == estimate_tokens(len("word " * 30 + " the last words"))
 
 
-STAIRCASE = """
-[sim.models.p-steady]
-ttft = 0.02
-tokens_per_s = 150
-answer_tokens = 60
-
-[sim.models.agg-steady]
-ttft = 0.02
-tokens_per_s = 200
-answer_tokens = 40
-
-[agents.s1]
-provider = "sim"
-model = "p-steady"
-
-[agents.s2]
-provider = "sim"
-model = "p-steady"
-
-[agents.agg-steady]
-provider = "sim"
-model = "agg-steady"
-
-[moa.stairs]
-proposers = ["a", "s1", "s2"]
-aggregator = "agg-steady"
-policy = "partial(1, min_tokens=4)"
-staircase = { steps = [4, 8], lead = false }
-"""
-
-
 async def test_a_staircase_streams_one_consistent_set_of_figures() -> None:
-    cfg = loads_config(CONFIG + STAIRCASE, "<test config>")
-    async with serving(cfg) as srv, aiohttp.ClientSession() as session:
+    async with serving(stairs_config(restarts=False)) as srv, aiohttp.ClientSession() as session:
         sse = await stream(session, srv.url, body("stairs"), headers={"X-MoA-Progress": "text"})
     assert sse.status == 200
     items = sse.progress()

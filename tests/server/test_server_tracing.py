@@ -11,35 +11,21 @@ from collections.abc import Iterator
 
 import aiohttp
 import pytest
-from opentelemetry import trace
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
-from opentelemetry.util._once import Once
 from support.requests import CHAT, body
-from support.server import CONFIG, Running, serving, stream
-from test_server_serving_metrics import STAIRS
+from support.server import Running, serving, stairs_config, stream
+from support.tracing import memory_spans
 
 from moa_stream import tracing
-from moa_stream.config import loads_config
 
 
 @pytest.fixture
 def spans() -> Iterator[InMemorySpanExporter]:
-    """A global SDK tracer provider writing to memory, removed afterwards (OpenTelemetry sets
-    one only once per process; its own test helpers reset it the same way)."""
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    saved = trace._TRACER_PROVIDER, trace._TRACER_PROVIDER_SET_ONCE
-    trace._TRACER_PROVIDER_SET_ONCE = Once()
-    trace.set_tracer_provider(provider)
-    try:
+    """A global SDK tracer provider writing to memory, removed afterwards."""
+    with memory_spans() as exporter:
         yield exporter
-    finally:
-        provider.shutdown()
-        trace._TRACER_PROVIDER, trace._TRACER_PROVIDER_SET_ONCE = saved
 
 
 def children(all_spans: tuple[ReadableSpan, ...], parent: ReadableSpan) -> list[ReadableSpan]:
@@ -112,8 +98,7 @@ async def test_a_failed_request_is_an_error_span(
 
 
 async def test_staircase_steps_are_spans(spans: InMemorySpanExporter) -> None:
-    cfg = loads_config(CONFIG + STAIRS, "<test config>")
-    async with serving(cfg) as srv, aiohttp.ClientSession() as session:
+    async with serving(stairs_config(restarts=True)) as srv, aiohttp.ClientSession() as session:
         sse = await stream(session, srv.url, body("stairs"), headers={"X-MoA-Progress": "1"})
     assert sse.status == 200
     items = sse.progress()

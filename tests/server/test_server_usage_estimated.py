@@ -4,23 +4,14 @@ from __future__ import annotations
 
 import aiohttp
 from support.requests import CHAT, body
-from support.server import CONFIG, serving, stream
+from support.server import CONFIG, agent_moas, serving, stream
 
 from moa_stream.config import loads_config
 from moa_stream.sim import SimModel
 
 # A proposer whose upstream sends no usage (as llama-cpp-python's server does); the model is
 # added to the simulator once it runs.
-QUIET = """
-[agents.quiet]
-provider = "sim"
-model = "quiet"
-
-[moa.quiet-proposer]
-proposers = ["a", "quiet"]
-aggregator = "agg"
-policy = "wait_all"
-"""
+QUIET = agent_moas("quiet", "sim", "quiet")
 
 USAGE_KEYS = {"prompt_tokens", "completion_tokens", "total_tokens"}
 

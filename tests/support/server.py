@@ -165,6 +165,59 @@ def config(**server: Any) -> Config:
     return dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, **server))
 
 
+def stairs_config(*, restarts: bool) -> Config:
+    """The test config and the staircase MoA ``stairs``: the fast proposer ``a`` and two steady
+    ones (60 tokens at 150/s), the aggregator asked at 4 and 8 tokens. The aggregator (40 tokens
+    at 200/s) is ``agg-restarts``, which refuses a prefilled answer and restarts after each turn
+    (so its steps are rejected), if ``restarts``; else ``agg-steady``."""
+    agg = "agg-restarts" if restarts else "agg-steady"
+    continuation = "continuation = { refuse_prefill = 1.0, restart_after_turn = 1.0 }"
+    stairs = f"""
+[sim.models.p-steady]
+ttft = 0.02
+tokens_per_s = 150
+answer_tokens = 60
+
+[sim.models.{agg}]
+ttft = 0.02
+tokens_per_s = 200
+answer_tokens = 40
+{continuation if restarts else ""}
+
+[agents]
+s1 = {{ provider = "sim", model = "p-steady" }}
+s2 = {{ provider = "sim", model = "p-steady" }}
+{agg} = {{ provider = "sim", model = "{agg}" }}
+
+[moa.stairs]
+proposers = ["a", "s1", "s2"]
+aggregator = "{agg}"
+policy = "partial(1, min_tokens=4)"
+staircase = {{ steps = [4, 8], lead = false }}
+"""
+    return loads_config(CONFIG + stairs, "<test config>")
+
+
+def agent_moas(agent: str, provider: str, model: str) -> str:
+    """TOML for the agent ``agent`` (``model`` on ``provider``) and two MoAs around it:
+    ``{agent}-proposer``, where it proposes beside ``a`` (both awaited) for ``agg``, and
+    ``{agent}-aggregator``, where it aggregates ``a``."""
+    return f"""
+[agents.{agent}]
+provider = "{provider}"
+model = "{model}"
+
+[moa.{agent}-proposer]
+proposers = ["{agent}", "a"]
+aggregator = "agg"
+policy = "wait_all"
+
+[moa.{agent}-aggregator]
+proposers = ["a"]
+aggregator = "{agent}"
+"""
+
+
 @dataclass
 class Running:
     """A server on a free loopback port, its runtime and its state."""
