@@ -7,20 +7,27 @@ read here, in the run's own task, so a token reaches the caller in the loop turn
 in; between two deltas the proposers' queued chunks are drained (no wait, no queue hop for the
 answer) so that, at a step boundary, the references are as fresh as they can be.
 
-A step boundary comes once the step wrote its budget of tokens, at the next word that starts
-inside a sentence (:func:`~moa_stream.engine.staircase.cut_point`). There the current stream
-is *paused*, not closed (its tokens wait in the connection), for at most ``max_pause``:
+A step boundary comes, at the next word that starts inside a sentence
+(:func:`~moa_stream.engine.staircase.cut_point`), once the step wrote its budget of tokens,
+once the answer has to wait for the references anyway (see pacing below: the next step gets
+ready during that wait), or at once when every reference has ended since the step was asked.
+There the current stream is *paused*, not closed (its tokens wait in the connection):
 
-1. while the answer is more than ``lead`` tokens ahead of a reference still being written;
-2. unless the references gained enough since the last step (``min_news``), the pause ends
-   there and the current stream goes on;
-3. the next step is asked, and its first words are held by a
+1. unless the references gained enough since the last step (``min_news``), or a step limit or
+   the context window says no, the current stream just goes on;
+2. the next step is asked, and its first words are held by a
    :class:`~moa_stream.engine.staircase.ContinuationGuard`. Accepted: the current stream is
    closed and the next one takes over, its held words first. Rejected (restart, markup,
-   instruction text, an early end, an error, or not ready within the pause): the next stream
-   is closed and the current one goes on from where it paused, as if nothing happened.
+   instruction text, an early end, an error, or not ready within ``max_pause``): the next
+   stream is closed and the current one goes on from where it paused, as if nothing happened.
 
-So the caller never waits longer than ``max_pause`` at a boundary, every reference a step
+**Pacing.** Within ``lead`` chunks of every reference still being written the answer runs
+free; further ahead of one, each chunk waits for that reference to write two of its own, so the
+answer slows down steadily (rather than stopping) until the reference catches up, and it ends
+after the references it follows. A reference that writes nothing for ``max_pause`` while the
+answer waits for it is left behind; references that have not started are not waited for.
+
+So the caller never waits longer than ``max_pause`` for the next chunk, every reference a step
 took is only counted as given if that step was accepted, and an error of a later step never
 reaches the caller: the previous step's answer is still there to finish.
 """

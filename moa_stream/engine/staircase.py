@@ -162,14 +162,14 @@ class Staircase:
     to continue a sentence continues it; one asked to continue after a full stop tends to start
     over).
 
-    At a boundary the stream *pauses*, for at most ``max_pause`` seconds in all: first while the
-    answer is more than ``lead`` tokens ahead of a reference still being written (``None``:
-    never), then while the next step is asked and its first ``guard_words`` words are held and
-    checked (:class:`ContinuationGuard`). A step that restarts the answer, copies prompt markup
-    or instruction text, ends at once or is not ready in time is *rejected*: it is closed and the
-    previous step's stream, which was only paused, goes on. So the staircase never stalls the
-    stream for longer than ``max_pause``, and an answer is never worse-formed than its previous
-    step would have written it.
+    At a boundary the stream *pauses* while the next step is asked and its first
+    ``guard_words`` words are held and checked (:class:`ContinuationGuard`). A step that
+    restarts the answer, copies prompt markup or instruction text, ends at once or is not ready
+    within ``max_pause`` seconds is *rejected*: it is closed and the previous step's stream,
+    which was only paused, goes on. ``lead``: the answer runs at most this many tokens ahead of
+    a reference still being written before it slows to half that reference's pace (``None``:
+    never); no wait, for a step or a reference, exceeds ``max_pause``. So an answer is never
+    worse-formed than its previous step would have written it.
 
     Stepping stops (the current step runs to the end of the answer) once every reference is
     complete, failed or given up on; after ``max_steps`` later steps; after ``max_rejects``
