@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import hmac
 import re
 import time
@@ -41,19 +43,9 @@ import structlog
 from aiohttp import web
 
 from moa_stream._exceptions import MoAError
-from moa_stream._wire import (
-    ChatCompletionRequest,
-    ChunkEncoder,
-    WireError,
-    completion_object,
-    extension,
-    model_objects,
-    optional_bool,
-    parse_chat_request,
-    wrong_type,
-)
+from moa_stream._wire import model_objects
 from moa_stream.config import Runtime, ServerConfig
-from moa_stream.engine.events import AggregatorDelta, Event
+from moa_stream.engine.events import Event
 from moa_stream.engine.run import MoARun
 from moa_stream.engine.spec import MoA
 from moa_stream.server._connections import ConnectionGuard
@@ -69,8 +61,21 @@ from moa_stream.server.errors import (
 from moa_stream.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from moa_stream.server.metrics import ServerMetrics
 from moa_stream.server.playground import add_playground_routes
-from moa_stream.server.progress import ProgressEncoder, report_object
-from moa_stream.server.stream import StreamWriter, is_degraded
+from moa_stream.server.respond import (
+    DEGRADED_HEADER,
+    PROGRESS_HEADER,
+    PROGRESS_TEXT,
+    REASONING_HEADER,
+    REQUEST_ID_HEADER,
+    Answer,
+    ResponseSink,
+    collect,
+    parse_chat,
+    progress_level,
+    pump,
+    truthy_header,
+)
+from moa_stream.server.stream import StreamWriter
 from moa_stream.tracing import RequestTrace, request_tracer
 
 __all__ = [
@@ -81,52 +86,16 @@ __all__ = [
     "MoAServer",
     "create_app",
     "progress_level",
+    "truthy_header",
 ]
 
 log = structlog.get_logger("moa_stream.server")
 
-#: The request header that turns progress on (``1``, ``true``, ``yes`` or ``on``; ``text`` also
-#: forwards the proposers' text).
-PROGRESS_HEADER = "X-MoA-Progress"
-#: The request header that turns the proposers' progress as ``reasoning_content`` on.
-REASONING_HEADER = "X-MoA-Reasoning"
-#: The response header of an answer written with no proposer's help (every one failed).
-DEGRADED_HEADER = "X-MoA-Degraded"
-
-_SSE_HEADERS = {
-    "Content-Type": "text/event-stream",
-    "Cache-Control": "no-cache",
-    # nginx buffers proxied responses unless told not to; buffering would hold back tokens.
-    "X-Accel-Buffering": "no",
-}
 _JSON = "application/json"
 _CHAT_PATH = "/v1/chat/completions"
 _TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 _ALWAYS_ALLOWED_HEADERS = ("Authorization", "Content-Type", PROGRESS_HEADER, REASONING_HEADER)
 _QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
-
-
-def truthy_header(value: str | None) -> bool:
-    """Whether a flag header (``X-MoA-Progress``) is set: ``1``, ``true``, ``yes`` or ``on``."""
-    return value is not None and value.strip().lower() in ("1", "true", "yes", "on")
-
-
-#: The progress level that also forwards the proposers' text: ``X-MoA-Progress: text`` or
-#: ``"moa_stream": {"progress": "text"}``.
-PROGRESS_TEXT = "text"
-
-
-def progress_level(options: Mapping[str, Any], header: str | None) -> tuple[bool, bool]:
-    """``(progress, text)`` asked for by the body's ``moa_stream`` options and the
-    ``X-MoA-Progress`` header: progress is on with a truthy header, ``text``, or
-    ``"progress": true`` / ``"text"`` in the body; text only with ``text``."""
-    value = options.get("progress")
-    if value == PROGRESS_TEXT:
-        return True, True
-    if value is not None and not isinstance(value, bool):
-        raise wrong_type("moa_stream.progress", 'a boolean or "text"', value)
-    header_text = header is not None and header.strip().lower() == PROGRESS_TEXT
-    return bool(value) or header_text or truthy_header(header), header_text
 
 
 class RequestContext:
@@ -373,24 +342,15 @@ class MoAServer:
         if self.shutting_down:
             raise APIError.shutting_down()
         raw = await self._read_body(request)
-        try:
-            req = parse_chat_request(raw)
-            options = extension(req.body, "moa_stream")
-            progress, progress_text = progress_level(options, request.headers.get(PROGRESS_HEADER))
-            reasoning = optional_bool(options, "reasoning", "moa_stream.reasoning")
-        except WireError as exc:
-            raise APIError.from_wire(exc) from None
+        req, options = parse_chat(raw, request.headers)
         spec = self.moas.get(req.model)
         if spec is None:
             raise APIError.model_not_found(req.model, list(self.moas))
         ctx.model = req.model
         ctx.stream = req.stream
-        ctx.progress = progress
-        reasoning = (
-            reasoning
-            or truthy_header(request.headers.get(REASONING_HEADER))
-            or self._reasoning_by_default(req.model)
-        )
+        ctx.progress = options.progress
+        if not options.reasoning and self._reasoning_by_default(req.model):
+            options = dataclasses.replace(options, reasoning=True)
         if self.active >= self.config.max_concurrent_streams:
             raise APIError.too_many_streams(self.config.max_concurrent_streams)
         self.active += 1
@@ -412,19 +372,16 @@ class MoAServer:
             run = spec.stream(
                 req.messages, temperature=req.temperature, max_tokens=req.max_tokens, stop=req.stop
             )
+            answer = Answer(
+                req.model,
+                options,
+                include_usage=req.include_usage,
+                request_id=ctx.request_id,
+                created=ctx.created,
+            )
             if req.stream:
-                writer = StreamWriter(
-                    ChunkEncoder(ctx.completion_id, ctx.created, req.model, req.include_usage),
-                    include_usage=req.include_usage,
-                    progress=(
-                        ProgressEncoder(text=progress_text, request_id=ctx.request_id)
-                        if ctx.progress
-                        else None
-                    ),
-                    reasoning=reasoning,
-                )
-                return await self._stream(request, ctx, req, run, writer)
-            return await self._complete(ctx, req, run)
+                return await self._stream(request, ctx, answer, run)
+            return await self._complete(ctx, answer, run)
         finally:
             if ctx.trace is not None:
                 ctx.trace.detach()
@@ -492,19 +449,16 @@ class MoAServer:
             self._timeouts.discard(deadline)
 
     async def _stream(
-        self,
-        request: web.Request,
-        ctx: RequestContext,
-        req: ChatCompletionRequest,
-        run: MoARun,
-        writer: StreamWriter,
+        self, request: web.Request, ctx: RequestContext, answer: Answer, run: MoARun
     ) -> web.StreamResponse:
-        resp = web.StreamResponse(headers=_SSE_HEADERS)
+        resp = web.StreamResponse()
+        sink = ResponseSink(request, resp)
+        writer = answer.writer()
         finished = False
         async with run:
             ctx.run = run
-            async with self._guarded(ctx, req.model):
-                finished = await self._write_events(request, resp, ctx, run, writer)
+            async with self._guarded(ctx, answer.model):
+                finished = await self._write_events(ctx, answer, run, writer, sink)
             ctx.degraded = ctx.degraded or writer.degraded
             if ctx.outcome == "client_disconnected":
                 return resp
@@ -524,100 +478,45 @@ class MoAServer:
 
     async def _write_events(
         self,
-        request: web.Request,
-        resp: web.StreamResponse,
         ctx: RequestContext,
+        answer: Answer,
         run: MoARun,
         writer: StreamWriter,
+        sink: ResponseSink,
     ) -> bool:
-        """Write the stream of ``run``'s events; True once the run's tail is written.
+        """Write the stream of ``run``'s events; True once the run's tail is written."""
 
-        Reads the events to their end even after ``run.done``, so the generator finishes.
-        """
-        write = resp.write
-        # One append per chunk; the gaps are observed when the request ends.
-        chunk_at = ctx.chunk_times.append
-        clock = time.monotonic
-        finished = False
-        if writer.eager:
-            await resp.prepare(request)
-        async for event in run.events():
-            # isinstance, not event.type: the cheapest test on the per-token path.
-            if isinstance(event, AggregatorDelta):
-                if ctx.first_token_at is None:
-                    await self._prepare(request, resp, ctx, writer)
-                    ctx.first_token_at = time.monotonic()
-                chunk_at(clock())
-                await write(writer.answer(event.text))
-            elif event.type == "run.done":
-                # Written here, not after the run is closed: closing may wait for "keep"
-                # stragglers, and the client must not.
-                tail = writer.done(event)
-                await self._prepare(request, resp, ctx, writer)
-                await write(tail)
-                # From here on the client has the whole answer, [DONE] included: it may hang
-                # up before the chunked body's last bytes, and that is no disconnect.
-                ctx.answered = True
-                finished = True
-                await resp.write_eof()
-            else:
-                self._observe(ctx, event)
-                frames = writer.event(event)
-                if frames is not None:
-                    await write(frames)
-        return finished
+        def first_token() -> None:
+            ctx.first_token_at = time.monotonic()
 
-    @staticmethod
-    async def _prepare(
-        request: web.Request, resp: web.StreamResponse, ctx: RequestContext, writer: StreamWriter
-    ) -> None:
-        """Send the headers, if they have not gone out yet (with the degraded mark, if due)."""
-        if resp.prepared:
-            return
-        if writer.degraded:
-            ctx.degraded = True
-            resp.headers[DEGRADED_HEADER] = "true"
-        await resp.prepare(request)
+        def answered() -> None:
+            ctx.answered = True
 
-    async def _complete(
-        self, ctx: RequestContext, req: ChatCompletionRequest, run: MoARun
-    ) -> web.Response:
+        return await pump(
+            answer,
+            run,
+            writer,
+            sink,
+            observe=functools.partial(self._observe, ctx),
+            chunk_times=ctx.chunk_times,
+            on_first_token=first_token,
+            on_answered=answered,
+        )
+
+    async def _complete(self, ctx: RequestContext, answer: Answer, run: MoARun) -> web.Response:
         report = None
         async with run:
             ctx.run = run
-            async with self._guarded(ctx, req.model):
-                async for event in run.events():
-                    if event.type == "run.done":
-                        report = event.report
-                    else:
-                        self._observe(ctx, event)
+            async with self._guarded(ctx, answer.model):
+                report = await collect(run, functools.partial(self._observe, ctx))
         if ctx.error is not None:
             raise ctx.error
         if report is None:
             log.error("run.ended_without_report", request_id=ctx.request_id)
             raise APIError.internal()
-        extension: dict[str, Any] = {}
-        if ctx.progress:
-            extension.update(report_object(report))
-        headers = {}
-        if is_degraded(report):
-            ctx.degraded = True
-            extension["degraded"] = True
-            headers[DEGRADED_HEADER] = "true"
-        if report.usage.estimated:
-            # Beside the standard usage object, not inside it: strict clients keep parsing it.
-            extension["usage_estimated"] = True
-        body = completion_object(
-            completion_id=ctx.completion_id,
-            created=ctx.created,
-            model=req.model,
-            text=report.text,
-            finish_reason=report.finish_reason or "stop",
-            prompt_tokens=report.usage.prompt_tokens,
-            completion_tokens=report.usage.completion_tokens,
-            extra={"moa_stream": extension} if extension else None,
-        )
-        return web.Response(body=orjson.dumps(body), content_type=_JSON, headers=headers)
+        headers, body = answer.completion(report)
+        ctx.degraded = ctx.degraded or DEGRADED_HEADER in headers
+        return web.Response(body=body, headers=headers)
 
     # -- middleware and signals -------------------------------------------------------------
     def _preflight(self, request: web.Request) -> web.Response:
@@ -709,7 +608,7 @@ class MoAServer:
         (a middleware would be too late for a response already prepared)."""
         ctx = request.get(_CTX)
         if ctx is not None:
-            response.headers["X-Request-Id"] = ctx.request_id
+            response.headers[REQUEST_ID_HEADER] = ctx.request_id
         if self.draining:
             # A connection kept alive would carry the next request to a server about to stop.
             # The header too: aiohttp has written its own by the time this signal runs.
@@ -724,7 +623,7 @@ class MoAServer:
             response.headers["Access-Control-Allow-Origin"] = (
                 "*" if "*" in self._origins else origin
             )
-            response.headers["Access-Control-Expose-Headers"] = "X-Request-Id"
+            response.headers["Access-Control-Expose-Headers"] = REQUEST_ID_HEADER
             if "*" not in self._origins:
                 response.headers["Vary"] = "Origin"
 

@@ -114,17 +114,18 @@ class APIError(WireError):
         """Whether a client should retry: only when the server is busy or going away."""
         return self.status in _RETRYABLE_STATUSES
 
+    def response_headers(self) -> dict[str, str]:
+        """The headers every response of this error carries, whatever writes it:
+        ``x-should-retry`` and the error's own (``Retry-After``, ``Allow`` ...)."""
+        return {SHOULD_RETRY_HEADER: "true" if self.retryable else "false", **self.headers}
+
     def response(self, headers: Mapping[str, str] | None = None) -> web.Response:
         """A JSON response with this error's status, body and headers."""
         response = web.Response(
             status=self.status,
             body=self.body(),
             content_type="application/json",
-            headers={
-                SHOULD_RETRY_HEADER: "true" if self.retryable else "false",
-                **self.headers,
-                **(headers or {}),
-            },
+            headers={**self.response_headers(), **(headers or {})},
         )
         if self.close_connection:
             response.force_close()
@@ -203,6 +204,21 @@ class APIError(WireError):
         )
 
     @classmethod
+    def unknown_path(cls, path: str) -> APIError:
+        """404: no route at ``path``."""
+        return cls(404, f"Unknown path {quote(path)}.", code="not_found", outcome="not_found")
+
+    @classmethod
+    def method_not_allowed(cls, allow: str | None = None) -> APIError:
+        """405: the path has routes, none for this method (``allow`` lists theirs)."""
+        return cls(
+            405,
+            "Method not allowed on this path.",
+            code="method_not_allowed",
+            headers={"Allow": allow} if allow else None,
+        )
+
+    @classmethod
     def internal(cls) -> APIError:
         """500: a bug. The message says nothing about it; the log has the traceback."""
         return cls(
@@ -251,28 +267,18 @@ def timeout_error(limit: float) -> APIError:
     )
 
 
-_HTTP_MESSAGES = {
-    404: ("Unknown path.", "not_found", "not_found"),
-    405: ("Method not allowed on this path.", "method_not_allowed", "invalid_request"),
-}
-
-
 def from_http_exception(exc: web.HTTPException, path: str) -> APIError:
     """aiohttp's routing and body-size exceptions as OpenAI-style errors (same status)."""
     status = exc.status
-    headers: dict[str, str] = {}
-    if status == 405 and "Allow" in exc.headers:
-        headers["Allow"] = exc.headers["Allow"]
-    if status in _HTTP_MESSAGES:
-        message, code, outcome = _HTTP_MESSAGES[status]
-        if status == 404:
-            message = f"Unknown path {quote(path)}."
-        return APIError(status, message, code=code, outcome=outcome, headers=headers)
+    if status == 404:
+        return APIError.unknown_path(path)
+    if status == 405:
+        return APIError.method_not_allowed(exc.headers.get("Allow"))
     if status == 417:
         return APIError.expectation_failed((exc.text or "").removeprefix("Unknown Expect: "))
     error_type = "server_error" if status >= 500 else "invalid_request_error"
     outcome = "internal_error" if status >= 500 else "invalid_request"
-    return APIError(status, exc.reason, error_type=error_type, outcome=outcome, headers=headers)
+    return APIError(status, exc.reason, error_type=error_type, outcome=outcome)
 
 
 def as_json_error(response: web.Response) -> None:
