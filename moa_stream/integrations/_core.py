@@ -1,91 +1,64 @@
-"""What the app integrations share, whatever the web framework: a run written as an
-OpenAI-compatible SSE stream or completion object, and the endpoints' state.
+"""What the app integrations share, whatever the web framework: a run answered as
+``moa-stream serve`` answers it, and the endpoints' state.
 
-The wire format and the error mapping are the server's own (:mod:`moa_stream._wire`,
-:mod:`moa_stream.server.errors`); this module only drives them with a framework's way of
-starting and writing a response (:class:`SSEOutput`). It keeps the server's header timing: the
-status line goes out with the first answer token, so a run that fails before answering gets a
-real error status (502, 504) instead of a 200 with an error inside.
+Every part of the response (the request's options, the ids, the headers, the stream's bytes, the
+whole completion, the errors) is made by :mod:`moa_stream.server.respond`, the module the server
+uses too; a framework only supplies a :class:`~moa_stream.server.respond.Sink` (how it starts a
+response and writes to it) and sends the parts this module returns. The header timing is the
+server's: the status line goes out with the first answer token, so a run that fails before
+answering gets a real error status (502, 504) instead of a 200 with an error inside.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-import uuid
-from collections.abc import Mapping, Sequence
-from typing import Protocol
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 
 import orjson
 import structlog
 
 from moa_stream._exceptions import MoAError
-from moa_stream._wire import (
-    ChatCompletionRequest,
-    ChunkEncoder,
-    WireError,
-    completion_object,
-    extension,
-    model_objects,
-    parse_chat_request,
-)
-from moa_stream.engine.events import AggregatorDelta
+from moa_stream._wire import ChatCompletionRequest, model_objects
+from moa_stream.engine.events import Event
 from moa_stream.engine.run import MoARun
 from moa_stream.engine.spec import MoA
-from moa_stream.server.app import progress_level
 from moa_stream.server.errors import APIError, from_moa_error, timeout_error
-from moa_stream.server.progress import ProgressEncoder, report_object
-from moa_stream.server.stream import StreamWriter
+from moa_stream.server.respond import Answer, Sink, collect, parse_chat, pump
 from moa_stream.tracing import RequestTrace, request_tracer
 
-__all__ = [
-    "ChatEndpoints",
-    "SSEOutput",
-    "SSE_HEADERS",
-    "complete_run",
-    "new_completion_id",
-    "start_trace",
-    "stream_run",
-]
+__all__ = ["ChatEndpoints", "complete_run", "start_trace", "stream_run"]
 
 log = structlog.get_logger("moa_stream.integrations")
 
-#: The headers of every stream. nginx buffers proxied responses unless told not to, and
-#: buffering would hold back tokens.
-SSE_HEADERS: Mapping[str, str] = {
-    "Content-Type": "text/event-stream",
-    "Cache-Control": "no-cache",
-    "X-Accel-Buffering": "no",
-}
 
-
-class SSEOutput(Protocol):
-    """How a framework starts a stream (status 200 and :data:`SSE_HEADERS`) and writes to it.
-
-    ``write`` raises ``ConnectionResetError`` when the client has gone away.
-    """
-
-    @property
-    def started(self) -> bool: ...
-
-    async def start(self) -> None: ...
-
-    async def write(self, data: bytes) -> None: ...
-
-
-def new_completion_id() -> str:
-    """A fresh ``chatcmpl-...`` id."""
-    return f"chatcmpl-{uuid.uuid4().hex}"
-
-
-def start_trace(model: str, *, stream: bool, completion_id: str | None) -> RequestTrace | None:
+def start_trace(
+    model: str,
+    *,
+    stream: bool,
+    completion_id: str | None,
+    headers: Mapping[str, str] | None = None,
+) -> RequestTrace | None:
     """The spans of one request while tracing is on (see :mod:`moa_stream.tracing`), else
-    None: then nothing of tracing runs for it."""
+    None: then nothing of tracing runs for it. ``headers`` (the request's) may carry the
+    client's ``traceparent``."""
     tracer = request_tracer()
     if tracer is None:
         return None
-    return RequestTrace(tracer, model, stream=stream, response_id=completion_id)
+    return RequestTrace(tracer, model, headers=headers, stream=stream, response_id=completion_id)
+
+
+def _observer(trace: RequestTrace | None) -> Callable[[Event], None] | None:
+    if trace is None:
+        return None
+    record = trace.event
+
+    def observe(event: Event) -> None:
+        if event.type != "proposer.delta" and event.type != "aggregator.delta":
+            record(event)
+
+    return observe
 
 
 def _end_trace(
@@ -107,143 +80,110 @@ def _end_trace(
 
 async def stream_run(
     run: MoARun,
-    out: SSEOutput,
+    sink: Sink,
+    answer: Answer,
     *,
-    model: str,
-    include_usage: bool = False,
-    progress: bool = False,
     request_timeout: float | None = None,
-    completion_id: str | None = None,
     trace: RequestTrace | None = None,
 ) -> None:
-    """Run ``run`` and write it to ``out`` as an OpenAI chat-completions stream.
+    """Run ``run`` and write it to ``sink`` as ``answer``'s chat-completions stream.
 
     The run is entered and closed here; cancelling the caller (a client that went away) closes
-    it, and with it every upstream request it still had open. ``out`` is started at the first
-    answer token (at once with ``progress``, whose comments are what the client waits for).
-    An error before that raises :class:`~moa_stream.server.errors.APIError` and nothing has
-    been written, so the caller can send it as an error response; an error after that is
-    written as an error frame and ``[DONE]``. A client that goes away while we write ends the
-    call quietly.
-
-    While tracing is on the request gets its spans (``trace``, or ones started here; see
-    :mod:`moa_stream.tracing`).
+    it, and with it every upstream request it still had open. An error before the headers went
+    out raises :class:`~moa_stream.server.errors.APIError` and nothing has been written, so
+    the caller can send it as an error response
+    (:func:`~moa_stream.server.respond.error_parts`); an error after that is written as an
+    error frame and ``[DONE]``, and the body ended. A client that goes away while we write
+    ends the call quietly. While tracing is on the request gets its spans (``trace``, or
+    ones started here; see :mod:`moa_stream.tracing`).
     """
-    completion_id = completion_id or new_completion_id()
     if trace is None:
-        trace = start_trace(model, stream=True, completion_id=completion_id)
+        trace = start_trace(answer.model, stream=True, completion_id=answer.completion_id)
     if trace is None:
-        await _stream_run(
-            run, out, model, include_usage, progress, request_timeout, completion_id, None
-        )
+        await _stream_run(run, sink, answer, request_timeout, None)
         return
     outcome = "client_disconnected"  # unless the call ends otherwise: it was cancelled
     error: APIError | None = None
     trace.attach()
     try:
-        outcome, error = await _stream_run(
-            run, out, model, include_usage, progress, request_timeout, completion_id, trace
-        )
+        outcome, error = await _stream_run(run, sink, answer, request_timeout, trace)
     except APIError as exc:
         error = exc
         raise
     finally:
         trace.detach()
-        _end_trace(trace, run, outcome, error, out.started)
+        _end_trace(trace, run, outcome, error, sink.started)
 
 
 async def _stream_run(
     run: MoARun,
-    out: SSEOutput,
-    model: str,
-    include_usage: bool,
-    progress: bool,
+    sink: Sink,
+    answer: Answer,
     request_timeout: float | None,
-    completion_id: str,
     trace: RequestTrace | None,
 ) -> tuple[str, APIError | None]:
     """:func:`stream_run`'s work; returns the outcome and the error written mid-stream."""
-    writer = StreamWriter(
-        ChunkEncoder(completion_id, int(time.time()), model, include_usage),
-        include_usage=include_usage,
-        progress=ProgressEncoder() if progress else None,
-    )
-    write = out.write
-    finished = False
+    writer = answer.writer()
+    answered: list[bool] = []
     error: APIError | None = None
     async with run:
         try:
             async with asyncio.timeout(request_timeout):
-                if writer.eager:
-                    await out.start()
-                async for event in run.events():
-                    if isinstance(event, AggregatorDelta):
-                        if not out.started:
-                            await out.start()
-                        await write(writer.answer(event.text))
-                    elif event.type == "run.done":
-                        # Written before the run closes: closing may wait for "keep"
-                        # stragglers, and the client must not.
-                        tail = writer.done(event)
-                        if not out.started:
-                            await out.start()
-                        await write(tail)
-                        finished = True
-                    else:
-                        if trace is not None and event.type != "proposer.delta":
-                            trace.event(event)
-                        frames = writer.event(event)
-                        if frames is not None:
-                            await write(frames)
+                await pump(
+                    answer,
+                    run,
+                    writer,
+                    sink,
+                    observe=_observer(trace),
+                    on_answered=lambda: answered.append(True),
+                )
         except MoAError as exc:
             error = from_moa_error(exc)
         except TimeoutError:
             error = timeout_error(request_timeout or 0.0)
         except ConnectionResetError:
-            # The client went away; leaving the block cancels the run.
-            return ("ok" if finished else "client_disconnected"), None
+            # The client went away; leaving the block cancels the run. After the answer's
+            # end it had everything.
+            return ("ok" if answered else "client_disconnected"), None
         except Exception:
-            log.exception("stream.crashed", model=model)
+            log.exception("stream.crashed", model=answer.model, request_id=answer.request_id)
             error = APIError.internal()
-        if error is None and not finished:
-            log.error("stream.ended_without_report", model=model)
+        if error is None and not answered:
+            log.error("stream.ended_without_report", request_id=answer.request_id)
             error = APIError.internal()
         if error is not None:
-            if not out.started:
+            if not sink.started:
                 raise error
             with contextlib.suppress(ConnectionResetError):
-                await write(writer.error(error))
+                await sink.write(writer.error(error))
+                await sink.end()
     return "ok", error
 
 
 async def complete_run(
     run: MoARun,
+    answer: Answer,
     *,
-    model: str,
-    progress: bool = False,
     request_timeout: float | None = None,
-    completion_id: str | None = None,
     trace: RequestTrace | None = None,
-) -> bytes:
-    """Run ``run`` to its end and return the ``chat.completion`` JSON body.
+) -> tuple[dict[str, str], bytes]:
+    """Run ``run`` to its end; the headers and body of ``answer``'s ``chat.completion``.
 
     Errors are :class:`~moa_stream.server.errors.APIError` (502 for a failed run, 504 past
-    ``request_timeout``). With ``progress`` the body carries the run's report under
-    ``moa_stream``, as the server's does. While tracing is on the request gets its spans
-    (``trace``, or ones started here).
+    ``request_timeout``). While tracing is on the request gets its spans (``trace``, or ones
+    started here).
     """
-    completion_id = completion_id or new_completion_id()
     if trace is None:
-        trace = start_trace(model, stream=False, completion_id=completion_id)
+        trace = start_trace(answer.model, stream=False, completion_id=answer.completion_id)
     if trace is None:
-        return await _complete_run(run, model, progress, request_timeout, completion_id, None)
+        return await _complete_run(run, answer, request_timeout, None)
     outcome = "client_disconnected"  # unless the call ends otherwise: it was cancelled
     error: APIError | None = None
     trace.attach()
     try:
-        body = await _complete_run(run, model, progress, request_timeout, completion_id, trace)
+        parts = await _complete_run(run, answer, request_timeout, trace)
         outcome = "ok"
-        return body
+        return parts
     except APIError as exc:
         error = exc
         raise
@@ -253,47 +193,24 @@ async def complete_run(
 
 
 async def _complete_run(
-    run: MoARun,
-    model: str,
-    progress: bool,
-    request_timeout: float | None,
-    completion_id: str,
-    trace: RequestTrace | None,
-) -> bytes:
-    report = None
+    run: MoARun, answer: Answer, request_timeout: float | None, trace: RequestTrace | None
+) -> tuple[dict[str, str], bytes]:
     async with run:
         try:
             async with asyncio.timeout(request_timeout):
-                async for event in run.events():
-                    if event.type == "run.done":
-                        report = event.report
-                    elif (
-                        trace is not None
-                        and event.type != "proposer.delta"
-                        and event.type != "aggregator.delta"
-                    ):
-                        trace.event(event)
+                report = await collect(run, _observer(trace))
         except MoAError as exc:
             raise from_moa_error(exc) from None
         except TimeoutError:
             raise timeout_error(request_timeout or 0.0) from None
         except Exception:
             # A bug: the log gets the traceback, the client an error body it can act on.
-            log.exception("completion.crashed", model=model)
+            log.exception("completion.crashed", model=answer.model, request_id=answer.request_id)
             raise APIError.internal() from None
     if report is None:
+        log.error("run.ended_without_report", request_id=answer.request_id)
         raise APIError.internal()
-    body = completion_object(
-        completion_id=completion_id,
-        created=int(time.time()),
-        model=model,
-        text=report.text,
-        finish_reason=report.finish_reason or "stop",
-        prompt_tokens=report.usage.prompt_tokens,
-        completion_tokens=report.usage.completion_tokens,
-        extra={"moa_stream": report_object(report)} if progress else None,
-    )
-    return orjson.dumps(body)
+    return answer.completion(report)
 
 
 class ChatEndpoints:
@@ -312,6 +229,7 @@ class ChatEndpoints:
         descriptions: Mapping[str, str] | None = None,
         request_timeout: float | None = 600.0,
         max_body_bytes: int = 1 << 20,
+        reasoning_progress: Sequence[str] = (),
     ) -> None:
         # Not copied: a Runtime fills its ``moas`` when it starts, which may be after this.
         self.moas = moas
@@ -320,6 +238,7 @@ class ChatEndpoints:
             raise ValueError("at least one MoA is needed")
         self.request_timeout = request_timeout
         self.max_body_bytes = max_body_bytes
+        self._reasoning_progress = frozenset(reasoning_progress)
         self._model_objects = model_objects(ids, descriptions)
         self.models_body = orjson.dumps(
             {"object": "list", "data": list(self._model_objects.values())}
@@ -338,19 +257,15 @@ class ChatEndpoints:
             raise APIError.body_too_large(self.max_body_bytes)
 
     def open(
-        self, raw: bytes, *, progress_header: str | None = None
-    ) -> tuple[ChatCompletionRequest, MoARun, bool, RequestTrace | None]:
-        """Parse a chat-completions body and create (not start) its run; the third item says
-        whether progress was asked for (``X-MoA-Progress`` or ``moa_stream.progress``), the
-        fourth is the request's spans while tracing is on (the run's upstream requests are
-        then traced too)."""
+        self, raw: bytes, headers: Mapping[str, str], *, request_id: str | None = None
+    ) -> tuple[ChatCompletionRequest, Answer, MoARun, RequestTrace | None]:
+        """Parse a chat-completions request as the server does and create (not start) its
+        run: the request, its :class:`~moa_stream.server.respond.Answer` (options from the body
+        and the ``X-MoA-Progress`` / ``X-MoA-Reasoning`` headers), the run, and the request's
+        spans while tracing is on (the run's upstream requests are then traced too)."""
         if len(raw) > self.max_body_bytes:
             raise APIError.body_too_large(self.max_body_bytes)
-        try:
-            req = parse_chat_request(raw)
-            progress, _ = progress_level(extension(req.body, "moa_stream"), progress_header)
-        except WireError as exc:
-            raise APIError.from_wire(exc) from None
+        req, options = parse_chat(raw, headers)
         if req.model not in self._model_objects:
             raise APIError.model_not_found(req.model, list(self._model_objects))
         spec = self.moas.get(req.model)
@@ -363,10 +278,17 @@ class ChatEndpoints:
                 outcome="not_ready",
                 headers={"Retry-After": "1"},
             )
-        trace = start_trace(req.model, stream=req.stream, completion_id=None)
+        if not options.reasoning and (
+            "*" in self._reasoning_progress or req.model in self._reasoning_progress
+        ):
+            options = dataclasses.replace(options, reasoning=True)
+        answer = Answer(req.model, options, include_usage=req.include_usage, request_id=request_id)
+        trace = start_trace(
+            req.model, stream=req.stream, completion_id=answer.completion_id, headers=headers
+        )
         if trace is not None:
             spec = trace.instrument(spec)
         run = spec.stream(
             req.messages, temperature=req.temperature, max_tokens=req.max_tokens, stop=req.stop
         )
-        return req, run, progress, trace
+        return req, answer, run, trace

@@ -24,10 +24,14 @@ from aiohttp import web
 
 from moa_stream.config import Runtime, ServerConfig
 from moa_stream.engine.run import MoARun
-from moa_stream.integrations._core import SSE_HEADERS, stream_run
-from moa_stream.server.app import MoAServer, create_app
+from moa_stream.integrations._core import stream_run
+
+# The server's application itself, by its public names: what add_moa_subapp mounts is exactly
+# what ``moa-stream serve`` runs.
+from moa_stream.server import MoAServer, create_app
 from moa_stream.server.errors import APIError
 from moa_stream.server.metrics import ServerMetrics
+from moa_stream.server.respond import Answer, ChatOptions, ResponseSink, error_parts
 
 __all__ = ["add_moa_subapp", "sse_response"]
 
@@ -61,26 +65,6 @@ def add_moa_subapp(
     return sub
 
 
-class _ResponseOutput:
-    """:class:`~moa_stream.integrations._core.SSEOutput` over an aiohttp stream response."""
-
-    __slots__ = ("_request", "response")
-
-    def __init__(self, request: web.Request, response: web.StreamResponse) -> None:
-        self._request = request
-        self.response = response
-
-    @property
-    def started(self) -> bool:
-        return self.response.prepared
-
-    async def start(self) -> None:
-        await self.response.prepare(self._request)
-
-    async def write(self, data: bytes) -> None:
-        await self.response.write(data)
-
-
 async def sse_response(
     request: web.Request,
     run: MoARun,
@@ -98,21 +82,32 @@ async def sse_response(
     answer token, so a run that fails before answering is answered with a JSON error and a
     real status (502; 504 past ``request_timeout``); a failure after that ends the stream with
     an error frame and ``[DONE]``. ``progress`` adds the server's ``: moa.progress`` comments.
+    The response has its own ``X-Request-Id``, as the server's do; ``headers`` are added to it.
     """
-    response = web.StreamResponse(headers={**SSE_HEADERS, **(headers or {})})
-    out = _ResponseOutput(request, response)
+    answer = Answer(model, ChatOptions(progress=progress), include_usage=include_usage)
+    response = web.StreamResponse(headers=headers)
+    sink = _Sink(request, response, headers or {})
     try:
-        await stream_run(
-            run,
-            out,
-            model=model,
-            include_usage=include_usage,
-            progress=progress,
-            request_timeout=request_timeout,
-        )
+        await stream_run(run, sink, answer, request_timeout=request_timeout)
     except APIError as error:
-        return error.response()
+        status, error_headers, body = error_parts(error, answer.request_id)
+        return web.Response(status=status, body=body, headers=error_headers)
     if response.prepared:
         with contextlib.suppress(ConnectionResetError):
             await response.write_eof()
     return response
+
+
+class _Sink(ResponseSink):
+    """The server's sink, the application's ``headers`` winning over the answer's."""
+
+    __slots__ = ("_extra",)
+
+    def __init__(
+        self, request: web.Request, response: web.StreamResponse, extra: Mapping[str, str]
+    ) -> None:
+        super().__init__(request, response)
+        self._extra = extra
+
+    async def start(self, headers: Mapping[str, str]) -> None:
+        await super().start({**headers, **self._extra})

@@ -27,33 +27,47 @@ from typing import Any
 
 try:
     from fastapi import APIRouter
+    from fastapi.routing import APIRoute
     from starlette.requests import Request
     from starlette.responses import Response
+    from starlette.routing import Match
     from starlette.types import Receive, Scope, Send
 except ImportError as exc:  # pragma: no cover - exercised without the extra only
     raise ImportError(
         "moa_stream.integrations.fastapi needs FastAPI: pip install 'moa_stream[fastapi]'"
     ) from exc
 
-import contextlib
-
 from moa_stream.config import Runtime
 from moa_stream.engine.run import MoARun
 from moa_stream.engine.spec import MoA
-from moa_stream.integrations._core import SSE_HEADERS, ChatEndpoints, complete_run, stream_run
-from moa_stream.server.app import PROGRESS_HEADER
+from moa_stream.integrations._core import ChatEndpoints, complete_run, stream_run
 from moa_stream.server.errors import APIError
+from moa_stream.server.respond import (
+    JSON_CONTENT_TYPE,
+    REQUEST_ID_HEADER,
+    SSE_HEADERS,
+    Answer,
+    ChatOptions,
+    error_parts,
+    new_request_id,
+)
 from moa_stream.tracing import RequestTrace
 
 __all__ = ["SSEResponse", "moa_router", "sse_response"]
 
-_JSON = "application/json"
+
+def _raw(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
 
 
-def _error_response(error: APIError) -> Response:
-    return Response(
-        content=error.body(), status_code=error.status, headers=error.headers, media_type=_JSON
-    )
+def _error_response(error: APIError, request_id: str) -> Response:
+    status, headers, body = error_parts(error, request_id)
+    del headers["Content-Type"]  # the media type sets it
+    return Response(content=body, status_code=status, headers=headers, media_type=JSON_CONTENT_TYPE)
+
+
+def _json_response(body: bytes, request_id: str) -> Response:
+    return Response(body, media_type=JSON_CONTENT_TYPE, headers={REQUEST_ID_HEADER: request_id})
 
 
 async def _until_disconnect(receive: Receive, work: Coroutine[Any, Any, None]) -> None:
@@ -82,19 +96,22 @@ async def _until_disconnect(receive: Receive, work: Coroutine[Any, Any, None]) -
         worker.result()
 
 
-class _ASGIOutput:
-    """:class:`~moa_stream.integrations._core.SSEOutput` over an ASGI ``send``."""
+class _ASGISink:
+    """:class:`~moa_stream.server.respond.Sink` over an ASGI ``send``; ``extra`` headers (the
+    application's) go beside the answer's, and win."""
 
-    __slots__ = ("_headers", "_send", "started")
+    __slots__ = ("_extra", "_send", "started")
 
-    def __init__(self, send: Send, headers: list[tuple[bytes, bytes]]) -> None:
+    def __init__(self, send: Send, extra: Mapping[str, str]) -> None:
         self._send = send
-        self._headers = headers
+        self._extra = extra
         self.started = False
 
-    async def start(self) -> None:
+    async def start(self, headers: Mapping[str, str]) -> None:
         self.started = True
-        await self._send({"type": "http.response.start", "status": 200, "headers": self._headers})
+        merged = {k.lower(): v for k, v in headers.items()}
+        merged.update((k.lower(), v) for k, v in self._extra.items())
+        await self._send({"type": "http.response.start", "status": 200, "headers": _raw(merged)})
 
     async def write(self, data: bytes) -> None:
         try:
@@ -102,8 +119,56 @@ class _ASGIOutput:
         except OSError as exc:  # servers raise OSError subclasses once the client is gone
             raise ConnectionResetError(str(exc)) from exc
 
+    async def end(self) -> None:
+        try:
+            await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError as exc:
+            raise ConnectionResetError(str(exc)) from exc
 
-class SSEResponse(Response):
+
+class _AnswerStream(Response):
+    """A streamed chat completion of ``answer``, computed while the response is sent."""
+
+    media_type = "text/event-stream"
+
+    def __init__(
+        self,
+        run: MoARun,
+        answer: Answer,
+        *,
+        request_timeout: float | None,
+        headers: Mapping[str, str] | None,
+        trace: RequestTrace | None,
+    ) -> None:
+        self.run = run
+        self.answer = answer
+        self.trace = trace
+        self.request_timeout = request_timeout
+        self.status_code = 200
+        self.background = None
+        self.extra_headers = dict(headers or {})
+        # What the response is known to send (its headers go out with the first token).
+        self.raw_headers = _raw(
+            {**SSE_HEADERS, REQUEST_ID_HEADER: answer.request_id, **self.extra_headers}
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await _until_disconnect(receive, self._send_stream(send))
+
+    async def _send_stream(self, send: Send) -> None:
+        try:
+            await stream_run(
+                self.run,
+                _ASGISink(send, self.extra_headers),
+                self.answer,
+                request_timeout=self.request_timeout,
+                trace=self.trace,
+            )
+        except APIError as error:
+            await _send_error(send, error, self.answer.request_id)
+
+
+class SSEResponse(_AnswerStream):
     """A response that runs a MoA and streams its answer as OpenAI chat-completion chunks.
 
     ``run`` comes from ``moa.stream(messages)`` and must not be entered yet: the response
@@ -111,10 +176,9 @@ class SSEResponse(Response):
     status goes out with the first answer token, so a run that fails before answering is
     answered with a JSON error and a real status (502; 504 past ``request_timeout``); a failure
     after that ends the stream with an error frame and ``[DONE]``. ``progress`` adds the
-    server's ``: moa.progress`` comments. A client that disconnects cancels the run.
+    server's ``: moa.progress`` comments. Each response has its own ``X-Request-Id``, as the
+    server's do. A client that disconnects cancels the run.
     """
-
-    media_type = "text/event-stream"
 
     def __init__(
         self,
@@ -127,40 +191,11 @@ class SSEResponse(Response):
         headers: Mapping[str, str] | None = None,
         trace: RequestTrace | None = None,
     ) -> None:
-        self.run = run
-        self.trace = trace
+        answer = Answer(model, ChatOptions(progress=progress), include_usage=include_usage)
+        super().__init__(run, answer, request_timeout=request_timeout, headers=headers, trace=trace)
         self.model = model
         self.include_usage = include_usage
         self.progress = progress
-        self.request_timeout = request_timeout
-        self.status_code = 200
-        self.background = None
-        merged = {**SSE_HEADERS, **(headers or {})}
-        self.raw_headers = [
-            (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in merged.items()
-        ]
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await _until_disconnect(receive, self._send_stream(send))
-
-    async def _send_stream(self, send: Send) -> None:
-        out = _ASGIOutput(send, self.raw_headers)
-        try:
-            await stream_run(
-                self.run,
-                out,
-                model=self.model,
-                include_usage=self.include_usage,
-                progress=self.progress,
-                request_timeout=self.request_timeout,
-                trace=self.trace,
-            )
-        except APIError as error:
-            await _send_error(send, error)
-            return
-        if out.started:
-            with contextlib.suppress(OSError):
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 class _CompletionResponse(Response):
@@ -170,16 +205,14 @@ class _CompletionResponse(Response):
     def __init__(
         self,
         run: MoARun,
+        answer: Answer,
         *,
-        model: str,
-        progress: bool,
         request_timeout: float | None,
         trace: RequestTrace | None = None,
     ) -> None:
         self.run = run
+        self.answer = answer
         self.trace = trace
-        self.model = model
-        self.progress = progress
         self.request_timeout = request_timeout
         self.status_code = 200
         self.background = None
@@ -190,27 +223,17 @@ class _CompletionResponse(Response):
 
     async def _send_completion(self, send: Send) -> None:
         try:
-            body = await complete_run(
-                self.run,
-                model=self.model,
-                progress=self.progress,
-                request_timeout=self.request_timeout,
-                trace=self.trace,
+            headers, body = await complete_run(
+                self.run, self.answer, request_timeout=self.request_timeout, trace=self.trace
             )
         except APIError as error:
-            await _send_error(send, error)
+            await _send_error(send, error, self.answer.request_id)
             return
-        await _send_json(send, 200, body)
+        await _send_json(send, 200, headers, body)
 
 
-async def _send_json(
-    send: Send, status: int, body: bytes, headers: Mapping[str, str] | None = None
-) -> None:
-    raw_headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()),
-    ]
+async def _send_json(send: Send, status: int, headers: Mapping[str, str], body: bytes) -> None:
+    raw_headers = [(b"content-length", str(len(body)).encode()), *_raw(headers)]
     try:
         await send({"type": "http.response.start", "status": status, "headers": raw_headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
@@ -218,8 +241,9 @@ async def _send_json(
         pass  # the client is gone; there is no one left to answer
 
 
-async def _send_error(send: Send, error: APIError) -> None:
-    await _send_json(send, error.status, error.body(), error.headers)
+async def _send_error(send: Send, error: APIError, request_id: str) -> None:
+    status, headers, body = error_parts(error, request_id)
+    await _send_json(send, status, headers, body)
 
 
 def sse_response(
@@ -242,6 +266,37 @@ def sse_response(
     )
 
 
+#: The router's own paths (below its prefix) and the methods they answer, for the 405s of the
+#: fallback route.
+_CHAT_PATH = "v1/chat/completions"
+_MODELS_PATH = "v1/models"
+_FALLBACK_PATH = "/{path:path}"
+_ANY_METHOD = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+
+def _allowed_methods(path: str) -> str | None:
+    if path == _CHAT_PATH:
+        return "POST"
+    if path == _MODELS_PATH or (
+        path.startswith(_MODELS_PATH + "/") and "/" not in path[len(_MODELS_PATH) + 1 :]
+    ):
+        return "GET"
+    return None
+
+
+class _FallbackRoute(APIRoute):
+    """The router's last route: every other path and method below its prefix, answered with
+    an OpenAI error (404, 405) instead of FastAPI's ``{"detail": ...}``. Included without a
+    prefix, it takes only ``/v1/...``, leaving the application's own paths alone."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child = super().matches(scope)
+        path = str(child.get("path_params", {}).get("path", ""))
+        if match is Match.FULL and self.path == _FALLBACK_PATH and not path.startswith("v1/"):
+            return Match.NONE, {}
+        return match, child
+
+
 def moa_router(
     moas: Runtime | Mapping[str, MoA],
     *,
@@ -251,19 +306,22 @@ def moa_router(
     **router_options: Any,
 ) -> APIRouter:
     """An ``APIRouter`` serving ``moas`` (a :class:`~moa_stream.config.Runtime`, or MoAs by
-    model id) as OpenAI-compatible models.
+    model id) as OpenAI-compatible models, answering as ``moa-stream serve`` does.
 
     A runtime may be started after the router is made, in the application's lifespan; until
     then chat requests get 503 ``not_ready``.
 
-    Routes: ``POST /v1/chat/completions`` (streamed with ``"stream": true``, the server's
-    ``X-MoA-Progress`` header and ``moa_stream.progress`` field included) and ``GET /v1/models``,
-    ``GET /v1/models/{model_id}``. Every error has OpenAI's ``{"error": {...}}`` body.
+    Routes: ``POST /v1/chat/completions`` (streamed with ``"stream": true``; the server's
+    ``X-MoA-Progress`` and ``X-MoA-Reasoning`` headers and ``moa_stream`` body options included)
+    and ``GET /v1/models``, ``GET /v1/models/{model_id}``. Every other path and method below the
+    router's prefix (below ``/v1/`` without one) gets an OpenAI 404 or 405. Every response has
+    an ``X-Request-Id``; every error OpenAI's ``{"error": {...}}`` body and ``x-should-retry``.
     ``request_timeout`` (seconds, 504 past it) and ``max_body_bytes`` (413) default to the
-    runtime's ``[server]`` table, or 600 s and 1 MiB. ``router_options`` go to ``APIRouter``
-    (``tags``, ``dependencies`` ...).
+    runtime's ``[server]`` table, or 600 s and 1 MiB; so does ``reasoning_progress``.
+    ``router_options`` go to ``APIRouter`` (``tags``, ``dependencies`` ...).
     """
     ids: list[str] | None = None
+    reasoning: tuple[str, ...] = ()
     if isinstance(moas, Runtime):
         # The runtime may start later (in the application's lifespan): its MoAs are looked up
         # per request, and its config already names them.
@@ -272,6 +330,7 @@ def moa_router(
         descriptions = descriptions or {k: m.description for k, m in moas.config.moas.items()}
         timeout = server.request_timeout if request_timeout is None else request_timeout
         limit = server.max_body_bytes if max_body_bytes is None else max_body_bytes
+        reasoning = server.reasoning_progress
         specs: Mapping[str, MoA] = moas.moas
     else:
         timeout = 600.0 if request_timeout is None else request_timeout
@@ -283,10 +342,12 @@ def moa_router(
         descriptions=descriptions,
         request_timeout=timeout,
         max_body_bytes=limit,
+        reasoning_progress=reasoning,
     )
 
     async def chat_completions(request: Request) -> Response:
         """OpenAI-compatible chat completions answered by a Mixture-of-Agents."""
+        request_id = new_request_id()
         try:
             length = request.headers.get("content-length")
             endpoints.check_length(int(length) if length and length.isdigit() else None)
@@ -295,41 +356,50 @@ def moa_router(
                 raw += piece
                 if len(raw) > endpoints.max_body_bytes:
                     raise APIError.body_too_large(endpoints.max_body_bytes)
-            req, run, progress, trace = endpoints.open(
-                bytes(raw), progress_header=request.headers.get(PROGRESS_HEADER)
+            req, answer, run, trace = endpoints.open(
+                bytes(raw), request.headers, request_id=request_id
             )
         except APIError as error:
-            return _error_response(error)
+            return _error_response(error, request_id)
         if req.stream:
-            return SSEResponse(
-                run,
-                model=req.model,
-                include_usage=req.include_usage,
-                progress=progress,
-                request_timeout=endpoints.request_timeout,
-                trace=trace,
+            return _AnswerStream(
+                run, answer, request_timeout=endpoints.request_timeout, headers=None, trace=trace
             )
         return _CompletionResponse(
-            run,
-            model=req.model,
-            progress=progress,
-            request_timeout=endpoints.request_timeout,
-            trace=trace,
+            run, answer, request_timeout=endpoints.request_timeout, trace=trace
         )
 
     async def list_models() -> Response:
         """The MoAs, one model object each."""
-        return Response(endpoints.models_body, media_type=_JSON)
+        return _json_response(endpoints.models_body, new_request_id())
 
     async def get_model(model_id: str) -> Response:
         """One MoA's model object."""
+        request_id = new_request_id()
         try:
-            return Response(endpoints.model_body(model_id), media_type=_JSON)
+            return _json_response(endpoints.model_body(model_id), request_id)
         except APIError as error:
-            return _error_response(error)
+            return _error_response(error, request_id)
+
+    async def fallback(request: Request) -> Response:
+        """An OpenAI error for every path and method the router has no route for."""
+        allow = _allowed_methods(str(request.path_params.get("path", "")))
+        error = (
+            APIError.unknown_path(request.url.path)
+            if allow is None
+            else APIError.method_not_allowed(allow)
+        )
+        return _error_response(error, new_request_id())
 
     router = APIRouter(**router_options)
     router.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
     router.add_api_route("/v1/models", list_models, methods=["GET"])
     router.add_api_route("/v1/models/{model_id}", get_model, methods=["GET"])
+    router.add_api_route(
+        _FALLBACK_PATH,
+        fallback,
+        methods=_ANY_METHOD,
+        include_in_schema=False,
+        route_class_override=_FallbackRoute,
+    )
     return router
