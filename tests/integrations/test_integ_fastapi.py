@@ -151,6 +151,33 @@ def test_host_dependencies_guard_the_router() -> None:
         assert client.get("/v1/models", headers={"Authorization": "Bearer yes"}).status_code == 200
 
 
+@pytest.mark.parametrize("prefix", ["", "/moa"])
+def test_unknown_paths_and_methods_get_openai_errors(prefix: str) -> None:
+    """Below the router's prefix (below /v1/ without one) a path or method it has no route
+    for gets an OpenAI error, not FastAPI's {"detail": ...}; the application's own routes,
+    those added after the router included, stay its own."""
+    app = FastAPI()
+    app.include_router(moa_router(scripted_moas()), prefix=prefix)
+
+    @app.get("/later")
+    async def later() -> dict[str, str]:
+        return {"app": "host"}
+
+    with TestClient(app) as client:
+        assert client.get("/later").json() == {"app": "host"}
+        missing = client.post(prefix + "/v1/nothing")
+        assert missing.status_code == 404
+        assert missing.json()["error"]["code"] == "not_found"
+        assert missing.headers["x-should-retry"] == "false"
+        assert missing.headers["x-request-id"]
+        wrong = client.delete(prefix + "/v1/models/solo")
+        assert (wrong.status_code, wrong.headers["allow"]) == (405, "GET")
+        assert wrong.json()["error"]["code"] == "method_not_allowed"
+        assert client.get(prefix + "/v1/chat/completions").headers["allow"] == "POST"
+        outside = client.get("/elsewhere")
+        assert (outside.status_code, outside.json()) == (404, {"detail": "Not Found"})  # its own
+
+
 def test_router_needs_a_moa() -> None:
     with pytest.raises(ValueError, match="at least one MoA"):
         moa_router({})
