@@ -16,9 +16,11 @@ clients and their retry logic understand. A client that asks for progress (or fo
 ``reasoning_content``) gets the headers at once, because the progress is what it wants to see
 meanwhile. ``docs/server.md`` has the details.
 
-The handlers stay short: :class:`~moa_stream.server.stream.StreamWriter` maps a run's events to
-bytes (pure), and :meth:`MoAServer._guarded` owns the deadline, its registration for shutdown
-and the mapping of failures to the client's error, for streamed and whole answers alike.
+The handlers stay short: :mod:`moa_stream.server.respond` makes a chat request's response
+parts (its options, headers, stream and whole completion; the app integrations use the same
+module), :class:`~moa_stream.server.stream.StreamWriter` maps a run's events to bytes (pure),
+and :meth:`MoAServer._guarded` owns the deadline, its registration for shutdown and the mapping
+of failures to the client's error, for streamed and whole answers alike.
 
 A client that disconnects cancels its handler (``handler_cancellation=True`` on the runner),
 and leaving the run's ``async with`` cancels every upstream request of that run at once.

@@ -294,19 +294,22 @@ async def pump(
     """
     write = sink.write
     clock = time.monotonic
+    chunk_at = None if chunk_times is None else chunk_times.append
+    first = True
     finished = False
     if writer.eager:
         await sink.start(answer.stream_headers(writer))
     async for event in run.events():
         # isinstance, not event.type: the cheapest test on the per-token path.
         if isinstance(event, AggregatorDelta):
-            if not sink.started:
-                await sink.start(answer.stream_headers(writer))
-            if on_first_token is not None:
-                on_first_token()
-                on_first_token = None
-            if chunk_times is not None:
-                chunk_times.append(clock())
+            if first:
+                first = False
+                if not sink.started:
+                    await sink.start(answer.stream_headers(writer))
+                if on_first_token is not None:
+                    on_first_token()
+            if chunk_at is not None:
+                chunk_at(clock())
             await write(writer.answer(event.text))
         elif event.type == "run.done":
             # Written here, not after the run is closed: closing may wait for "keep"
