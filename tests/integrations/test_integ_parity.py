@@ -191,6 +191,9 @@ async def ask(session: aiohttp.ClientSession, base: str, case: Case) -> dict[str
             obj["error"]["message"] = _message(obj["error"]["message"])
         elif obj.get("object") == "chat.completion":
             obj = _completion(obj, request_id)
+        elif obj.get("object") == "list":
+            # each model's ``created`` is its server's start: servers started a second apart
+            obj["data"] = [{**m, "created": 0} for m in obj["data"]]
         result["body"] = obj
     return result
 
