@@ -45,6 +45,7 @@ import structlog
 from aiohttp import web
 
 from moa_stream._exceptions import MoAError
+from moa_stream._probe import hint_for
 from moa_stream._wire import model_objects
 from moa_stream.config import Runtime, ServerConfig
 from moa_stream.engine.events import Event
@@ -112,6 +113,7 @@ class RequestContext:
         "degraded",
         "error",
         "first_token_at",
+        "hint",
         "model",
         "outcome",
         "progress",
@@ -149,6 +151,8 @@ class RequestContext:
         self.steps = 0
         #: The request's spans, while tracing is on.
         self.trace: RequestTrace | None = None
+        #: The config field to check after a failure (see :func:`moa_stream._probe.hint_for`).
+        self.hint: str | None = None
 
     def fail(self, error: APIError) -> None:
         """Record ``error`` as the request's result."""
@@ -196,6 +200,8 @@ class MoAServer:
         self.moas = dict(moas)
         self.config = config
         self.metrics = metrics if metrics is not None else ServerMetrics()
+        #: What to check in the config after a failed run (logged, never sent to the client).
+        self.hint: Callable[[BaseException], str | None] | None = None
         self._keys = tuple(k.encode() for k in config.resolved_api_keys())
         self._origins = frozenset(config.cors_origins)
         #: Where the application is mounted as a sub-application ("" at the root); the
@@ -435,6 +441,8 @@ class MoAServer:
             # A failed agent request was counted at its *.failed event, which the engine emits
             # before it raises.
             ctx.fail(from_moa_error(exc))
+            if self.hint is not None:
+                ctx.hint = self.hint(exc)
         except TimeoutError:
             ctx.fail(self._deadline_error())
         except ConnectionResetError:
@@ -684,6 +692,8 @@ class MoAServer:
         if ctx.error is not None:
             fields["error_code"] = ctx.error.code
             fields["error"] = ctx.error.message
+        if ctx.hint:
+            fields["hint"] = ctx.hint
         if request.path.removeprefix(self.path_prefix) in _QUIET_PATHS and ctx.status < 400:
             log.debug("request", **fields)
         else:
@@ -709,6 +719,9 @@ def create_app(
     config = server_config if server_config is not None else runtime.config.server
     descriptions = {moa_id: m.description for moa_id, m in runtime.config.moas.items()}
     state = MoAServer(runtime.moas, config, descriptions=descriptions, metrics=metrics)
+    # A run that failed on a config mistake (a refused connection, a 404, a refused key) logs
+    # the field to check, as `chat` and `demo` say it.
+    state.hint = functools.partial(hint_for, config=runtime.config)
     return build_app(state)
 
 

@@ -108,3 +108,39 @@ def test_server_and_command_logging_are_one_set_up() -> None:
     assert lines[0] == lines[1] and KEY not in str(lines[0])
     with pytest.raises(ValueError, match="loud"):
         configure_logging(level="loud")
+
+
+async def test_a_run_failed_on_a_config_mistake_logs_the_field_to_check() -> None:
+    """A refused connection fails the run with a 502; its log line (never the client's body)
+    names the provider field to check, as ``chat`` and ``demo`` do."""
+    import socket
+
+    from moa_stream.config import loads_config
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cfg = loads_config(
+        f"""
+[providers.local]
+base_url = "http://127.0.0.1:{port}/v1"
+retry = {{ max_attempts = 1 }}
+
+[agents.solo]
+provider = "local"
+model = "m"
+
+[moa.solo]
+preset = "single"
+aggregator = "solo"
+""",
+        "<test>",
+    )
+    async with serving(cfg) as srv, aiohttp.ClientSession() as session:
+        with capture_logs() as logs:
+            async with session.post(srv.url + CHAT, json=body(model="solo")) as resp:
+                assert resp.status == 502
+                answer = await resp.text()
+    (line,) = [e for e in logs if e["event"] == "request"]
+    assert line["hint"] == f"check providers.local.base_url (http://127.0.0.1:{port}/v1)"
+    assert "providers.local" not in answer
