@@ -607,22 +607,8 @@ class ReferenceTracker:
 
     def has_news(self, refs: Sequence[RefView], *, given_up: bool = False) -> bool:
         """Whether :meth:`gains` would report anything (it records nothing)."""
-        for index, _, state, text in refs:
-            status = self._status(state, given_up)
-            if status is None:
-                continue
-            given = self._given.get(index)
-            if given is None:
-                if status != "cancelled" and (status != "partial" or stable_length(text, False)):
-                    return True
-                continue
-            if status != given.status:
-                return True
-            if status in ("partial", "complete"):
-                n = self._limit(stable_length(text, status == "complete"))
-                if n > given.chars:
-                    return True
-        return False
+        chars, changed = self.news(refs, given_up=given_up)
+        return chars > 0 or changed
 
     def infos(self, refs: Sequence[RefView]) -> tuple[ReferenceInfo, ...]:
         """What the last step holds of every reference (``chars`` 0: nothing of it yet), for
