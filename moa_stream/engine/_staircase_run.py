@@ -85,10 +85,6 @@ class StaircaseHost(Protocol):
 
     def references(self) -> list[RefView]: ...
 
-    def running_tokens(self) -> list[int]:
-        """Content chunks so far of each reference still being written."""
-        ...
-
     def running_chunks(self) -> list[tuple[int, int]]:
         """``(index, content chunks so far)`` of each reference still being written."""
         ...
@@ -149,6 +145,9 @@ def _remember_refusal(agent: Agent) -> bool:
 #: again at once would only cost the server the same work while it writes the answer.
 _LATE: dict[tuple[int, str, str], tuple[int, int, int]] = {}
 _MAX_BACKOFF = 16
+#: Chunks a reference writes for each chunk of an answer more than ``lead`` ahead of it: the
+#: answer slows to half the reference's pace, and the reference catches up.
+_CATCH_UP = 2
 #: Late steps in a row (across runs) before later steps are suspended.
 _LATE_LIMIT = 2
 
@@ -678,15 +677,3 @@ class _Rejected(Exception):
 
     def __str__(self) -> str:
         return f"rejected: {self.args[0]}"
-
-
-#: Chunks a reference writes for each chunk of an answer more than ``lead`` ahead of it: the
-#: answer slows to half the reference's pace, and the reference catches up.
-_CATCH_UP = 2
-
-
-def _ahead(chunks: int, running: Sequence[int], lead: int | None, given_up: bool) -> bool:
-    """Whether the answer is more than ``lead`` chunks ahead of a reference being written."""
-    if lead is None or given_up or not running:
-        return False
-    return chunks - min(running) > lead

@@ -865,9 +865,6 @@ class _StaircaseHost:
     def references(self) -> list[RefView]:
         return [(c.index, c.agent, c.status, c.text) for c in self.state.calls]
 
-    def running_tokens(self) -> list[int]:
-        return [c.chunks for c in self.state.calls if c.status == "running"]
-
     def running_chunks(self) -> list[tuple[int, int]]:
         return [(c.index, c.chunks) for c in self.state.calls if c.status == "running"]
 
