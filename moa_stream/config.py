@@ -113,21 +113,26 @@ class ProviderConfig:
     continuation: tuple[Continuation, ...] = (Continuation("turns"),)
 
 
+#: The engine's staircase defaults, which the config's table takes as its own.
+_STAIRCASE = Staircase()
+
+
 @dataclass(frozen=True, slots=True)
 class StaircaseConfig:
     """A MoA's ``staircase`` table. ``continuation``: ``auto`` (prefill where the provider
-    supports it, else turns), ``prefill`` or ``turns``."""
+    supports it, else turns), ``prefill`` or ``turns``. The other fields and their defaults are
+    :class:`~moa_stream.engine.staircase.Staircase`'s."""
 
-    steps: tuple[int, ...] = (8, 16, 32, 64, 128)
-    lead: int | None = 32
-    give_up_after: float | None = None
+    steps: tuple[int, ...] = _STAIRCASE.steps
+    lead: int | None = _STAIRCASE.lead
+    give_up_after: float | None = _STAIRCASE.give_up_after
     continuation: Literal["auto", "prefill", "turns"] = "auto"
-    max_steps: int | None = 6
-    max_rejects: int = 2
-    max_pause: float = 1.0
-    guard_words: int = 4
-    min_news: int = 80
-    context_window: int | None = None
+    max_steps: int | None = _STAIRCASE.max_steps
+    max_rejects: int = _STAIRCASE.max_rejects
+    max_pause: float = _STAIRCASE.max_pause
+    guard_words: int = _STAIRCASE.guard_words
+    min_news: int = _STAIRCASE.min_news
+    context_window: int | None = _STAIRCASE.context_window
     #: The continuation each aggregator (and fallback) uses, resolved against its provider.
     resolved: Mapping[str, Continuation] = field(default_factory=dict)
 
