@@ -96,8 +96,11 @@ AGGREGATOR_TOKENS = 320
 #: window is each slot's (``-c`` split between the ``-np`` slots), as a user would set it.
 STAIRCASE_POLICY = "partial(2, min_tokens=8) | deadline(0.5, min_k=1, partial=true)"
 STAIRCASE_TABLES = {
-    "staircase-prefill": 'staircase = { continuation = "prefill", context_window = 2048 }',
-    "staircase-turns": 'staircase = { continuation = "turns", context_window = 2048 }',
+    f"staircase-{method}{suffix}": (
+        f'staircase = {{ continuation = "{method}", context_window = 2048, layout = "{layout}" }}'
+    )
+    for layout, suffix in (("updates", ""), ("whole", "-whole"))
+    for method in ("prefill", "turns")
 }
 
 

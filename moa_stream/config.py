@@ -62,7 +62,13 @@ from moa_stream.engine.similarity import (
     word_jaccard,
 )
 from moa_stream.engine.spec import Agent, Layer, LayerCut, MoA
-from moa_stream.engine.staircase import Continuation, Staircase, parse_continuation, parse_steps
+from moa_stream.engine.staircase import (
+    LAYOUTS,
+    Continuation,
+    Staircase,
+    parse_continuation,
+    parse_steps,
+)
 from moa_stream.providers import Provider, RetryPolicy, Timeouts
 from moa_stream.providers._factory import PROVIDER_KINDS, build_provider
 
@@ -133,6 +139,7 @@ class StaircaseConfig:
     guard_words: int = _STAIRCASE.guard_words
     min_news: int = _STAIRCASE.min_news
     context_window: int | None = _STAIRCASE.context_window
+    layout: Literal["updates", "whole"] = _STAIRCASE.layout
     #: The continuation each aggregator (and fallback) uses, resolved against its provider.
     resolved: Mapping[str, Continuation] = field(default_factory=dict)
 
@@ -392,6 +399,7 @@ def _staircase(t: _Table) -> StaircaseConfig:
         guard_words=_whole(t, "guard_words", d.guard_words, minimum=1),
         min_news=_whole(t, "min_news", d.min_news, minimum=0),
         context_window=_whole_or_false(t, "context_window", d.context_window),
+        layout=cast(Literal["updates", "whole"], t.choice("layout", LAYOUTS, d.layout)),
     )
     t.done()
     return config
@@ -730,6 +738,7 @@ def build_moa(m: MoAConfig, agents: Mapping[str, Agent]) -> MoA:
             guard_words=sc.guard_words,
             min_news=sc.min_news,
             context_window=sc.context_window,
+            layout=sc.layout,
         )
     return MoA(
         layers=layers,

@@ -59,6 +59,7 @@ from moa_stream.engine.events import (
     AggregatorStepRejected,
     Event,
 )
+from moa_stream.engine.prompts import whole_layout
 from moa_stream.engine.staircase import (
     Continuation,
     ContinuationGuard,
@@ -301,9 +302,10 @@ class _Driver:
         self.overrides = overrides
         self.continuation = _continuation_for(staircase, agent)
         self.stepping = not _steps_suspended(agent)
-        self.tracker = ReferenceTracker(spec.templates, spec.max_reference_chars)
+        self.whole = staircase.layout == "whole"
+        t = self.templates = whole_layout(spec.templates) if self.whole else spec.templates
+        self.tracker = ReferenceTracker(t, spec.max_reference_chars, whole_sentences=self.whole)
         self.sizes = step_sizes(staircase.steps)
-        t = spec.templates
         self.instructions = (t.instructions, t.header, t.update_header, t.continue_instruction)
         self.given_up = False
         self.steps_asked = 0
@@ -350,10 +352,11 @@ class _Driver:
     async def run(self, messages: Sequence[ChatMessage]) -> AsyncGenerator[Event, None]:
         host = self.host
         self.prompts = StepPrompts(
-            messages, self.continuation, self.spec.templates, self.agent.system_prompt
+            messages, self.continuation, self.templates, self.agent.system_prompt
         )
         refs = host.references()
-        request_messages = self.prompts.first(self.tracker.first(refs))
+        block = self.tracker.block(refs) if self.whole else self.tracker.first(refs)
+        request_messages = self.prompts.first(block)
         final = self.tracker.settled(refs)
         yield self._step_event(0, refs, final)
         stream = self.agent.provider.stream(self._request(request_messages, {}))
@@ -547,8 +550,12 @@ class _Driver:
             return
         answer = "".join(self.answer)
         snapshot = self.tracker.snapshot()
-        parts = self.tracker.gains(refs, given_up=self.given_up)
-        request_messages, extra = self.prompts.propose(parts, answer[self.turn_from :], answer)
+        if self.whole:
+            block = self.tracker.block(refs, given_up=self.given_up)
+            request_messages, extra = self.prompts.refresh(block, answer)
+        else:
+            parts = self.tracker.gains(refs, given_up=self.given_up)
+            request_messages, extra = self.prompts.propose(parts, answer[self.turn_from :], answer)
         if self._too_long(request_messages):
             self.tracker.restore(snapshot)
             self.stepping = False

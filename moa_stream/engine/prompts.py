@@ -22,7 +22,7 @@ with :func:`render_update`: each step only appends to the previous step's reques
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from moa_stream._types import ChatMessage
 from moa_stream.engine.layer import Reference
@@ -33,6 +33,7 @@ __all__ = [
     "render_draft",
     "render_references",
     "render_update",
+    "whole_layout",
     "with_system_prompt",
 ]
 
@@ -46,6 +47,9 @@ DEFAULT_INSTRUCTIONS = (
     "A draft marked failed produced nothing."
 )
 
+#: The ``whole`` staircase layout's instructions: the same, less what they say of labels.
+WHOLE_INSTRUCTIONS = DEFAULT_INSTRUCTIONS[: DEFAULT_INSTRUCTIONS.index(" A draft marked partial")]
+
 DEFAULT_HEADER = (
     "Other assistants drafted answers to the message above. Their drafts are quoted below, "
     'each between <draft n="..."> and </draft>.'
@@ -57,6 +61,15 @@ DEFAULT_CONTINUE = (
     "Continue your answer from exactly where it stopped, taking this into account. Do not "
     "repeat what you already wrote and do not start over."
 )
+
+#: The ``whole`` layout's continue turn: it follows the answer so far, not an update block.
+WHOLE_CONTINUE = (
+    "Continue your answer from exactly where it stopped, taking the drafts above into account. "
+    "Do not repeat what you already wrote and do not start over."
+)
+
+DEFAULT_DRAFT = '<draft n="{number}" status="{status}">\n{text}\n</draft>'
+WHOLE_DRAFT = '<draft n="{number}">\n{text}\n</draft>'
 
 STATUS_LABELS = {
     "complete": "complete",
@@ -76,11 +89,32 @@ class PromptTemplates:
 
     instructions: str = DEFAULT_INSTRUCTIONS
     header: str = DEFAULT_HEADER
-    draft: str = '<draft n="{number}" status="{status}">\n{text}\n</draft>'
+    draft: str = DEFAULT_DRAFT
     truncated_marker: str = " [...]"
     update_header: str = DEFAULT_UPDATE_HEADER
     continued_draft: str = '<draft n="{number}" status="{status}" continued>\n{text}\n</draft>'
     continue_instruction: str = DEFAULT_CONTINUE
+
+
+def whole_layout(t: PromptTemplates) -> PromptTemplates:
+    """The templates of a staircase's ``whole`` layout: drafts quoted without a status label and
+    instructions that do not mention one. Small models copy such labels ("still being written")
+    into their answers or answer them ("This is a complete answer"); a draft the staircase
+    quotes in this layout always ends at a sentence end, so it reads as a short draft rather
+    than an interrupted one. Templates changed from the defaults are kept as they are."""
+    defaults = PromptTemplates()
+    return replace(
+        t,
+        draft=WHOLE_DRAFT if t.draft == defaults.draft else t.draft,
+        instructions=WHOLE_INSTRUCTIONS
+        if t.instructions == defaults.instructions
+        else t.instructions,
+        continue_instruction=(
+            WHOLE_CONTINUE
+            if t.continue_instruction == defaults.continue_instruction
+            else t.continue_instruction
+        ),
+    )
 
 
 def _cap(text: str, limit: int | None, marker: str) -> str:

@@ -48,6 +48,7 @@ from moa_stream.engine.prompts import (
 __all__ = [
     "CHARS_PER_TOKEN",
     "CONTINUATION_METHODS",
+    "LAYOUTS",
     "PREFILL_FLAVOURS",
     "Continuation",
     "ContinuationGuard",
@@ -66,9 +67,11 @@ __all__ = [
 ]
 
 ContinuationMethod = Literal["prefill", "turns"]
+StepLayout = Literal["updates", "whole"]
 PrefillFlavour = Literal["vllm", "llama", "prefix", "anthropic"]
 
 CONTINUATION_METHODS: tuple[ContinuationMethod, ...] = ("prefill", "turns")
+LAYOUTS: tuple[StepLayout, ...] = ("updates", "whole")
 PREFILL_FLAVOURS: tuple[PrefillFlavour, ...] = ("vllm", "llama", "prefix", "anthropic")
 
 
@@ -197,6 +200,7 @@ class Staircase:
     guard_words: int = 4
     min_news: int = 80
     context_window: int | None = None
+    layout: StepLayout = "updates"
 
     def __post_init__(self) -> None:
         # An invalid argument is a ConfigError, as everywhere else in the engine; the text
@@ -219,6 +223,8 @@ class Staircase:
             raise ConfigError("Staircase(guard_words) needs at least 1 word")
         if not self.max_pause > 0:
             raise ConfigError("Staircase(max_pause) needs a positive number of seconds")
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"Staircase(layout) must be one of {', '.join(LAYOUTS)}")
 
     def for_agent(self, name: str) -> Continuation:
         return self.continuation.get(name, self.default)
@@ -503,10 +509,24 @@ class ReferenceTracker:
     """What each step has handed the aggregator of every reference: numbers in order of first
     appearance, characters given, status given."""
 
-    def __init__(self, templates: PromptTemplates, max_reference_chars: int | None) -> None:
+    def __init__(
+        self,
+        templates: PromptTemplates,
+        max_reference_chars: int | None,
+        *,
+        whole_sentences: bool = False,
+    ) -> None:
         self._t = templates
         self._cap = max_reference_chars
+        self._whole = whole_sentences
         self._given: dict[int, _Given] = {}
+
+    def _stable(self, text: str, complete: bool) -> int:
+        """How much of ``text`` may be handed over: :func:`stable_length`, or with
+        ``whole_sentences`` only up to the last sentence end of a reference still running."""
+        if complete or not self._whole:
+            return stable_length(text, complete)
+        return _last_sentence_end(text)
 
     def _limit(self, n: int) -> int:
         return n if self._cap is None else min(n, self._cap)
@@ -525,7 +545,7 @@ class ReferenceTracker:
             status = self._status(state, False)
             if status is None or status == "cancelled":
                 continue
-            n = self._limit(stable_length(text, status == "complete"))
+            n = self._limit(self._stable(text, status == "complete"))
             if n == 0 and status == "partial":
                 continue
             number = len(self._given) + 1
@@ -542,7 +562,7 @@ class ReferenceTracker:
             status = self._status(state, given_up)
             if status is None:
                 continue
-            n = self._limit(stable_length(text, status == "complete"))
+            n = self._limit(self._stable(text, status == "complete"))
             given = self._given.get(index)
             if given is None:
                 if status == "cancelled" or (n == 0 and status == "partial"):
@@ -559,6 +579,36 @@ class ReferenceTracker:
                 given.chars = max(n, given.chars)
                 given.status = status
         return parts
+
+    def block(self, refs: Sequence[RefView], *, given_up: bool = False) -> str:
+        """The whole reference block as the references stand now (the ``whole`` layout): every
+        reference quoted so far, or with text to quote now, in the order of first appearance,
+        each with all of its text handed over; records it as given. A reference that failed or
+        was given up on keeps what was quoted of it; one that failed before any is left out."""
+        texts: dict[int, str] = {}
+        for index, _, state, text in refs:
+            texts[index] = text
+            status = self._status(state, given_up)
+            if status is None:
+                continue
+            n = self._limit(self._stable(text, status == "complete"))
+            given = self._given.get(index)
+            if given is None:
+                if status in ("failed", "cancelled") or n == 0:
+                    continue
+                self._given[index] = _Given(len(self._given) + 1, n, status)
+                continue
+            if status in ("partial", "complete"):
+                given.chars = max(n, given.chars)
+            given.status = status
+        quoted = sorted(self._given.items(), key=lambda item: item[1].number)
+        references = [
+            Reference(str(index), index, g.status, texts.get(index, "")[: g.chars].rstrip())  # type: ignore[arg-type]
+            for index, g in quoted
+        ]
+        if not references:
+            return ""  # nothing to quote yet: the request is the conversation alone
+        return render_references(references, self._t, numbers=[g.number for _, g in quoted])
 
     def settled(self, refs: Sequence[RefView]) -> bool:
         """Whether the last step saw every reference in its final state."""
@@ -592,7 +642,7 @@ class ReferenceTracker:
             if given is None:
                 if status == "cancelled":
                     continue
-                n = self._limit(stable_length(text, status == "complete"))
+                n = self._limit(self._stable(text, status == "complete"))
                 if status != "partial" or n:
                     changed = changed or status != "partial"
                     chars += n
@@ -601,7 +651,7 @@ class ReferenceTracker:
             if status != given.status:
                 changed = True
             if status in ("partial", "complete"):
-                n = self._limit(stable_length(text, status == "complete"))
+                n = self._limit(self._stable(text, status == "complete"))
                 chars += max(0, n - given.chars)
         return chars, changed
 
@@ -650,9 +700,13 @@ class StepPrompts:
 
     def first(self, reference_block: str) -> list[ChatMessage]:
         """The first step: the one-shot aggregator prompt."""
-        self._messages = append_to_last_user(list(self._base), reference_block)
+        self._messages = self._with_block(reference_block)
         self.steps = 1
         return list(self._messages)
+
+    def _with_block(self, block: str) -> list[ChatMessage]:
+        messages = list(self._base)
+        return append_to_last_user(messages, block) if block else messages
 
     def next(
         self, update_parts: Sequence[str], step_text: str, answer: str
@@ -692,6 +746,30 @@ class StepPrompts:
             request = [*messages, c.prefill_message(prefill)] if prefill else list(messages)
             if prefill:
                 extra = c.prefill_extra()
+        self._pending = messages
+        return request, extra
+
+    def refresh(self, block: str, answer: str) -> tuple[list[ChatMessage], dict[str, Any]]:
+        """The next step in the ``whole`` layout, not yet taken (:meth:`commit`): the first
+        request with its reference block re-rendered as the references stand now (``block``,
+        from :meth:`ReferenceTracker.block`), then the answer so far, as a prefill or as an
+        assistant turn followed by the continue instruction. A server's prefix cache serves the
+        request up to the first draft that grew."""
+        c = self.continuation
+        messages = self._with_block(block)
+        prefill = answer.rstrip()
+        extra: dict[str, Any] = {}
+        if not prefill:
+            request = list(messages)
+        elif c.method == "turns":
+            request = [
+                *messages,
+                {"role": "assistant", "content": prefill},
+                {"role": "user", "content": self._t.continue_instruction},
+            ]
+        else:
+            request = [*messages, c.prefill_message(prefill)]
+            extra = c.prefill_extra()
         self._pending = messages
         return request, extra
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from moa_stream._exceptions import ConfigError
 from moa_stream._types import ChatMessage
-from moa_stream.engine.prompts import PromptTemplates
+from moa_stream.engine.prompts import PromptTemplates, whole_layout
 from moa_stream.engine.staircase import (
     Continuation,
     Joiner,
@@ -260,3 +260,57 @@ def test_the_backward_search_finds_the_last_sentence_end(text: str) -> None:
     from moa_stream.engine.staircase import _last_sentence_end
 
     assert _last_sentence_end(text) == naive
+
+
+# -- the whole layout: drafts re-rendered in place, no labels ---------------------------------
+
+
+def test_the_whole_layout_quotes_whole_sentences_without_labels() -> None:
+    templates = whole_layout(PromptTemplates())
+    tracker = ReferenceTracker(templates, None, whole_sentences=True)
+    refs = [Ref(0, "Rivers carry salt to the sea, and it stays"), Ref(1, "")]
+    # no sentence finished yet: nothing to quote, the first request is the conversation
+    assert tracker.block(view(refs)) == ""
+    refs[0].grow(" there. Rain dissol")
+    block = tracker.block(view(refs))
+    assert "it stays there.\n</draft>" in block and "Rain" not in block
+    for label in ("status=", "partial", "still being written", 'complete"'):
+        assert label not in block
+    refs[1].grow("Vents add minerals. ")
+    refs[1].state = "complete"
+    refs[0].state = "failed"
+    block = tracker.block(view(refs))
+    # a failed reference keeps what was quoted of it, in its place; no status anywhere
+    assert block.index('<draft n="1">') < block.index('<draft n="2">')
+    assert "it stays there." in block and "Rain" not in block and "failed" not in block
+    assert tracker.settled(view(refs))
+
+
+@pytest.mark.parametrize("method", ["turns", "prefill:llama"])
+def test_a_whole_layout_step_is_the_first_request_refreshed_then_the_answer(method: str) -> None:
+    continuation = parse_continuation(method)
+    templates = whole_layout(PromptTemplates())
+    tracker = ReferenceTracker(templates, None, whole_sentences=True)
+    prompts = StepPrompts(CONVERSATION, continuation, templates)
+    refs = [Ref(0, "Rivers carry salt. ")]
+    first = prompts.first(tracker.block(view(refs)))
+    refs[0].grow("Vents add more. ")
+    messages, extra = prompts.refresh(tracker.block(view(refs)), "The sea is salty because ")
+    prompts.commit()
+    assert len(first) == 1 and first[0]["content"].startswith(CONVERSATION[0]["content"])
+    assert "Vents add more." in messages[0]["content"]  # the same message, refreshed
+    assert "Vents" not in first[0]["content"]
+    if continuation.method == "turns":
+        assert messages[1] == {"role": "assistant", "content": "The sea is salty because"}
+        assert messages[2] == {"role": "user", "content": templates.continue_instruction}
+    else:
+        assert messages[1:] == [{"role": "assistant", "content": "The sea is salty because"}]
+    assert extra == {}
+    # custom templates are kept as they are
+    custom = PromptTemplates(draft="[{number}] {text}")
+    assert whole_layout(custom).draft == "[{number}] {text}"
+
+
+def test_the_layout_is_checked() -> None:
+    with pytest.raises(ConfigError, match="layout"):
+        Staircase(layout="scroll")  # type: ignore[arg-type]

@@ -78,6 +78,7 @@ def stairs(
             max_pause=kw.pop("max_pause", 5.0),
             min_news=kw.pop("min_news", 1),
             max_steps=kw.pop("max_steps", None),
+            layout=kw.pop("layout", "updates"),
         ),
         **kw,
     )
@@ -142,6 +143,25 @@ async def test_the_answer_line_comes_from_the_references_of_the_last_step(
     assert steps[-1].final
     assert all(r.status == "complete" for r in steps[-1].references)
     assert score(answer, QUESTION)
+
+
+@pytest.mark.parametrize(
+    ("aggregator", "continuation"),
+    [("agg", Continuation("turns")), ("agg-llama", Continuation("prefill", "llama"))],
+)
+async def test_the_whole_layout_refreshes_the_drafts_and_keeps_one_answer(
+    sim: SimServer, provider: OpenAIProvider, aggregator: str, continuation: Continuation
+) -> None:
+    spec = stairs(provider, aggregator, continuation, layout="whole")
+    answer, steps, _ = await collect(spec, [{"role": "user", "content": QUESTION.prompt}])
+    agg_records = [r for r in sim.records if r.model == aggregator]
+    assert len(steps) >= 3 and len(agg_records) == len(steps)
+    assert steps[-1].final and all(r.status == "complete" for r in steps[-1].references)
+    assert score(answer, QUESTION)  # the last step saw both right answers
+    assert "  " not in answer and "<draft" not in answer
+    # each request holds every draft whole, as it stood: later ones are longer
+    quoted = [r.prompt_tokens for r in agg_records]
+    assert quoted[-1] > quoted[0]
 
 
 async def test_without_a_lead_the_answer_runs_ahead_of_the_references(
