@@ -69,7 +69,7 @@ from moa_stream.engine.staircase import (
     parse_continuation,
     parse_steps,
 )
-from moa_stream.providers import Provider, RetryPolicy, Timeouts
+from moa_stream.providers import Provider, RetrySettings, Timeouts
 from moa_stream.providers._factory import PROVIDER_KINDS, build_provider
 
 # The package's __init__ imports this module, so this runs on ``import moa_stream``, before any
@@ -113,7 +113,7 @@ class ProviderConfig:
     max_tokens_field: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
     max_connections: int = 100
     timeouts: Timeouts = field(default_factory=Timeouts)
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    retry: RetrySettings = field(default_factory=RetrySettings)
     #: How a staircase may continue an answer on this provider: ``turns`` works with any chat
     #: API; ``prefill:<flavour>`` only where the server continues a final assistant message.
     continuation: tuple[Continuation, ...] = (Continuation("turns"),)
@@ -334,8 +334,8 @@ def _provider(t: _Table, name: str) -> ProviderConfig:
     )
     tt.done()
     rt = t.sub("retry")
-    rd = RetryPolicy()
-    retry = RetryPolicy(
+    rd = RetrySettings()
+    retry = RetrySettings(
         max_attempts=rt.positive("max_attempts", int, rd.max_attempts),
         backoff_base=rt.positive("backoff_base", float, rd.backoff_base, allow_zero=True),
         backoff_cap=rt.positive("backoff_cap", float, rd.backoff_cap, allow_zero=True),

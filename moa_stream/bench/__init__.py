@@ -15,7 +15,7 @@ its stream's smoothness and its cost (:mod:`moa_stream.bench.integrity`) are pur
 any answer text and chunk times, from anywhere.
 """
 
-from moa_stream.bench.baseline import Endpoint, ReferenceMoA, run_reference
+from moa_stream.bench.baseline import ChatAPI, ReferenceMoA, run_reference
 from moa_stream.bench.integrity import (
     PRICE_MODELS,
     Integrity,
@@ -38,7 +38,7 @@ __all__ = [
     "BenchQuestion",
     "BenchSettings",
     "CellResult",
-    "Endpoint",
+    "ChatAPI",
     "Integrity",
     "Lineup",
     "PRICE_MODELS",

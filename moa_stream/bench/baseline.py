@@ -29,15 +29,16 @@ from moa_stream.engine.layer import Reference
 from moa_stream.engine.prompts import PromptTemplates, build_reference_messages
 from moa_stream.engine.spec import Agent
 
-__all__ = ["Completion", "Endpoint", "ReferenceMoA", "ReferenceResult", "complete", "run_reference"]
+__all__ = ["ChatAPI", "Completion", "ReferenceMoA", "ReferenceResult", "complete", "run_reference"]
 
 _RETRIED_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
 
 @dataclass(frozen=True, slots=True)
-class Endpoint:
-    """Where an agent's model is served, for requests made without a provider (the reference
-    MoA's non-streaming calls): the API root and the headers to send (auth included)."""
+class ChatAPI:
+    """An OpenAI-compatible chat API reached directly, without a provider (the reference MoA's
+    non-streaming calls): the API root where an agent's model is served, the headers to send
+    (auth included) and the name the API gives the token limit."""
 
     base_url: str
     headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
@@ -147,11 +148,11 @@ async def run_reference(
     messages: Sequence[ChatMessage],
     *,
     session: aiohttp.ClientSession,
-    endpoints: Mapping[str, Endpoint],
+    endpoints: Mapping[str, ChatAPI],
     clock: Callable[[], float] = time.monotonic,
 ) -> ReferenceResult:
     """Run ``spec`` on ``messages``. ``endpoints`` maps each proposer's name to its
-    :class:`Endpoint`. Requests are logged into the current call log."""
+    :class:`ChatAPI`. Requests are logged into the current call log."""
     t0 = clock()
     log = current_log.get()
     calls: list[CallTrace] = []

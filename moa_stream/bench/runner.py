@@ -34,7 +34,7 @@ from moa_stream.bench import report as rep
 from moa_stream.bench._progress import Progress
 from moa_stream.bench._recording import CallLog, RecordingProvider, current_log
 from moa_stream.bench._simhost import InProcessSimHost, ProcessSimHost, SimHost
-from moa_stream.bench.baseline import Endpoint, ReferenceMoA, run_reference
+from moa_stream.bench.baseline import ChatAPI, ReferenceMoA, run_reference
 from moa_stream.bench.oracle import RecordSchedule, oracle_parts
 from moa_stream.bench.quality import (
     BenchQuestion,
@@ -176,7 +176,7 @@ async def _run_reference(
     index: int,
     question: BenchQuestion,
     session: aiohttp.ClientSession,
-    endpoints: Mapping[str, Endpoint],
+    endpoints: Mapping[str, ChatAPI],
 ) -> rep.RunSample:
     current_log.set(CallLog())
     result = await run_reference(spec, _messages(question), session=session, endpoints=endpoints)
@@ -299,7 +299,7 @@ async def _offline_cell(
             aggregator=agents[scen.aggregator.name],
             best=agents[scen.best.name],
             layers=scen.layers,
-            endpoints=MappingProxyType({name: Endpoint(url) for name in agents}),
+            endpoints=MappingProxyType({name: ChatAPI(url) for name in agents}),
             time_scale=settings.time_scale * scenario.policy_scale,
         )
         runnable = strategy.make(lineup)
@@ -426,7 +426,7 @@ async def _run_offline(settings: BenchSettings, progress_out: IO[str] | None) ->
 # -- real endpoints ------------------------------------------------------------------------------
 
 
-def _endpoints(runtime: Any) -> dict[str, Endpoint]:
+def _endpoints(runtime: Any) -> dict[str, ChatAPI]:
     """Each agent's endpoint, from its provider's config (the key resolved as the provider
     resolves it), for the reference MoA's plain HTTP requests."""
     config = runtime.config
@@ -438,7 +438,7 @@ def _endpoints(runtime: Any) -> dict[str, Endpoint]:
         key = p.api_key or (os.environ.get(p.api_key_env) if p.api_key_env else None)
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        out[name] = Endpoint(base_url, tuple(headers.items()), p.max_tokens_field)
+        out[name] = ChatAPI(base_url, tuple(headers.items()), p.max_tokens_field)
     return out
 
 

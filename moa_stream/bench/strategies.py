@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
-from moa_stream.bench.baseline import Endpoint, ReferenceMoA
+from moa_stream.bench.baseline import ChatAPI, ReferenceMoA
 from moa_stream.engine.policies import Deadline, Partial, Policy, Quorum, parse_policy
 from moa_stream.engine.similarity import final_line_match
 from moa_stream.engine.spec import Agent, Layer, LayerCut, MoA, moa, self_moa, single
@@ -42,14 +42,14 @@ Runnable = MoA | ReferenceMoA
 @dataclass(frozen=True, slots=True)
 class Lineup:
     """The live agents of one scenario: ``proposers`` (each layer), ``aggregator``, ``best``
-    (the single best model), the number of ``layers``, each agent's :class:`Endpoint` by name,
+    (the single best model), the number of ``layers``, each agent's :class:`ChatAPI` by name,
     and the factor the scenario's delays were scaled by."""
 
     proposers: tuple[Agent, ...]
     aggregator: Agent
     best: Agent
     layers: int = 1
-    endpoints: MappingProxyType[str, Endpoint] = field(default_factory=lambda: MappingProxyType({}))
+    endpoints: MappingProxyType[str, ChatAPI] = field(default_factory=lambda: MappingProxyType({}))
     time_scale: float = 1.0
 
 

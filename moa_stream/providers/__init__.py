@@ -2,9 +2,10 @@
 
 from moa_stream.providers._base import Provider, ProviderStream
 from moa_stream.providers._estimate import estimate_prompt_tokens
+from moa_stream.providers._policy import RetryPolicy, RetrySettings, Timeouts
 from moa_stream.providers.anthropic import AnthropicProvider, AnthropicStream
 from moa_stream.providers.litellm import LiteLLMProvider, LiteLLMStream
-from moa_stream.providers.openai import OpenAIProvider, OpenAIStream, RetryPolicy, Timeouts
+from moa_stream.providers.openai import OpenAIProvider, OpenAIStream
 from moa_stream.providers.sse import SSEDecoder, SSEEvent
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "Provider",
     "ProviderStream",
     "RetryPolicy",
+    "RetrySettings",
     "SSEDecoder",
     "SSEEvent",
     "Timeouts",

@@ -7,7 +7,7 @@ from typing import Literal
 
 from moa_stream._exceptions import ConfigError
 from moa_stream.providers._base import Provider
-from moa_stream.providers._policy import RetryPolicy, Timeouts
+from moa_stream.providers._policy import RetrySettings, Timeouts
 
 __all__ = ["PROVIDER_KINDS", "build_provider"]
 
@@ -27,7 +27,7 @@ def build_provider(
     max_tokens_field: Literal["max_tokens", "max_completion_tokens"] = "max_tokens",
     limit: int = 100,
     timeouts: Timeouts | None = None,
-    retry: RetryPolicy | None = None,
+    retry: RetrySettings | None = None,
     continuation: Sequence[str] | None = None,
 ) -> Provider:
     """The provider a configuration describes; ``kind`` is one of :data:`PROVIDER_KINDS`.

@@ -1,10 +1,13 @@
 """One HTTP attempt of a streamed completion over aiohttp, and the pool it runs on.
 
-:class:`ResponseReader` sends one request, waits for its headers and reads its event stream,
-bounded by the connect, first-token, idle and total deadlines; the wire format is a
-:class:`EventParser`'s business, retries the caller's (:mod:`moa_stream.providers._retry`).
-:class:`Endpoint` is the frozen description of where requests go, and :class:`ConnectionPool`
-the provider's keep-alive session.
+An attempt is two layers, both per request: :class:`HTTPExchange` sends the request, waits for
+its headers and reads the body's bytes under the connect, first-token, idle and total deadlines,
+then hands the connection back or closes it; :class:`ResponseReader` decodes those bytes (an
+event stream, or a JSON body) into deltas with an :class:`EventParser`, the wire format's
+business. Retries are the caller's (:mod:`moa_stream.providers._retry`); which error a status,
+an exception or a deadline becomes is :mod:`moa_stream.providers._errors`'s. :class:`StreamSettings`
+is the frozen description of where requests go and how, and :class:`ConnectionPool` the
+provider's keep-alive session.
 
 This module is the single place where transport errors are translated: no aiohttp, OS,
 ``asyncio.TimeoutError`` or orjson exception leaves it, only
@@ -22,50 +25,47 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any, Final, Protocol
+from typing import Final, Protocol
 
 import aiohttp
-import orjson
 import yarl
 
 from moa_stream._exceptions import (
-    AuthenticationError,
-    ConnectError,
-    ConnectTimeout,
     ContextLengthError,
-    FirstTokenTimeout,
-    IdleTimeout,
-    ModelNotFoundError,
-    ProtocolError,
     ProviderClosedError,
     ProviderError,
     ProviderTimeout,
-    RateLimitError,
-    RequestRejectedError,
-    ServerError,
     StreamInterruptedError,
-    TotalTimeout,
     TruncatedStreamError,
     UsageError,
 )
 from moa_stream._resource import AsyncResource
 from moa_stream._secrets import MAX_UPSTREAM_ID_CHARS, clean, mask_secrets
 from moa_stream._types import Delta, StreamTimings, Usage
-from moa_stream._wire import parse_retry_after
-from moa_stream.providers._chunks import (
-    MAX_ERROR_CHARS,
-    Done,
-    context_length_error,
-    error_fields,
+from moa_stream.providers._chunks import MAX_ERROR_CHARS, Done
+from moa_stream.providers._errors import (
+    connect_timeout,
+    first_token_timeout,
+    idle_timeout,
+    status_error,
+    total_timeout,
+    transport_error,
 )
-from moa_stream.providers._policy import RetryPolicy, Timeouts
+from moa_stream.providers._policy import RetrySettings, Timeouts
+from moa_stream.providers._watchdog import Watchdog
 from moa_stream.providers.sse import SSEDecoder, SSEEvent
 
-__all__ = ["ConnectionPool", "Endpoint", "EventParser", "ResponseReader"]
+__all__ = [
+    "ConnectionPool",
+    "EventParser",
+    "HTTPExchange",
+    "PooledHTTPProvider",
+    "ResponseReader",
+    "StreamSettings",
+]
 
 _INF: Final = math.inf
 _monotonic = time.monotonic
-_current_task = asyncio.current_task
 
 #: Upper bound on an error response body kept for its message.
 _ERROR_BODY_LIMIT: Final = 64 * 1024
@@ -79,7 +79,7 @@ _IDLE_TRUST: Final = 4.0
 
 
 @dataclass(frozen=True, slots=True)
-class Endpoint:
+class StreamSettings:
     """Everything a stream needs to know about its provider, fixed when the provider is built.
 
     ``url`` receives the POST; ``headers`` go with it (the credentials among them, hence kept
@@ -91,7 +91,7 @@ class Endpoint:
     url: yarl.URL | None = None
     headers: Mapping[str, str] = field(default_factory=dict, repr=False)
     timeouts: Timeouts = field(default_factory=Timeouts)
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    retry: RetrySettings = field(default_factory=RetrySettings)
     secret: str | None = field(default=None, repr=False)
     sleep: Callable[[float], Awaitable[None]] = field(default=asyncio.sleep, repr=False)
     rng: Callable[[], float] = field(default=random.random, repr=False)
@@ -221,9 +221,9 @@ class ConnectionPool:
         if self._idle_since:
             # aiohttp hands out the most recently released connection first.
             self._idle_since.pop()
-        reader = ctx.trace_request_ctx
-        if isinstance(reader, ResponseReader):
-            reader.reused = True
+        exchange = ctx.trace_request_ctx
+        if isinstance(exchange, HTTPExchange):
+            exchange.reused = True
 
 
 async def _on_request_headers_sent(
@@ -231,22 +231,22 @@ async def _on_request_headers_sent(
     ctx: SimpleNamespace,
     params: aiohttp.TraceRequestHeadersSentParams,
 ) -> None:
-    reader = ctx.trace_request_ctx
-    if isinstance(reader, ResponseReader):
-        reader.on_request_sent()
+    exchange = ctx.trace_request_ctx
+    if isinstance(exchange, HTTPExchange):
+        exchange.on_request_sent()
 
 
-# -- the watchdog ------------------------------------------------------------------------------
+# -- what every HTTP provider shares -----------------------------------------------------------
 
 
 class PooledHTTPProvider(AsyncResource):
-    """What every HTTP provider is besides its wire format: a name, an API root, a frozen
-    :class:`Endpoint` and a :class:`ConnectionPool` that ``aclose()`` closes. Subclasses set
-    the four attributes in ``__init__`` and add ``stream()`` and ``prewarm()``."""
+    """What every HTTP provider is besides its wire format: a name, an API root, frozen
+    :class:`StreamSettings` and a :class:`ConnectionPool` that ``aclose()`` closes. Subclasses
+    set the four attributes in ``__init__`` and add ``stream()`` and ``prewarm()``."""
 
     _name: str
     _base_url: yarl.URL
-    _endpoint: Endpoint
+    _settings: StreamSettings
     _pool: ConnectionPool
 
     @property
@@ -261,11 +261,11 @@ class PooledHTTPProvider(AsyncResource):
 
     @property
     def timeouts(self) -> Timeouts:
-        return self._endpoint.timeouts
+        return self._settings.timeouts
 
     @property
-    def retry(self) -> RetryPolicy:
-        return self._endpoint.retry
+    def retry(self) -> RetrySettings:
+        return self._settings.retry
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self._name!r}, base_url={str(self._base_url)!r})"
@@ -275,231 +275,65 @@ class PooledHTTPProvider(AsyncResource):
         await self._pool.aclose()
 
 
-class _Watchdog:
-    """One timer per attempt that interrupts a wait when its deadline passes.
-
-    Deadlines move forward on every network read; rather than creating and cancelling a timer
-    per read (the cost of ``asyncio.timeout``), the handle is left where it is and, when it
-    fires early, re-armed at the deadline then in force. It is only ever armed while the owning
-    task awaits the network, so it can never interrupt the caller's own work between reads.
-    """
-
-    __slots__ = ("_cancelling", "_deadline", "_fired", "_handle", "_handle_at", "_task")
-
-    def __init__(self) -> None:
-        self._handle: asyncio.TimerHandle | None = None
-        self._handle_at = _INF
-        self._deadline = _INF
-        self._task: asyncio.Task[Any] | None = None
-        self._cancelling = 0
-        self._fired = False
-
-    def arm(self, deadline: float) -> None:
-        """Watch the current task until :meth:`disarm`, interrupting it at ``deadline``."""
-        task = _current_task()
-        assert task is not None
-        self._task = task
-        self._cancelling = task.cancelling()
-        self._deadline = deadline
-        if deadline < self._handle_at:
-            self._schedule(deadline)
-
-    def tighten(self, deadline: float) -> None:
-        """Bring the deadline of the current wait forward (never back)."""
-        if self._task is not None and deadline < self._deadline:
-            self._deadline = deadline
-            if deadline < self._handle_at:
-                self._schedule(deadline)
-
-    def disarm(self) -> None:
-        self._task = None
-
-    def expired(self) -> bool:
-        """After the watched wait raised: was it this watchdog that interrupted it?
-
-        Withdraws the watchdog's cancellation request; false if someone else's cancellation is
-        also pending (that one wins and must propagate).
-        """
-        if not self._fired:
-            return False
-        self._fired = False
-        task = _current_task()
-        assert task is not None
-        return task.uncancel() <= self._cancelling
-
-    def close(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
-            self._handle_at = _INF
-        self._task = None
-
-    def _schedule(self, deadline: float) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-        loop = asyncio.get_running_loop()
-        self._handle = loop.call_later(max(0.0, deadline - _monotonic()), self._fire)
-        self._handle_at = deadline
-
-    def _fire(self) -> None:
-        self._handle = None
-        self._handle_at = _INF
-        task = self._task
-        if task is None:
-            return  # nobody waiting: the next wait arms a fresh handle
-        if self._deadline == _INF:
-            return
-        remaining = self._deadline - _monotonic()
-        if remaining > 0:
-            self._schedule(self._deadline)
-            return
-        self._fired = True
-        task.cancel()
-
-
-# -- errors ------------------------------------------------------------------------------------
-
-
-def _status_error_class(status: int) -> type[ProviderError]:
-    if status in (401, 403):
-        return AuthenticationError
-    if status == 404:
-        return ModelNotFoundError
-    if status == 429:
-        return RateLimitError
-    if status == 408 or status >= 500:
-        return ServerError
-    if 400 <= status < 500:
-        return RequestRejectedError
-    return ProtocolError
-
-
-def status_error(
-    status: int, body: bytes, headers: Mapping[str, str], reason: str | None
-) -> ProviderError:
-    """The error for a non-2xx response with (a bounded part of) its body."""
-    try:
-        obj: object = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        obj = None
-    fields = error_fields(obj)
-    if fields is None:
-        fields = (body.decode("utf-8", "replace").strip()[:MAX_ERROR_CHARS], None, None)
-    message, code, error_type = fields
-    if not message:
-        message = reason or "error"
-    # The error's code and type are the upstream's words too: bounded like its id.
-    code = code[:MAX_UPSTREAM_ID_CHARS] if code else code
-    error_type = error_type[:MAX_UPSTREAM_ID_CHARS] if error_type else error_type
-    cls = _status_error_class(status)
-    if cls is RequestRejectedError:
-        overflow = context_length_error(f"HTTP {status}: {message}", code, error_type, obj)
-        if overflow is not None:
-            overflow.status = status
-            return overflow
-    retry_after = parse_retry_after(headers) if cls in (RateLimitError, ServerError) else None
-    return cls(
-        f"HTTP {status}: {message}",
-        status=status,
-        code=code,
-        error_type=error_type,
-        retry_after=retry_after,
-    )
-
-
-def _transport_error(exc: BaseException, *, started: bool) -> ProviderError:
-    detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    if isinstance(exc, aiohttp.ClientResponseError):
-        return ProtocolError(f"invalid HTTP response: {detail}")
-    if started or isinstance(exc, aiohttp.ClientPayloadError):
-        return StreamInterruptedError(f"connection lost mid-stream: {detail}")
-    return ConnectError(f"request failed before a response: {detail}")
-
-
 # -- one attempt -------------------------------------------------------------------------------
 
 
-class ResponseReader:
-    """One attempt of a streamed request: send it, then read its events as the caller asks.
+class HTTPExchange:
+    """The transport of one attempt: its request, and its response body as bytes, under the
+    attempt's deadlines.
 
     :meth:`open` sends the request and returns once the response headers are in (a non-2xx
-    status raises its error). Then :meth:`take` hands out the next delta already read, without
-    any await (``None`` when none is buffered), and :meth:`fill` reads more from the network;
-    at a proper end of the answer :meth:`fill` raises ``StopAsyncIteration``, at a premature
-    one :class:`~moa_stream.TruncatedStreamError`. :meth:`finish` reads the rest of the body so
-    the connection can be reused, and :meth:`close` gives the connection back (read to its end)
-    or closes it (anything else, so that the server sees the client go).
+    status raises its error, with a bounded part of the body for the message). :meth:`_read`
+    returns the next piece of the body. :meth:`finish` reads the rest of the body so the
+    connection can be reused, and :meth:`close` gives the connection back (read to its end) or
+    closes it (anything else, so that the server sees the client go).
 
-    Per-attempt state lives here; what outlives an attempt (the timings, the total deadline)
-    is passed in by the caller.
+    Every wait is bounded: ``connect`` until the headers, then ``first_token`` until a delta of
+    this attempt reached the caller (:attr:`delivered`, which the decoding sets), ``idle``
+    between reads, ``total`` throughout; a wait that outlives its deadline raises that deadline's
+    :class:`~moa_stream.ProviderTimeout`. Per-attempt state lives here; what outlives an attempt
+    (the timings, the total deadline) is passed in by the caller.
     """
 
     __slots__ = (
         "_body",
         "_connect_dl",
         "_content",
-        "_decoder",
-        "_ended",
-        "_endpoint",
-        "_events",
         "_first_token_dl",
-        "_got_bytes",
         "_idle_dl",
-        "_index",
-        "_json_parts",
-        "_note_time",
-        "_on_data",
-        "_on_event",
-        "_parser",
         "_pool",
         "_read_time",
         "_resp",
-        "_saw_done",
+        "_settings",
         "_timings",
         "_total_dl",
         "_watchdog",
         "delivered",
-        "finish_reason",
-        "output_chars",
         "request_id",
         "reused",
         "status",
-        "usage",
     )
 
     def __init__(
         self,
-        endpoint: Endpoint,
+        settings: StreamSettings,
         pool: ConnectionPool,
         body: bytes,
-        parser: EventParser,
         timings: StreamTimings,
         total_deadline: float,
     ) -> None:
-        self._endpoint = endpoint
+        self._settings = settings
         self._pool = pool
         self._body = body
-        self._parser = parser
-        self._on_data = parser.data
-        self._on_event = parser.event
         self._timings = timings
-        self._note_time = timings.chunk_times.append
         self._total_dl = total_deadline
         self._connect_dl = _INF
         self._first_token_dl = _INF
         self._idle_dl = _INF
-        self._watchdog = _Watchdog()
+        self._watchdog = Watchdog()
         self._resp: aiohttp.ClientResponse | None = None
         self._content: aiohttp.StreamReader | None = None
-        self._decoder = SSEDecoder()
-        self._json_parts: list[bytes] | None = None
-        # Events of the last read, parsed one at a time as the caller asks: a delta is built
-        # only when it is about to be handed out, and dies young if the caller drops it.
-        self._events: Sequence[str | SSEEvent | Delta] = ()
-        self._index = 0
-        self._ended = False  # no more data will be read from this response
-        self._saw_done = False
-        self._got_bytes = False
+        #: when the last piece of the body arrived
         self._read_time = 0.0
         #: whether a delta of this attempt reached the caller (no retry after that)
         self.delivered = False
@@ -507,30 +341,24 @@ class ResponseReader:
         self.reused = False
         self.status: int | None = None
         self.request_id: str | None = None
-        self.finish_reason: str | None = None
-        self.usage: Usage | None = None
-        #: characters of content and reasoning handed out, for the usage estimate
-        self.output_chars = 0
-
-    # -- the attempt's life ------------------------------------------------------------------
 
     async def open(self) -> None:
         """Send the request and wait for the response headers."""
         session = self._pool.session()
-        endpoint = self._endpoint
-        assert endpoint.url is not None, "an HTTP endpoint has a URL"
+        settings = self._settings
+        assert settings.url is not None, "an HTTP provider has a URL"
         timings = self._timings
         timings.attempts += 1
-        timeouts = endpoint.timeouts
+        timeouts = settings.timeouts
         start = _monotonic()
         self._connect_dl = start + timeouts.connect if timeouts.connect is not None else _INF
         watchdog = self._watchdog
         watchdog.arm(min(self._connect_dl, self._total_dl))
         try:
             resp = await session.post(
-                endpoint.url,
+                settings.url,
                 data=self._body,
-                headers=endpoint.headers,
+                headers=settings.headers,
                 allow_redirects=False,
                 trace_request_ctx=self,
             )
@@ -541,7 +369,7 @@ class ResponseReader:
         except (aiohttp.ClientError, OSError) as exc:
             if watchdog.expired():
                 raise self._timeout_error() from exc
-            raise _transport_error(exc, started=False) from exc
+            raise transport_error(exc, started=False) from exc
         finally:
             watchdog.disarm()
 
@@ -553,7 +381,7 @@ class ResponseReader:
         self._content = resp.content
         self.status = resp.status
         request_id = resp.headers.get("x-request-id") or resp.headers.get("request-id")
-        self.request_id = endpoint.clean(request_id) if request_id else None
+        self.request_id = settings.clean(request_id) if request_id else None
         self._connect_dl = _INF
         if timeouts.idle is not None:
             self._idle_dl = now + timeouts.idle
@@ -561,17 +389,191 @@ class ResponseReader:
             self._first_token_dl = timings.request_sent + timeouts.first_token
         if not 200 <= resp.status < 300:
             raise await self._status_error(resp)
-        if resp.content_type == "application/json":
-            self._json_parts = []
 
     def on_request_sent(self) -> None:
         """The request headers are on the wire: the first-token clock starts."""
         now = _monotonic()
         self._timings.request_sent = now
-        first_token = self._endpoint.timeouts.first_token
+        first_token = self._settings.timeouts.first_token
         if first_token is not None and not self.delivered:
             self._first_token_dl = now + first_token
             self._watchdog.tighten(self._first_token_dl)
+
+    async def finish(self) -> None:
+        """The answer is complete: read the rest of the body (briefly), then release it."""
+        content = self._content
+        try:
+            if content is not None and not content.at_eof():
+                async with asyncio.timeout(_DRAIN_GRACE):
+                    while await content.readany():
+                        pass
+        except (TimeoutError, aiohttp.ClientError, OSError, RuntimeError):
+            pass  # not reusable: close() closes it
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Give the connection back if its response was read to its end, else close it."""
+        self._watchdog.close()
+        resp, content = self._resp, self._content
+        self._resp = None
+        self._content = None
+        if resp is not None:
+            if content is not None and content.at_eof():
+                self._pool.release(resp)
+            else:
+                resp.close()
+
+    async def _read(self) -> bytes:
+        """The next piece of the body, ``b""`` at its end; bounded by the timeouts."""
+        content = self._content
+        assert content is not None
+        watchdog = self._watchdog
+        try:
+            # What iter_any() does, minus its iterator layer: take everything already buffered,
+            # else wait for the next piece. Never readline(): its line limit breaks big events.
+            data = content.read_nowait()
+            if not data and not content.at_eof():
+                deadline = self._gap_deadline()
+                if self._total_dl < deadline:
+                    deadline = self._total_dl
+                watchdog.arm(deadline)
+                try:
+                    data = await content.readany()
+                finally:
+                    watchdog.disarm()
+        except asyncio.CancelledError:
+            if watchdog.expired():
+                raise self._timeout_error() from None
+            raise
+        except (aiohttp.ClientError, OSError, RuntimeError) as exc:
+            # RuntimeError: aiohttp's reader reports a connection closed under it that way.
+            if watchdog.expired():
+                raise self._timeout_error() from exc
+            raise transport_error(exc, started=True) from exc
+        now = _monotonic()
+        self._read_time = now
+        if now >= self._total_dl:
+            raise self._timeout_error(total=True)
+        idle = self._settings.timeouts.idle
+        if idle is not None:
+            self._idle_dl = now + idle
+        return data
+
+    def _gap_deadline(self) -> float:
+        """When the current wait for data ends, total aside.
+
+        Before the first token only ``first_token`` bounds it: a server may send its headers
+        at once and think for minutes (the docs raise ``first_token`` to 120 s for Ollama
+        while ``idle`` stays at 60 s), and ``idle`` is about gaps *between* chunks of an
+        answer. Without a ``first_token`` limit, ``idle`` bounds the wait from the start.
+        """
+        if not self.delivered and self._first_token_dl != _INF:
+            return self._first_token_dl
+        return self._idle_dl
+
+    async def _status_error(self, resp: aiohttp.ClientResponse) -> ProviderError:
+        """The error for a non-2xx response; reads (a bounded part of) its body."""
+        parts: list[bytes] = []
+        size = 0
+        try:
+            while size < _ERROR_BODY_LIMIT:
+                data = await self._read()
+                if not data:
+                    break
+                parts.append(data)
+                size += len(data)
+        except ProviderError:
+            pass  # the status says enough; the body was only for the message
+        body = b"".join(parts)
+        settings = self._settings
+        if settings.secret:
+            # Masked before the message is cut to length: a key straddling the cut would
+            # otherwise leak its first part.
+            body = settings.redact(body.decode("utf-8", "replace")).encode()
+        # The reason phrase is the upstream's too (the message when the body says nothing).
+        reason = settings.clean(resp.reason, MAX_ERROR_CHARS) if resp.reason else None
+        return status_error(resp.status, body, resp.headers, reason)
+
+    def _timeout_error(self, *, total: bool = False) -> ProviderTimeout:
+        """The error for the deadline that expired: the earliest of those in force."""
+        timeouts = self._settings.timeouts
+        if total:
+            return total_timeout(timeouts)
+        # The deadline the last wait ran under names the timeout, as _gap_deadline chose it.
+        waiting_first = not self.delivered and self._first_token_dl != _INF
+        candidates: list[tuple[float, Callable[[Timeouts], ProviderTimeout]]] = [
+            (self._connect_dl, connect_timeout),
+            (self._first_token_dl if not self.delivered else _INF, first_token_timeout),
+            (_INF if waiting_first else self._idle_dl, idle_timeout),
+            (self._total_dl, total_timeout),
+        ]
+        return min(candidates, key=lambda c: c[0])[1](timeouts)
+
+
+class ResponseReader(HTTPExchange):
+    """One attempt of a streamed request: an :class:`HTTPExchange` whose body is decoded into
+    deltas as the caller asks.
+
+    After :meth:`open`, :meth:`take` hands out the next delta already read, without any await
+    (``None`` when none is buffered), and :meth:`fill` reads more from the network; at a proper
+    end of the answer :meth:`fill` raises ``StopAsyncIteration``, at a premature one
+    :class:`~moa_stream.TruncatedStreamError`. An event stream goes through an
+    :class:`SSEDecoder`, each event through the :class:`EventParser`; a server that answered
+    with a JSON body instead has it read whole and parsed as one completion.
+    """
+
+    __slots__ = (
+        "_decoder",
+        "_ended",
+        "_events",
+        "_got_bytes",
+        "_index",
+        "_json_parts",
+        "_note_time",
+        "_on_data",
+        "_on_event",
+        "_parser",
+        "_saw_done",
+        "finish_reason",
+        "output_chars",
+        "usage",
+    )
+
+    def __init__(
+        self,
+        settings: StreamSettings,
+        pool: ConnectionPool,
+        body: bytes,
+        parser: EventParser,
+        timings: StreamTimings,
+        total_deadline: float,
+    ) -> None:
+        super().__init__(settings, pool, body, timings, total_deadline)
+        self._parser = parser
+        self._on_data = parser.data
+        self._on_event = parser.event
+        self._note_time = timings.chunk_times.append
+        self._decoder = SSEDecoder()
+        self._json_parts: list[bytes] | None = None
+        # Events of the last read, parsed one at a time as the caller asks: a delta is built
+        # only when it is about to be handed out, and dies young if the caller drops it.
+        self._events: Sequence[str | SSEEvent | Delta] = ()
+        self._index = 0
+        self._ended = False  # no more data will be read from this response
+        self._saw_done = False
+        self._got_bytes = False
+        self.finish_reason: str | None = None
+        self.usage: Usage | None = None
+        #: characters of content and reasoning handed out, for the usage estimate
+        self.output_chars = 0
+
+    async def open(self) -> None:
+        """Send the request and wait for the response headers."""
+        await super().open()
+        resp = self._resp
+        if resp is not None and resp.content_type == "application/json":
+            self._json_parts = []
 
     def take(self) -> Delta | None:
         """The next delta among the events already read, or ``None`` when none is left."""
@@ -651,134 +653,8 @@ class ResponseReader:
             self._ended = True
             self._events = self._decoder.finish_data()
 
-    async def finish(self) -> None:
-        """The answer is complete: read the rest of the body (briefly), then release it."""
-        content = self._content
-        try:
-            if content is not None and not content.at_eof():
-                async with asyncio.timeout(_DRAIN_GRACE):
-                    while await content.readany():
-                        pass
-        except (TimeoutError, aiohttp.ClientError, OSError, RuntimeError):
-            pass  # not reusable: close() closes it
-        finally:
-            self.close()
-
     def close(self) -> None:
-        """Give the connection back if its response was read to its end, else close it."""
+        """Drop the events not handed out, and give the connection back or close it."""
         self._events = ()
         self._index = 0
-        self._watchdog.close()
-        resp, content = self._resp, self._content
-        self._resp = None
-        self._content = None
-        if resp is not None:
-            if content is not None and content.at_eof():
-                self._pool.release(resp)
-            else:
-                resp.close()
-
-    # -- reading -----------------------------------------------------------------------------
-
-    async def _read(self) -> bytes:
-        """The next piece of the body, ``b""`` at its end; bounded by the timeouts."""
-        content = self._content
-        assert content is not None
-        watchdog = self._watchdog
-        try:
-            # What iter_any() does, minus its iterator layer: take everything already buffered,
-            # else wait for the next piece. Never readline(): its line limit breaks big events.
-            data = content.read_nowait()
-            if not data and not content.at_eof():
-                deadline = self._gap_deadline()
-                if self._total_dl < deadline:
-                    deadline = self._total_dl
-                watchdog.arm(deadline)
-                try:
-                    data = await content.readany()
-                finally:
-                    watchdog.disarm()
-        except asyncio.CancelledError:
-            if watchdog.expired():
-                raise self._timeout_error() from None
-            raise
-        except (aiohttp.ClientError, OSError, RuntimeError) as exc:
-            # RuntimeError: aiohttp's reader reports a connection closed under it that way.
-            if watchdog.expired():
-                raise self._timeout_error() from exc
-            raise _transport_error(exc, started=True) from exc
-        now = _monotonic()
-        self._read_time = now
-        if now >= self._total_dl:
-            raise self._timeout_error(total=True)
-        idle = self._endpoint.timeouts.idle
-        if idle is not None:
-            self._idle_dl = now + idle
-        return data
-
-    def _gap_deadline(self) -> float:
-        """When the current wait for data ends, total aside.
-
-        Before the first token only ``first_token`` bounds it: a server may send its headers
-        at once and think for minutes (the docs raise ``first_token`` to 120 s for Ollama
-        while ``idle`` stays at 60 s), and ``idle`` is about gaps *between* chunks of an
-        answer. Without a ``first_token`` limit, ``idle`` bounds the wait from the start.
-        """
-        if not self.delivered and self._first_token_dl != _INF:
-            return self._first_token_dl
-        return self._idle_dl
-
-    async def _status_error(self, resp: aiohttp.ClientResponse) -> ProviderError:
-        """The error for a non-2xx response; reads (a bounded part of) its body."""
-        parts: list[bytes] = []
-        size = 0
-        try:
-            while size < _ERROR_BODY_LIMIT:
-                data = await self._read()
-                if not data:
-                    break
-                parts.append(data)
-                size += len(data)
-        except ProviderError:
-            pass  # the status says enough; the body was only for the message
-        body = b"".join(parts)
-        endpoint = self._endpoint
-        if endpoint.secret:
-            # Masked before the message is cut to length: a key straddling the cut would
-            # otherwise leak its first part.
-            body = endpoint.redact(body.decode("utf-8", "replace")).encode()
-        # The reason phrase is the upstream's too (the message when the body says nothing).
-        reason = endpoint.clean(resp.reason, MAX_ERROR_CHARS) if resp.reason else None
-        return status_error(resp.status, body, resp.headers, reason)
-
-    def _timeout_error(self, *, total: bool = False) -> ProviderTimeout:
-        """The error for the deadline that expired: the earliest of those in force."""
-        timeouts = self._endpoint.timeouts
-        if total:
-            return TotalTimeout(f"the stream took over {timeouts.total} s", timeout=timeouts.total)
-        # The deadline the last wait ran under names the timeout, as _gap_deadline chose it.
-        waiting_first = not self.delivered and self._first_token_dl != _INF
-        candidates: list[tuple[float, ProviderTimeout]] = [
-            (
-                self._connect_dl,
-                ConnectTimeout(
-                    f"no response headers within {timeouts.connect} s", timeout=timeouts.connect
-                ),
-            ),
-            (
-                self._first_token_dl if not self.delivered else _INF,
-                FirstTokenTimeout(
-                    f"no token within {timeouts.first_token} s of sending the request",
-                    timeout=timeouts.first_token,
-                ),
-            ),
-            (
-                _INF if waiting_first else self._idle_dl,
-                IdleTimeout(f"no data for {timeouts.idle} s", timeout=timeouts.idle),
-            ),
-            (
-                self._total_dl,
-                TotalTimeout(f"the stream took over {timeouts.total} s", timeout=timeouts.total),
-            ),
-        ]
-        return min(candidates, key=lambda c: c[0])[1]
+        super().close()

@@ -1,4 +1,4 @@
-"""The limits and the retry policy every HTTP provider applies (``Retry-After`` parsing is
+"""The limits and the retry settings every HTTP provider applies (``Retry-After`` parsing is
 in :mod:`moa_stream._wire`).
 
 Values only: what the limits and retries *are*. :mod:`moa_stream.providers._retry` applies them.
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from moa_stream._exceptions import ConfigError
 
-__all__ = ["RetryPolicy", "Timeouts"]
+__all__ = ["RetryPolicy", "RetrySettings", "Timeouts"]
 
 
 def _check_limit(value: float | None, name: str) -> None:
@@ -43,7 +43,7 @@ class Timeouts:
 
 
 @dataclass(frozen=True, slots=True)
-class RetryPolicy:
+class RetrySettings:
     """When and how a stream retries before its first delta reached the caller.
 
     Retried: connection failures, 408, 429 and 5xx, timeouts other than ``total``, and streams
@@ -75,3 +75,8 @@ class RetryPolicy:
         """Back-off before retry number ``retry`` (1-based); ``rand`` is uniform in [0, 1)."""
         base = min(self.backoff_cap, self.backoff_base * 2.0 ** (retry - 1))
         return base * (1.0 - self.jitter * rand)
+
+
+#: The former name of :class:`RetrySettings`, kept so that code written against it still works.
+#: (A "policy" in the engine is a layer's rule for ending it; these are only numbers.)
+RetryPolicy = RetrySettings

@@ -1,4 +1,4 @@
-"""The retry wrapper: one streamed completion over as many attempts as its policy allows.
+"""The retry wrapper: one streamed completion over as many attempts as its settings allow.
 
 Retries live here, outside the code that reads a response (``_http.ResponseReader``), as the
 official OpenAI client keeps them in its base client and out of its stream: an attempt knows
@@ -25,7 +25,7 @@ from moa_stream._resource import AsyncResource
 from moa_stream._types import ChatMessage, ChatRequest, Delta, StreamTimings, Usage, estimate_tokens
 from moa_stream.providers._chunks import MAX_ERROR_CHARS
 from moa_stream.providers._estimate import estimate_prompt_tokens
-from moa_stream.providers._http import ConnectionPool, Endpoint, EventParser, ResponseReader
+from moa_stream.providers._http import ConnectionPool, EventParser, ResponseReader, StreamSettings
 
 __all__ = ["Attempt", "HTTPStream", "RetryingStream"]
 
@@ -76,8 +76,8 @@ class Attempt(Protocol):
 
 
 class RetryingStream(AsyncResource):
-    """One streamed chat completion, retried before its first delta as the endpoint's
-    :class:`~moa_stream.providers.RetryPolicy` allows.
+    """One streamed chat completion, retried before its first delta as its settings'
+    :class:`~moa_stream.providers.RetrySettings` allows.
 
     Use it as ``async with provider.stream(request) as stream: async for delta in stream``.
     The request is sent on ``__aenter__`` (which returns once response headers arrived), or on
@@ -97,10 +97,10 @@ class RetryingStream(AsyncResource):
     HTTP endpoints.
     """
 
-    __slots__ = ("_endpoint", "_reader", "_request", "_state", "_timings", "_total_dl")
+    __slots__ = ("_reader", "_request", "_settings", "_state", "_timings", "_total_dl")
 
-    def __init__(self, endpoint: Endpoint, request: ChatRequest) -> None:
-        self._endpoint = endpoint
+    def __init__(self, settings: StreamSettings, request: ChatRequest) -> None:
+        self._settings = settings
         self._request = request
         self._state = _NEW
         self._timings = StreamTimings()
@@ -109,7 +109,7 @@ class RetryingStream(AsyncResource):
 
     def __repr__(self) -> str:
         return (
-            f"<{type(self).__name__} provider={self._endpoint.name!r} "
+            f"<{type(self).__name__} provider={self._settings.name!r} "
             f"model={self._request.model!r} state={_STATE_NAMES[self._state]}>"
         )
 
@@ -224,7 +224,7 @@ class RetryingStream(AsyncResource):
             self._state = _OPEN
             now = _monotonic()
             self._timings.started = now
-            total = self._endpoint.timeouts.total
+            total = self._settings.timeouts.total
             self._total_dl = now + total if total is not None else _INF
         while True:
             self._reader = reader = self._new_attempt()
@@ -258,40 +258,40 @@ class RetryingStream(AsyncResource):
         self._contextualize(exc)
         if reader.delivered:
             raise exc
-        policy = self._endpoint.retry
+        retry = self._settings.retry
         attempts = self._timings.attempts
         if (
             not isinstance(exc, TransientError)
             or isinstance(exc, TotalTimeout)
-            or attempts >= policy.max_attempts
+            or attempts >= retry.max_attempts
         ):
             raise exc
         if exc.retry_after is not None:
-            if exc.retry_after > policy.max_retry_after:
+            if exc.retry_after > retry.max_retry_after:
                 raise exc
             delay = exc.retry_after
         elif reader.reused and isinstance(exc, ConnectError):
             # A pooled connection the server had already closed: nothing is wrong upstream.
             delay = 0.0
         else:
-            delay = policy.delay(attempts, self._endpoint.rng())
+            delay = retry.delay(attempts, self._settings.rng())
         if _monotonic() + delay >= self._total_dl:
             raise exc
         _log.info(
             "provider.retry",
-            provider=self._endpoint.name,
+            provider=self._settings.name,
             model=self._request.model,
             attempt=attempts,
             delay=round(delay, 3),
             error=exc.kind,
             status=exc.status,
         )
-        await self._endpoint.sleep(delay)
+        await self._settings.sleep(delay)
 
     def _contextualize(self, exc: ProviderError) -> None:
         reader = self._reader
         if exc.provider is None:
-            exc.provider = self._endpoint.name
+            exc.provider = self._settings.name
         if exc.model is None:
             exc.model = self._request.model
         if reader is not None:
@@ -303,17 +303,17 @@ class RetryingStream(AsyncResource):
         # Every upstream-supplied field of the error reaches clients (a 502 body, a
         # proposer.failed item) and the log through str(exc): masked and bounded, whichever
         # way it was made (an error frame's code, an id header, an adapter's own error).
-        endpoint = self._endpoint
+        settings = self._settings
         if exc.request_id:
-            exc.request_id = endpoint.clean(exc.request_id)
+            exc.request_id = settings.clean(exc.request_id)
         if exc.code:
-            exc.code = endpoint.clean(exc.code)
+            exc.code = settings.clean(exc.code)
         if exc.error_type:
-            exc.error_type = endpoint.clean(exc.error_type)
+            exc.error_type = settings.clean(exc.error_type)
         if isinstance(exc, ContextLengthError) and exc.estimated_prompt_tokens is not None:
             return  # already masked, cut and explained (an error passes here more than once)
         # Mask the key first, then cut: a key straddling the cut would leave its start behind.
-        message = self._endpoint.redact(exc.message)[:MAX_ERROR_CHARS]
+        message = self._settings.redact(exc.message)[:MAX_ERROR_CHARS]
         if message != exc.message:
             exc.message = message
             exc.args = (message,)
@@ -374,12 +374,12 @@ class HTTPStream(RetryingStream):
 
     def __init__(
         self,
-        endpoint: Endpoint,
+        settings: StreamSettings,
         pool: ConnectionPool,
         request: ChatRequest,
         body: Callable[[], bytes],
     ) -> None:
-        super().__init__(endpoint, request)
+        super().__init__(settings, request)
         self._pool = pool
         self._body: bytes | Callable[[], bytes] = body
 
@@ -391,5 +391,5 @@ class HTTPStream(RetryingStream):
         if not isinstance(body, bytes):
             body = self._body = body()
         return ResponseReader(
-            self._endpoint, self._pool, body, self._parser(), self._timings, self._total_dl
+            self._settings, self._pool, body, self._parser(), self._timings, self._total_dl
         )

@@ -43,8 +43,8 @@ from moa_stream._exceptions import (
 )
 from moa_stream._types import ChatMessage, ChatRequest, Delta, Usage
 from moa_stream.providers._chunks import DONE, Done, context_length_error, error_fields, make_delta
-from moa_stream.providers._http import ConnectionPool, Endpoint, PooledHTTPProvider
-from moa_stream.providers._policy import RetryPolicy, Timeouts
+from moa_stream.providers._http import ConnectionPool, PooledHTTPProvider, StreamSettings
+from moa_stream.providers._policy import RetrySettings, Timeouts
 from moa_stream.providers._retry import HTTPStream
 from moa_stream.providers.openai import prewarm_pool
 from moa_stream.providers.sse import SSEEvent
@@ -290,7 +290,7 @@ class AnthropicProvider(PooledHTTPProvider):
         max_tokens: int = 4096,
         version: str = "2023-06-01",
         timeouts: Timeouts | None = None,
-        retry: RetryPolicy | None = None,
+        retry: RetrySettings | None = None,
         limit: int = 100,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: Callable[[], float] = random.random,
@@ -314,7 +314,7 @@ class AnthropicProvider(PooledHTTPProvider):
             common["x-api-key"] = api_key
         common.update(headers or {})
         self._get_headers = {"Accept": "application/json", **common}
-        self._endpoint = Endpoint(
+        self._settings = StreamSettings(
             name=self._name,
             url=url / "v1" / "messages",
             headers={
@@ -324,7 +324,7 @@ class AnthropicProvider(PooledHTTPProvider):
                 **common,
             },
             timeouts=timeouts or Timeouts(),
-            retry=retry or RetryPolicy(),
+            retry=retry or RetrySettings(),
             secret=api_key,
             sleep=sleep,
             rng=rng,
@@ -333,7 +333,7 @@ class AnthropicProvider(PooledHTTPProvider):
 
     def stream(self, request: ChatRequest) -> AnthropicStream:
         """A stream for ``request``; nothing is sent until it is entered or iterated."""
-        return AnthropicStream(self._endpoint, self._pool, request, lambda: self._encode(request))
+        return AnthropicStream(self._settings, self._pool, request, lambda: self._encode(request))
 
     async def prewarm(self, connections: int = 1) -> None:
         """Open pooled connections ahead of a request (``GET /v1/models``); see

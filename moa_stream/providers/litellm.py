@@ -28,7 +28,6 @@ from moa_stream._exceptions import (
     ConnectError,
     ConnectTimeout,
     ContextLengthError,
-    FirstTokenTimeout,
     IdleTimeout,
     ModelNotFoundError,
     ProtocolError,
@@ -38,7 +37,6 @@ from moa_stream._exceptions import (
     RequestRejectedError,
     ServerError,
     StreamInterruptedError,
-    TotalTimeout,
     TruncatedStreamError,
     UpstreamError,
 )
@@ -47,8 +45,15 @@ from moa_stream._types import ChatRequest, Delta, StreamTimings, Usage
 from moa_stream._wire import parse_retry_after
 from moa_stream.providers._base import check_continuation
 from moa_stream.providers._chunks import context_length_error, make_delta
-from moa_stream.providers._http import Endpoint, _status_error_class
-from moa_stream.providers._policy import RetryPolicy, Timeouts
+from moa_stream.providers._errors import (
+    connect_timeout,
+    first_token_timeout,
+    idle_timeout,
+    status_error_class,
+    total_timeout,
+)
+from moa_stream.providers._http import StreamSettings
+from moa_stream.providers._policy import RetrySettings, Timeouts
 from moa_stream.providers._retry import RetryingStream
 
 __all__ = ["LiteLLMProvider", "LiteLLMStream"]
@@ -94,7 +99,7 @@ def _translate(exc: Exception, *, started: bool) -> ProviderError:
         return ConnectError(message)
     if status is None:
         return UpstreamError(message) if started else ConnectError(message)
-    cls = _status_error_class(status)
+    cls = status_error_class(status)
     if cls in (RateLimitError, ServerError):
         return cls(message, status=status, retry_after=parse_retry_after(headers))
     if cls in (AuthenticationError, ModelNotFoundError):
@@ -111,11 +116,11 @@ class _LiteLLMAttempt:
 
     __slots__ = (
         "_chunks",
-        "_endpoint",
         "_kwargs",
         "_litellm",
         "_next",
         "_pending",
+        "_settings",
         "_stream",
         "_timings",
         "_total_dl",
@@ -131,13 +136,13 @@ class _LiteLLMAttempt:
     def __init__(
         self,
         litellm: Any,
-        endpoint: Endpoint,
+        settings: StreamSettings,
         kwargs: dict[str, Any],
         timings: StreamTimings,
         total_deadline: float,
     ) -> None:
         self._litellm = litellm
-        self._endpoint = endpoint
+        self._settings = settings
         self._kwargs = kwargs
         self._timings = timings
         self._total_dl = total_deadline
@@ -158,7 +163,7 @@ class _LiteLLMAttempt:
         return min(dl, self._total_dl)
 
     async def open(self) -> None:
-        timeouts = self._endpoint.timeouts
+        timeouts = self._settings.timeouts
         self._timings.attempts += 1
         start = _monotonic()
         self._timings.request_sent = start
@@ -197,10 +202,10 @@ class _LiteLLMAttempt:
             except Exception as exc:
                 raise _translate(exc, started=True) from exc
             now = _monotonic()
-            idle = self._endpoint.timeouts.idle
+            idle = self._settings.timeouts.idle
             deadline = self._next = min(now + idle if idle is not None else _INF, self._total_dl)
             if not self.delivered:
-                first = self._endpoint.timeouts.first_token
+                first = self._settings.timeouts.first_token
                 if first is not None:
                     sent = self._timings.request_sent or now
                     deadline = min(deadline, sent + first)
@@ -272,19 +277,14 @@ class _LiteLLMAttempt:
             await stream.aclose()
 
     def _timeout(self, deadline: float, *, connect: bool = False) -> ProviderError:
-        timeouts = self._endpoint.timeouts
+        timeouts = self._settings.timeouts
         if deadline >= self._total_dl:
-            return TotalTimeout(f"the stream took over {timeouts.total} s", timeout=timeouts.total)
+            return total_timeout(timeouts)
         if connect:
-            return ConnectTimeout(
-                f"no response headers within {timeouts.connect} s", timeout=timeouts.connect
-            )
+            return connect_timeout(timeouts)
         if not self.delivered:
-            return FirstTokenTimeout(
-                f"no token within {timeouts.first_token} s of sending the request",
-                timeout=timeouts.first_token,
-            )
-        return IdleTimeout(f"no data for {timeouts.idle} s", timeout=timeouts.idle)
+            return first_token_timeout(timeouts)
+        return idle_timeout(timeouts)
 
 
 def _to_loop_time(deadline: float) -> float | None:
@@ -304,12 +304,12 @@ class LiteLLMStream(RetryingStream):
     def __init__(
         self,
         provider: LiteLLMProvider,
-        endpoint: Endpoint,
+        settings: StreamSettings,
         request: ChatRequest,
         litellm: Any,
         kwargs: dict[str, Any],
     ) -> None:
-        super().__init__(endpoint, request)
+        super().__init__(settings, request)
         self._provider = provider
         self._litellm = litellm
         self._kwargs = kwargs
@@ -318,7 +318,7 @@ class LiteLLMStream(RetryingStream):
         if self._provider.closed:
             raise ProviderClosedError("the provider is closed")
         return _LiteLLMAttempt(
-            self._litellm, self._endpoint, self._kwargs, self._timings, self._total_dl
+            self._litellm, self._settings, self._kwargs, self._timings, self._total_dl
         )
 
 
@@ -344,7 +344,7 @@ class LiteLLMProvider(AsyncResource):
         api_key_env: str | None = None,
         options: Mapping[str, Any] | None = None,
         timeouts: Timeouts | None = None,
-        retry: RetryPolicy | None = None,
+        retry: RetrySettings | None = None,
         continuation: Sequence[str] = ("turns",),
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: Callable[[], float] = random.random,
@@ -359,10 +359,10 @@ class LiteLLMProvider(AsyncResource):
         self._api_key = api_key or None
         self._options = dict(options or {})
         self.continuation = check_continuation(tuple(continuation))
-        self._endpoint = Endpoint(
+        self._settings = StreamSettings(
             name=name,
             timeouts=timeouts or Timeouts(),
-            retry=retry or RetryPolicy(),
+            retry=retry or RetrySettings(),
             secret=self._api_key,
             sleep=sleep,
             rng=rng,
@@ -403,7 +403,7 @@ class LiteLLMProvider(AsyncResource):
         if request.stop:
             kwargs["stop"] = list(request.stop)
         kwargs.update(request.extra)
-        return LiteLLMStream(self, self._endpoint, request, self._litellm, kwargs)
+        return LiteLLMStream(self, self._settings, request, self._litellm, kwargs)
 
     async def prewarm(self) -> None:
         """Nothing to do: LiteLLM owns its connections."""

@@ -25,12 +25,12 @@ from moa_stream._types import ChatRequest, Delta
 from moa_stream._wire import chat_request_body
 from moa_stream.providers._base import check_continuation
 from moa_stream.providers._chunks import Done, parse_chunk, parse_completion, upstream_error
-from moa_stream.providers._http import ConnectionPool, Endpoint, PooledHTTPProvider
-from moa_stream.providers._policy import RetryPolicy, Timeouts
+from moa_stream.providers._http import ConnectionPool, PooledHTTPProvider, StreamSettings
+from moa_stream.providers._policy import RetryPolicy, RetrySettings, Timeouts
 from moa_stream.providers._retry import HTTPStream
 from moa_stream.providers.sse import SSEEvent
 
-__all__ = ["OpenAIProvider", "OpenAIStream", "RetryPolicy", "Timeouts"]
+__all__ = ["OpenAIProvider", "OpenAIStream", "RetryPolicy", "RetrySettings", "Timeouts"]
 
 _log = structlog.get_logger("moa_stream.providers")
 
@@ -103,7 +103,7 @@ class OpenAIProvider(PooledHTTPProvider):
         headers: Mapping[str, str] | None = None,
         max_tokens_field: Literal["max_tokens", "max_completion_tokens"] = "max_tokens",
         timeouts: Timeouts | None = None,
-        retry: RetryPolicy | None = None,
+        retry: RetrySettings | None = None,
         stream_options_usage: bool = True,
         limit: int = 100,
         continuation: Sequence[str] = ("turns",),
@@ -143,12 +143,12 @@ class OpenAIProvider(PooledHTTPProvider):
             **common,
         }
         self._get_headers = {"Accept": "application/json", **common}
-        self._endpoint = Endpoint(
+        self._settings = StreamSettings(
             name=self._name,
             url=url / "chat" / "completions",
             headers=stream_headers,
             timeouts=timeouts or Timeouts(),
-            retry=retry or RetryPolicy(),
+            retry=retry or RetrySettings(),
             secret=api_key,
             sleep=sleep,
             rng=rng,
@@ -157,7 +157,7 @@ class OpenAIProvider(PooledHTTPProvider):
 
     def stream(self, request: ChatRequest) -> OpenAIStream:
         """A stream for ``request``; nothing is sent until it is entered or iterated."""
-        return OpenAIStream(self._endpoint, self._pool, request, lambda: self._encode(request))
+        return OpenAIStream(self._settings, self._pool, request, lambda: self._encode(request))
 
     async def prewarm(self, connections: int = 1) -> None:
         """Open ``connections`` pooled keep-alive connections before they are needed.

@@ -8,7 +8,7 @@ import aiohttp
 import pytest
 from support.bench import MODELS
 
-from moa_stream.bench.baseline import Endpoint, ReferenceMoA, run_reference
+from moa_stream.bench.baseline import ChatAPI, ReferenceMoA, run_reference
 from moa_stream.engine import Agent
 from moa_stream.providers import OpenAIProvider
 from moa_stream.sim import SimServer
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.moa_sim(*MODELS, seed=0)
 async def test_reference_moa_sends_non_streaming_proposer_requests(sim: SimServer) -> None:
     agents = {m.name: Agent(m.name, OpenAIProvider(sim.base_url), m.name) for m in MODELS}
     spec = ReferenceMoA((agents["fast"], agents["mid"], agents["slow"]), agents["agg"], layers=2)
-    endpoints = MappingProxyType({name: Endpoint(sim.base_url) for name in agents})
+    endpoints = MappingProxyType({name: ChatAPI(sim.base_url) for name in agents})
     try:
         async with aiohttp.ClientSession() as session:
             result = await run_reference(
@@ -59,9 +59,9 @@ async def test_reference_moa_goes_on_without_a_proposer_that_keeps_failing(sim: 
     spec = ReferenceMoA((agents["fast"], agents["mid"]), agents["agg"], max_attempts=1)
     endpoints = MappingProxyType(
         {
-            "fast": Endpoint(sim.base_url),
-            "mid": Endpoint(sim.url + "/nowhere"),  # 404: not retried, not fatal
-            "agg": Endpoint(sim.base_url),
+            "fast": ChatAPI(sim.base_url),
+            "mid": ChatAPI(sim.url + "/nowhere"),  # 404: not retried, not fatal
+            "agg": ChatAPI(sim.base_url),
         }
     )
     try:

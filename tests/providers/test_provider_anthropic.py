@@ -23,7 +23,7 @@ from moa_stream import (
     StreamInterruptedError,
     Usage,
 )
-from moa_stream.providers import AnthropicProvider, RetryPolicy, Timeouts
+from moa_stream.providers import AnthropicProvider, RetrySettings, Timeouts
 from moa_stream.sim import LatencyProfile, SimModel, SimServer
 
 FAST = LatencyProfile.fixed(ttft=0.01, tokens_per_s=1000)
@@ -88,7 +88,7 @@ async def read(
 
 def provider_for(url: str, **kwargs: Any) -> AnthropicProvider:
     kwargs.setdefault("timeouts", Timeouts(connect=5, first_token=5, idle=5, total=20))
-    kwargs.setdefault("retry", RetryPolicy(max_attempts=3, jitter=0.0))
+    kwargs.setdefault("retry", RetrySettings(max_attempts=3, jitter=0.0))
     kwargs.setdefault("sleep", SleepRecorder())
     return AnthropicProvider(url, name="claude", **kwargs)
 

@@ -14,7 +14,7 @@ from moa_stream.providers._chunks import (
     parse_chunk,
     parse_completion,
 )
-from moa_stream.providers._http import status_error
+from moa_stream.providers._errors import status_error
 
 
 def chunk(delta: dict[str, Any] | None = None, finish: Any = None, **top: Any) -> str:

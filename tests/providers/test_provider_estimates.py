@@ -6,7 +6,7 @@ import pytest
 from support.providers import DONE, chunk, collect, provider_for, raw_server, request, serve_bytes
 
 from moa_stream import UpstreamError, estimate_tokens
-from moa_stream.providers import RetryPolicy
+from moa_stream.providers import RetrySettings
 from moa_stream.providers._chunks import MAX_ERROR_CHARS
 
 
@@ -45,7 +45,7 @@ async def test_error_frame_masks_the_key_before_cutting_it() -> None:
 
     async with (
         raw_server(serve_bytes(body)) as server,
-        provider_for(server, api_key=key, retry=RetryPolicy(max_attempts=1)) as provider,
+        provider_for(server, api_key=key, retry=RetrySettings(max_attempts=1)) as provider,
     ):
         with pytest.raises(UpstreamError) as info:
             await collect(provider)

@@ -13,7 +13,7 @@ from aiohttp import web
 from support.providers import DONE, Handler, Seen, chunk, collect, provider_for, raw_server
 
 from moa_stream import FirstTokenTimeout, IdleTimeout
-from moa_stream.providers import RetryPolicy, Timeouts
+from moa_stream.providers import RetrySettings, Timeouts
 
 
 def _thinker(think: float, gap: float = 0.0) -> Handler:
@@ -37,7 +37,7 @@ async def test_a_slow_first_token_is_bounded_by_first_token_not_idle() -> None:
     timeouts = Timeouts(connect=2, first_token=3, idle=0.3, total=10)
     async with (
         raw_server(_thinker(0.8)) as server,
-        provider_for(server, timeouts=timeouts, retry=RetryPolicy(1)) as provider,
+        provider_for(server, timeouts=timeouts, retry=RetrySettings(1)) as provider,
     ):
         assert await collect(provider) == "Hello there"
 
@@ -46,7 +46,7 @@ async def test_first_token_still_fires_before_idle_would() -> None:
     timeouts = Timeouts(connect=2, first_token=0.3, idle=5, total=10)
     async with (
         raw_server(_thinker(1.0)) as server,
-        provider_for(server, timeouts=timeouts, retry=RetryPolicy(1)) as provider,
+        provider_for(server, timeouts=timeouts, retry=RetrySettings(1)) as provider,
     ):
         with pytest.raises(FirstTokenTimeout) as info:
             await collect(provider)
@@ -57,7 +57,7 @@ async def test_idle_bounds_the_gaps_after_the_first_token() -> None:
     timeouts = Timeouts(connect=2, first_token=3, idle=0.3, total=10)
     async with (
         raw_server(_thinker(0.0, gap=1.0)) as server,
-        provider_for(server, timeouts=timeouts, retry=RetryPolicy(1)) as provider,
+        provider_for(server, timeouts=timeouts, retry=RetrySettings(1)) as provider,
     ):
         with pytest.raises(IdleTimeout) as info:
             await collect(provider)
@@ -69,7 +69,7 @@ async def test_without_a_first_token_limit_idle_bounds_the_wait() -> None:
     timeouts = Timeouts(connect=2, first_token=None, idle=0.3, total=10)
     async with (
         raw_server(_thinker(1.0)) as server,
-        provider_for(server, timeouts=timeouts, retry=RetryPolicy(1)) as provider,
+        provider_for(server, timeouts=timeouts, retry=RetrySettings(1)) as provider,
     ):
         with pytest.raises(IdleTimeout):
             await collect(provider)

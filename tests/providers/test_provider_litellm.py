@@ -17,7 +17,7 @@ from moa_stream import (
     RateLimitError,
     StreamInterruptedError,
 )
-from moa_stream.providers import LiteLLMProvider, RetryPolicy, Timeouts
+from moa_stream.providers import LiteLLMProvider, RetrySettings, Timeouts
 from moa_stream.sim import LatencyProfile, SimModel, SimServer
 
 pytest.importorskip("litellm", reason="the litellm extra is not installed")
@@ -41,7 +41,7 @@ async def sim() -> AsyncIterator[SimServer]:
 
 def provider_for(sim: SimServer, **kwargs: Any) -> LiteLLMProvider:
     kwargs.setdefault("timeouts", Timeouts(connect=10, first_token=10, idle=10, total=30))
-    kwargs.setdefault("retry", RetryPolicy(max_attempts=3, jitter=0.0))
+    kwargs.setdefault("retry", RetrySettings(max_attempts=3, jitter=0.0))
     kwargs.setdefault("sleep", SleepRecorder())
     return LiteLLMProvider(name="lite", api_base=sim.base_url, api_key="sk-test", **kwargs)
 
@@ -79,7 +79,7 @@ async def test_rate_limit_is_retried_by_us_not_by_litellm(sim: SimServer) -> Non
     assert [r.status for r in sim.records] == [429, 200]
     assert stream.timings.attempts == 2
     fault = {"fault": "rate_limit", "retry_after": 0}
-    async with provider_for(sim, retry=RetryPolicy(max_attempts=2)) as provider:
+    async with provider_for(sim, retry=RetrySettings(max_attempts=2)) as provider:
         with pytest.raises(RateLimitError) as info:
             await read(provider, request(sim=fault))
     assert info.value.provider == "lite"

@@ -51,7 +51,13 @@ from moa_stream import (
     UpstreamError,
     Usage,
 )
-from moa_stream.providers import OpenAIProvider, OpenAIStream, RetryPolicy, Timeouts
+from moa_stream.providers import (
+    OpenAIProvider,
+    OpenAIStream,
+    RetryPolicy,
+    RetrySettings,
+    Timeouts,
+)
 
 
 async def aenumerate(stream: OpenAIStream) -> AsyncIterator[tuple[int, Delta]]:
@@ -140,9 +146,9 @@ def test_configuration_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match=r"timeouts\.idle"):
         Timeouts(idle=0)
     with pytest.raises(ConfigError, match="max_attempts"):
-        RetryPolicy(max_attempts=0)
+        RetrySettings(max_attempts=0)
     with pytest.raises(ConfigError, match="jitter"):
-        RetryPolicy(jitter=2)
+        RetrySettings(jitter=2)
 
 
 def test_names_repr_and_protocols() -> None:
@@ -158,12 +164,16 @@ def test_names_repr_and_protocols() -> None:
     assert "state=new" in repr(stream)
 
 
-def test_retry_policy_delays() -> None:
-    policy = RetryPolicy(backoff_base=0.1, backoff_cap=0.3, jitter=0.5)
-    assert policy.delay(1, 0.0) == pytest.approx(0.1)
-    assert policy.delay(2, 0.0) == pytest.approx(0.2)
-    assert policy.delay(5, 0.0) == pytest.approx(0.3)
-    assert policy.delay(1, 0.999) == pytest.approx(0.05, rel=0.01)
+def test_retry_settings_delays() -> None:
+    retry = RetrySettings(backoff_base=0.1, backoff_cap=0.3, jitter=0.5)
+    assert retry.delay(1, 0.0) == pytest.approx(0.1)
+    assert retry.delay(2, 0.0) == pytest.approx(0.2)
+    assert retry.delay(5, 0.0) == pytest.approx(0.3)
+    assert retry.delay(1, 0.999) == pytest.approx(0.05, rel=0.01)
+
+
+def test_retry_policy_is_the_former_name_of_retry_settings() -> None:
+    assert RetryPolicy is RetrySettings
 
 
 # -- wire quirks -------------------------------------------------------------------------------
@@ -548,7 +558,7 @@ async def test_server_errors_exhaust_the_attempts() -> None:
         return error_response(500, b"Internal Server Error")
 
     sleep = SleepRecorder()
-    retry = RetryPolicy(max_attempts=4, backoff_base=0.1, backoff_cap=0.25, jitter=0.0)
+    retry = RetrySettings(max_attempts=4, backoff_base=0.1, backoff_cap=0.25, jitter=0.0)
     async with (
         raw_server(handler) as server,
         provider_for(server, sleep=sleep, retry=retry) as provider,
@@ -625,7 +635,7 @@ async def test_no_retry_after_the_first_token() -> None:
 
 
 async def test_connect_timeout_when_headers_never_come() -> None:
-    retry = RetryPolicy(max_attempts=1)
+    retry = RetrySettings(max_attempts=1)
     async with (
         raw_server(stall) as server,
         provider_for(server, timeouts=FAST, retry=retry) as provider,
@@ -651,7 +661,7 @@ async def test_first_token_timeout_ignores_keepalives_and_role_chunks() -> None:
     timeouts = Timeouts(connect=1, first_token=0.6, idle=0.3, total=10)
     async with (
         raw_server(handler) as server,
-        provider_for(server, timeouts=timeouts, retry=RetryPolicy(1)) as provider,
+        provider_for(server, timeouts=timeouts, retry=RetrySettings(1)) as provider,
     ):
         with pytest.raises(FirstTokenTimeout) as info:
             await collect(provider)
@@ -669,7 +679,7 @@ async def test_first_token_timeout_starts_when_the_request_is_sent() -> None:
     timeouts = Timeouts(connect=5, first_token=0.3, idle=5, total=10)
     async with (
         raw_server(handler) as server,
-        provider_for(server, timeouts=timeouts, retry=RetryPolicy(1)) as provider,
+        provider_for(server, timeouts=timeouts, retry=RetrySettings(1)) as provider,
     ):
         stream = provider.stream(request())
         with pytest.raises(FirstTokenTimeout):
@@ -768,7 +778,7 @@ async def test_cancellation_during_backoff_propagates() -> None:
     async def handler(request: web.Request, seen: Seen) -> web.StreamResponse:
         return error_response(503, b"busy")
 
-    retry = RetryPolicy(max_attempts=5, backoff_base=30, backoff_cap=30, jitter=0)
+    retry = RetrySettings(max_attempts=5, backoff_base=30, backoff_cap=30, jitter=0)
     async with raw_server(handler) as server:
         provider = OpenAIProvider(server.base_url, retry=retry, sleep=sleep)
         async with provider:

@@ -20,7 +20,7 @@ from moa_stream import (
     TotalTimeout,
     UpstreamError,
 )
-from moa_stream.providers import OpenAIProvider, RetryPolicy, Timeouts
+from moa_stream.providers import OpenAIProvider, RetrySettings, Timeouts
 from moa_stream.sim import LatencyProfile, SimModel, SimServer
 
 FAST = LatencyProfile.fixed(ttft=0.02, tokens_per_s=500)
@@ -112,7 +112,7 @@ async def test_stall_first_is_retried_after_the_first_token_timeout(
 
 
 async def test_stall_first_without_retries_is_a_first_token_timeout(sim: SimServer) -> None:
-    async with provider_for(sim.base_url, timeouts=TIGHT, retry=RetryPolicy(1)) as provider:
+    async with provider_for(sim.base_url, timeouts=TIGHT, retry=RetrySettings(1)) as provider:
         with pytest.raises(FirstTokenTimeout) as info:
             await run(provider, extra=fault("stall_first", None, stall_s=30))
     assert info.value.delivered is False
