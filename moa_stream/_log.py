@@ -12,7 +12,7 @@ printed unless the application configures :mod:`logging` (``logging.basicConfig(
 the warnings on stderr). Other structlog loggers of the application keep structlog's own
 defaults, and once the application calls ``structlog.configure(...)`` its configuration
 applies to the library's lines as well, as before. The ``moa-stream`` commands configure
-logging themselves (:mod:`moa_stream._cli_logging`) and log to stderr.
+logging themselves (:mod:`moa_stream.cli.logs`) and log to stderr.
 
 This needs structlog's defaults replaced without marking structlog as configured (an
 application may configure it only when :func:`structlog.is_configured` is false, or with

@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from moa_stream.llamacpp import InferenceServer, InferenceServerError
+from moa_stream.testing.llamacpp import InferenceServer, InferenceServerError
 
 STAND_IN = [sys.executable, "-m", "http.server", "{port}", "--bind", "127.0.0.1"]
 

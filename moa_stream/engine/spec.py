@@ -19,6 +19,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from moa_stream._exceptions import ConfigError
 from moa_stream._types import ChatMessage, ChatRequest
+from moa_stream.engine.endpoints import (
+    Endpoint,
+    EndpointMoA,
+    EndpointProviders,
+    as_policy,
+    unique_names,
+)
 from moa_stream.engine.layer import UsableAnswer
 from moa_stream.engine.policies import Policy, WaitAll, parse_policy, required_completions
 from moa_stream.engine.prompts import PromptTemplates
@@ -28,8 +35,7 @@ from moa_stream.engine.staircase import Staircase
 from moa_stream.engine.streams import Hedge
 
 if TYPE_CHECKING:
-    from moa_stream._easy import EndpointMoA
-    from moa_stream.providers import Provider
+    from moa_stream.providers import Provider, RetryPolicy, Timeouts
 
 __all__ = [
     "Agent",
@@ -218,12 +224,63 @@ class MoA:
         )
 
     @classmethod
-    def from_endpoints(cls, *args: Any, **kwargs: Any) -> EndpointMoA:
-        """A MoA over OpenAI-compatible endpoints that owns its providers; see
-        :func:`moa_stream.from_endpoints` for the arguments."""
-        from moa_stream._easy import from_endpoints
+    def from_endpoints(
+        cls,
+        proposers: Sequence[str | Endpoint],
+        aggregator: str | Endpoint,
+        *,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        api_key_env: str | None = None,
+        policy: Policy | str | None = None,
+        fallbacks: Sequence[str | Endpoint] = (),
+        layers: int = 1,
+        stragglers: Literal["cancel", "keep"] = "cancel",
+        timeouts: Timeouts | None = None,
+        retry: RetryPolicy | None = None,
+        temperature: float | None = None,
+        name: str = "moa",
+    ) -> EndpointMoA:
+        """A MoA over OpenAI-compatible endpoints that owns (and closes) its providers.
 
-        return from_endpoints(*args, **kwargs)
+        Each proposer, the aggregator and each fallback is a model name (served at
+        ``base_url``) or an :class:`~moa_stream.Endpoint` (its own URL and key). Endpoints with
+        the same URL and key share one provider, so one connection pool. ``policy`` is the
+        layers' policy, an object or its text (default: wait for every proposer);
+        ``temperature`` applies to every agent that does not set its own. Also available as
+        ``moa_stream.from_endpoints``; the pieces are in :mod:`moa_stream.engine.endpoints`.
+        """
+        if layers < 1:
+            raise ConfigError("must be at least 1", path="layers")
+        if not proposers:
+            raise ConfigError("at least one proposer is needed", path="proposers")
+        pool = EndpointProviders(
+            base_url=base_url,
+            api_key=api_key,
+            api_key_env=api_key_env,
+            timeouts=timeouts,
+            retry=retry,
+        )
+
+        def agent_for(item: str | Endpoint, role: str) -> Agent:
+            endpoint = item if isinstance(item, Endpoint) else Endpoint(item)
+            params: dict[str, Any] = dict(endpoint.params)
+            if temperature is not None:
+                params.setdefault("temperature", temperature)
+            provider = pool.provider_for(endpoint, role)
+            return Agent(endpoint.name or endpoint.model, provider, endpoint.model, **params)
+
+        proposer_agents = unique_names(tuple(agent_for(p, "proposers") for p in proposers))
+        aggregator_agent = agent_for(aggregator, "aggregator")
+        fallback_agents = tuple(agent_for(f, "fallbacks") for f in fallbacks)
+        layer = Layer(proposer_agents, as_policy(policy) or WaitAll(), stragglers=stragglers)
+        spec = cls(
+            layers=(layer,) * layers,
+            aggregator=aggregator_agent,
+            fallbacks=fallback_agents,
+            name=name,
+        )
+        return EndpointMoA(spec, pool.providers)
 
     def with_policy(self, policy: Policy, **layer_changes: Any) -> MoA:
         """The same MoA with ``policy`` (and any other :class:`Layer` field) on every layer."""

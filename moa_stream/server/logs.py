@@ -1,9 +1,10 @@
 """Logging set-up for a server run inside an application: one JSON object per line, on stderr.
 
 The library only ever calls ``structlog.get_logger()``. :func:`configure_logging` here is the
-JSON set-up of the ``moa-stream`` commands (:mod:`moa_stream._cli_logging`), so a server an
-application starts itself logs exactly as ``moa-stream serve`` does: records of the standard
-``logging`` module (aiohttp's, asyncio's) go through the same renderer.
+library's logging set-up (:mod:`moa_stream._log_setup`) in its JSON format, the one
+``moa-stream serve`` uses too, so a server an application starts itself logs exactly as the
+command does: records of the standard ``logging`` module (aiohttp's, asyncio's) go through the
+same renderer.
 
 Secrets: request headers are never logged, and the set-up also installs :class:`Redactor`, a
 processor that replaces any configured API key found in a log line's values with
@@ -15,8 +16,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TextIO
 
-from moa_stream import _cli_logging
-from moa_stream._cli_logging import Redactor
+from moa_stream import _log_setup
+from moa_stream._log_setup import Redactor
 
 __all__ = ["Redactor", "configure_logging"]
 
@@ -30,7 +31,7 @@ def configure_logging(
     """Send structlog and standard-library logging to ``stream`` (stderr) as JSON lines.
 
     ``level`` is ``debug``, ``info``, ``warning`` or ``error``; ``secrets`` are masked wherever
-    they appear in a line. The set-up is the commands' (:mod:`moa_stream._cli_logging`) in its
+    they appear in a line. The set-up is the library's (:mod:`moa_stream._log_setup`) in its
     JSON format, so a server embedded in an application logs exactly as ``moa-stream serve``.
     """
-    _cli_logging.configure_logging(level=level, fmt="json", stream=stream, secrets=secrets)
+    _log_setup.configure_logging(level=level, fmt="json", stream=stream, secrets=secrets)

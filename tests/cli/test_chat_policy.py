@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from support.terminal import PtyProcess
 
-from moa_stream._chat import ChatSession
+from moa_stream.cli.chat import ChatSession
 from moa_stream.config import Runtime, default_config
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import socket
 
-from moa_stream._chat import ChatSession
+from moa_stream.cli.chat import ChatSession
 from moa_stream.config import Runtime, loads_config
 
 

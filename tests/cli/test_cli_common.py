@@ -15,7 +15,7 @@ import pytest
 import structlog
 
 from moa_stream import __version__
-from moa_stream._cli_logging import configure_logging
+from moa_stream._log_setup import configure_logging
 from moa_stream.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]

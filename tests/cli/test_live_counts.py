@@ -7,8 +7,8 @@ import io
 from typing import cast
 
 from moa_stream import MoA, estimate_tokens
-from moa_stream._live import LiveView, one_line_summary
 from moa_stream._types import Usage
+from moa_stream.cli.live import LiveView, one_line_summary
 from moa_stream.engine.events import ProposerDelta, ProposerDone, ProposerStarted, RunReport
 
 

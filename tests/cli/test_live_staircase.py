@@ -15,11 +15,11 @@ import pytest
 import structlog
 
 from moa_stream import MoA
-from moa_stream._cli_logging import configure_logging
-from moa_stream._demo import stream_run
 from moa_stream._exceptions import AggregatorError
-from moa_stream._live import LiveView
+from moa_stream._log_setup import configure_logging
 from moa_stream._types import Usage
+from moa_stream.cli.demo import stream_run
+from moa_stream.cli.live import LiveView
 from moa_stream.engine.events import (
     AggregatorDelta,
     Event,
@@ -82,7 +82,7 @@ def screen(text: str, width: int = 200) -> list[str]:
 
 @pytest.fixture(autouse=True)
 def _every_delta_redraws(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("moa_stream._live._REDRAW_EVERY", 0.0)
+    monkeypatch.setattr("moa_stream.cli.live._REDRAW_EVERY", 0.0)
 
 
 def _staircase_spec() -> MoA:

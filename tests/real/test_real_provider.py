@@ -8,7 +8,7 @@ from realhelpers import QUESTION, chat_request, collect, provider, raw_session, 
 
 from moa_stream import ChatMessage
 from moa_stream._types import estimate_tokens
-from moa_stream.llamacpp import InferenceServer
+from moa_stream.testing.llamacpp import InferenceServer
 
 pytestmark = [pytest.mark.real, pytest.mark.timeout(300)]
 

@@ -15,7 +15,7 @@ import openai
 import pytest
 from realhelpers import QUESTION, Serve, moa_config, moa_serve, progress_stream, wait_for_log
 
-from moa_stream.llamacpp import InferenceServer, llama_server
+from moa_stream.testing.llamacpp import InferenceServer, llama_server
 
 pytestmark = [pytest.mark.real, pytest.mark.timeout(300)]
 

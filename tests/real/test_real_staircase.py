@@ -15,7 +15,7 @@ pytest.importorskip("moa_stream.engine.staircase", reason="needs the staircase a
 
 from realhelpers import moa_config, moa_serve, progress_stream
 
-from moa_stream.llamacpp import InferenceServer
+from moa_stream.testing.llamacpp import InferenceServer
 
 pytestmark = [pytest.mark.real, pytest.mark.timeout(300)]
 

@@ -92,7 +92,7 @@ def test_redactor_masks_the_longest_secret_first() -> None:
 def test_server_and_command_logging_are_one_set_up() -> None:
     # The server's entry point is the commands' JSON set-up: the same line for the same call,
     # and the same clear error for a level neither knows.
-    from moa_stream._cli_logging import configure_logging as configure_for_commands
+    from moa_stream._log_setup import configure_logging as configure_for_commands
 
     lines = []
     for configure in (

@@ -1,10 +1,11 @@
 """The ``moa-stream`` command.
 
-Each sub-command lives next to the code it drives and registers itself through a module-level
-``add_parser(subparsers)`` that sets ``func`` (``args -> exit code``) on its parser. This module
-adds what every command shares: ``--version``, the logging options (logs always go to stderr,
-see :mod:`moa_stream._cli_logging`) and help texts in plain
-text.
+Each sub-command registers itself through a module-level ``add_parser(subparsers)`` that sets
+``func`` (``args -> exit code``) on its parser: ``demo``, ``chat`` and ``serve`` live in this
+package, ``sim`` and ``bench`` next to the code they drive. This module adds what every command
+shares: ``--version``, the logging options (logs always go to stderr, see
+:mod:`moa_stream.cli.logs`) and help texts in plain text. Nothing else in the library imports
+this package: the command line sits on top of it.
 """
 
 from __future__ import annotations
@@ -12,21 +13,20 @@ from __future__ import annotations
 import argparse
 import importlib
 import re
-import sys
 from collections.abc import Callable, Sequence
 from typing import cast
 
 from moa_stream import __version__
-from moa_stream._cli_logging import add_logging_arguments, configure_from_args
+from moa_stream.cli.logs import add_logging_arguments, configure_from_args
 
 __all__ = ["build_parser", "main"]
 
 #: sub-command name -> module that defines ``add_parser``
 COMMANDS: dict[str, str] = {
-    "demo": "moa_stream._demo",
-    "chat": "moa_stream._chat",
+    "demo": "moa_stream.cli.demo",
+    "chat": "moa_stream.cli.chat",
     "sim": "moa_stream.sim._cli",
-    "serve": "moa_stream.server._cli",
+    "serve": "moa_stream.cli.serve",
     "bench": "moa_stream.bench._cli",
 }
 
@@ -74,7 +74,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return func(args)
     except KeyboardInterrupt:
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,9 +17,9 @@ import tempfile
 from dataclasses import replace
 
 from moa_stream import _aio
-from moa_stream._cli_logging import configure_from_args, format_from_args, level_from_args
 from moa_stream._exceptions import ConfigError
 from moa_stream._probe import check_at_start
+from moa_stream.cli.logs import configure_from_args, format_from_args, level_from_args
 from moa_stream.config import Config, default_config, load_config
 from moa_stream.server._serve import _url, reserve_port, serve, supervise, worker_argv
 

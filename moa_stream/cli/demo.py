@@ -19,9 +19,9 @@ import orjson
 
 from moa_stream import _aio
 from moa_stream._exceptions import ConfigError, MoAStreamError
-from moa_stream._live import LiveView, fmt_seconds, fmt_tokens
 from moa_stream._probe import check_at_start, hint_for
 from moa_stream._types import ChatMessage
+from moa_stream.cli.live import LiveView, fmt_seconds, fmt_tokens
 from moa_stream.config import Config, Runtime, default_config, load_config
 from moa_stream.engine.events import RunReport
 from moa_stream.engine.spec import MoA

@@ -19,7 +19,7 @@ counts keep moving; it is erased before each piece of the answer and settles as 
 own after it. Where the answer goes elsewhere (``chat > answer.txt``) the line is simply redrawn.
 
 Log lines (``moa-stream`` commands log to stderr, the same terminal) would land inside the live
-line: the view registers with :mod:`moa_stream._cli_logging`, which erases the line before a log
+line: the view registers with :mod:`moa_stream._log_setup`, which erases the line before a log
 line and redraws it after, or holds the log lines while the answer streams on that terminal and
 writes them after it.
 """
@@ -32,7 +32,7 @@ import time
 from collections.abc import Sequence
 from typing import IO
 
-from moa_stream import _cli_logging
+from moa_stream import _log_setup
 from moa_stream._types import Usage, estimate_tokens
 from moa_stream.engine.events import Event, ReferenceInfo, RunReport
 from moa_stream.engine.spec import MoA
@@ -118,7 +118,7 @@ class LiveView:
         self._drawn_at = 0.0
         self._settled = False  # the layer decided: its status line is final until the next
         if self.live:
-            _cli_logging.set_live_line(self)
+            _log_setup.set_live_line(self)
 
     # -- drawing -----------------------------------------------------------------------------
     def status_line(self) -> str:
@@ -201,9 +201,9 @@ class LiveView:
         is over for this view, so log lines held back meanwhile are written now."""
         self._erase()
         self._settled = True
-        _cli_logging.release_live_line(self)
+        _log_setup.release_live_line(self)
 
-    # -- log lines (moa_stream._cli_logging.LiveLine) ----------------------------------------
+    # -- log lines (moa_stream._log_setup.LiveLine) ----------------------------------------
     def before_log(self) -> bool:
         """Make room for a log line on the terminal; False: hold it until the answer ends."""
         if self.answering and self.shared:
@@ -296,7 +296,7 @@ class LiveView:
             for line in self._later:
                 self._say(line)
         self._later.clear()
-        _cli_logging.release_live_line(self)
+        _log_setup.release_live_line(self)
 
     def _layer_done(
         self,

@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from typing import IO
 
 from moa_stream import _aio
-from moa_stream._demo import render_table, stream_run, summary_row
 from moa_stream._exceptions import ConfigError, MoAStreamError
-from moa_stream._live import LiveView, one_line_summary
 from moa_stream._probe import check_at_start, hint_for
 from moa_stream._types import ChatMessage
+from moa_stream.cli.demo import render_table, stream_run, summary_row
+from moa_stream.cli.live import LiveView, one_line_summary
 from moa_stream.config import Config, Runtime, default_config, load_config
 from moa_stream.engine.policies import parse_policy
 from moa_stream.engine.spec import MoA

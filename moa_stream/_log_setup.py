@@ -1,17 +1,13 @@
-"""Logging set-up for the ``moa-stream`` commands: every log line goes to stderr.
+"""Logging set-up for an application of the library: every log line goes to one stream.
 
 The library itself never configures logging: it only calls ``structlog.get_logger()`` (and
 aiohttp uses the standard ``logging`` module), so an application that imports ``moa_stream``
-keeps whatever set-up it has. The commands are applications, so they configure it here, once,
-before they start: stdout then carries only a command's output (an answer, a JSON report, a
-URL) and can be piped or redirected without log lines in it.
-
-Every command takes the same options:
-
-- ``-v`` (info) and ``-vv`` (debug), or ``--log-level debug|info|warning|error``; the default
-  is ``warning`` for the interactive commands and ``info`` for ``serve``;
-- ``--log-format console|json``: readable lines on a terminal, one JSON object per line
-  otherwise (the default picks by whether stderr is a terminal).
+keeps whatever set-up it has (:mod:`moa_stream._log`). The ``moa-stream`` commands are
+applications, and so is a server an application starts itself: :func:`configure_logging` is
+their set-up, used by the command line (:mod:`moa_stream.cli.logs`, from its options) and by
+:func:`moa_stream.server.configure_logging`. It sends structlog's lines and the standard
+library's to stderr (by default), readable on a terminal or one JSON object per line, with
+configured secrets masked (:class:`Redactor`).
 
 ``demo`` and ``chat`` draw a live status line on the same terminal. Every log line goes
 through :class:`_LiveAwareStream`, which asks the live view (:func:`set_live_line`) to erase its
@@ -21,8 +17,6 @@ a warning never lands inside the status line or the answer.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import logging
 import sys
 from collections.abc import Iterable
@@ -37,10 +31,11 @@ from moa_stream._secrets import mask_secrets
 __all__ = [
     "FORMATS",
     "LEVELS",
+    "LiveLine",
     "Redactor",
-    "add_logging_arguments",
-    "configure_from_args",
     "configure_logging",
+    "release_live_line",
+    "set_live_line",
 ]
 
 LEVELS: dict[str, int] = {
@@ -50,69 +45,6 @@ LEVELS: dict[str, int] = {
     "error": logging.ERROR,
 }
 FORMATS = ("console", "json")
-
-
-def add_logging_arguments(parser: argparse.ArgumentParser, default_level: str) -> None:
-    """Add ``-v``, ``--log-level`` and ``--log-format`` to ``parser``, except any it has."""
-    group = parser.add_argument_group("logging (always on stderr)")
-    options: list[tuple[tuple[str, ...], dict[str, Any]]] = [
-        (
-            ("-v", "--verbose"),
-            {"action": "count", "default": 0, "help": "more log lines: -v info, -vv debug"},
-        ),
-        (
-            ("--log-level",),
-            {
-                "choices": list(LEVELS),
-                "default": None,
-                "help": f"the lowest level logged (default: {default_level})",
-            },
-        ),
-        (
-            ("--log-format",),
-            {
-                "choices": FORMATS,
-                "default": None,
-                "help": "console or JSON lines (default: console on a terminal, else JSON)",
-            },
-        ),
-    ]
-    for flags, kwargs in options:
-        # A command that defines one of these itself keeps its own.
-        with contextlib.suppress(argparse.ArgumentError):
-            group.add_argument(*flags, **kwargs)
-    parser.set_defaults(_default_log_level=default_level)
-
-
-def level_from_args(args: argparse.Namespace) -> str:
-    """The level that ``--log-level`` names, else the default lowered once per ``-v``."""
-    explicit: str | None = getattr(args, "log_level", None)
-    if explicit:
-        return explicit
-    default: str = getattr(args, "_default_log_level", "warning")
-    order = ["error", "warning", "info", "debug"]
-    steps = int(getattr(args, "verbose", 0) or 0)
-    return order[min(len(order) - 1, order.index(default) + steps)]
-
-
-def format_from_args(args: argparse.Namespace, stream: TextIO | None = None) -> str:
-    fmt: str | None = getattr(args, "log_format", None)
-    if fmt:
-        return fmt
-    out = stream if stream is not None else sys.stderr
-    return "console" if out.isatty() else "json"
-
-
-def configure_from_args(
-    args: argparse.Namespace, *, secrets: Iterable[str] = (), stream: TextIO | None = None
-) -> None:
-    """Configure logging as the command line ``args`` ask."""
-    configure_logging(
-        level=level_from_args(args),
-        fmt=format_from_args(args, stream),
-        stream=stream,
-        secrets=secrets,
-    )
 
 
 class Redactor:
