@@ -17,16 +17,17 @@ A final assistant message is continued (a prefill), as the API does, with the mo
 continuation flaws; a model that refuses prefills answers as Anthropic's newer models do, a 400
 ``invalid_request_error`` "This model does not support assistant message prefill. ...".
 
-It is part of the simulator, and uses the server's bookkeeping (records, slots, counters) from
-inside the package.
+Only the wire is here: the plan of every reply and what is kept of it are the ledger's
+(:mod:`moa_stream.sim._ledger`), when each piece goes out the pacer's
+(:mod:`moa_stream.sim._pacing`), as on the chat-completions route.
 """
 
 from __future__ import annotations
 
-import asyncio
 import math
 import secrets
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 import orjson
@@ -34,11 +35,14 @@ from aiohttp import web
 
 from moa_stream.sim._continue import detect_continuation
 from moa_stream.sim._flaws import PREFILL_REFUSAL
-from moa_stream.sim._plan import ParsedRequest, Plan, RequestError, build_plan, parse_request
+from moa_stream.sim._ledger import Ledger, SimRecord, note_done
+from moa_stream.sim._pacing import Pacer, event_stream, sleep_until
+from moa_stream.sim._plan import ParsedRequest, Plan, RequestError, parse_request
+from moa_stream.sim._wire import json_response
 from moa_stream.sim.profiles import SimModel
 
 if TYPE_CHECKING:
-    from moa_stream.sim.server import SimRecord, SimServer
+    from moa_stream.sim.server import SimServer
 
 __all__ = ["MessagesRoute"]
 
@@ -57,12 +61,7 @@ def _error_body(error_type: str, message: str) -> bytes:
 def _json(
     status: int, body: bytes, request_id: str, headers: dict[str, str] | None = None
 ) -> web.Response:
-    return web.Response(
-        status=status,
-        body=body,
-        content_type="application/json",
-        headers={"request-id": request_id, **(headers or {})},
-    )
+    return json_response(body, status, request_id, headers, id_header="request-id")
 
 
 def _text(content: object, where: str) -> str:
@@ -120,23 +119,124 @@ def parse_messages_request(raw: bytes) -> tuple[ParsedRequest, bool]:
         raise RequestError(400, f"{exc.param or 'request'}: {exc.message}") from None
 
 
-class MessagesRoute:
-    """``POST /v1/messages`` for a :class:`~moa_stream.sim.server.SimServer`."""
+def _thinking_words(thinking: bool) -> list[str]:
+    return ["Let ", "me ", "think. "] if thinking else []
 
-    def __init__(self, sim: SimServer) -> None:
+
+def _usage(plan: Plan, output_tokens: int) -> dict[str, int]:
+    return {
+        "input_tokens": plan.prompt_tokens,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+        "output_tokens": output_tokens,
+    }
+
+
+def _block_start(index: int, block: dict[str, str]) -> bytes:
+    return _event(
+        "content_block_start",
+        {"type": "content_block_start", "index": index, "content_block": block},
+    )
+
+
+def _block_delta(index: int, delta: dict[str, str]) -> bytes:
+    return _event(
+        "content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta}
+    )
+
+
+class _MessageEvents:
+    """One reply's Messages events, for :meth:`Pacer.stream`: ``message_start`` when generation
+    starts; the thinking block (if asked for) and the text block's start with the first tokens;
+    a ``content_block_delta`` per token; the block's stop, ``message_delta`` and
+    ``message_stop`` at the end."""
+
+    __slots__ = (
+        "_index",
+        "_output_tokens",
+        "_stop_reason",
+        "head",
+        "keepalive",
+        "opening",
+        "started",
+    )
+
+    def __init__(self, req: ParsedRequest, plan: Plan, message_id: str, thinking: bool) -> None:
+        message: dict[str, Any] = {
+            "id": message_id,
+            "type": "message",
+            "role": "assistant",
+            "model": req.model,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": _usage(plan, 1),
+        }
+        self.opening = b""
+        self.started = _event("message_start", {"type": "message_start", "message": message}) + (
+            _PING if plan.keepalive else b""
+        )
+        self.keepalive = _PING
+        head: list[bytes] = []
+        words = _thinking_words(thinking)
+        if words:
+            head.append(_block_start(0, {"type": "thinking", "thinking": "", "signature": ""}))
+            head.extend(_block_delta(0, {"type": "thinking_delta", "thinking": w}) for w in words)
+            head.append(_block_delta(0, {"type": "signature_delta", "signature": "sim"}))
+            head.append(_event("content_block_stop", {"type": "content_block_stop", "index": 0}))
+        self._index = 1 if words else 0
+        head.append(_block_start(self._index, {"type": "text", "text": ""}))
+        head.append(_PING)
+        self.head: Sequence[bytes] = head
+        self._stop_reason = _STOP_REASONS.get(plan.finish_reason, plan.finish_reason)
+        self._output_tokens = len(plan.tokens) + len(words)
+
+    def tokens(self, tokens: Sequence[str], first: bool, now: float) -> list[bytes]:
+        index = self._index
+        return [_block_delta(index, {"type": "text_delta", "text": t}) for t in tokens]
+
+    def tail(self, first: bool, now: float) -> list[bytes]:
+        return [
+            _event("content_block_stop", {"type": "content_block_stop", "index": self._index}),
+            _event(
+                "message_delta",
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": self._stop_reason, "stop_sequence": None},
+                    "usage": {"output_tokens": self._output_tokens},
+                },
+            ),
+            _event("message_stop", {"type": "message_stop"}),
+        ]
+
+    def error(self) -> bytes:
+        return _event(
+            "error",
+            {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}},
+        )
+
+    def malformed(self) -> bytes:
+        return b'event: content_block_delta\ndata: {"type": "content_bl\n\n'
+
+
+class MessagesRoute:
+    """``POST /v1/messages`` of ``sim``, writing into its ``ledger`` on its ``pacer``'s clock."""
+
+    def __init__(self, sim: SimServer, ledger: Ledger, pacer: Pacer) -> None:
         self._sim = sim
+        self._ledger = ledger
+        self._pacer = pacer
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        return await self._sim.track(request, self._serve, "req_" + secrets.token_hex(12))
+        return await self._ledger.track(request, self._serve, "req_" + secrets.token_hex(12))
 
     async def _serve(self, request: web.Request, record: SimRecord) -> web.StreamResponse:
-        sim = self._sim
         rid = record.request_id
         try:
             req, thinking = parse_messages_request(await request.read())
             record.model = req.model
             record.stream = req.stream
-            model = sim._models.get(req.model)
+            model = self._sim.models.get(req.model)
             if model is None:
                 raise RequestError(404, f"model: {req.model}", error_type="not_found_error")
         except RequestError as exc:
@@ -147,8 +247,6 @@ class MessagesRoute:
                 error_type = "invalid_request_error"
             return _json(exc.status, _error_body(error_type, exc.message), rid)
 
-        forced, random_faults = sim._forced_fault(req)
-        occurrence = sim._occurrences.bump((req.model, req.prompt_digest, req.sample))
         # The Messages API always continues a final assistant message.
         continuation = detect_continuation(
             req.messages,
@@ -156,22 +254,16 @@ class MessagesRoute:
             last_prefix=False,
             continue_trailing_assistant=True,
         )
-        plan = build_plan(
-            model,
-            req,
-            seed=sim.seed,
-            occurrence=occurrence,
-            fault=forced,
-            random_faults=random_faults,
-            continuation=continuation,
-        )
-        record._take_plan(plan, req.repeat_key, occurrence)
+        plan = self._ledger.plan(record, model, req, seed=self._sim.seed, continuation=continuation)
         refusal = self._refusal(record, model, req, plan)
         if refusal is not None:
             return refusal
         message_id = "msg_" + secrets.token_hex(12)
         if req.stream:
-            return await self._stream(request, record, model, req, plan, message_id, thinking)
+            events = _MessageEvents(req, plan, message_id, thinking)
+            with self._ledger.streaming():
+                resp = event_stream("request-id", rid)
+                return await self._pacer.stream(request, resp, record, model, plan, events)
         return await self._complete(record, model, req, plan, message_id, thinking)
 
     @staticmethod
@@ -211,18 +303,6 @@ class MessagesRoute:
             return _json(400, _error_body("invalid_request_error", message), rid)
         return None
 
-    @staticmethod
-    def _thinking_words(thinking: bool) -> list[str]:
-        return ["Let ", "me ", "think. "] if thinking else []
-
-    def _usage(self, plan: Plan, output_tokens: int) -> dict[str, int]:
-        return {
-            "input_tokens": plan.prompt_tokens,
-            "cache_creation_input_tokens": 0,
-            "cache_read_input_tokens": 0,
-            "output_tokens": output_tokens,
-        }
-
     async def _complete(
         self,
         record: SimRecord,
@@ -232,13 +312,10 @@ class MessagesRoute:
         message_id: str,
         thinking: bool,
     ) -> web.StreamResponse:
-        async with self._sim._slot(model):
-            start = self._sim._mark_start(record, plan)
-            delay = start + plan.end_offset - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
+        async with self._pacer.generation(record, model, plan) as start:
+            await sleep_until(start + plan.end_offset)
         content: list[dict[str, Any]] = []
-        words = self._thinking_words(thinking)
+        words = _thinking_words(thinking)
         if words:
             content.append({"type": "thinking", "thinking": "".join(words), "signature": "sim"})
         content.append({"type": "text", "text": "".join(plan.tokens)})
@@ -252,198 +329,12 @@ class MessagesRoute:
                 "content": content,
                 "stop_reason": _STOP_REASONS.get(plan.finish_reason, plan.finish_reason),
                 "stop_sequence": None,
-                "usage": self._usage(plan, n),
+                "usage": _usage(plan, n),
             }
         )
         now = time.monotonic()
         record.first_token_sent_at = record.last_token_sent_at = now
         record.status = 200
         record.completion_tokens = n
-        self._sim._mark_done(record, plan)
+        note_done(record, plan)
         return _json(200, body, record.request_id)
-
-    async def _stream(
-        self,
-        request: web.Request,
-        record: SimRecord,
-        model: SimModel,
-        req: ParsedRequest,
-        plan: Plan,
-        message_id: str,
-        thinking: bool,
-    ) -> web.StreamResponse:
-        resp = web.StreamResponse(
-            status=200,
-            headers={
-                "Content-Type": "text/event-stream",
-                "Cache-Control": "no-cache",
-                "request-id": record.request_id,
-            },
-        )
-        sim = self._sim
-        sim._active_streams += 1
-        try:
-            await resp.prepare(request)
-            record.status = 200
-            async with sim._slot(model):
-                start = sim._mark_start(record, plan)
-                message: dict[str, Any] = {
-                    "id": message_id,
-                    "type": "message",
-                    "role": "assistant",
-                    "model": req.model,
-                    "content": [],
-                    "stop_reason": None,
-                    "stop_sequence": None,
-                    "usage": self._usage(plan, 1),
-                }
-                await resp.write(
-                    _event("message_start", {"type": "message_start", "message": message})
-                    + (_PING if plan.keepalive else b"")
-                )
-                await self._write_blocks(request, resp, record, plan, start, thinking)
-        except ConnectionError:
-            record.outcome = "client_disconnected"
-        finally:
-            sim._active_streams -= 1
-        return resp
-
-    async def _write_blocks(
-        self,
-        request: web.Request,
-        resp: web.StreamResponse,
-        record: SimRecord,
-        plan: Plan,
-        start: float,
-        thinking: bool,
-    ) -> None:
-        tokens = plan.tokens
-        n = len(tokens)
-        fault = plan.fault if plan.fault in ("reset_mid", "malformed", "error_frame") else None
-        index = 0
-        first: list[bytes] = []
-        words = self._thinking_words(thinking)
-        if words:
-            first.append(
-                _event(
-                    "content_block_start",
-                    {
-                        "type": "content_block_start",
-                        "index": 0,
-                        "content_block": {"type": "thinking", "thinking": "", "signature": ""},
-                    },
-                )
-            )
-            first.extend(
-                _event(
-                    "content_block_delta",
-                    {
-                        "type": "content_block_delta",
-                        "index": 0,
-                        "delta": {"type": "thinking_delta", "thinking": word},
-                    },
-                )
-                for word in words
-            )
-            first.append(
-                _event(
-                    "content_block_delta",
-                    {
-                        "type": "content_block_delta",
-                        "index": 0,
-                        "delta": {"type": "signature_delta", "signature": "sim"},
-                    },
-                )
-            )
-            first.append(_event("content_block_stop", {"type": "content_block_stop", "index": 0}))
-            index = 1
-        first.append(
-            _event(
-                "content_block_start",
-                {
-                    "type": "content_block_start",
-                    "index": index,
-                    "content_block": {"type": "text", "text": ""},
-                },
-            )
-        )
-        first.append(_PING)
-
-        def delta(token: str) -> bytes:
-            return _event(
-                "content_block_delta",
-                {
-                    "type": "content_block_delta",
-                    "index": index,
-                    "delta": {"type": "text_delta", "text": token},
-                },
-            )
-
-        i = 0
-        while True:
-            if fault is not None and i == plan.fault_at:
-                await _sleep_until(start + plan.event_offset(i))
-                record.outcome = f"fault:{fault}"
-                if fault == "reset_mid":
-                    transport = request.transport
-                    if transport is not None:
-                        transport.abort()
-                    return
-                if fault == "error_frame":
-                    await resp.write(
-                        b"".join(first)
-                        + _event(
-                            "error",
-                            {
-                                "type": "error",
-                                "error": {"type": "overloaded_error", "message": "Overloaded"},
-                            },
-                        )
-                    )
-                    await resp.write_eof()
-                    return
-                first.append(b'event: content_block_delta\ndata: {"type": "content_bl\n\n')
-                fault = None
-            if i >= n:
-                break
-            await _sleep_until(start + plan.offsets[i])
-            now = time.monotonic()
-            limit = plan.fault_at if fault is not None else n
-            j = i + 1
-            while j < limit and start + plan.offsets[j] <= now:
-                j += 1
-            if i == 0:
-                record.first_token_sent_at = now
-            parts, first = first, []
-            if plan.keepalive:
-                parts.append(_PING)
-            parts.extend(delta(t) for t in tokens[i:j])
-            await resp.write(b"".join(parts))
-            record.last_token_sent_at = now
-            record.completion_tokens = j
-            i = j
-        await _sleep_until(start + plan.end_offset)
-        if record.first_token_sent_at is None:
-            record.first_token_sent_at = time.monotonic()
-        stop = _STOP_REASONS.get(plan.finish_reason, plan.finish_reason)
-        await resp.write(
-            b"".join(first)
-            + _event("content_block_stop", {"type": "content_block_stop", "index": index})
-            + _event(
-                "message_delta",
-                {
-                    "type": "message_delta",
-                    "delta": {"stop_reason": stop, "stop_sequence": None},
-                    "usage": {"output_tokens": n + len(self._thinking_words(thinking))},
-                },
-            )
-            + _event("message_stop", {"type": "message_stop"})
-        )
-        await resp.write_eof()
-        self._sim._mark_done(record, plan)
-
-
-async def _sleep_until(when: float) -> None:
-    delay = when - time.monotonic()
-    if delay > 0.0:
-        await asyncio.sleep(delay)

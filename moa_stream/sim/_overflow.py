@@ -15,27 +15,19 @@ Three forms, byte for byte the shape each server sends (the simulator's fault
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import orjson
 from aiohttp import web
 
+from moa_stream.sim._ledger import SimRecord
 from moa_stream.sim._plan import ParsedRequest
+from moa_stream.sim._wire import json_response
 from moa_stream.sim.profiles import SimModel
-
-if TYPE_CHECKING:
-    from moa_stream.sim.server import SimRecord
 
 __all__ = ["overflow_response"]
 
 
 def _json(status: int, body: object, request_id: str) -> web.Response:
-    return web.Response(
-        status=status,
-        body=orjson.dumps(body),
-        content_type="application/json",
-        headers={"x-request-id": request_id},
-    )
+    return json_response(orjson.dumps(body), status, request_id)
 
 
 async def overflow_response(

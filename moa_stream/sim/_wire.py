@@ -1,5 +1,5 @@
-"""The simulator's bytes: the shared wire format (:mod:`moa_stream._wire`) plus the two
-things only a simulator writes, its error frame and its ``x_sim`` timing field.
+"""The simulator's bytes: the shared wire format (:mod:`moa_stream._wire`) plus what only a
+simulator writes (its error frame) and the JSON response every route answers with.
 
 The simulator does not keep a wire format of its own: it must send exactly what the server and
 the client agree on, so a difference between them shows up in tests instead of in production.
@@ -7,22 +7,23 @@ the client agree on, so a difference between them shows up in tests instead of i
 
 from __future__ import annotations
 
-from typing import Any
-
-import orjson
+from aiohttp import web
 
 from moa_stream._wire import DONE, KEEPALIVE, ChunkEncoder, completion_object, error_body
 
 __all__ = [
     "DONE",
+    "INTERNAL_ERROR",
     "KEEPALIVE",
     "ChunkEncoder",
-    "completion_body",
+    "completion_object",
     "error_body",
     "error_frame",
+    "json_response",
 ]
 
-_INTERNAL_ERROR = error_body(
+#: The body of a 500 (and of the error frame): the server failed while generating.
+INTERNAL_ERROR = error_body(
     "The server had an error while processing your request.", "server_error", "internal_error"
 )
 
@@ -30,32 +31,22 @@ _INTERNAL_ERROR = error_body(
 def error_frame() -> bytes:
     """An error event inside a 200 stream, followed by ``[DONE]``, as OpenAI-compatible servers
     send when generation fails after the stream has started."""
-    return b"data: " + _INTERNAL_ERROR + b"\n\n" + DONE
+    return b"data: " + INTERNAL_ERROR + b"\n\n" + DONE
 
 
-def completion_body(
+def json_response(
+    body: bytes,
+    status: int,
+    request_id: str,
+    headers: dict[str, str] | None = None,
     *,
-    completion_id: str,
-    created: int,
-    model: str,
-    text: str,
-    finish_reason: str,
-    prompt_tokens: int,
-    completion_tokens: int,
-    x_sim: dict[str, Any],
-    cached_tokens: int = 0,
-) -> bytes:
-    """A non-streamed ``chat.completion`` object with the ``x_sim`` timings."""
-    return orjson.dumps(
-        completion_object(
-            completion_id=completion_id,
-            created=created,
-            model=model,
-            text=text,
-            finish_reason=finish_reason,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            extra={"x_sim": x_sim},
-            cached_tokens=cached_tokens,
-        )
+    id_header: str = "x-request-id",
+) -> web.Response:
+    """A JSON response carrying the request's id in ``id_header`` (OpenAI's name by default;
+    Anthropic's is ``request-id``) and any other ``headers``."""
+    all_headers = {id_header: request_id}
+    if headers:
+        all_headers.update(headers)
+    return web.Response(
+        body=body, status=status, content_type="application/json", headers=all_headers
     )
