@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import math
+import os
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -28,9 +29,11 @@ from types import SimpleNamespace
 from typing import Final, Protocol
 
 import aiohttp
+import structlog
 import yarl
 
 from moa_stream._exceptions import (
+    ConfigError,
     ContextLengthError,
     ProviderClosedError,
     ProviderError,
@@ -62,7 +65,11 @@ __all__ = [
     "PooledHTTPProvider",
     "ResponseReader",
     "StreamSettings",
+    "api_key_from",
+    "api_root",
 ]
+
+_log = structlog.get_logger("moa_stream.providers")
 
 _INF: Final = math.inf
 _monotonic = time.monotonic
@@ -239,15 +246,82 @@ async def _on_request_headers_sent(
 # -- what every HTTP provider shares -----------------------------------------------------------
 
 
+def api_root(base_url: str) -> yarl.URL:
+    """``base_url`` as a URL without a trailing slash; a :class:`~moa_stream.ConfigError`
+    unless it is an http(s) URL with a host."""
+    url = yarl.URL(base_url.rstrip("/"))
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ConfigError(f"must be an http(s) URL, got {base_url!r}", path="base_url")
+    return url
+
+
+def api_key_from(api_key: str | None, api_key_env: str | None) -> str | None:
+    """``api_key``, else the value of the environment variable named ``api_key_env``, read once
+    here (a :class:`~moa_stream.ConfigError` if it is not set); ``None`` for no key."""
+    if api_key is None and api_key_env is not None:
+        api_key = os.environ.get(api_key_env)
+        if not api_key:
+            raise ConfigError(f"environment variable {api_key_env} is not set", path="api_key")
+    return api_key or None
+
+
 class PooledHTTPProvider(AsyncResource):
     """What every HTTP provider is besides its wire format: a name, an API root, frozen
-    :class:`StreamSettings` and a :class:`ConnectionPool` that ``aclose()`` closes. Subclasses
-    set the four attributes in ``__init__`` and add ``stream()`` and ``prewarm()``."""
+    :class:`StreamSettings`, a :class:`ConnectionPool` that ``aclose()`` closes and the
+    ``prewarm()`` that fills it. Subclasses call :meth:`_setup` in ``__init__`` and add
+    ``stream()``."""
 
     _name: str
     _base_url: yarl.URL
+    _models_url: yarl.URL
+    _get_headers: Mapping[str, str]
     _settings: StreamSettings
     _pool: ConnectionPool
+
+    def _setup(
+        self,
+        base_url: yarl.URL,
+        *,
+        name: str | None,
+        stream_url: yarl.URL,
+        models_url: yarl.URL,
+        headers: Mapping[str, str],
+        secret: str | None,
+        timeouts: Timeouts | None,
+        retry: RetrySettings | None,
+        limit: int,
+        sleep: Callable[[float], Awaitable[None]],
+        rng: Callable[[], float],
+    ) -> None:
+        """Streams are POSTed to ``stream_url``, ``prewarm()`` GETs ``models_url``; ``headers``
+        (the credentials among them, ``secret`` the key to mask) go with both. ``name`` defaults
+        to the host of ``base_url``, with the port if one is given."""
+        if limit < 1:
+            raise ConfigError("must be at least 1", path="limit")
+        host = base_url.host or ""
+        port = base_url.explicit_port
+        self._name = name or (f"{host}:{port}" if port else host)
+        self._base_url = base_url
+        self._models_url = models_url
+        self._get_headers = {"Accept": "application/json", **headers}
+        # Compression makes proxies and servers buffer an event stream: ask for none.
+        stream_headers = {
+            "Accept": "text/event-stream",
+            "Content-Type": "application/json",
+            "Accept-Encoding": "identity",
+            **headers,
+        }
+        self._settings = StreamSettings(
+            name=self._name,
+            url=stream_url,
+            headers=stream_headers,
+            timeouts=timeouts or Timeouts(),
+            retry=retry or RetrySettings(),
+            secret=secret,
+            sleep=sleep,
+            rng=rng,
+        )
+        self._pool = ConnectionPool(limit)
 
     @property
     def name(self) -> str:
@@ -269,6 +343,46 @@ class PooledHTTPProvider(AsyncResource):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self._name!r}, base_url={str(self._base_url)!r})"
+
+    async def prewarm(self, connections: int = 1) -> None:
+        """Open ``connections`` pooled keep-alive connections before they are needed.
+
+        Each is opened by a ``GET`` of the API's model list read to its end, so the connection
+        goes back to the pool; a later request then skips TCP (and TLS) set-up. Connections
+        already idle in the pool count: a busy provider's pool is warm, and a prewarm request
+        would only add load. Failures are logged at debug level and otherwise ignored: a
+        prewarm is only ever an optimisation.
+        """
+        pool = self._pool
+        try:
+            session = pool.session()
+        except UsageError as exc:
+            _log.debug("provider.prewarm_failed", provider=self._name, error=str(exc))
+            return
+        connections -= pool.idle_connections()
+        if connections <= 0:
+            return
+        url, headers, connect = self._models_url, self._get_headers, self.timeouts.connect
+
+        async def one() -> None:
+            try:
+                async with asyncio.timeout(connect):
+                    resp = await session.get(url, headers=headers, allow_redirects=False)
+                    try:
+                        await resp.read()
+                    except BaseException:
+                        resp.close()
+                        raise
+                    pool.release(resp)
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                _log.debug("provider.prewarm_failed", provider=self._name, error=type(exc).__name__)
+
+        if connections == 1:
+            await one()
+            return
+        async with asyncio.TaskGroup() as group:
+            for _ in range(connections):
+                group.create_task(one())
 
     async def aclose(self) -> None:
         """Close every pooled connection. Safe to call more than once."""

@@ -23,7 +23,6 @@ continued by the model (prefill), so ``continuation`` is ``("prefill:anthropic",
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import re
 from collections.abc import Awaitable, Callable, Mapping
@@ -43,10 +42,9 @@ from moa_stream._exceptions import (
 )
 from moa_stream._types import ChatMessage, ChatRequest, Delta, Usage
 from moa_stream.providers._chunks import DONE, Done, context_length_error, error_fields, make_delta
-from moa_stream.providers._http import ConnectionPool, PooledHTTPProvider, StreamSettings
+from moa_stream.providers._http import PooledHTTPProvider, api_key_from, api_root
 from moa_stream.providers._policy import RetrySettings, Timeouts
 from moa_stream.providers._retry import HTTPStream
-from moa_stream.providers.openai import prewarm_pool
 from moa_stream.providers.sse import SSEEvent
 
 __all__ = ["AnthropicProvider", "AnthropicStream"]
@@ -247,9 +245,7 @@ def _mark_cache_prefix(messages: list[dict[str, Any]]) -> None:
 
 
 def _api_root(base_url: str) -> yarl.URL:
-    url = yarl.URL(base_url.rstrip("/"))
-    if url.scheme not in ("http", "https") or not url.host:
-        raise ConfigError(f"must be an http(s) URL, got {base_url!r}", path="base_url")
+    url = api_root(base_url)
     # Accept the API root as the official SDK takes it, and the same with /v1.
     if url.path.endswith("/v1"):
         url = url.with_path(url.path[: -len("/v1")])
@@ -298,54 +294,29 @@ class AnthropicProvider(PooledHTTPProvider):
         url = _api_root(base_url)
         if max_tokens < 1:
             raise ConfigError("must be at least 1", path="max_tokens")
-        if limit < 1:
-            raise ConfigError("must be at least 1", path="limit")
-        if api_key is None and api_key_env is not None:
-            api_key = os.environ.get(api_key_env)
-            if not api_key:
-                raise ConfigError(f"environment variable {api_key_env} is not set", path="api_key")
-        api_key = api_key or None
-        self._base_url = url
-        host = url.host or ""
-        self._name = name or (f"{host}:{url.explicit_port}" if url.explicit_port else host)
+        api_key = api_key_from(api_key, api_key_env)
         self.max_tokens = max_tokens
         common: dict[str, str] = {"anthropic-version": version}
         if api_key:
             common["x-api-key"] = api_key
         common.update(headers or {})
-        self._get_headers = {"Accept": "application/json", **common}
-        self._settings = StreamSettings(
-            name=self._name,
-            url=url / "v1" / "messages",
-            headers={
-                "Accept": "text/event-stream",
-                "Content-Type": "application/json",
-                "Accept-Encoding": "identity",
-                **common,
-            },
-            timeouts=timeouts or Timeouts(),
-            retry=retry or RetrySettings(),
+        self._setup(
+            url,
+            name=name,
+            stream_url=url / "v1" / "messages",
+            models_url=url / "v1" / "models",
+            headers=common,
             secret=api_key,
+            timeouts=timeouts,
+            retry=retry,
+            limit=limit,
             sleep=sleep,
             rng=rng,
         )
-        self._pool = ConnectionPool(limit)
 
     def stream(self, request: ChatRequest) -> AnthropicStream:
         """A stream for ``request``; nothing is sent until it is entered or iterated."""
         return AnthropicStream(self._settings, self._pool, request, lambda: self._encode(request))
-
-    async def prewarm(self, connections: int = 1) -> None:
-        """Open pooled connections ahead of a request (``GET /v1/models``); see
-        :meth:`OpenAIProvider.prewarm <moa_stream.providers.OpenAIProvider.prewarm>`."""
-        await prewarm_pool(
-            self._pool,
-            self._name,
-            self._base_url / "v1" / "models",
-            self._get_headers,
-            self.timeouts,
-            connections,
-        )
 
     def _encode(self, request: ChatRequest) -> bytes:
         system: list[str] = []

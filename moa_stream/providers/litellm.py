@@ -52,7 +52,7 @@ from moa_stream.providers._errors import (
     status_error_class,
     total_timeout,
 )
-from moa_stream.providers._http import StreamSettings
+from moa_stream.providers._http import StreamSettings, api_key_from
 from moa_stream.providers._policy import RetrySettings, Timeouts
 from moa_stream.providers._retry import RetryingStream
 
@@ -349,14 +349,10 @@ class LiteLLMProvider(AsyncResource):
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: Callable[[], float] = random.random,
     ) -> None:
-        if api_key is None and api_key_env is not None:
-            api_key = os.environ.get(api_key_env)
-            if not api_key:
-                raise ConfigError(f"environment variable {api_key_env} is not set", path="api_key")
+        self._api_key = api_key_from(api_key, api_key_env)
         self._litellm = _import_litellm()
         self._name = name
         self._api_base = api_base
-        self._api_key = api_key or None
         self._options = dict(options or {})
         self.continuation = check_continuation(tuple(continuation))
         self._settings = StreamSettings(

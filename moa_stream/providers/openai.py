@@ -10,22 +10,19 @@ OpenAI's: this module has no transport code.
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Literal
 
-import aiohttp
 import orjson
 import structlog
-import yarl
 
-from moa_stream._exceptions import ConfigError, RequestRejectedError, UsageError
+from moa_stream._exceptions import ConfigError, RequestRejectedError
 from moa_stream._types import ChatRequest, Delta
 from moa_stream._wire import chat_request_body
 from moa_stream.providers._base import check_continuation
 from moa_stream.providers._chunks import Done, parse_chunk, parse_completion, upstream_error
-from moa_stream.providers._http import ConnectionPool, PooledHTTPProvider, StreamSettings
+from moa_stream.providers._http import PooledHTTPProvider, api_key_from, api_root
 from moa_stream.providers._policy import RetryPolicy, RetrySettings, Timeouts
 from moa_stream.providers._retry import HTTPStream
 from moa_stream.providers.sse import SSEEvent
@@ -110,24 +107,13 @@ class OpenAIProvider(PooledHTTPProvider):
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: Callable[[], float] = random.random,
     ) -> None:
-        url = yarl.URL(base_url.rstrip("/"))
-        if url.scheme not in ("http", "https") or not url.host:
-            raise ConfigError(f"must be an http(s) URL, got {base_url!r}", path="base_url")
+        url = api_root(base_url)
         if max_tokens_field not in ("max_tokens", "max_completion_tokens"):
             raise ConfigError(
                 f"must be 'max_tokens' or 'max_completion_tokens', got {max_tokens_field!r}",
                 path="max_tokens_field",
             )
-        if limit < 1:
-            raise ConfigError("must be at least 1", path="limit")
-        if api_key is None and api_key_env is not None:
-            api_key = os.environ.get(api_key_env)
-            if not api_key:
-                raise ConfigError(f"environment variable {api_key_env} is not set", path="api_key")
-        api_key = api_key or None
-        self._base_url = url
-        self._models_url = url / "models"
-        self._name = name or (f"{url.host}:{url.explicit_port}" if url.explicit_port else url.host)
+        api_key = api_key_from(api_key, api_key_env)
         self.max_tokens_field = max_tokens_field
         self.stream_options_usage = stream_options_usage
         self.continuation = check_continuation(tuple(continuation))
@@ -135,42 +121,23 @@ class OpenAIProvider(PooledHTTPProvider):
         if api_key:
             common["Authorization"] = f"Bearer {api_key}"
         common.update(headers or {})
-        # Compression makes proxies and servers buffer an event stream: ask for none.
-        stream_headers = {
-            "Accept": "text/event-stream",
-            "Content-Type": "application/json",
-            "Accept-Encoding": "identity",
-            **common,
-        }
-        self._get_headers = {"Accept": "application/json", **common}
-        self._settings = StreamSettings(
-            name=self._name,
-            url=url / "chat" / "completions",
-            headers=stream_headers,
-            timeouts=timeouts or Timeouts(),
-            retry=retry or RetrySettings(),
+        self._setup(
+            url,
+            name=name,
+            stream_url=url / "chat" / "completions",
+            models_url=url / "models",
+            headers=common,
             secret=api_key,
+            timeouts=timeouts,
+            retry=retry,
+            limit=limit,
             sleep=sleep,
             rng=rng,
         )
-        self._pool = ConnectionPool(limit)
 
     def stream(self, request: ChatRequest) -> OpenAIStream:
         """A stream for ``request``; nothing is sent until it is entered or iterated."""
         return OpenAIStream(self._settings, self._pool, request, lambda: self._encode(request))
-
-    async def prewarm(self, connections: int = 1) -> None:
-        """Open ``connections`` pooled keep-alive connections before they are needed.
-
-        Each is opened by a ``GET {base_url}/models`` read to its end, so the connection goes
-        back to the pool; a later request then skips TCP (and TLS) set-up. Connections already
-        idle in the pool count: a busy provider's pool is warm, and a prewarm request would
-        only add load. Failures are logged at debug level and otherwise ignored: a prewarm is
-        only ever an optimisation.
-        """
-        await prewarm_pool(
-            self._pool, self._name, self._models_url, self._get_headers, self.timeouts, connections
-        )
 
     def _encode(self, request: ChatRequest) -> bytes:
         body = chat_request_body(
@@ -183,43 +150,3 @@ class OpenAIProvider(PooledHTTPProvider):
             return orjson.dumps(body)
         except TypeError as exc:
             raise RequestRejectedError(f"the request cannot be encoded as JSON: {exc}") from exc
-
-
-async def prewarm_pool(
-    pool: ConnectionPool,
-    name: str,
-    url: yarl.URL,
-    headers: Mapping[str, str],
-    timeouts: Timeouts,
-    connections: int,
-) -> None:
-    """Open up to ``connections`` keep-alive connections with ``GET url``, counting those
-    already idle in ``pool``; failures are logged at debug level and ignored."""
-    try:
-        session = pool.session()
-    except UsageError as exc:
-        _log.debug("provider.prewarm_failed", provider=name, error=str(exc))
-        return
-    connections -= pool.idle_connections()
-    if connections <= 0:
-        return
-
-    async def one() -> None:
-        try:
-            async with asyncio.timeout(timeouts.connect):
-                resp = await session.get(url, headers=headers, allow_redirects=False)
-                try:
-                    await resp.read()
-                except BaseException:
-                    resp.close()
-                    raise
-                pool.release(resp)
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            _log.debug("provider.prewarm_failed", provider=name, error=type(exc).__name__)
-
-    if connections == 1:
-        await one()
-        return
-    async with asyncio.TaskGroup() as group:
-        for _ in range(connections):
-            group.create_task(one())
