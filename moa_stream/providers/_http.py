@@ -23,10 +23,10 @@ import math
 import os
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 import aiohttp
 import structlog
@@ -72,6 +72,8 @@ __all__ = [
 _log = structlog.get_logger("moa_stream.providers")
 
 _INF: Final = math.inf
+#: No events left to take: an iterator that is already exhausted.
+_NO_EVENTS: Final[Iterator[Any]] = iter(())
 _monotonic = time.monotonic
 
 #: Upper bound on an error response body kept for its message.
@@ -642,7 +644,6 @@ class ResponseReader(HTTPExchange):
         "_ended",
         "_events",
         "_got_bytes",
-        "_index",
         "_json_parts",
         "_note_time",
         "_on_data",
@@ -672,8 +673,7 @@ class ResponseReader(HTTPExchange):
         self._json_parts: list[bytes] | None = None
         # Events of the last read, parsed one at a time as the caller asks: a delta is built
         # only when it is about to be handed out, and dies young if the caller drops it.
-        self._events: Sequence[str | SSEEvent | Delta] = ()
-        self._index = 0
+        self._events: Iterator[str | SSEEvent | Delta] = _NO_EVENTS
         self._ended = False  # no more data will be read from this response
         self._saw_done = False
         self._got_bytes = False
@@ -691,28 +691,19 @@ class ResponseReader(HTTPExchange):
 
     def take(self) -> Delta | None:
         """The next delta among the events already read, or ``None`` when none is left."""
-        events = self._events
-        index = self._index
-        while index < len(events):
-            event = events[index]
-            index += 1
-            try:
-                if type(event) is str:
-                    result = self._on_data(event)
-                elif type(event) is Delta:
-                    result = event
-                else:
-                    result = self._on_event(event)  # type: ignore[arg-type]
-            except ProviderError:
-                self._index = index
-                raise
+        for event in self._events:
+            if type(event) is str:
+                result = self._on_data(event)
+            elif type(event) is Delta:
+                result = event
+            else:
+                result = self._on_event(event)  # type: ignore[arg-type]
             if result is None:
                 continue
-            self._index = index
             if type(result) is not Delta:  # the end of the answer
                 self._ended = True
                 self._saw_done = True
-                self._events = ()
+                self._events = _NO_EVENTS
                 return None
             self._note_time(self._read_time)
             self.delivered = True
@@ -728,13 +719,11 @@ class ResponseReader(HTTPExchange):
             if result.usage is not None:
                 self.usage = result.usage
             return result
-        self._index = index
         return None
 
     async def fill(self) -> None:
         """Read once from the network and decode what arrived."""
-        self._events = ()
-        self._index = 0
+        self._events = _NO_EVENTS
         if self._ended:
             if self._saw_done or self.finish_reason is not None:
                 raise StopAsyncIteration
@@ -758,17 +747,16 @@ class ResponseReader(HTTPExchange):
             else:
                 self._ended = True
                 self._saw_done = True
-                self._events = [self._parser.completion(b"".join(self._json_parts))]
+                self._events = iter([self._parser.completion(b"".join(self._json_parts))])
             return
         if data:
             self._got_bytes = True
-            self._events = self._decoder.feed_data(data)
+            self._events = iter(self._decoder.feed_data(data))
         else:
             self._ended = True
-            self._events = self._decoder.finish_data()
+            self._events = iter(self._decoder.finish_data())
 
     def close(self) -> None:
         """Drop the events not handed out, and give the connection back or close it."""
-        self._events = ()
-        self._index = 0
+        self._events = _NO_EVENTS
         super().close()

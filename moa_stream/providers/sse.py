@@ -110,18 +110,34 @@ class SSEDecoder:
             pending.append(data[end + 2 :])
         # Events never split a multi-byte character (LF is never part of one), so the complete
         # events of this piece decode in one call, and the rest is done on text.
+        text = data[:end].decode("utf-8", "replace")
+        if not text.startswith("data: "):
+            return self._decode_blocks(text, [])
+        # The common case, a run of one-line ``data: {...}`` events: split where an event ends
+        # and the next one's ``data: `` starts, which leaves each event's data alone, with no
+        # copy per event. A piece holding a line break is an event of any other shape, or
+        # several events (a comment after a data event ...): those take the general way.
         events: list[str | SSEEvent] = []
         append = events.append
         no_id = self._last_id is None
-        for block in data[:end].decode("utf-8", "replace").split("\n\n"):
+        for piece in text[6:].split("\n\ndata: "):
+            if no_id and "\n" not in piece:
+                append(piece)
+            else:
+                self._decode_blocks("data: " + piece, events)
+                no_id = self._last_id is None
+        return events
+
+    def _decode_blocks(self, text: str, events: list[str | SSEEvent]) -> list[str | SSEEvent]:
+        """Append the events of ``text``, whole events separated by blank lines."""
+        for block in text.split("\n\n"):
             # The common case, one ``data: {...}`` line, costs a prefix test and a search.
-            if no_id and block.startswith("data: ") and "\n" not in block:
-                append(block[6:])
+            if block.startswith("data: ") and "\n" not in block and self._last_id is None:
+                events.append(block[6:])
             elif block:
                 event = self._decode_block(block)
-                no_id = self._last_id is None
                 if event is not None:
-                    append(event)
+                    events.append(event)
         return events
 
     def finish_data(self) -> list[str | SSEEvent]:

@@ -190,3 +190,40 @@ def test_any_split_gives_the_same_events(
 def test_byte_by_byte_gives_the_same_events(stream: tuple[bytes, list[SSEEvent]]) -> None:
     raw, expected = stream
     assert bytewise(raw) == expected
+
+
+# One-line data events (the shape of almost every chunk of an LLM stream, decoded on a faster
+# path) mixed with what breaks a run of them: blank lines, comments, data without the space,
+# multi-line data and an id that every later event must carry.
+_RUN_PARTS: list[tuple[str, list[tuple[str, str | None]]]] = [
+    ('data: {"a": 1}\n\n', [('{"a": 1}', None)]),
+    ("data: x\n\n", [("x", None)]),
+    ("data: \n\n", [("", None)]),
+    ("data:y\n\n", [("y", None)]),
+    ("data: caf\u00e9\n\n", [("caf\u00e9", None)]),
+    ("\n", []),
+    (": keep-alive\n\n", []),
+    ("data: a\ndata: b\n\n", [("a\nb", None)]),
+    ("data: c\n: mid\n\n", [("c", None)]),
+    ("id: 9\ndata: d\n\n", [("d", "9")]),
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.integers(0, len(_RUN_PARTS) - 1), max_size=12),
+    st.lists(st.integers(0, 10_000), max_size=6),
+)
+def test_runs_of_data_events_in_any_split(parts: list[int], cuts: list[int]) -> None:
+    raw = "".join(_RUN_PARTS[i][0] for i in parts).encode()
+    expected: list[SSEEvent] = []
+    last_id: str | None = None
+    for i in parts:
+        for data, event_id in _RUN_PARTS[i][1]:
+            last_id = event_id or last_id
+            expected.append(msg(data, id=last_id))
+    offsets = sorted({c % (len(raw) + 1) for c in cuts})
+    pieces = [raw[a:b] for a, b in zip([0, *offsets], [*offsets, len(raw)], strict=True)]
+    assert decode(raw) == expected
+    assert decode(*pieces) == expected
+    assert bytewise(raw) == expected
