@@ -18,7 +18,8 @@ aggregated answers are no better than the single model's, and on a shared 2-core
 proposers compete for the same cores.
 
     .venv/bin/python benchmarks/real_inference.py [--runs 10] [--questions N] [--threads N]
-        [--policy ID=POLICY] [--staircase] [--base-url URL] [--out docs/benchmarks] [--reuse]
+        [--policy ID=POLICY] [--staircase] [--only ID ...] [--base-url URL]
+        [--out docs/benchmarks] [--reuse]
 
 writes ``real-inference.json`` (every run) and ``real-inference.md`` (the table
 ``benchmarks/make_docs.py`` puts in ``docs/benchmarks.md``) into ``--out``. Needs the ``real``
@@ -105,37 +106,44 @@ STAIRCASE_TABLES = {
 
 
 def config_toml(base_url: str, policies: dict[str, str | None], staircase: bool) -> str:
-    lines = [
-        "[providers.llama]",
+    """The serve config. Each staircase MoA's aggregator has a provider of its own (the same
+    server): a staircase remembers per provider that a server was too slow for later steps or
+    refused prefill, and one MoA's memory must not decide another's figures."""
+    provider = [
         f'base_url = "{base_url}"',
         "timeouts = { connect = 10, first_token = 120, idle = 120, total = 600 }",
         "retry = { max_attempts = 2 }",  # llama-server closes a connection after a stream
     ]
     if staircase:
-        lines.append('continuation = ["prefill:llama", "turns"]')
-    lines.append("")
-    for name, tokens in [("p1", 0), ("p2", 1), ("p3", 2), ("agg", None)]:
-        max_tokens = AGGREGATOR_TOKENS if tokens is None else PROPOSER_TOKENS
-        seed = 99 if tokens is None else tokens
+        provider.append('continuation = ["prefill:llama", "turns"]')
+    stairs = [moa_id for moa_id in policies if moa_id in STAIRCASE_TABLES]
+    lines = ["[providers.llama]", *provider, ""]
+    for moa_id in stairs:
+        lines += [f"[providers.llama-{moa_id}]", *provider, ""]
+    agents = [("p1", "llama", 0), ("p2", "llama", 1), ("p3", "llama", 2), ("agg", "llama", None)]
+    agents += [(f"agg-{moa_id}", f"llama-{moa_id}", None) for moa_id in stairs]
+    for name, provider_name, seed in agents:
+        max_tokens = AGGREGATOR_TOKENS if seed is None else PROPOSER_TOKENS
         lines += [
             f"[agents.{name}]",
-            'provider = "llama"',
+            f'provider = "{provider_name}"',
             'model = "smollm2"',
             "temperature = 0.7",
             f"max_tokens = {max_tokens}",
-            f"extra = {{ seed = {seed} }}",
+            f"extra = {{ seed = {99 if seed is None else seed} }}",
             "",
         ]
     for moa_id, policy in policies.items():
         lines.append(f"[moa.{moa_id}]")
         if policy is None:
             lines += ['preset = "single"', 'aggregator = "agg"', ""]
-        else:
-            lines += ['proposers = ["p1", "p2", "p3"]', 'aggregator = "agg"']
-            lines.append(f'policy = "{policy}"')
-            if moa_id in STAIRCASE_TABLES:
-                lines.append(STAIRCASE_TABLES[moa_id])
-            lines.append("")
+            continue
+        aggregator = f"agg-{moa_id}" if moa_id in STAIRCASE_TABLES else "agg"
+        lines += ['proposers = ["p1", "p2", "p3"]', f'aggregator = "{aggregator}"']
+        lines.append(f'policy = "{policy}"')
+        if moa_id in STAIRCASE_TABLES:
+            lines.append(STAIRCASE_TABLES[moa_id])
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -527,6 +535,12 @@ def main(argv: list[str] | None = None) -> None:
         help="a running OpenAI-compatible server with the model 'smollm2' (default: start "
         "llama-server here)",
     )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        metavar="ID",
+        help="measure only these MoA ids (after --policy and --staircase add theirs)",
+    )
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
     parser.add_argument(
         "--reuse",
@@ -541,6 +555,11 @@ def main(argv: list[str] | None = None) -> None:
     for item in args.policy:
         moa_id, _, policy = item.partition("=")
         policies[moa_id] = policy
+    if args.only:
+        unknown = sorted(set(args.only) - set(policies))
+        if unknown:
+            parser.error(f"--only: unknown MoA id(s) {', '.join(unknown)}")
+        policies = {k: v for k, v in policies.items() if k in args.only}
     load_before = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     started = time.monotonic()
     if args.reuse:

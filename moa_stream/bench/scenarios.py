@@ -167,6 +167,8 @@ def _long_form() -> tuple[SimModel, ...]:
 STAIRCASE_STRATEGIES = (
     "staircase",
     "staircase-prefill",
+    "staircase-whole",
+    "staircase-prefill-whole",
     "staircase-deadline",
     "staircase-flat",
     "staircase-patient",

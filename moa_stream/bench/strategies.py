@@ -21,7 +21,7 @@ from moa_stream.bench.baseline import ChatAPI, ReferenceMoA
 from moa_stream.engine.policies import Deadline, Partial, Policy, Quorum, parse_policy
 from moa_stream.engine.similarity import final_line_match
 from moa_stream.engine.spec import Agent, Layer, LayerCut, MoA, moa, self_moa, single
-from moa_stream.engine.staircase import Continuation, Staircase
+from moa_stream.engine.staircase import Continuation, Staircase, StepLayout
 from moa_stream.engine.streams import Hedge
 
 __all__ = [
@@ -114,6 +114,7 @@ def staircase_strategy(
     lead: int | None = 32,
     continuation: Continuation = _TURNS,
     max_pause: float | None = None,
+    layout: StepLayout = "updates",
 ) -> Strategy:
     """A staircase aggregator starting when ``start`` (a function of the lineup's time scale)
     fires on the last layer; earlier layers, if any, wait for a quorum of two."""
@@ -131,6 +132,7 @@ def staircase_strategy(
                 lead=lead,
                 default=continuation,
                 max_pause=(max_pause or Staircase().max_pause) * lineup.time_scale,
+                layout=layout,
             ),
         )
         if lineup.layers == 1:
@@ -225,6 +227,21 @@ _BUILT_IN = (
         "the staircase by assistant prefill (vLLM continue_final_message): each step ends with "
         "the answer so far for the server to continue",
         continuation=_PREFILL,
+    ),
+    staircase_strategy(
+        "staircase-whole",
+        _start,
+        "the staircase by appended turns in the whole layout: drafts quoted as whole sentences "
+        "without status labels, re-rendered in place at each step; the first step waits (at "
+        "most 1 s) for each running proposer's first sentence",
+        layout="whole",
+    ),
+    staircase_strategy(
+        "staircase-prefill-whole",
+        _start,
+        "the staircase by assistant prefill in the whole layout",
+        continuation=_PREFILL,
+        layout="whole",
     ),
     staircase_strategy(
         "staircase-deadline",

@@ -301,7 +301,7 @@ class _Driver:
         self.give_up_at = give_up_at
         self.overrides = overrides
         self.continuation = _continuation_for(staircase, agent)
-        self.stepping = not _steps_suspended(agent)
+        self.stepping = staircase.max_steps != 0 and not _steps_suspended(agent)
         self.whole = staircase.layout == "whole"
         t = self.templates = whole_layout(spec.templates) if self.whole else spec.templates
         self.tracker = ReferenceTracker(t, spec.max_reference_chars, whole_sentences=self.whole)
@@ -354,6 +354,9 @@ class _Driver:
         self.prompts = StepPrompts(
             messages, self.continuation, self.templates, self.agent.system_prompt
         )
+        if self.whole:
+            async for event in self._first_sentences():
+                yield event
         refs = host.references()
         block = self.tracker.block(refs) if self.whole else self.tracker.first(refs)
         request_messages = self.prompts.first(block)
@@ -440,6 +443,21 @@ class _Driver:
             self.clock() - self.t0,
         )
 
+    async def _first_sentences(self) -> AsyncGenerator[Event, None]:
+        """The ``whole`` layout quotes only whole sentences: the first step waits, at most
+        ``max_pause``, for every reference being written to end its first sentence. A draft
+        cut mid-sentence is what a small model copies and then loops on ("The sky is blue, a
+        fundamental" thirty times); a few whole sentences are what it can build on."""
+        until = self.clock() + self.staircase.max_pause
+        if self.give_up_at is not None:
+            until = min(until, self.give_up_at)
+        while self.tracker.first_sentence_pending(self.host.references()):
+            if self.clock() >= until:
+                break
+            for event in await self.host.wait(until):
+                yield event
+        self.asked_at = self.clock()
+
     def _step_event(self, number: int, refs: Sequence[RefView], final: bool) -> AggregatorStep:
         return AggregatorStep(
             self.agent.name,
@@ -467,8 +485,8 @@ class _Driver:
         chunks ahead of a reference being written and that reference wrote nothing since the
         answer's last chunk (see :meth:`_pace`)."""
         lead = self.staircase.lead
-        if lead is None or self.given_up:
-            return False
+        if lead is None or self.given_up or not self.stepping:
+            return False  # no step will read what the references add: nothing to wait for
         behind = self.chunks + 1 - lead
         late = self.late
         seen = self.seen

@@ -610,6 +610,14 @@ class ReferenceTracker:
             return ""  # nothing to quote yet: the request is the conversation alone
         return render_references(references, self._t, numbers=[g.number for _, g in quoted])
 
+    @staticmethod
+    def first_sentence_pending(refs: Sequence[RefView]) -> bool:
+        """Whether a reference being written has text but no sentence end yet."""
+        return any(
+            state == "running" and text.strip() and not _last_sentence_end(text)
+            for _, _, state, text in refs
+        )
+
     def settled(self, refs: Sequence[RefView]) -> bool:
         """Whether the last step saw every reference in its final state."""
         for index, _, state, _ in refs:

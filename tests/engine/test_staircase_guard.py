@@ -19,7 +19,12 @@ import structlog
 from moa_stream import RequestRejectedError
 from moa_stream._types import ChatRequest
 from moa_stream.engine import Agent, Partial, moa
-from moa_stream.engine.events import AggregatorStep, AggregatorStepRejected, Event
+from moa_stream.engine.events import (
+    AggregatorDone,
+    AggregatorStep,
+    AggregatorStepRejected,
+    Event,
+)
 from moa_stream.engine.prompts import PromptTemplates
 from moa_stream.engine.staircase import (
     Continuation,
@@ -302,3 +307,34 @@ async def test_steps_stop_at_max_steps() -> None:
     assert len(p.later_requests) == 1
     (step,) = [e for e in events if isinstance(e, AggregatorStep) and e.step > 0]
     assert step.final
+
+
+async def test_the_answer_keeps_no_pace_once_no_step_will_read_the_references() -> None:
+    """Pacing exists so that later steps see more: with no step to come (here ``max_steps=0``)
+    the answer runs at its own speed instead of waiting for proposers it will never read."""
+    slow = Script(tokens=PROPOSER, ttft=0.0, interval=0.05)  # 40 chunks: 2 s
+    for max_steps, paced in ((0, False), (None, True)):
+        p = provider(lambda request, n: Script(tokens=(" and", " so", " on"), interval=0.001))
+        p.scripts["p1"] = p.scripts["p2"] = slow
+        # min_news out of reach (a step is asked only as a reference first shows text, and
+        # rejected: it ends at once) and rejections unlimited: stepping stays on
+        spec = stairs(
+            p, lead=2, max_steps=max_steps, max_pause=5.0, min_news=10**6, max_rejects=10**3
+        )
+        _, events, _ = await run(spec)
+        (done,) = [e for e in events if isinstance(e, AggregatorDone)]
+        # one-shot, the 45-chunk answer takes about 0.45 s; kept to half the proposers' pace
+        # beyond its lead it ends after them (2 s)
+        assert (done.t > 1.8) is paced, (max_steps, done.t)
+
+
+async def test_the_whole_layout_starts_on_whole_sentences() -> None:
+    p = provider(lambda request, n: Script(tokens=(" and", " so", " on"), interval=0.001))
+    answer, _, _ = await run(stairs(p, layout="whole", max_steps=0, max_pause=2.0))
+    first = next(r for r in p.requests if r.model == "agg")
+    prompt = first.messages[-1]["content"]
+    assert '<draft n="1">\n word0 word1 word2 word3 word4 word5.' in prompt
+    assert "status=" not in prompt and "partial" not in prompt
+    for draft in prompt.split('<draft n="')[2:]:  # the first split is the header's mention
+        assert draft.split("\n</draft>")[0].endswith(".")  # a whole sentence, never cut mid-way
+    assert answer == "".join(STEP0)
