@@ -16,7 +16,7 @@ import pytest
 from realhelpers import OVERFLOW, chat_request, drain, provider, raw_session
 
 from moa_stream import ContextLengthError
-from moa_stream.providers._http import status_error
+from moa_stream.providers._errors import status_error
 from moa_stream.testing.llamacpp import InferenceServer
 
 pytestmark = [pytest.mark.real, pytest.mark.timeout(300)]
