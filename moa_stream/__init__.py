@@ -84,6 +84,7 @@ from moa_stream.providers import (
     Provider,
     ProviderStream,
     RetryPolicy,
+    RetrySettings,
     Timeouts,
 )
 
@@ -151,6 +152,7 @@ __all__ = [
     "ReferenceInfo",
     "RequestRejectedError",
     "RetryPolicy",
+    "RetrySettings",
     "RunDone",
     "RunReport",
     "RunResult",

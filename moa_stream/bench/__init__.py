@@ -15,7 +15,7 @@ its stream's smoothness and its cost (:mod:`moa_stream.bench.integrity`) are pur
 any answer text and chunk times, from anywhere.
 """
 
-from moa_stream.bench.baseline import ChatAPI, ReferenceMoA, run_reference
+from moa_stream.bench.baseline import ChatAPI, Endpoint, ReferenceMoA, run_reference
 from moa_stream.bench.integrity import (
     PRICE_MODELS,
     Integrity,
@@ -39,6 +39,7 @@ __all__ = [
     "BenchSettings",
     "CellResult",
     "ChatAPI",
+    "Endpoint",
     "Integrity",
     "Lineup",
     "PRICE_MODELS",

@@ -29,7 +29,15 @@ from moa_stream.engine.layer import Reference
 from moa_stream.engine.prompts import PromptTemplates, build_reference_messages
 from moa_stream.engine.spec import Agent
 
-__all__ = ["ChatAPI", "Completion", "ReferenceMoA", "ReferenceResult", "complete", "run_reference"]
+__all__ = [
+    "ChatAPI",
+    "Completion",
+    "Endpoint",
+    "ReferenceMoA",
+    "ReferenceResult",
+    "complete",
+    "run_reference",
+]
 
 _RETRIED_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
@@ -43,6 +51,10 @@ class ChatAPI:
     base_url: str
     headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     max_tokens_field: str = "max_tokens"
+
+
+#: The name this class had before: kept so that existing code keeps working.
+Endpoint = ChatAPI
 
 
 @dataclass(frozen=True, slots=True)
