@@ -67,6 +67,7 @@ from moa_stream.engine.staircase import (
     MarkupFilter,
     ReferenceTracker,
     RefView,
+    RepetitionGate,
     Staircase,
     StepPrompts,
     cut_point,
@@ -140,56 +141,68 @@ def _remember_refusal(agent: Agent) -> bool:
     return True
 
 
-#: Per (provider id, provider name, model): runs left in which a staircase asks no later step,
-#: and the next back-off. A step not ready within ``max_pause`` means the server could not
-#: prefill its prompt in time (a busy or slow server, a prefix cache held per slot): asking
-#: again at once would only cost the server the same work while it writes the answer.
-_LATE: dict[tuple[int, str, str], tuple[int, int, int]] = {}
+class _Backoff:
+    """Per (provider id, provider name, model): something a staircase stops doing for a number
+    of runs after ``strikes`` bad runs in a row, twice as many runs each time (up to
+    :data:`_MAX_BACKOFF`); a good run clears the count. Entries go with their provider."""
+
+    def __init__(self, strikes: int) -> None:
+        self.strikes = strikes
+        #: key -> (runs left, last back-off, strikes in a row)
+        self.entries: dict[tuple[int, str, str], tuple[int, int, int]] = {}
+
+    def suspended(self, agent: Agent) -> bool:
+        """Whether this run of ``agent`` is one of the suspended ones (and counts it)."""
+        key = _agent_key(agent)
+        entry = self.entries.get(key)
+        if entry is None or entry[0] <= 0:
+            return False
+        self.entries[key] = (entry[0] - 1, entry[1], entry[2])
+        return True
+
+    def strike(self, agent: Agent) -> int:
+        """A bad run; returns the runs now suspended (0: not yet)."""
+        key = _agent_key(agent)
+        if key not in self.entries:
+            with contextlib.suppress(TypeError):  # not every provider can be weakly referenced
+                weakref.finalize(agent.provider, self.entries.pop, key, None)
+        _, backoff, strikes = self.entries.get(key, (0, 0, 0))
+        strikes += 1
+        if strikes < self.strikes:
+            self.entries[key] = (0, backoff, strikes)
+            return 0
+        backoff = min(_MAX_BACKOFF, backoff * 2 or 1)
+        self.entries[key] = (backoff, backoff, 0)
+        return backoff
+
+    def clear(self, agent: Agent) -> None:
+        key = _agent_key(agent)
+        entry = self.entries.get(key)
+        if entry is not None:
+            self.entries[key] = (entry[0], 0, 0)
+
+
 _MAX_BACKOFF = 16
 #: Chunks a reference writes for each chunk of an answer more than ``lead`` ahead of it: the
 #: answer slows to half the reference's pace, and the reference catches up.
 _CATCH_UP = 2
-#: Late steps in a row (across runs) before later steps are suspended.
-_LATE_LIMIT = 2
+#: Later steps, suspended after two late steps in a row (across runs). A step not ready within
+#: ``max_pause`` means the server could not prefill its prompt in time (a busy or slow server,
+#: a prefix cache held per slot): asking again at once would only cost the server the same work
+#: while it writes the answer.
+_LATE = _Backoff(strikes=2)
+#: The early start, suspended after an answer started on unfinished drafts loops (see
+#: :class:`~moa_stream.engine.staircase.RepetitionGate`): the next runs start once every
+#: reference has ended, as the one-shot aggregator of a waiting MoA does. Some models cannot
+#: build on a few sentences of each draft (SmolLM2-135M answers them with loops and remarks
+#: about the drafts); after the back-off the early start is tried again.
+_LOOPING = _Backoff(strikes=1)
+#: Restarts (sentences opening like an earlier one) after which an answer is looping.
+_LOOP_LIMIT = 2
 
 
 def _agent_key(agent: Agent) -> tuple[int, str, str]:
     return (id(agent.provider), agent.provider.name, agent.model)
-
-
-def _steps_suspended(agent: Agent) -> bool:
-    """Whether this run of ``agent`` asks no later step (and counts the run)."""
-    key = _agent_key(agent)
-    entry = _LATE.get(key)
-    if entry is None or entry[0] <= 0:
-        return False
-    _LATE[key] = (entry[0] - 1, entry[1], entry[2])
-    return True
-
-
-def _record_late(agent: Agent) -> int:
-    """A step was not ready in time. After two in a row (whatever the runs), later steps are
-    suspended for the next runs, twice as many as last time (up to 16). Returns how many
-    (0: not suspended)."""
-    key = _agent_key(agent)
-    if key not in _LATE:
-        with contextlib.suppress(TypeError):  # not every provider can be weakly referenced
-            weakref.finalize(agent.provider, _LATE.pop, key, None)
-    _, backoff, lates = _LATE.get(key, (0, 0, 0))
-    lates += 1
-    if lates < _LATE_LIMIT:
-        _LATE[key] = (0, backoff, lates)
-        return 0
-    backoff = min(_MAX_BACKOFF, backoff * 2 or 1)
-    _LATE[key] = (backoff, backoff, 0)
-    return backoff
-
-
-def _record_ready(agent: Agent) -> None:
-    key = _agent_key(agent)
-    entry = _LATE.get(key)
-    if entry is not None:
-        _LATE[key] = (entry[0], 0, 0)
 
 
 def _refuses_prefill(exc: ProviderError) -> bool:
@@ -301,7 +314,9 @@ class _Driver:
         self.give_up_at = give_up_at
         self.overrides = overrides
         self.continuation = _continuation_for(staircase, agent)
-        self.stepping = staircase.max_steps != 0 and not _steps_suspended(agent)
+        self.stepping = staircase.max_steps != 0 and not _LATE.suspended(agent)
+        self.start_late = _LOOPING.suspended(agent)
+        self.gate = RepetitionGate(words=4, limit=_LOOP_LIMIT)
         self.whole = staircase.layout == "whole"
         t = self.templates = whole_layout(spec.templates) if self.whole else spec.templates
         self.tracker = ReferenceTracker(t, spec.max_reference_chars, whole_sentences=self.whole)
@@ -354,7 +369,10 @@ class _Driver:
         self.prompts = StepPrompts(
             messages, self.continuation, self.templates, self.agent.system_prompt
         )
-        if self.whole:
+        if self.start_late:
+            async for event in self._references_end():
+                yield event
+        elif self.whole:
             async for event in self._first_sentences():
                 yield event
         refs = host.references()
@@ -391,6 +409,10 @@ class _Driver:
                 if content:
                     step.written += 1
                     text = self.markup.feed(step.joiner.feed(content))
+                    if text:
+                        text = self.gate.feed(text, self._last_char(), self._answer_text)
+                        if self.gate.looping:
+                            break
                     if not text:
                         host.step_delta(step.record, "", self.clock())
                     else:
@@ -429,19 +451,56 @@ class _Driver:
             host.close_step(step.record, "cancelled", None, exc)
             raise
         step = self.cur
-        rest = self.markup.feed(step.joiner.flush()) + self.markup.flush()
-        if rest:
-            yield self._emit(step, rest)
+        finish_reason = step.stream.finish_reason
+        if not self.gate.looping:
+            rest = self.markup.feed(step.joiner.flush()) + self.markup.flush()
+            if rest:
+                rest = self.gate.feed(rest, self._last_char(), self._answer_text)
+            rest += self.gate.flush(lambda: self._answer_text() + rest)
+            if rest:
+                yield self._emit(step, rest)
+        if self.gate.looping:
+            finish_reason = "stop"  # the answer ends at the sentence end before the loop
+            self._looped(step)
+        elif not self.start_late:
+            _LOOPING.clear(self.agent)
         await step.stream.aclose()
-        host.close_step(step.record, "complete", step.stream.finish_reason, None)
+        host.close_step(step.record, "complete", finish_reason, None)
         self.done = True
         yield AggregatorDone(
             self.agent.name,
-            step.stream.finish_reason,
+            finish_reason,
             self.usage + (step.stream.usage or Usage(estimated=True)),
             None if self.first_token_at is None else self.first_token_at - self.asked_at,
             self.clock() - self.t0,
         )
+
+    def _last_char(self) -> str:
+        return self.answer[-1][-1:] if self.answer else ""
+
+    def _answer_text(self) -> str:
+        return "".join(self.answer)
+
+    def _looped(self, step: _Step) -> None:
+        """The answer repeats itself: it ends here, and the next runs start late."""
+        runs = _LOOPING.strike(self.agent)
+        _log.info(
+            "staircase.answer_looping",
+            agent=self.agent.name,
+            step=step.number,
+            restarts=self.gate.restarts,
+            late_start_runs=runs,
+        )
+
+    async def _references_end(self) -> AsyncGenerator[Event, None]:
+        """The late start: wait until every reference has ended (or is given up on)."""
+        while any(state == "running" for _, _, state, _ in self.host.references()):
+            if self.give_up_at is not None and self.clock() >= self.give_up_at:
+                self._check_give_up()
+                break
+            for event in await self.host.wait(self.give_up_at):
+                yield event
+        self.asked_at = self.clock()
 
     async def _first_sentences(self) -> AsyncGenerator[Event, None]:
         """The ``whole`` layout quotes only whole sentences: the first step waits, at most
@@ -630,7 +689,7 @@ class _Driver:
         for event in held_events:
             yield event
         if verdict is not None and not late:
-            _record_ready(self.agent)
+            _LATE.clear(self.agent)
         if verdict:
             await step.stream.aclose()
             host.close_step(step.record, "cancelled", None, None)
@@ -642,6 +701,7 @@ class _Driver:
             new = _Step(number, stream, record, joiner, next(self.sizes), final, written, ended)
             self.cur = new
             self.markup = MarkupFilter()  # what the old stream had begun is not the answer
+            self.gate.drop()
             self.pass_on = (guard.held, max(1, written))
             return
             return
@@ -658,7 +718,7 @@ class _Driver:
             # The server is too slow or busy for steps now: stop for this run (and, after
             # repeated late steps, the next few).
             self.stepping = False
-            runs = _record_late(self.agent)
+            runs = _LATE.strike(self.agent)
             if runs:
                 _log.info(
                     "staircase.steps_suspended",

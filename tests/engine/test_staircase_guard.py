@@ -9,12 +9,15 @@ stream, only paused, goes on.
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 import structlog
+from hypothesis import given
+from hypothesis import strategies as st
 
 from moa_stream import RequestRejectedError
 from moa_stream._types import ChatRequest
@@ -29,6 +32,7 @@ from moa_stream.engine.prompts import PromptTemplates
 from moa_stream.engine.staircase import (
     Continuation,
     ContinuationGuard,
+    RepetitionGate,
     Staircase,
     cut_point,
     estimated_tokens,
@@ -338,3 +342,68 @@ async def test_the_whole_layout_starts_on_whole_sentences() -> None:
     for draft in prompt.split('<draft n="')[2:]:  # the first split is the header's mention
         assert draft.split("\n</draft>")[0].endswith(".")  # a whole sentence, never cut mid-way
     assert answer == "".join(STEP0)
+
+
+# -- an answer that repeats itself ---------------------------------------------------------------
+
+
+def gate_run(text: str, chunks: list[str] | None = None) -> tuple[str, RepetitionGate]:
+    gate = RepetitionGate()
+    out: list[str] = []
+    for piece in chunks if chunks is not None else re.findall(r"\s*\S+|\s+", text):
+        passed = gate.feed(piece, "".join(out)[-1:], lambda: "".join(out))
+        out.append(passed)
+        if gate.looping:
+            return "".join(out), gate
+    out.append(gate.flush(lambda: "".join(out)))
+    return "".join(out), gate
+
+
+LOOP = "Deeper than a lifetime in the ocean.\n\n" * 6
+
+
+@given(st.lists(st.integers(1, len(LOOP) - 1), max_size=12))
+def test_a_looping_answer_ends_before_its_second_restart(cuts: list[int]) -> None:
+    bounds = [0, *sorted(set(cuts)), len(LOOP)]
+    chunks = [LOOP[a:b] for a, b in itertools.pairwise(bounds) if b > a]
+    text, gate = gate_run(LOOP, chunks)
+    assert gate.looping and gate.restarts == 2
+    # however it was chunked (the line breaks before the dropped sentence may go with it)
+    assert text.rstrip() == ("Deeper than a lifetime in the ocean.\n\n" * 2).rstrip()
+
+
+@given(st.lists(st.integers(1, len(TEXT) - 1), max_size=12))
+def test_an_answer_that_does_not_repeat_passes_whole(cuts: list[int]) -> None:
+    answer = "The sky is blue. Light scatters! Yes.\nThe air scatters blue light more. Done"
+    bounds = [0, *sorted(c % len(answer) for c in cuts if c % len(answer)), len(answer)]
+    chunks = [answer[a:b] for a, b in itertools.pairwise(bounds) if b > a]
+    text, gate = gate_run(answer, chunks)
+    assert text == answer and not gate.looping and gate.restarts == 0
+
+
+def test_one_restart_passes_and_is_counted() -> None:
+    answer = "The sky is blue by day. At dusk it reddens. The sky is blue because of air."
+    text, gate = gate_run(answer)
+    assert text == answer and gate.restarts == 1 and not gate.looping
+
+
+async def test_a_looping_answer_is_cut_and_the_next_run_starts_on_finished_drafts() -> None:
+    looping = tuple(re.findall(r"\s*\S+|\s+", LOOP))
+    p = StairProvider(
+        scripts={
+            "p1": Script(tokens=PROPOSER, ttft=0.0, interval=0.004),
+            "p2": Script(tokens=PROPOSER, ttft=0.0, interval=0.006),
+            "agg": Script(tokens=looping, ttft=0.0, interval=0.001),
+        }
+    )
+    spec = stairs(p, max_steps=0)
+    answer, events, _ = await run(spec)
+    assert answer.rstrip() == ("Deeper than a lifetime in the ocean.\n\n" * 2).rstrip()
+    (done,) = [e for e in events if isinstance(e, AggregatorDone)]
+    assert done.finish_reason == "stop"
+    # the next run of the same aggregator waits for every draft to end before it starts
+    await run(spec)
+    second = [r for r in p.requests if r.model == "agg"][-1]
+    prompt = second.messages[-1]["content"]
+    assert prompt.count("status=\"complete\"") == 2 and "status=\"partial" not in prompt
+    assert "word39" in prompt  # both drafts whole
