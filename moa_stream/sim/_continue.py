@@ -13,8 +13,9 @@
 
 Either way, the reply is the rest of the text the model planned for the conversation: the
 text depends on the seed, model, sample and the conversation's *anchor* (the messages before
-the continuation, the last one cut to its first :data:`ANCHOR_CHARS` characters, which later
-steps only append to), so every step of one staircase continues one planned text.
+the continuation, the last one cut to its first :data:`ANCHOR_CHARS` characters and before its
+first tag: the user's own words, which later steps keep while they append to the prompt or
+re-render the quoted drafts), so every step of one staircase continues one planned text.
 
 **Prefix cache.** Each model keeps the prompts it served recently, followed by the text it
 generated for them, as chained hashes of :data:`BLOCK_CHARS`-character blocks of the prompt
@@ -88,12 +89,20 @@ def detect_continuation(
     return ContinuationInfo(None, "", tuple(messages))
 
 
+_FIRST_TAG = re.compile(r"<[A-Za-z/]")
+
+
 def anchor_digest(base: Sequence[Message]) -> str:
-    """A digest of the conversation a reply belongs to (see the module docstring)."""
+    """A digest of the conversation a reply belongs to (see the module docstring): the last
+    message counts up to its first tag (quoted material, which a staircase may re-render in
+    place at each step) or :data:`ANCHOR_CHARS` characters, whichever comes first."""
     h = hashlib.blake2b(digest_size=16)
     for i, (role, content) in enumerate(base):
         if i == len(base) - 1:
             content = content[:ANCHOR_CHARS]
+            tag = _FIRST_TAG.search(content)
+            if tag is not None:
+                content = content[: tag.start()]
         h.update(role.encode())
         h.update(b"\x00")
         h.update(content.encode("utf-8", "surrogatepass"))

@@ -17,7 +17,11 @@ into the one such a model writes:
   ``<draft n="1" ... continued>`` line), or a sentence of the text that follows a quoted block
   (the instructions). The pieces are read from the request, not from the engine's templates,
   so a change of templates changes what is copied, as it would with a real model;
-- a *refusal* of a prefill is decided here too; the routes write the 400.
+- a *refusal* of a prefill is decided here too; the routes write the 400;
+- a *loop* answers a fresh request that quotes only short drafts (an aggregator started on a
+  few sentences of each) with the reply's first sentence, over and over: SmolLM2-135M, given
+  one or two sentences of three drafts, wrote "Deeper than a lifetime in the ocean." thirty
+  times, where complete drafts drew an ordinary answer (:func:`loop_on_short_drafts`).
 
 Every choice is drawn from the caller's seeded :class:`random.Random` in a fixed order, once per
 request and before the reply starts, so nothing here touches the streaming path.
@@ -39,6 +43,7 @@ __all__ = [
     "FlawedReply",
     "continue_with_flaws",
     "ends_at_boundary",
+    "loop_on_short_drafts",
     "markup_pieces",
     "opening_of",
 ]
@@ -50,7 +55,10 @@ PREFILL_REFUSAL = (
 )
 
 #: A way a continuation went wrong, as :attr:`SimRecord.continuation_flaws` lists them.
-Flaw = Literal["refused", "restart", "early_stop", "markup"]
+Flaw = Literal["refused", "restart", "early_stop", "markup", "loop"]
+
+#: Quoted drafts averaging fewer words than this are short (see :func:`loop_on_short_drafts`).
+SHORT_DRAFT_WORDS = 40
 
 # A sentence end: a full stop, question or exclamation mark, then closing quotes or brackets.
 _CLOSERS = "\"')\\]*_\u201d\u2019"
@@ -137,6 +145,38 @@ def markup_pieces(messages: Sequence[tuple[str, str]]) -> tuple[list[str], list[
         if sentences:
             break
     return pieces, sentences
+
+
+# A quoted block: an opening tag, its text, the matching closing tag.
+_QUOTED = re.compile(r"<([A-Za-z][\w-]*)(?:\s[^<>\n]*)?>(.*?)</\1>", re.DOTALL)
+
+
+def loop_on_short_drafts(
+    profile: ContinuationProfile,
+    tokens: list[str],
+    messages: Sequence[tuple[str, str]],
+    rng: random.Random,
+) -> list[str] | None:
+    """The reply to a fresh request by a model that loops on short drafts: its planned
+    ``tokens``' first sentence repeated (each on a line of its own) to their number, or
+    ``None`` (the reply stands). Rolls only for a request whose last user message quotes
+    blocks averaging fewer than :data:`SHORT_DRAFT_WORDS` words."""
+    if not profile.loop_on_short_drafts or not tokens:
+        return None
+    blocks = _QUOTED.findall(_last_user(messages))
+    if not blocks:
+        return None
+    words = sum(len(text.split()) for _, text in blocks) / len(blocks)
+    if words >= SHORT_DRAFT_WORDS or rng.random() >= profile.loop_on_short_drafts:
+        return None
+    sentence = opening_of("".join(tokens))
+    unit = _words(sentence + "\n\n")
+    if not sentence or len(unit) >= len(tokens):
+        return None
+    out: list[str] = []
+    while len(out) < len(tokens):
+        out.extend(unit)
+    return out[: len(tokens)]
 
 
 def _rolls(rng: random.Random) -> tuple[float, float, float, float]:

@@ -17,7 +17,7 @@ import orjson
 
 from moa_stream._wire import WireError, optional_bool, parse_chat_request
 from moa_stream.sim._continue import ContinuationInfo, anchor_digest
-from moa_stream.sim._flaws import Flaw, continue_with_flaws
+from moa_stream.sim._flaws import Flaw, continue_with_flaws, loop_on_short_drafts
 from moa_stream.sim._rng import seeded_rng
 from moa_stream.sim.profiles import FAULT_KINDS, FaultKind, SimModel
 from moa_stream.sim.quiz import (
@@ -325,6 +325,11 @@ def build_plan(
             tokens, flaws = reply.tokens, reply.flaws
         if model.echo_prefill and info.kind == "prefill" and tokens:
             tokens[0] = info.answer + tokens[0]  # llama-server repeats the prefill first
+    elif not model.continuation.perfect:
+        flaw_rng = seeded_rng("flaws", seed, model.name, req.prompt_digest, req.sample)
+        looping = loop_on_short_drafts(model.continuation, tokens, req.messages, flaw_rng)
+        if looping is not None:
+            tokens, flaws = looping, ("loop",)
 
     tokens, _ = apply_stop(tokens, req.stop)
     finish_reason = "stop"

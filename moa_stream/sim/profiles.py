@@ -274,6 +274,10 @@ class ContinuationProfile:
       instructions that follow its quoted blocks.
     * ``refuse_prefill``: a request that ends with an assistant message to continue is refused
       with HTTP 400, as models without prefill support (recent Claude models) answer.
+    * ``loop_on_short_drafts``: a fresh request (not a continuation) that quotes drafts averaging
+      fewer than :data:`~moa_stream.sim._flaws.SHORT_DRAFT_WORDS` words (an aggregator started
+      on a few sentences of each) is answered by a loop: the reply's first sentence, again and
+      again, to its planned length.
 
     ``perfect`` (every probability 0) continues exactly, as the simulator always did.
     """
@@ -284,6 +288,7 @@ class ContinuationProfile:
     stop_after_restart: float = 0.0
     copy_markup: float = 0.0
     refuse_prefill: float = 0.0
+    loop_on_short_drafts: float = 0.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -314,6 +319,7 @@ CONTINUATION_PROFILES: MappingProxyType[str, ContinuationProfile] = MappingProxy
             restart_after_turn=0.6,
             stop_after_restart=0.5,
             copy_markup=0.3,
+            loop_on_short_drafts=0.5,
         ),
     }
 )

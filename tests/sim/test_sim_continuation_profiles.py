@@ -510,3 +510,56 @@ def test_a_bench_scenario_picks_the_aggregators_continuation_profile() -> None:
         get_scenarios(["long-form@clumsy"])
     with pytest.raises(ValueError, match="continuation profile"):
         replace(plain, continuation_profile="clumsy")
+
+
+def short_drafts(words: int) -> str:
+    drafts = "\n\n".join(
+        f'<draft n="{n}">\n{" ".join(["salt"] * (words - 1))} rivers.\n</draft>' for n in (1, 2, 3)
+    )
+    return (
+        f"Why is the sea salty?\n\nOther assistants drafted answers.\n\n{drafts}\n\n{INSTRUCTIONS}"
+    )
+
+
+def test_a_small_model_loops_on_short_drafts_and_not_on_long_ones() -> None:
+    m = model()
+    short = [
+        plan(m, [{"role": "user", "content": short_drafts(12)}], sim={"sample": i})
+        for i in range(N)
+    ]
+    loops = [p for p in short if p.continuation_flaws == ("loop",)]
+    assert 0.4 < len(loops) / N < 0.6  # the small profile's 0.5
+    for p in loops:
+        reply = text(p)
+        first = opening_of(reply)
+        assert reply.count(first) >= 3 and len(p.tokens) == 80
+    long = [
+        plan(m, [{"role": "user", "content": short_drafts(60)}], sim={"sample": i})
+        for i in range(N)
+    ]
+    assert not any(p.continuation_flaws for p in long)
+    # no quoted drafts, no loop; the perfect and strong profiles never loop
+    bare = [plan(m, [{"role": "user", "content": "Why?"}], sim={"sample": i}) for i in range(N)]
+    assert not any(p.continuation_flaws for p in bare)
+    for profile in (CONTINUATION_PROFILES["perfect"], STRONG):
+        m2 = model(profile)
+        plans = [
+            plan(m2, [{"role": "user", "content": short_drafts(12)}], sim={"sample": i})
+            for i in range(N)
+        ]
+        assert not any(p.continuation_flaws for p in plans)
+
+
+def test_quoted_drafts_re_rendered_in_place_keep_the_planned_text() -> None:
+    """The anchor is the user's own words: a later step that quotes longer drafts in the same
+    place continues the text the first step began."""
+    m = model(CONTINUATION_PROFILES["perfect"])
+    first = text(plan(m, [{"role": "user", "content": short_drafts(12)}]))
+    answer = first[: len(first) // 2]
+    later = plan(
+        m,
+        [{"role": "user", "content": short_drafts(30)}, {"role": "assistant", "content": answer}],
+        continue_final_message=True,
+        add_generation_prompt=False,
+    )
+    assert answer + text(later) == first
