@@ -5,7 +5,9 @@ as they stand, a way to take in what the proposers sent meanwhile (``drain`` wit
 ``wait`` for more), and the book-keeping of each step's request. The current step's stream is
 read here, in the run's own task, so a token reaches the caller in the loop turn it was parsed
 in; between two deltas the proposers' queued chunks are drained (no wait, no queue hop for the
-answer) so that, at a step boundary, the references are as fresh as they can be.
+answer) so that, at a step boundary, the references are as fresh as they can be. Falling back
+to the next aggregator is the shared loop's (:func:`~moa_stream.engine.aggregate.aggregate`);
+:class:`StaircaseStrategy` starts each aggregator's try there.
 
 A step boundary comes, at the next word that starts inside a sentence
 (:func:`~moa_stream.engine.staircase.cut_point`), once the step wrote its budget of tokens,
@@ -50,11 +52,10 @@ from moa_stream._exceptions import (
     RequestRejectedError,
 )
 from moa_stream._types import ChatMessage, ChatRequest, Usage
+from moa_stream.engine.aggregate import Steps
 from moa_stream.engine.events import (
     AggregatorDelta,
     AggregatorDone,
-    AggregatorFailed,
-    AggregatorStarted,
     AggregatorStep,
     AggregatorStepRejected,
     Event,
@@ -79,7 +80,7 @@ if TYPE_CHECKING:
     from moa_stream.engine.spec import Agent, MoA
     from moa_stream.providers import ProviderStream
 
-__all__ = ["StaircaseHost", "run_staircase"]
+__all__ = ["StaircaseHost", "StaircaseStrategy"]
 
 
 class StaircaseHost(Protocol):
@@ -91,7 +92,7 @@ class StaircaseHost(Protocol):
         """``(index, content chunks so far)`` of each reference still being written."""
         ...
 
-    def drain(self) -> list[Event]:
+    def drain(self) -> Sequence[Event]:
         """Take in everything the proposers already sent; the events it makes."""
         ...
 
@@ -233,59 +234,54 @@ class _Step:
     ended: bool = False
 
 
-async def run_staircase(
-    host: StaircaseHost,
-    spec: MoA,
-    messages: Sequence[ChatMessage],
-    answer: list[str],
-    *,
-    clock: Callable[[], float],
-    t0: float,
-    temperature: float | None,
-    max_tokens: int | None,
-    stop: tuple[str, ...] | None,
-) -> AsyncGenerator[Event, None]:
-    """The staircase aggregator's events, ending with ``aggregator.done`` (its usage adds up
-    every step's request).
+class StaircaseStrategy:
+    """The staircase as a strategy of :func:`~moa_stream.engine.aggregate.aggregate`: each
+    try is one aggregator's :class:`_Driver`, whose events the loop passes on. Its usage adds
+    up every step's request; a failure of the step being read, once a token reached the
+    caller, raises :class:`AggregatorError` with the answer so far (the loop falls back before
+    that). ``give_up_after`` counts from the staircase's start, whichever aggregator is on."""
 
-    Falls back to the next aggregator while no token has reached the caller; after that a
-    failure of the current step raises :class:`AggregatorError` with the answer so far.
-    """
-    staircase = spec.staircase
-    assert staircase is not None
-    errors: dict[str, BaseException] = {}
-    started_at = clock()
-    give_up_at = None
-    if staircase.give_up_after is not None:
-        give_up_at = started_at + staircase.give_up_after
-    for attempt, agent in enumerate((spec.aggregator, *spec.fallbacks)):
+    def __init__(
+        self,
+        host: StaircaseHost,
+        spec: MoA,
+        messages: Sequence[ChatMessage],
+        answer: list[str],
+        *,
+        clock: Callable[[], float],
+        t0: float,
+        temperature: float | None,
+        max_tokens: int | None,
+        stop: tuple[str, ...] | None,
+    ) -> None:
+        staircase = spec.staircase
+        assert staircase is not None
+        self.host = host
+        self.spec = spec
+        self.staircase = staircase
+        self.messages = messages
+        self.answer = answer
+        self.clock = clock
+        self.t0 = t0
+        self.overrides = (temperature, max_tokens, stop)
+        started_at = clock()
+        self.give_up_at: float | None = None
+        if staircase.give_up_after is not None:
+            self.give_up_at = started_at + staircase.give_up_after
+
+    async def begin(self, attempt: int, agent: Agent) -> Steps:
         driver = _Driver(
-            host,
-            spec,
-            staircase,
+            self.host,
+            self.spec,
+            self.staircase,
             agent,
-            answer,
-            clock=clock,
-            t0=t0,
-            give_up_at=give_up_at,
-            overrides=(temperature, max_tokens, stop),
+            self.answer,
+            clock=self.clock,
+            t0=self.t0,
+            give_up_at=self.give_up_at,
+            overrides=self.overrides,
         )
-        yield AggregatorStarted(agent.name, attempt, driver.asked_at - t0)
-        async with contextlib.aclosing(driver.run(messages)) as events:
-            async for event in events:
-                yield event
-        if driver.done:
-            return
-        assert driver.error is not None
-        errors[agent.name] = driver.error
-        yield AggregatorFailed(
-            agent.name, attempt, str(driver.error), driver.error.kind, clock() - t0
-        )
-    raise AggregatorError(
-        "every aggregator failed before answering: "
-        + "; ".join(f"{name}: {err}" for name, err in errors.items()),
-        errors=errors,
-    )
+        return Steps(driver.asked_at, driver.run(self.messages), driver)
 
 
 class _Driver:
