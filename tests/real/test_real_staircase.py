@@ -128,8 +128,8 @@ async def test_staircase_answers_stay_whole_on_a_small_model(
     # Length: the staircase's answers together at least 0.6 of the one-shot answers' (the
     # model's own answers vary in length from one request to the next).
     assert sum(m.words for _, _, m, _ in rows) >= 0.6 * sum(a.words for _, a, _, _ in rows)
+    # On this model an answer written from a sentence or two of each draft often loops: the
+    # repetition gate ends it at its second restart, and the next runs start on finished
+    # drafts (docs/real-inference.md).
     repeated = [(q, m.restarts, a.restarts) for q, a, m, _ in rows if m.restarts > a.restarts + 1]
-    if repeated:
-        # A target not met yet, kept visible: on this model the first step's answer, written
-        # from unfinished drafts, repeats itself (docs/real-inference.md).
-        pytest.xfail(f"restarts above the model's own + 1: {repeated}")
+    assert not repeated, repeated
