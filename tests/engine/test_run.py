@@ -204,6 +204,39 @@ async def test_aggregator_failure_after_first_token_raises_with_the_partial_answ
     assert all(r.model != "backup" for r in p.requests), "no fallback after tokens were shown"
 
 
+async def test_every_aggregator_failing_before_its_first_token_raises() -> None:
+    p = provider(
+        a=Script(["ref"]),
+        agg=Script([], error=RateLimitError("slow down", status=429)),
+        backup=Script([], error=ServerError("down", status=503)),
+    )
+    spec = MoA(
+        layers=moa(agents(p, "a"), Agent("agg", p, "agg")).layers,
+        aggregator=Agent("agg", p, "agg"),
+        fallbacks=(Agent("backup", p, "backup"),),
+    )
+    run = spec.stream(USER)
+    seen: list[tuple[str, int, str]] = []
+
+    async def consume() -> None:
+        async with run:
+            async for event in run.events():
+                if event.type in ("aggregator.started", "aggregator.failed"):
+                    seen.append((event.type, event.attempt, event.agent))
+
+    with pytest.raises(AggregatorError, match="every aggregator failed before answering") as info:
+        await consume()
+    assert seen == [
+        ("aggregator.started", 0, "agg"),
+        ("aggregator.failed", 0, "agg"),
+        ("aggregator.started", 1, "backup"),
+        ("aggregator.failed", 1, "backup"),
+    ]
+    assert list(info.value.errors) == ["agg", "backup"]
+    assert run.report.aggregator is None
+    assert [a.status for a in run.report.agents if a.role == "aggregator"] == ["failed", "failed"]
+
+
 async def test_leaving_early_closes_every_stream() -> None:
     p = provider(
         a=Script(["x "] * 50, ttft=0.01, interval=0.01),

@@ -184,6 +184,26 @@ async def test_a_failure_before_the_first_token_falls_back(provider: OpenAIProvi
     assert steps[0].agent == "agg-broken" and steps[-1].agent == "agg"
 
 
+async def test_every_aggregator_failing_before_the_first_token_is_an_aggregator_error(
+    provider: OpenAIProvider,
+) -> None:
+    spec = stairs(provider, "agg-broken", fallbacks=("agg-broken",))
+    run = spec.stream(USER)
+    failed: list[int] = []
+
+    async def consume() -> None:
+        async with run:
+            async for event in run.events():
+                if event.type == "aggregator.failed":
+                    failed.append(event.attempt)
+
+    with pytest.raises(AggregatorError, match="every aggregator failed before answering") as info:
+        await consume()
+    assert failed == [0, 1]
+    assert list(info.value.errors) == ["agg-broken"]
+    assert run.answer == ""
+
+
 async def test_a_failure_after_the_first_token_is_an_aggregator_error(
     sim: SimServer, provider: OpenAIProvider
 ) -> None:
