@@ -36,22 +36,26 @@ reaches the caller: the previous step's answer is still there to finish.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import weakref
 from collections.abc import AsyncGenerator, Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
-from moa_stream._exceptions import (
-    AggregatorError,
-    ContextLengthError,
-    ProviderError,
-    RequestRejectedError,
-)
+from moa_stream._exceptions import AggregatorError, ProviderError
 from moa_stream._types import ChatMessage, ChatRequest, Usage
+from moa_stream.engine._staircase_steps import (
+    LATE,
+    LOOP_LIMIT,
+    LOOPING,
+    Pacer,
+    Rejected,
+    StepPlan,
+    looped,
+    step_request,
+    try_step,
+    wait_until,
+)
 from moa_stream.engine.aggregate import Steps
 from moa_stream.engine.events import (
     AggregatorDelta,
@@ -60,20 +64,14 @@ from moa_stream.engine.events import (
     AggregatorStepRejected,
     Event,
 )
-from moa_stream.engine.prompts import whole_layout
 from moa_stream.engine.staircase import (
-    Continuation,
-    ContinuationGuard,
     Joiner,
     MarkupFilter,
     ReferenceTracker,
     RefView,
     RepetitionGate,
     Staircase,
-    StepPrompts,
     cut_point,
-    estimated_tokens,
-    step_sizes,
 )
 
 if TYPE_CHECKING:
@@ -121,103 +119,6 @@ class StaircaseHost(Protocol):
 
 
 _log = structlog.get_logger("moa_stream.staircase")
-
-#: (provider id, provider name, model) of servers that refused an assistant prefill: those
-#: continue by appended turns for the life of the provider object (the entry goes with it).
-_NO_PREFILL: set[tuple[int, str, str]] = set()
-
-
-def _prefill_refused(agent: Agent) -> bool:
-    return _agent_key(agent) in _NO_PREFILL
-
-
-def _remember_refusal(agent: Agent) -> bool:
-    """Record that ``agent``'s server refuses prefill; ``False`` if it was known."""
-    key = _agent_key(agent)
-    if key in _NO_PREFILL:
-        return False
-    _NO_PREFILL.add(key)
-    with contextlib.suppress(TypeError):  # not every provider can be weakly referenced
-        weakref.finalize(agent.provider, _NO_PREFILL.discard, key)
-    return True
-
-
-class _Backoff:
-    """Per (provider id, provider name, model): something a staircase stops doing for a number
-    of runs after ``strikes`` bad runs in a row, twice as many runs each time (up to
-    :data:`_MAX_BACKOFF`); a good run clears the count. Entries go with their provider."""
-
-    def __init__(self, strikes: int) -> None:
-        self.strikes = strikes
-        #: key -> (runs left, last back-off, strikes in a row)
-        self.entries: dict[tuple[int, str, str], tuple[int, int, int]] = {}
-
-    def suspended(self, agent: Agent) -> bool:
-        """Whether this run of ``agent`` is one of the suspended ones (and counts it)."""
-        key = _agent_key(agent)
-        entry = self.entries.get(key)
-        if entry is None or entry[0] <= 0:
-            return False
-        self.entries[key] = (entry[0] - 1, entry[1], entry[2])
-        return True
-
-    def strike(self, agent: Agent) -> int:
-        """A bad run; returns the runs now suspended (0: not yet)."""
-        key = _agent_key(agent)
-        if key not in self.entries:
-            with contextlib.suppress(TypeError):  # not every provider can be weakly referenced
-                weakref.finalize(agent.provider, self.entries.pop, key, None)
-        _, backoff, strikes = self.entries.get(key, (0, 0, 0))
-        strikes += 1
-        if strikes < self.strikes:
-            self.entries[key] = (0, backoff, strikes)
-            return 0
-        backoff = min(_MAX_BACKOFF, backoff * 2 or 1)
-        self.entries[key] = (backoff, backoff, 0)
-        return backoff
-
-    def clear(self, agent: Agent) -> None:
-        key = _agent_key(agent)
-        entry = self.entries.get(key)
-        if entry is not None:
-            self.entries[key] = (entry[0], 0, 0)
-
-
-_MAX_BACKOFF = 16
-#: Chunks a reference writes for each chunk of an answer more than ``lead`` ahead of it: the
-#: answer slows to half the reference's pace, and the reference catches up.
-_CATCH_UP = 2
-#: Later steps, suspended after two late steps in a row (across runs). A step not ready within
-#: ``max_pause`` means the server could not prefill its prompt in time (a busy or slow server,
-#: a prefix cache held per slot): asking again at once would only cost the server the same work
-#: while it writes the answer.
-_LATE = _Backoff(strikes=2)
-#: The early start, suspended after an answer started on unfinished drafts loops (see
-#: :class:`~moa_stream.engine.staircase.RepetitionGate`): the next runs start once every
-#: reference has ended, as the one-shot aggregator of a waiting MoA does. Some models cannot
-#: build on a few sentences of each draft (SmolLM2-135M answers them with loops and remarks
-#: about the drafts); after the back-off the early start is tried again.
-_LOOPING = _Backoff(strikes=1)
-#: Restarts (sentences opening like an earlier one) after which an answer is looping.
-_LOOP_LIMIT = 2
-
-
-def _agent_key(agent: Agent) -> tuple[int, str, str]:
-    return (id(agent.provider), agent.provider.name, agent.model)
-
-
-def _refuses_prefill(exc: ProviderError) -> bool:
-    if not isinstance(exc, RequestRejectedError) or isinstance(exc, ContextLengthError):
-        return False
-    text = str(exc).lower()
-    return "prefill" in text or "end with a user message" in text
-
-
-def _continuation_for(staircase: Staircase, agent: Agent) -> Continuation:
-    continuation = staircase.for_agent(agent.name)
-    if continuation.method == "prefill" and _prefill_refused(agent):
-        return Continuation("turns")
-    return continuation
 
 
 @dataclass(slots=True)
@@ -309,27 +210,17 @@ class _Driver:
         self.t0 = t0
         self.give_up_at = give_up_at
         self.overrides = overrides
-        self.continuation = _continuation_for(staircase, agent)
-        self.stepping = staircase.max_steps != 0 and not _LATE.suspended(agent)
-        self.start_late = _LOOPING.suspended(agent)
-        self.gate = RepetitionGate(words=4, limit=_LOOP_LIMIT)
-        self.whole = staircase.layout == "whole"
-        t = self.templates = whole_layout(spec.templates) if self.whole else spec.templates
-        self.tracker = ReferenceTracker(t, spec.max_reference_chars, whole_sentences=self.whole)
-        self.sizes = step_sizes(staircase.steps)
-        self.instructions = (t.instructions, t.header, t.update_header, t.continue_instruction)
+        self.plan: StepPlan | None = None
+        self.start_late = LOOPING.suspended(agent)
+        self.gate = RepetitionGate(words=4, limit=LOOP_LIMIT)
+        self.pacer = Pacer(staircase.lead, host.running_chunks)
         self.given_up = False
-        self.steps_asked = 0
-        self.rejects = 0
-        self.turn_from = 0  # answer characters the committed turns already hold
         self.usage = Usage()  # of the steps closed so far
         self.first_token_at: float | None = None
         self.chunks = 0  # content chunks of the answer passed on, whichever step wrote them
         self.markup = MarkupFilter()
         self.pass_on: tuple[str, int] = ("", 0)  # the next text to pass on, and its chunks
         self.pause_until: float | None = None  # the end of a boundary's pause
-        self.late: set[int] = set()  # references left behind
-        self.seen: dict[int, int] = {}  # each reference's chunks at the answer's last chunk
         self.asked_at = clock()
         self.done = False
         self.error: ProviderError | None = None
@@ -339,7 +230,7 @@ class _Driver:
     def _emit(self, step: _Step, text: str, chunks: int = 1) -> AggregatorDelta:
         now = self.clock()
         self.chunks += chunks
-        self._paced(chunks)
+        self.pacer.passed(self.chunks, chunks)
         self.host.step_delta(step.record, text, now)
         if self.first_token_at is None:
             self.first_token_at = now
@@ -347,40 +238,35 @@ class _Driver:
         return AggregatorDelta(text, now - self.t0)
 
     def _request(self, messages: list[ChatMessage], extra: dict[str, Any]) -> ChatRequest:
-        temperature, max_tokens, stop = self.overrides
-        request = self.agent.request(
-            messages, temperature=temperature, max_tokens=max_tokens, stop=stop
-        )
-        if request.max_tokens is not None and self.chunks:
-            # ``max_tokens`` (the run's or the agent's) bounds the whole answer, as for a
-            # single request.
-            request = replace(request, max_tokens=max(1, request.max_tokens - self.chunks))
-        if extra:
-            request = replace(request, extra={**request.extra, **extra})
-        # Every step's prompt starts with the previous one's: let explicit caches mark it.
-        return replace(request, cache_prefix=True)
+        return step_request(self.agent, self.overrides, self.chunks, messages, extra)
 
     async def run(self, messages: Sequence[ChatMessage]) -> AsyncGenerator[Event, None]:
         host = self.host
-        self.prompts = StepPrompts(
-            messages, self.continuation, self.templates, self.agent.system_prompt
-        )
-        if self.start_late:
-            async for event in self._references_end():
+        plan = self.plan = StepPlan(self.staircase, self.spec, self.agent, messages)
+        if self.start_late or plan.whole:
+            # The late start waits for every reference to end (or to be given up on); the
+            # whole layout, which quotes only whole sentences, waits at most ``max_pause`` for
+            # each running reference's first one (a draft cut mid-sentence is what a small
+            # model copies and loops on; a few whole sentences are what it can build on).
+            if self.start_late:
+                done, until = self._references_ended, self.give_up_at
+            else:
+                done, until = self._first_sentences, self.clock() + self.staircase.max_pause
+            if self.give_up_at is not None:
+                until = min(until or self.give_up_at, self.give_up_at)
+            async for event in wait_until(done, host.wait, self.clock, until):
                 yield event
-        elif self.whole:
-            async for event in self._first_sentences():
-                yield event
+            self._check_give_up()
+            self.asked_at = self.clock()
         refs = host.references()
-        block = self.tracker.block(refs) if self.whole else self.tracker.first(refs)
-        request_messages = self.prompts.first(block)
-        final = self.tracker.settled(refs)
+        request_messages = plan.first(refs)
+        final = plan.tracker.settled(refs)
         yield self._step_event(0, refs, final)
         stream = self.agent.provider.stream(self._request(request_messages, {}))
         record = host.open_step(self.agent, 0, request_messages, stream)
         joiner = Joiner()
         joiner.begin("".join(self.answer))
-        step = self.cur = _Step(0, stream, record, joiner, next(self.sizes), final)
+        step = self.cur = _Step(0, stream, record, joiner, next(plan.sizes), final)
         try:
             await stream.__aenter__()
         except ProviderError as exc:
@@ -457,9 +343,9 @@ class _Driver:
                 yield self._emit(step, rest)
         if self.gate.looping:
             finish_reason = "stop"  # the answer ends at the sentence end before the loop
-            self._looped(step)
+            looped(self.agent, step.number, self.gate.restarts)
         elif not self.start_late:
-            _LOOPING.clear(self.agent)
+            LOOPING.clear(self.agent)
         await step.stream.aclose()
         host.close_step(step.record, "complete", finish_reason, None)
         self.done = True
@@ -477,117 +363,49 @@ class _Driver:
     def _answer_text(self) -> str:
         return "".join(self.answer)
 
-    def _looped(self, step: _Step) -> None:
-        """The answer repeats itself: it ends here, and the next runs start late."""
-        runs = _LOOPING.strike(self.agent)
-        _log.info(
-            "staircase.answer_looping",
-            agent=self.agent.name,
-            step=step.number,
-            restarts=self.gate.restarts,
-            late_start_runs=runs,
-        )
+    @property
+    def _plan(self) -> StepPlan:
+        assert self.plan is not None, "the plan is made when the run starts"
+        return self.plan
 
-    async def _references_end(self) -> AsyncGenerator[Event, None]:
-        """The late start: wait until every reference has ended (or is given up on)."""
-        while any(state == "running" for _, _, state, _ in self.host.references()):
-            if self.give_up_at is not None and self.clock() >= self.give_up_at:
-                self._check_give_up()
-                break
-            for event in await self.host.wait(self.give_up_at):
-                yield event
-        self.asked_at = self.clock()
+    def _references_ended(self) -> bool:
+        return all(state != "running" for _, _, state, _ in self.host.references())
 
-    async def _first_sentences(self) -> AsyncGenerator[Event, None]:
-        """The ``whole`` layout quotes only whole sentences: the first step waits, at most
-        ``max_pause``, for every reference being written to end its first sentence. A draft
-        cut mid-sentence is what a small model copies and then loops on ("The sky is blue, a
-        fundamental" thirty times); a few whole sentences are what it can build on."""
-        until = self.clock() + self.staircase.max_pause
-        if self.give_up_at is not None:
-            until = min(until, self.give_up_at)
-        while self.tracker.first_sentence_pending(self.host.references()):
-            if self.clock() >= until:
-                break
-            for event in await self.host.wait(until):
-                yield event
-        self.asked_at = self.clock()
+    def _first_sentences(self) -> bool:
+        return not ReferenceTracker.first_sentence_pending(self.host.references())
 
     def _step_event(self, number: int, refs: Sequence[RefView], final: bool) -> AggregatorStep:
-        return AggregatorStep(
-            self.agent.name,
-            number,
-            str(self.continuation),
-            self.tracker.infos(refs),
-            sum(map(len, self.answer)),
-            final,
-            self.clock() - self.t0,
-        )
+        answer_chars = sum(map(len, self.answer))
+        return self._plan.step_event(number, refs, final, answer_chars, self.clock() - self.t0)
 
     def _due(self, step: _Step, text: str, pace: bool) -> bool:
         """Whether a boundary comes before ``text``: the step wrote its budget, or the answer
         waits for the references anyway, or they have all ended since this step was asked
         (its last step is due at once: what is left of the answer is written from them)."""
-        if step.final or not self.stepping:
+        if step.final or not self._plan.stepping:
             return False
         if step.written < step.budget and not pace and self.host.running_chunks():
             return False
         return cut_point("".join(self.answer[-64:]), text)
 
-    # -- pacing ---------------------------------------------------------------------------------
+    # -- pacing (see :class:`Pacer`) --------------------------------------------------------
     def _pacing(self) -> bool:
-        """Whether the next chunk must wait for a reference: the answer is more than ``lead``
-        chunks ahead of a reference being written and that reference wrote nothing since the
-        answer's last chunk (see :meth:`_pace`)."""
-        lead = self.staircase.lead
-        if lead is None or self.given_up or not self.stepping:
-            return False  # no step will read what the references add: nothing to wait for
-        behind = self.chunks + 1 - lead
-        late = self.late
-        seen = self.seen
-        for index, chunks in self.host.running_chunks():
-            if chunks == 0 or index in late:
-                continue  # not started: nothing to keep pace with yet
-            if chunks < behind and chunks < seen.get(index, 0) + _CATCH_UP:
-                return True
-        return False
-
-    def _paced(self, chunks: int) -> None:
-        """The answer passed ``chunks`` on: what each reference had written by then (a
-        reference it is ahead of owes the catch-up of all but the first of them)."""
-        lead = self.staircase.lead
-        if lead is None:
-            return
-        owed = (chunks - 1) * _CATCH_UP
-        behind = self.chunks + 1 - lead
-        self.seen = {
-            index: n + owed if n < behind else n for index, n in self.host.running_chunks()
-        }
+        """Whether the next chunk must wait for a reference (never once no later step will
+        read what the references add: there is nothing to wait for)."""
+        return self._plan.stepping and not self.given_up and self.pacer.holds(self.chunks)
 
     async def _pace(self, until: float | None = None) -> AsyncGenerator[Event, None]:
-        """Hold the next chunk so that the answer falls back towards a reference being
-        written: within ``lead`` chunks of it the answer runs free; further ahead, each chunk
-        waits for the reference to write :data:`_CATCH_UP` of its own. The answer then
-        streams steadily at a fraction of the pace of the slowest reference until that one
-        catches up, and its end comes after theirs: it is written from finished references,
-        instead of the answer racing ahead and stopping for seconds at a step.
-
-        A reference that writes nothing for ``max_pause`` while the answer waits for it
-        (stalled) is left behind: the answer does not wait for it again; so no chunk waits
-        longer than ``max_pause``. References that have not started are not waited for."""
-        host = self.host
+        """Hold the next chunk while :meth:`_pacing`, at most until ``until`` (default:
+        ``max_pause`` from now); what the answer waited for in vain is left behind."""
         if until is None:
             until = self.clock() + self.staircase.max_pause
         if self.give_up_at is not None:
             until = min(until, self.give_up_at)
         while self._pacing():
             if self.clock() >= until:
-                behind = self.chunks + 1 - (self.staircase.lead or 0)
-                for index, chunks in host.running_chunks():
-                    if 0 < chunks < behind and chunks < self.seen.get(index, 0) + _CATCH_UP:
-                        self.late.add(index)
+                self.pacer.leave_behind(self.chunks)
                 break
-            for event in await host.wait(until):
+            for event in await self.host.wait(until):
                 yield event
             self._check_give_up()
 
@@ -607,154 +425,60 @@ class _Driver:
         for event in host.drain():
             yield event
         refs = host.references()
-        chars, changed = self.tracker.news(refs, given_up=self.given_up)
-        if sc.max_steps is not None and self.steps_asked >= sc.max_steps:
-            self.stepping = False
-        # The last step allowed is kept for references that all reached their end, so that
-        # the answer's conclusion is written from them.
-        last_one = sc.max_steps is not None and self.steps_asked + 1 >= sc.max_steps
-        settling = self.given_up or all(state != "running" for _, _, state, _ in refs)
-        if (
-            not self.stepping
-            or (not changed and chars < sc.min_news)
-            or (last_one and not settling)
-        ):
-            step.budget = step.written + next(self.sizes)
+        plan = self._plan
+        if not plan.wanted(refs, self.given_up):
+            step.budget = step.written + next(plan.sizes)
             return
         answer = "".join(self.answer)
-        snapshot = self.tracker.snapshot()
-        if self.whole:
-            block = self.tracker.block(refs, given_up=self.given_up)
-            request_messages, extra = self.prompts.refresh(block, answer)
-        else:
-            parts = self.tracker.gains(refs, given_up=self.given_up)
-            request_messages, extra = self.prompts.propose(parts, answer[self.turn_from :], answer)
-        if self._too_long(request_messages):
-            self.tracker.restore(snapshot)
-            self.stepping = False
+        request_messages, extra = plan.propose(refs, answer, self.given_up)
+        if plan.too_long(request_messages, self.overrides[1], self.chunks):
+            plan.withdraw()
+            plan.stepping = False
             _log.info("staircase.context_full", agent=self.agent.name, step=step.number + 1)
             return
         number = step.number + 1
-        final = self.tracker.settled(refs)
+        final = plan.tracker.settled(refs)
         yield self._step_event(number, refs, final)
-        self.steps_asked += 1
-        prefill = answer.rstrip() if self.continuation.method == "prefill" else None
+        plan.asked += 1
+        prefill = answer.rstrip() if plan.continuation.method == "prefill" else None
         stream = self.agent.provider.stream(self._request(request_messages, extra))
         record = host.open_step(self.agent, number, request_messages, stream)
         joiner = Joiner()
-        joiner.begin(answer, prefill, echoes=self.continuation.echoes)
-        guard = ContinuationGuard(answer, self.instructions, words=sc.guard_words)
-        verdict: bool | None = None
-        ended = False
-        late = False
-        written = 0
-        error: ProviderError | None = None
-        held_events: list[Event] = []
+        joiner.begin(answer, prefill, echoes=plan.continuation.echoes)
+        guard = plan.guard(answer)
         try:
-            async with asyncio.timeout(max(0.0, pause_until - self.clock())):
-                await stream.__aenter__()
-                while verdict is None:
-                    try:
-                        delta = await stream.__anext__()
-                    except StopAsyncIteration:
-                        ended = True
-                        rest = joiner.flush()
-                        if rest:
-                            verdict = guard.feed(rest)
-                        if verdict is None:
-                            verdict = guard.finish()
-                        break
-                    if delta.content:
-                        written += 1
-                        piece = joiner.feed(delta.content)
-                        if piece:
-                            verdict = guard.feed(piece)
-                    held_events.extend(host.drain())
-        except TimeoutError:
-            verdict = False
-            guard.reason = "not ready in time"
-            late = True
-        except ProviderError as exc:
-            verdict = False
-            error = exc
-            guard.reason = exc.kind
+            trial = await try_step(stream, joiner, guard, host.drain, pause_until - self.clock())
         except BaseException as exc:
             await stream.aclose()
             host.close_step(record, "cancelled", None, exc)
             raise
-        for event in held_events:
+        for event in trial.events:
             yield event
-        if verdict is not None and not late:
-            _LATE.clear(self.agent)
-        if verdict:
+        if not trial.late:
+            LATE.clear(self.agent)
+        if trial.accepted:
             await step.stream.aclose()
             host.close_step(step.record, "cancelled", None, None)
             self.usage = self.usage + (step.stream.usage or Usage(estimated=True))
-            self.prompts.commit()
-            if self.continuation.method == "turns":
-                self.turn_from = len(answer)
-            self.rejects = 0
-            new = _Step(number, stream, record, joiner, next(self.sizes), final, written, ended)
+            plan.accepted(answer)
+            size = next(plan.sizes)
+            new = _Step(number, stream, record, joiner, size, final, trial.written, trial.ended)
             self.cur = new
             self.markup = MarkupFilter()  # what the old stream had begun is not the answer
             self.gate.drop()
-            self.pass_on = (guard.held, max(1, written))
-            return
+            self.pass_on = (guard.held, max(1, trial.written))
             return
         await stream.aclose()
         reason = guard.reason or "rejected"
-        host.close_step(record, "cancelled", None, _Rejected(reason))
-        self.tracker.restore(snapshot)
-        self.rejects += 1
-        if error is not None and _refuses_prefill(error):
-            self._downgrade(error)
-        elif isinstance(error, ContextLengthError):
-            self.stepping = False
-        if late:
-            # The server is too slow or busy for steps now: stop for this run (and, after
-            # repeated late steps, the next few).
-            self.stepping = False
-            runs = _LATE.strike(self.agent)
-            if runs:
-                _log.info(
-                    "staircase.steps_suspended",
-                    agent=self.agent.name,
-                    runs=runs,
-                    reason="steps were not ready within max_pause",
-                )
-        if self.rejects >= sc.max_rejects:
-            self.stepping = False
+        host.close_step(record, "cancelled", None, Rejected(reason))
+        runs = plan.rejected(trial)
+        if runs:
+            _log.info(
+                "staircase.steps_suspended",
+                agent=self.agent.name,
+                runs=runs,
+                reason="steps were not ready within max_pause",
+            )
         _log.info("staircase.step_rejected", agent=self.agent.name, step=number, reason=reason)
         yield AggregatorStepRejected(self.agent.name, number, reason, self.clock() - self.t0)
-        step.budget = step.written + next(self.sizes)
-
-    def _too_long(self, messages: Sequence[ChatMessage]) -> bool:
-        window = self.staircase.context_window
-        if window is None:
-            return False
-        max_tokens = self.overrides[1] or self.agent.max_tokens
-        reserve = 256 if max_tokens is None else max(1, max_tokens - self.chunks)
-        return estimated_tokens(messages) + reserve > window
-
-    def _downgrade(self, error: ProviderError) -> None:
-        """The server refused prefill: appended turns from now on, for this provider's model."""
-        self.rejects -= 1  # not the model's fault: the next boundary tries again
-        if _remember_refusal(self.agent):
-            _log.warning(
-                "staircase.prefill_refused",
-                agent=self.agent.name,
-                provider=self.agent.provider.name,
-                model=self.agent.model,
-                error=str(error),
-                hint="continuing by appended turns; set the provider's continuation to turns",
-            )
-        self.continuation = Continuation("turns")
-        self.prompts.switch(self.continuation)
-        self.turn_from = 0
-
-
-class _Rejected(Exception):
-    """Why a step was not passed on (the step's record error)."""
-
-    def __str__(self) -> str:
-        return f"rejected: {self.args[0]}"
+        step.budget = step.written + next(plan.sizes)

@@ -405,5 +405,5 @@ async def test_a_looping_answer_is_cut_and_the_next_run_starts_on_finished_draft
     await run(spec)
     second = [r for r in p.requests if r.model == "agg"][-1]
     prompt = second.messages[-1]["content"]
-    assert prompt.count("status=\"complete\"") == 2 and "status=\"partial" not in prompt
+    assert prompt.count('status="complete"') == 2 and 'status="partial' not in prompt
     assert "word39" in prompt  # both drafts whole
