@@ -38,7 +38,7 @@ import math
 import random
 from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
-from typing import Literal
+from typing import Literal, get_args
 
 from moa_stream._exceptions import ConfigError
 
@@ -73,17 +73,7 @@ FaultKind = Literal[
 ]
 
 #: Every fault the simulator can inject, in the order :meth:`FaultProfile.pick` rolls them.
-FAULT_KINDS: tuple[FaultKind, ...] = (
-    "rate_limit",
-    "server_error",
-    "stall_first",
-    "stall_mid",
-    "reset_mid",
-    "malformed",
-    "error_frame",
-    "context_overflow",
-    "keepalive",
-)
+FAULT_KINDS: tuple[FaultKind, ...] = get_args(FaultKind)
 
 #: How a model's server answers a prompt longer than its context window; see
 #: :attr:`SimModel.overflow`.
@@ -327,54 +317,30 @@ CONTINUATION_PROFILES: MappingProxyType[str, ContinuationProfile] = MappingProxy
 _PERFECT = CONTINUATION_PROFILES["perfect"]
 
 
-#: The built-in model classes; see the module docstring for the figures and their source.
+#: The built-in model classes, one row each (see the module docstring for the figures and their
+#: source); seconds for times, tokens per second for rates.
+_CLASSES: tuple[tuple[str, float, float, float, float, float, float, float], ...] = (
+    # name, TTFT p50, TTFT p95, TTFT cap, decode, prefill, decode_jitter, throughput_sigma
+    ("small-fast", 0.25, 0.60, 10.0, 180.0, 20_000.0, 0.25, 0.15),
+    ("medium", 0.45, 1.10, 15.0, 100.0, 10_000.0, 0.25, 0.15),
+    ("large-slow", 1.00, 2.50, 30.0, 45.0, 4_000.0, 0.30, 0.20),
+    ("heavy-tail", 0.50, 4.00, 30.0, 80.0, 8_000.0, 0.50, 0.30),
+    ("reasoning", 6.00, 20.0, 60.0, 120.0, 8_000.0, 0.25, 0.15),
+)
+
+#: The built-in model classes by name; see the module docstring for the figures and their source.
 PROFILES: MappingProxyType[str, LatencyProfile] = MappingProxyType(
     {
-        "small-fast": LatencyProfile(
-            ttft_p50=0.25,
-            ttft_p95=0.60,
-            tokens_per_s=180.0,
-            prefill_tokens_per_s=20_000.0,
-            decode_jitter=0.25,
-            throughput_sigma=0.15,
-            ttft_max=10.0,
-        ),
-        "medium": LatencyProfile(
-            ttft_p50=0.45,
-            ttft_p95=1.10,
-            tokens_per_s=100.0,
-            prefill_tokens_per_s=10_000.0,
-            decode_jitter=0.25,
-            throughput_sigma=0.15,
-            ttft_max=15.0,
-        ),
-        "large-slow": LatencyProfile(
-            ttft_p50=1.00,
-            ttft_p95=2.50,
-            tokens_per_s=45.0,
-            prefill_tokens_per_s=4_000.0,
-            decode_jitter=0.30,
-            throughput_sigma=0.20,
-            ttft_max=30.0,
-        ),
-        "heavy-tail": LatencyProfile(
-            ttft_p50=0.50,
-            ttft_p95=4.00,
-            tokens_per_s=80.0,
-            prefill_tokens_per_s=8_000.0,
-            decode_jitter=0.50,
-            throughput_sigma=0.30,
-            ttft_max=30.0,
-        ),
-        "reasoning": LatencyProfile(
-            ttft_p50=6.00,
-            ttft_p95=20.0,
-            tokens_per_s=120.0,
-            prefill_tokens_per_s=8_000.0,
-            decode_jitter=0.25,
-            throughput_sigma=0.15,
-            ttft_max=60.0,
-        ),
+        name: LatencyProfile(
+            ttft_p50=p50,
+            ttft_p95=p95,
+            ttft_max=cap,
+            tokens_per_s=decode,
+            prefill_tokens_per_s=prefill,
+            decode_jitter=jitter,
+            throughput_sigma=sigma,
+        )
+        for name, p50, p95, cap, decode, prefill, jitter, sigma in _CLASSES
     }
 )
 

@@ -65,16 +65,38 @@ class Question:
 
 
 _Draw = Callable[[int, int], int]
+_Template = Callable[[_Draw], tuple[str, int]]
 
 
-def _bakery(d: _Draw) -> tuple[str, int]:
-    trays, per = d(3, 12), d(6, 24)
-    sold = d(2, trays * per - 1)
-    return (
-        f"A baker bakes {trays} trays of {per} rolls each and sells {sold} rolls. "
-        "How many rolls are left?",
-        trays * per - sold,
-    )
+def _left_over(text: str, groups: tuple[int, int], size: tuple[int, int]) -> _Template:
+    """The problem "``n`` groups of ``k``, ``taken`` of them gone: how many are left?", worded
+    by ``text`` (with ``{n}``, ``{k}`` and ``{taken}``), ``n`` and ``k`` drawn in ``groups``
+    and ``size``."""
+
+    def template(d: _Draw) -> tuple[str, int]:
+        n, k = d(*groups), d(*size)
+        taken = d(2, n * k - 1)
+        return text.format(n=n, k=k, taken=taken), n * k - taken
+
+    return template
+
+
+_bakery = _left_over(
+    "A baker bakes {n} trays of {k} rolls each and sells {taken} rolls. How many rolls are left?",
+    (3, 12),
+    (6, 24),
+)
+_library = _left_over(
+    "A library has {n} shelves with {k} books on each. {taken} books are on loan. "
+    "How many books are still on the shelves?",
+    (4, 30),
+    (10, 60),
+)
+_cinema = _left_over(
+    "A cinema has {n} rows of {k} seats, and {taken} seats are taken. How many seats are free?",
+    (5, 30),
+    (8, 40),
+)
 
 
 def _marbles(d: _Draw) -> tuple[str, int]:
@@ -92,16 +114,6 @@ def _train(d: _Draw) -> tuple[str, int]:
         f"A train travels at {speed} kilometres per hour for {hours} hours. "
         "How many kilometres does it travel?",
         speed * hours,
-    )
-
-
-def _library(d: _Draw) -> tuple[str, int]:
-    shelves, per = d(4, 30), d(10, 60)
-    loaned = d(2, shelves * per - 1)
-    return (
-        f"A library has {shelves} shelves with {per} books on each. {loaned} books are on "
-        "loan. How many books are still on the shelves?",
-        shelves * per - loaned,
     )
 
 
@@ -170,17 +182,7 @@ def _sum(d: _Draw) -> tuple[str, int]:
     )
 
 
-def _cinema(d: _Draw) -> tuple[str, int]:
-    rows, seats = d(5, 30), d(8, 40)
-    taken = d(2, rows * seats - 1)
-    return (
-        f"A cinema has {rows} rows of {seats} seats, and {taken} seats are taken. "
-        "How many seats are free?",
-        rows * seats - taken,
-    )
-
-
-_TEMPLATES: tuple[Callable[[_Draw], tuple[str, int]], ...] = (
+_TEMPLATES: tuple[_Template, ...] = (
     _bakery,
     _marbles,
     _train,
