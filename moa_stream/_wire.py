@@ -21,7 +21,7 @@ import math
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 import orjson
 
@@ -34,6 +34,7 @@ __all__ = [
     "ChatCompletionRequest",
     "ChunkEncoder",
     "WireError",
+    "WireErrorFields",
     "chat_request_body",
     "completion_object",
     "error_body",
@@ -63,6 +64,15 @@ def error_body(
     return orjson.dumps(
         {"error": {"message": message, "type": error_type, "param": param, "code": code}}
     )
+
+
+class WireErrorFields(TypedDict, total=False):
+    """The keyword arguments of :class:`WireError`, for subclasses that pass them on."""
+
+    error_type: str
+    param: str | None
+    code: str | None
+    headers: Mapping[str, str] | None
 
 
 class WireError(Exception):

@@ -21,11 +21,12 @@ for a failure it would most likely meet again.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Unpack
 
 from aiohttp import web
 
 from moa_stream._exceptions import AggregatorError, LayerFailedError, MoAError
-from moa_stream._wire import WireError, retry_after_headers
+from moa_stream._wire import WireError, WireErrorFields, retry_after_headers
 
 __all__ = [
     "MAX_ECHO_CHARS",
@@ -66,7 +67,8 @@ def quote(value: str) -> str:
 
 
 class APIError(WireError):
-    """An error to send to the client: HTTP ``status`` plus the OpenAI error fields.
+    """An error to send to the client: HTTP ``status`` plus the OpenAI error fields (the
+    keywords of :class:`~moa_stream._wire.WireError`: ``error_type``, ``param``, ``code``).
 
     ``headers`` are added to the response (``Retry-After``, ``Allow``); ``outcome`` names the
     request's result in metrics and logs.
@@ -77,21 +79,11 @@ class APIError(WireError):
         status: int,
         message: str,
         *,
-        error_type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
         outcome: str = "invalid_request",
-        headers: Mapping[str, str] | None = None,
         close_connection: bool = False,
+        **fields: Unpack[WireErrorFields],
     ) -> None:
-        super().__init__(
-            status,
-            clip(message, MAX_MESSAGE_CHARS),
-            error_type=error_type,
-            param=param,
-            code=code,
-            headers=headers,
-        )
+        super().__init__(status, clip(message, MAX_MESSAGE_CHARS), **fields)
         self.outcome = outcome
         self.close_connection = close_connection
 

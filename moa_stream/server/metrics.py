@@ -155,24 +155,19 @@ class _Metric:
 _M = TypeVar("_M", bound=_Metric)
 
 
-class Counter(_Metric):
-    """A value that only goes up, per label combination."""
-
-    kind = "counter"
+class _Scalar(_Metric):
+    """A metric with one number per label combination: a counter's or a gauge's."""
 
     def __init__(self, name: str, help: str, labels: Sequence[str] = ()) -> None:
         super().__init__(name, help, labels)
         self._values: dict[tuple[str, ...], float] = {}
 
-    def inc(self, *labels: str, amount: float = 1.0) -> None:
-        """Add ``amount`` (at least 0) to the series of ``labels``."""
-        if amount < 0:
-            raise ValueError("a counter cannot go down")
+    def _add(self, labels: Sequence[str], amount: float) -> None:
         key = self._key(labels)
         self._values[key] = self._values.get(key, 0.0) + amount
 
     def value(self, *labels: str) -> float:
-        """The series' current value (0 if it was never incremented)."""
+        """The series' current value (0 if it was never changed)."""
         return self._values.get(self._key(labels), 0.0)
 
     def samples(self) -> Iterable[str]:
@@ -183,19 +178,33 @@ class Counter(_Metric):
         return [[list(key), value] for key, value in self._values.items()]
 
     def absorb(self, state: list[Any]) -> None:
+        # Summed, gauges too: the server's one gauge (requests running now) adds up over
+        # processes.
         for key, value in state:
-            k = self._key(key)
-            self._values[k] = self._values.get(k, 0.0) + value
+            self._add(key, value)
 
 
-class Gauge(_Metric):
+class Counter(_Scalar):
+    """A value that only goes up, per label combination."""
+
+    kind = "counter"
+
+    def inc(self, *labels: str, amount: float = 1.0) -> None:
+        """Add ``amount`` (at least 0) to the series of ``labels``."""
+        if amount < 0:
+            raise ValueError("a counter cannot go down")
+        self._add(labels, amount)
+
+
+class Gauge(_Scalar):
     """A value that goes up and down."""
 
     kind = "gauge"
 
     def __init__(self, name: str, help: str, labels: Sequence[str] = ()) -> None:
         super().__init__(name, help, labels)
-        self._values: dict[tuple[str, ...], float] = {} if labels else {(): 0.0}
+        if not labels:
+            self._values[()] = 0.0
 
     def set(self, value: float, *labels: str) -> None:
         """Set the series of ``labels`` to ``value``."""
@@ -203,28 +212,11 @@ class Gauge(_Metric):
 
     def inc(self, *labels: str, amount: float = 1.0) -> None:
         """Add ``amount`` (may be negative)."""
-        key = self._key(labels)
-        self._values[key] = self._values.get(key, 0.0) + amount
+        self._add(labels, amount)
 
     def dec(self, *labels: str, amount: float = 1.0) -> None:
         """Subtract ``amount``."""
-        self.inc(*labels, amount=-amount)
-
-    def value(self, *labels: str) -> float:
-        """The series' current value."""
-        return self._values.get(self._key(labels), 0.0)
-
-    def samples(self) -> Iterable[str]:
-        for key, value in sorted(self._values.items()):
-            yield f"{self.name}{_labels(self.label_names, key)} {_number(value)}"
-
-    def state(self) -> list[Any]:
-        return [[list(key), value] for key, value in self._values.items()]
-
-    def absorb(self, state: list[Any]) -> None:
-        # Summed: the server's one gauge (requests running now) adds up over processes.
-        for key, value in state:
-            self.inc(*key, amount=value)
+        self._add(labels, -amount)
 
 
 class Histogram(_Metric):
@@ -246,13 +238,16 @@ class Histogram(_Metric):
         # Per series: one count per finite bucket plus +Inf (not cumulative), sum, count.
         self._series: dict[tuple[str, ...], tuple[list[int], list[float]]] = {}
 
-    def observe(self, value: float, *labels: str) -> None:
-        """Count one observation of ``value`` in the series of ``labels``."""
-        key = self._key(labels)
+    def _series_of(self, key: tuple[str, ...]) -> tuple[list[int], list[float]]:
+        """The counts and totals of the series ``key``, made empty on first use."""
         series = self._series.get(key)
         if series is None:
             series = self._series[key] = ([0] * (len(self.buckets) + 1), [0.0, 0.0])
-        counts, totals = series
+        return series
+
+    def observe(self, value: float, *labels: str) -> None:
+        """Count one observation of ``value`` in the series of ``labels``."""
+        counts, totals = self._series_of(self._key(labels))
         counts[bisect.bisect_left(self.buckets, value)] += 1
         totals[0] += value
         totals[1] += 1
@@ -261,11 +256,7 @@ class Histogram(_Metric):
         """Count every value of ``values`` in the series of ``labels`` (one look-up for all)."""
         if not values:
             return
-        key = self._key(labels)
-        series = self._series.get(key)
-        if series is None:
-            series = self._series[key] = ([0] * (len(self.buckets) + 1), [0.0, 0.0])
-        counts, totals = series
+        counts, totals = self._series_of(self._key(labels))
         buckets = self.buckets
         place = bisect.bisect_left
         for value in values:
@@ -297,10 +288,7 @@ class Histogram(_Metric):
             k = self._key(key)
             if len(counts) != len(self.buckets) + 1:
                 raise ValueError(f"{self.name}: a snapshot with other buckets")
-            series = self._series.get(k)
-            if series is None:
-                series = self._series[k] = ([0] * (len(self.buckets) + 1), [0.0, 0.0])
-            mine, totals = series
+            mine, totals = self._series_of(k)
             for i, c in enumerate(counts):
                 mine[i] += c
             totals[0] += total
