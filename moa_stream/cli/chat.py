@@ -22,6 +22,7 @@ from moa_stream import _aio
 from moa_stream._exceptions import ConfigError, MoAStreamError
 from moa_stream._probe import check_at_start, hint_for
 from moa_stream._types import ChatMessage
+from moa_stream.cli._common import add_config_arguments, exit_on_error
 from moa_stream.cli.demo import render_table, stream_run, summary_row
 from moa_stream.cli.live import LiveView, one_line_summary
 from moa_stream.config import Config, Runtime, default_config, load_config
@@ -247,11 +248,7 @@ def _chat(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     """The ``chat`` command. A configuration error is one line and exit 2, a start-up error
     one line and exit 1."""
-    try:
-        return _chat(args)
-    except MoAStreamError as exc:
-        sys.stderr.write(f"moa-stream chat: error: {exc}\n")
-        return 2 if isinstance(exc, ConfigError) else 1
+    return exit_on_error("chat", lambda: _chat(args))
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -266,18 +263,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "prompt", nargs="?", help="ask one message and exit (default: a conversation)"
     )
     chat.add_argument(
-        "--config", metavar="FILE", help="a TOML config (default: the embedded simulated one)"
-    )
-    chat.add_argument(
         "--moa", metavar="ID", help="the config's MoA to talk to (default: moa-quorum or the first)"
     )
     chat.add_argument("--model", dest="moa", help=argparse.SUPPRESS)  # the option's former name
     chat.add_argument(
         "--stats", action="store_true", help="a table of timings after each answer, not one line"
     )
-    chat.add_argument(
-        "--check",
-        action="store_true",
-        help="exit 1 when a provider is unreachable or lacks a model (default: a warning)",
-    )
+    add_config_arguments(chat)
     chat.set_defaults(func=run)

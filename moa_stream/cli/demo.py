@@ -18,9 +18,10 @@ from typing import IO, Any
 import orjson
 
 from moa_stream import _aio
-from moa_stream._exceptions import ConfigError, MoAStreamError
+from moa_stream._exceptions import MoAStreamError
 from moa_stream._probe import check_at_start, hint_for
 from moa_stream._types import ChatMessage
+from moa_stream.cli._common import add_config_arguments, exit_on_error
 from moa_stream.cli.live import LiveView, fmt_seconds, fmt_tokens
 from moa_stream.config import Config, Runtime, default_config, load_config
 from moa_stream.engine.events import RunReport
@@ -232,11 +233,7 @@ def run_command(coro_fn: Any, args: argparse.Namespace) -> int:
     """Run a command's coroutine; a library error becomes one line on stderr and exit 1, a
     configuration error exit 2 (as for ``serve`` and ``chat``, so a script can tell them
     apart)."""
-    try:
-        return int(_aio.run(coro_fn(args)))
-    except MoAStreamError as exc:
-        sys.stderr.write(f"moa-stream demo: error: {exc}\n")
-        return 2 if isinstance(exc, ConfigError) else 1
+    return exit_on_error("demo", lambda: int(_aio.run(coro_fn(args))))
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -250,19 +247,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     demo.add_argument("prompt", nargs="?", help="the user's message (default: a quiz question)")
     demo.add_argument("--json", action="store_true", help="print one JSON report on stdout")
     demo.add_argument(
-        "--config", metavar="FILE", help="a TOML config instead of the embedded simulated one"
-    )
-    demo.add_argument(
         "--moa",
         action="append",
         metavar="ID",
         help=f"a MoA id of the config to run (repeatable; default: {', '.join(DEMO_MOAS)})",
     )
-    demo.add_argument(
-        "--check",
-        action="store_true",
-        help="exit 1 when a provider is unreachable or lacks a model (default: a warning)",
-    )
+    add_config_arguments(demo)
     # The option's former name, kept working; `bench --strategy` names bench strategies.
     demo.add_argument("--strategy", action="append", dest="moa", help=argparse.SUPPRESS)
     demo.set_defaults(func=lambda args: run_command(_demo, args))

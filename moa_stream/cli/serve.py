@@ -19,6 +19,7 @@ from dataclasses import replace
 from moa_stream import _aio
 from moa_stream._exceptions import ConfigError
 from moa_stream._probe import check_at_start
+from moa_stream.cli._common import add_config_arguments
 from moa_stream.cli.logs import configure_from_args, format_from_args, level_from_args
 from moa_stream.config import Config, default_config, load_config
 from moa_stream.server._serve import _url, reserve_port, serve, supervise, worker_argv
@@ -36,9 +37,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="serve MoAs as models of an OpenAI-compatible API",
         description=__doc__,
     )
-    parser.add_argument(
-        "--config", metavar="FILE", help="TOML config (default: the embedded simulated one)"
-    )
+    add_config_arguments(parser, check_when=", before listening")
     parser.add_argument("--host", help="address to bind (default: [server] host, 127.0.0.1)")
     parser.add_argument(
         "--port", type=int, help="port; 0 picks a free one (default: [server] port, 8080)"
@@ -77,12 +76,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         metavar="KEY",
         help=f"require 'Authorization: Bearer KEY' on /v1/*; adds to [server] api_keys. "
         f"Prefer the {API_KEY_ENV} variable: a command line is visible to other users",
-    )
-    parser.add_argument(
-        "--check",
-        action="store_true",
-        help="exit 1 when a provider is unreachable or lacks a model, before listening "
-        "(default: a warning)",
     )
     # Set by the supervisor on the workers it starts.
     parser.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
