@@ -1,11 +1,12 @@
-"""The one base class of everything that holds connections or tasks."""
+"""The one base class of everything that holds connections or tasks, and the protocol of it
+that interfaces declare."""
 
 from __future__ import annotations
 
 from types import TracebackType
-from typing import Self
+from typing import Protocol, Self
 
-__all__ = ["AsyncResource"]
+__all__ = ["AsyncClosable", "AsyncResource"]
 
 
 class AsyncResource:
@@ -30,3 +31,20 @@ class AsyncResource:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+class AsyncClosable(Protocol):
+    """What an :class:`AsyncResource` offers, as a protocol: the part of an interface (a
+    provider's stream, a simulator host) that says it is an async context manager with an
+    idempotent ``aclose()``."""
+
+    async def aclose(self) -> None: ...
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...

@@ -21,16 +21,15 @@ import struct
 import sys
 import time
 from collections.abc import Sequence
-from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import Any, Protocol
 
-from moa_stream._resource import AsyncResource
+from moa_stream._resource import AsyncClosable, AsyncResource
 from moa_stream.sim import SimModel, SimRecord, SimServer
 
 __all__ = ["InProcessSimHost", "ProcessSimHost", "SimHost", "record_fields"]
 
 
-class SimHost(Protocol):
+class SimHost(AsyncClosable, Protocol):
     """Somewhere a simulated upstream can be (re)started: in this process or another."""
 
     async def start(self, models: Sequence[SimModel], seed: int) -> str:
@@ -42,17 +41,6 @@ class SimHost(Protocol):
     async def records(self) -> list[dict[str, Any]]:
         """The current server's request records (see :func:`record_fields`)."""
         ...
-
-    async def aclose(self) -> None: ...
-
-    async def __aenter__(self) -> Self: ...
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None: ...
 
 
 def record_fields(record: SimRecord) -> dict[str, Any]:

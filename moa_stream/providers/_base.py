@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from types import TracebackType
-from typing import Protocol, Self, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from moa_stream._exceptions import ConfigError
+from moa_stream._resource import AsyncClosable
 from moa_stream._types import ChatRequest, Delta, StreamTimings, Usage
 
 __all__ = ["Provider", "ProviderStream", "check_continuation"]
@@ -34,7 +34,7 @@ def check_continuation(methods: tuple[str, ...]) -> tuple[str, ...]:
 
 
 @runtime_checkable
-class ProviderStream(Protocol):
+class ProviderStream(AsyncClosable, Protocol):
     """One streamed completion.
 
     Used as ``async with provider.stream(request) as s: async for delta in s: ...``. The request
@@ -58,17 +58,6 @@ class ProviderStream(Protocol):
     def __aiter__(self) -> AsyncIterator[Delta]: ...
 
     async def __anext__(self) -> Delta: ...
-
-    async def aclose(self) -> None: ...
-
-    async def __aenter__(self) -> Self: ...
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None: ...
 
 
 @runtime_checkable

@@ -29,6 +29,7 @@ from types import SimpleNamespace
 from typing import Any, Final, Protocol
 
 import aiohttp
+import orjson
 import structlog
 import yarl
 
@@ -38,6 +39,7 @@ from moa_stream._exceptions import (
     ProviderClosedError,
     ProviderError,
     ProviderTimeout,
+    RequestRejectedError,
     StreamInterruptedError,
     TruncatedStreamError,
     UsageError,
@@ -67,6 +69,7 @@ __all__ = [
     "StreamSettings",
     "api_key_from",
     "api_root",
+    "json_body",
 ]
 
 _log = structlog.get_logger("moa_stream.providers")
@@ -265,6 +268,15 @@ def api_key_from(api_key: str | None, api_key_env: str | None) -> str | None:
         if not api_key:
             raise ConfigError(f"environment variable {api_key_env} is not set", path="api_key")
     return api_key or None
+
+
+def json_body(body: Mapping[str, Any]) -> bytes:
+    """A request body as JSON; a :class:`~moa_stream.RequestRejectedError` when a value (an
+    ``extra`` field, a message part) is of a type JSON has none for."""
+    try:
+        return orjson.dumps(body)
+    except TypeError as exc:
+        raise RequestRejectedError(f"the request cannot be encoded as JSON: {exc}") from exc
 
 
 class PooledHTTPProvider(AsyncResource):

@@ -42,7 +42,7 @@ from moa_stream._exceptions import (
 )
 from moa_stream._types import ChatMessage, ChatRequest, Delta, Usage
 from moa_stream.providers._chunks import DONE, Done, context_length_error, error_fields, make_delta
-from moa_stream.providers._http import PooledHTTPProvider, api_key_from, api_root
+from moa_stream.providers._http import PooledHTTPProvider, api_key_from, api_root, json_body
 from moa_stream.providers._policy import RetrySettings, Timeouts
 from moa_stream.providers._retry import HTTPStream
 from moa_stream.providers.sse import SSEEvent
@@ -68,6 +68,18 @@ def _count(usage: Mapping[str, Any], key: str) -> int:
     if type(value) is not int:
         raise ProtocolError(f"usage.{key} is {type(value).__name__}, not an integer")
     return value
+
+
+def _json_object(data: str | bytes, what: str) -> dict[str, Any]:
+    """``data`` parsed, when it is a JSON object; else the :class:`ProtocolError` naming
+    ``what`` it was (a stream event, a response body)."""
+    try:
+        obj = _loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError(f"invalid JSON in {what}: {exc}") from exc
+    if type(obj) is not dict:
+        raise ProtocolError(f"{what} is {type(obj).__name__}, not an object")
+    return obj
 
 
 def _event_error(obj: Mapping[str, Any]) -> ProviderError:
@@ -97,12 +109,7 @@ class _MessagesParser:
         return self.data(event.data)
 
     def data(self, data: str) -> Delta | Done | None:
-        try:
-            obj = _loads(data)
-        except orjson.JSONDecodeError as exc:
-            raise ProtocolError(f"invalid JSON in stream event: {exc}") from exc
-        if type(obj) is not dict:
-            raise ProtocolError(f"stream event is {type(obj).__name__}, not an object")
+        obj = _json_object(data, "stream event")
         kind = obj.get("type")
         if kind == "content_block_delta":
             delta = obj.get("delta")
@@ -162,12 +169,7 @@ class _MessagesParser:
 
     def completion(self, body: bytes) -> Delta:
         """A non-streamed Messages response (a server that ignored ``stream``)."""
-        try:
-            obj = _loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise ProtocolError(f"invalid JSON in response body: {exc}") from exc
-        if type(obj) is not dict:
-            raise ProtocolError(f"response body is {type(obj).__name__}, not an object")
+        obj = _json_object(body, "response body")
         if obj.get("type") == "error":
             raise _event_error(obj)
         blocks = obj.get("content")
@@ -350,7 +352,4 @@ class AnthropicProvider(PooledHTTPProvider):
         if request.stop:
             body["stop_sequences"] = list(request.stop)
         body.update(request.extra)
-        try:
-            return orjson.dumps(body)
-        except TypeError as exc:
-            raise RequestRejectedError(f"the request cannot be encoded as JSON: {exc}") from exc
+        return json_body(body)

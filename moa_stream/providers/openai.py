@@ -14,15 +14,14 @@ import random
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Literal
 
-import orjson
 import structlog
 
-from moa_stream._exceptions import ConfigError, RequestRejectedError
+from moa_stream._exceptions import ConfigError
 from moa_stream._types import ChatRequest, Delta
 from moa_stream._wire import chat_request_body
 from moa_stream.providers._base import check_continuation
 from moa_stream.providers._chunks import Done, parse_chunk, parse_completion, upstream_error
-from moa_stream.providers._http import PooledHTTPProvider, api_key_from, api_root
+from moa_stream.providers._http import PooledHTTPProvider, api_key_from, api_root, json_body
 from moa_stream.providers._policy import RetryPolicy, RetrySettings, Timeouts
 from moa_stream.providers._retry import HTTPStream
 from moa_stream.providers.sse import SSEEvent
@@ -146,7 +145,4 @@ class OpenAIProvider(PooledHTTPProvider):
             max_tokens_field=self.max_tokens_field,
             include_usage=self.stream_options_usage,
         )
-        try:
-            return orjson.dumps(body)
-        except TypeError as exc:
-            raise RequestRejectedError(f"the request cannot be encoded as JSON: {exc}") from exc
+        return json_body(body)

@@ -44,6 +44,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from moa_stream._resource import AsyncResource
+
 __all__ = [
     "DEFAULT_START_TIMEOUT",
     "InferenceServer",
@@ -127,7 +129,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class InferenceServer:
+class InferenceServer(AsyncResource):
     """One inference server process on a loopback port.
 
     ``argv`` is the command with ``{port}`` where the port goes; ``ready_path`` is the URL path
@@ -290,12 +292,8 @@ class InferenceServer:
     async def __aenter__(self) -> Self:
         return await asyncio.to_thread(self.start)
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def aclose(self) -> None:
+        """:meth:`stop`, in a worker thread; what ``async with`` calls on exit."""
         await asyncio.to_thread(self.stop)
 
 
