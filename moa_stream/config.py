@@ -280,6 +280,13 @@ class _Table:
             raise self.err(key, "must be positive")
         return value
 
+    def between(self, key: str, low: float, high: float) -> float | None:
+        """An optional number in ``low..high``."""
+        value: float | None = self.get(key, float)
+        if value is not None and not low <= value <= high:
+            raise self.err(key, f"must be between {low:g} and {high:g}")
+        return value
+
     def names(self, key: str, default: Sequence[str] = ()) -> tuple[str, ...]:
         value = self.get(key, list, list(default))
         if not all(isinstance(v, str) for v in value):
@@ -428,9 +435,7 @@ def _agent(t: _Table, name: str, providers: Mapping[str, ProviderConfig]) -> Age
         raise t.err(
             "provider", f"unknown provider {provider!r} (known: {', '.join(providers) or 'none'})"
         )
-    temperature = t.get("temperature", float)
-    if temperature is not None and not 0 <= temperature <= 2:
-        raise t.err("temperature", "must be between 0 and 2")
+    temperature = t.between("temperature", 0, 2)
     config = AgentConfig(
         name=name,
         provider=provider,
@@ -470,9 +475,7 @@ def _moa(t: _Table, moa_id: str, agents: Mapping[str, AgentConfig]) -> MoAConfig
     if staircase is not None and preset == "single":
         raise t.err("staircase", "a single model has no references to refresh")
     similarity = t.choice("cut_similarity", tuple(SIMILARITIES), "conclusion")
-    agreement = t.get("cut_agreement", float)
-    if agreement is not None and not 0 <= agreement <= 1:
-        raise t.err("cut_agreement", "must be between 0 and 1")
+    agreement = t.between("cut_agreement", 0, 1)
     config = MoAConfig(
         id=moa_id,
         preset=preset,

@@ -30,6 +30,7 @@ import aiohttp
 
 from moa_stream import __version__
 from moa_stream._exceptions import ConfigError, MoAStreamError
+from moa_stream._types import Usage
 from moa_stream.bench import report as rep
 from moa_stream.bench._progress import Progress
 from moa_stream.bench._recording import CallLog, RecordingProvider, current_log
@@ -125,27 +126,55 @@ async def _run_engine(spec: MoA, index: int, question: BenchQuestion) -> rep.Run
     except MoAStreamError as exc:
         error = f"{type(exc).__name__}: {exc}"
     report = run.report
-    refs = [r for layer in report.layers for r in layer.references]
-    trace = trace_from_report(report, log.calls, started[0] if started else None)
+    return _sample(
+        index,
+        question,
+        trace_from_report(report, log.calls, started[0] if started else None),
+        report.usage,
+        report.text,
+        error=error or report.error,
+        correct=_graded(report.text, question, error),
+        decided_s=report.time_to_quorum_s,
+        chunk_times=tuple(chunk_times),
+        aggregator_requests=sum(1 for a in report.agents if a.role == "aggregator"),
+    )
+
+
+def _sample(
+    index: int,
+    question: BenchQuestion,
+    trace: RunTrace,
+    usage: Usage,
+    text: str,
+    *,
+    error: str | None,
+    correct: bool | None,
+    decided_s: float | None,
+    chunk_times: tuple[float, ...],
+    aggregator_requests: int = 1,
+) -> rep.RunSample:
+    """One run's sample: its times and references from its trace, which the engine's runs and
+    the reference MoA's both have, its tokens from ``usage``."""
+    refs = [r for layer in trace.layers for r in layer.references]
     return rep.RunSample(
         index=index,
         question_id=question.id,
-        ttft_s=report.ttft_s,
-        total_s=report.total_s,
-        prompt_tokens=report.usage.prompt_tokens,
-        completion_tokens=report.usage.completion_tokens,
+        ttft_s=trace.ttft_s,
+        total_s=trace.total_s,
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
         refs_complete=sum(1 for r in refs if r.status == "complete"),
         refs_partial=sum(1 for r in refs if r.status == "partial"),
         refs_failed=sum(1 for r in refs if r.status == "failed"),
-        correct=_graded(report.text, question, error),
-        cached_tokens=report.usage.cached_prompt_tokens,
-        tokens_estimated=report.usage.estimated,
-        aggregator_requests=sum(1 for a in report.agents if a.role == "aggregator"),
-        decided_s=report.time_to_quorum_s,
-        error=error or report.error,
-        text=report.text,
+        correct=correct,
+        cached_tokens=usage.cached_prompt_tokens,
+        tokens_estimated=usage.estimated,
+        aggregator_requests=aggregator_requests,
+        decided_s=decided_s,
+        error=error,
+        text=text,
         trace=trace,
-        chunk_times=tuple(chunk_times),
+        chunk_times=chunk_times,
         reference_ends=_last_layer_ends(trace),
     )
 
@@ -181,26 +210,16 @@ async def _run_reference(
     current_log.set(CallLog())
     result = await run_reference(spec, _messages(question), session=session, endpoints=endpoints)
     trace = result.trace
-    refs = [r for layer in trace.layers for r in layer.references]
-    return rep.RunSample(
-        index=index,
-        question_id=question.id,
-        ttft_s=trace.ttft_s,
-        total_s=trace.total_s,
-        prompt_tokens=result.usage.prompt_tokens,
-        completion_tokens=result.usage.completion_tokens,
-        refs_complete=sum(1 for r in refs if r.status == "complete"),
-        refs_partial=0,
-        refs_failed=sum(1 for r in refs if r.status == "failed"),
-        correct=_graded(result.text, question, result.error),
-        cached_tokens=result.usage.cached_prompt_tokens,
-        tokens_estimated=result.usage.estimated,
-        decided_s=trace.layers[0].decided_s if trace.layers else None,
+    return _sample(
+        index,
+        question,
+        trace,
+        result.usage,
+        result.text,
         error=result.error,
-        text=result.text,
-        trace=trace,
+        correct=_graded(result.text, question, result.error),
+        decided_s=trace.layers[0].decided_s if trace.layers else None,
         chunk_times=result.chunk_times,
-        reference_ends=_last_layer_ends(trace),
     )
 
 

@@ -188,6 +188,14 @@ _CORE = (
     "staircase",
 )
 
+
+def _alike(name: str, description: str, prefix: str, profile: str) -> Scenario:
+    """Four proposers of one class (``prefix-1`` to ``prefix-4``, 0.70 accuracy each) under the
+    usual aggregator, on the core strategies."""
+    proposers = tuple(_model(f"{prefix}-{i}", profile, 0.70) for i in range(1, 5))
+    return Scenario(name, description, proposers, _AGGREGATOR, strategies=_CORE)
+
+
 _BUILT_IN = (
     Scenario(
         "heterogeneous",
@@ -213,20 +221,18 @@ _BUILT_IN = (
             *STAIRCASE_STRATEGIES,
         ),
     ),
-    Scenario(
+    _alike(
         "homogeneous",
         "four medium-class proposers (0.70 accuracy each), medium-class aggregator (0.80)",
-        tuple(_model(f"medium-{i}", "medium", 0.70) for i in range(1, 5)),
-        _AGGREGATOR,
-        strategies=_CORE,
+        "medium",
+        "medium",
     ),
-    Scenario(
+    _alike(
         "heavy-tail",
         "four proposers on busy shared endpoints (TTFT p50 0.5 s, p95 4 s; 0.70 accuracy), "
         "medium-class aggregator (0.80)",
-        tuple(_model(f"busy-{i}", "heavy-tail", 0.70) for i in range(1, 5)),
-        _AGGREGATOR,
-        strategies=_CORE,
+        "busy",
+        "heavy-tail",
     ),
     Scenario(
         "flaky",

@@ -126,7 +126,35 @@ class _ASGISink:
             raise ConnectionResetError(str(exc)) from exc
 
 
-class _AnswerStream(Response):
+class _RunResponse(Response):
+    """A response that runs a MoA while it is sent, so that a client that disconnects cancels
+    the run (an endpoint awaiting the run would not notice). Subclasses write the answer in
+    :meth:`_send`."""
+
+    def __init__(
+        self,
+        run: MoARun,
+        answer: Answer,
+        *,
+        request_timeout: float | None,
+        trace: RequestTrace | None,
+    ) -> None:
+        self.run = run
+        self.answer = answer
+        self.trace = trace
+        self.request_timeout = request_timeout
+        self.status_code = 200
+        self.background = None
+        self.raw_headers = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await _until_disconnect(receive, self._send(send))
+
+    async def _send(self, send: Send) -> None:
+        raise NotImplementedError
+
+
+class _AnswerStream(_RunResponse):
     """A streamed chat completion of ``answer``, computed while the response is sent."""
 
     media_type = "text/event-stream"
@@ -140,22 +168,14 @@ class _AnswerStream(Response):
         headers: Mapping[str, str] | None,
         trace: RequestTrace | None,
     ) -> None:
-        self.run = run
-        self.answer = answer
-        self.trace = trace
-        self.request_timeout = request_timeout
-        self.status_code = 200
-        self.background = None
+        super().__init__(run, answer, request_timeout=request_timeout, trace=trace)
         self.extra_headers = dict(headers or {})
         # What the response is known to send (its headers go out with the first token).
         self.raw_headers = _raw(
             {**SSE_HEADERS, REQUEST_ID_HEADER: answer.request_id, **self.extra_headers}
         )
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await _until_disconnect(receive, self._send_stream(send))
-
-    async def _send_stream(self, send: Send) -> None:
+    async def _send(self, send: Send) -> None:
         try:
             await stream_run(
                 self.run,
@@ -198,30 +218,10 @@ class SSEResponse(_AnswerStream):
         self.progress = progress
 
 
-class _CompletionResponse(Response):
-    """A non-streamed chat completion, computed while the response is sent so that a client
-    that disconnects cancels the run (an endpoint awaiting the run would not notice)."""
+class _CompletionResponse(_RunResponse):
+    """A non-streamed chat completion, computed while the response is sent."""
 
-    def __init__(
-        self,
-        run: MoARun,
-        answer: Answer,
-        *,
-        request_timeout: float | None,
-        trace: RequestTrace | None = None,
-    ) -> None:
-        self.run = run
-        self.answer = answer
-        self.trace = trace
-        self.request_timeout = request_timeout
-        self.status_code = 200
-        self.background = None
-        self.raw_headers = []
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await _until_disconnect(receive, self._send_completion(send))
-
-    async def _send_completion(self, send: Send) -> None:
+    async def _send(self, send: Send) -> None:
         try:
             headers, body = await complete_run(
                 self.run, self.answer, request_timeout=self.request_timeout, trace=self.trace
