@@ -220,6 +220,7 @@ class _Driver:
         self.chunks = 0  # content chunks of the answer passed on, whichever step wrote them
         self.markup = MarkupFilter()
         self.pass_on: tuple[str, int] = ("", 0)  # the next text to pass on, and its chunks
+        self.held = 0  # chunks whose text is held (by the repetition gate, mostly)
         self.pause_until: float | None = None  # the end of a boundary's pause
         self.asked_at = clock()
         self.done = False
@@ -297,9 +298,11 @@ class _Driver:
                             break
                     if not text:
                         host.step_delta(step.record, "", self.clock())
+                        self.held += 1  # passed on later, with the text that follows
                     else:
                         pace = self._pacing()
-                        self.pass_on = (text, 1)
+                        self.pass_on = (text, 1 + self.held)
+                        self.held = 0
                         self.pause_until = None
                         if self._due(step, text, pace):
                             # Waiting for the references anyway: the next step gets ready
@@ -466,6 +469,7 @@ class _Driver:
             self.cur = new
             self.markup = MarkupFilter()  # what the old stream had begun is not the answer
             self.gate.drop()
+            self.held = 0
             self.pass_on = (guard.held, max(1, trial.written))
             return
         await stream.aclose()

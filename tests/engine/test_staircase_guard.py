@@ -407,3 +407,34 @@ async def test_a_looping_answer_is_cut_and_the_next_run_starts_on_finished_draft
     prompt = second.messages[-1]["content"]
     assert prompt.count('status="complete"') == 2 and 'status="partial' not in prompt
     assert "word39" in prompt  # both drafts whole
+
+
+async def test_chunks_held_at_sentence_starts_still_count_against_max_tokens() -> None:
+    """The repetition gate holds the first words of each sentence and passes them on together;
+    they are still counted one by one, so a later step asks only for what is left."""
+    sentences = tuple(
+        f" {w}" + ("." if i % 10 == 9 else "") for i, w in enumerate(f"w{i}" for i in range(40))
+    )
+    good = Script(tokens=(" and", " so", " on."), interval=0.001)
+    p = StairProvider(
+        scripts={
+            "p1": Script(tokens=PROPOSER, ttft=0.0, interval=0.004),
+            "p2": Script(tokens=PROPOSER, ttft=0.0, interval=0.006),
+            "agg": Script(tokens=sentences, ttft=0.0, interval=0.01),
+        },
+        later=lambda request, n: good,
+    )
+    spec = moa(
+        [Agent("p1", p, "p1"), Agent("p2", p, "p2")],
+        Agent("agg", p, "agg", max_tokens=100),
+        policy=Partial(1, min_tokens=2),
+        staircase=Staircase(
+            default=Continuation("prefill", "vllm"), steps=(12,), lead=None, min_news=1
+        ),
+    )
+    _, events, _ = await run(spec)
+    steps = [e for e in events if isinstance(e, AggregatorStep) and e.step > 0]
+    assert steps and p.later_requests
+    before = steps[0].answer_chars
+    written = len("".join(sentences)[:before].split())  # one chunk a word
+    assert p.later_requests[0].max_tokens == 100 - written
