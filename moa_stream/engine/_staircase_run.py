@@ -38,6 +38,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
@@ -177,12 +178,13 @@ class StaircaseStrategy:
             self.staircase,
             agent,
             self.answer,
+            self.messages,
             clock=self.clock,
             t0=self.t0,
             give_up_at=self.give_up_at,
             overrides=self.overrides,
         )
-        return Steps(driver.asked_at, driver.run(self.messages), driver)
+        return Steps(driver.asked_at, driver.run(), driver)
 
 
 class _Driver:
@@ -195,6 +197,7 @@ class _Driver:
         staircase: Staircase,
         agent: Agent,
         answer: list[str],
+        messages: Sequence[ChatMessage],
         *,
         clock: Callable[[], float],
         t0: float,
@@ -210,13 +213,14 @@ class _Driver:
         self.t0 = t0
         self.give_up_at = give_up_at
         self.overrides = overrides
-        self.plan: StepPlan | None = None
+        self.plan = StepPlan(staircase, spec, agent, messages)
         self.start_late = LOOPING.suspended(agent)
         self.gate = RepetitionGate(words=4, limit=LOOP_LIMIT)
         self.pacer = Pacer(staircase.lead, host.running_chunks)
         self.given_up = False
         self.usage = Usage()  # of the steps closed so far
         self.first_token_at: float | None = None
+        self.last_at: float | None = None  # when the caller got the last chunk
         self.chunks = 0  # content chunks of the answer passed on, whichever step wrote them
         self.markup = MarkupFilter()
         self.pass_on: tuple[str, int] = ("", 0)  # the next text to pass on, and its chunks
@@ -235,24 +239,25 @@ class _Driver:
         self.host.step_delta(step.record, text, now)
         if self.first_token_at is None:
             self.first_token_at = now
+        self.last_at = now
         self.answer.append(text)
         return AggregatorDelta(text, now - self.t0)
 
     def _request(self, messages: list[ChatMessage], extra: dict[str, Any]) -> ChatRequest:
         return step_request(self.agent, self.overrides, self.chunks, messages, extra)
 
-    async def run(self, messages: Sequence[ChatMessage]) -> AsyncGenerator[Event, None]:
+    async def run(self) -> AsyncGenerator[Event, None]:
         host = self.host
-        plan = self.plan = StepPlan(self.staircase, self.spec, self.agent, messages)
+        plan = self.plan
         if self.start_late or plan.whole:
             # The late start waits for every reference to end (or to be given up on); the
             # whole layout, which quotes only whole sentences, waits at most ``max_pause`` for
             # each running reference's first one (a draft cut mid-sentence is what a small
             # model copies and loops on; a few whole sentences are what it can build on).
             if self.start_late:
-                done, until = self._references_ended, self.give_up_at
+                done, until = partial(_all_ended, host.references), self.give_up_at
             else:
-                done, until = self._first_sentences, self.clock() + self.staircase.max_pause
+                done, until = partial(_sentences, host.references), self._pause_end()
             if self.give_up_at is not None:
                 until = min(until or self.give_up_at, self.give_up_at)
             async for event in wait_until(done, host.wait, self.clock, until):
@@ -366,26 +371,21 @@ class _Driver:
     def _answer_text(self) -> str:
         return "".join(self.answer)
 
-    @property
-    def _plan(self) -> StepPlan:
-        assert self.plan is not None, "the plan is made when the run starts"
-        return self.plan
-
-    def _references_ended(self) -> bool:
-        return all(state != "running" for _, _, state, _ in self.host.references())
-
-    def _first_sentences(self) -> bool:
-        return not ReferenceTracker.first_sentence_pending(self.host.references())
+    def _pause_end(self) -> float:
+        """Where a wait must end: ``max_pause`` after the caller's last chunk (or from now,
+        before the first), so that no gap in the caller's stream is longer."""
+        last = self.last_at if self.last_at is not None else self.clock()
+        return last + self.staircase.max_pause
 
     def _step_event(self, number: int, refs: Sequence[RefView], final: bool) -> AggregatorStep:
         answer_chars = sum(map(len, self.answer))
-        return self._plan.step_event(number, refs, final, answer_chars, self.clock() - self.t0)
+        return self.plan.step_event(number, refs, final, answer_chars, self.clock() - self.t0)
 
     def _due(self, step: _Step, text: str, pace: bool) -> bool:
         """Whether a boundary comes before ``text``: the step wrote its budget, or the answer
         waits for the references anyway, or they have all ended since this step was asked
         (its last step is due at once: what is left of the answer is written from them)."""
-        if step.final or not self._plan.stepping:
+        if step.final or not self.plan.stepping:
             return False
         if step.written < step.budget and not pace and self.host.running_chunks():
             return False
@@ -395,13 +395,14 @@ class _Driver:
     def _pacing(self) -> bool:
         """Whether the next chunk must wait for a reference (never once no later step will
         read what the references add: there is nothing to wait for)."""
-        return self._plan.stepping and not self.given_up and self.pacer.holds(self.chunks)
+        return self.plan.stepping and not self.given_up and self.pacer.holds(self.chunks)
 
     async def _pace(self, until: float | None = None) -> AsyncGenerator[Event, None]:
         """Hold the next chunk while :meth:`_pacing`, at most until ``until`` (default:
-        ``max_pause`` from now); what the answer waited for in vain is left behind."""
+        ``max_pause`` after the last chunk); what the answer waited for in vain is left
+        behind."""
         if until is None:
-            until = self.clock() + self.staircase.max_pause
+            until = self._pause_end()
         if self.give_up_at is not None:
             until = min(until, self.give_up_at)
         while self._pacing():
@@ -422,13 +423,12 @@ class _Driver:
         """``text`` is the current step's next delta, not passed on yet: the next step takes
         over before it, or the current one goes on with it."""
         host = self.host
-        sc = self.staircase
-        pause_until = self.pause_until = self.clock() + sc.max_pause
+        pause_until = self.pause_until = self._pause_end()
         self._check_give_up()
         for event in host.drain():
             yield event
         refs = host.references()
-        plan = self._plan
+        plan = self.plan
         if not plan.wanted(refs, self.given_up):
             step.budget = step.written + next(plan.sizes)
             return
@@ -486,3 +486,11 @@ class _Driver:
         _log.info("staircase.step_rejected", agent=self.agent.name, step=number, reason=reason)
         yield AggregatorStepRejected(self.agent.name, number, reason, self.clock() - self.t0)
         step.budget = step.written + next(plan.sizes)
+
+
+def _all_ended(references: Callable[[], Sequence[RefView]]) -> bool:
+    return all(state != "running" for _, _, state, _ in references())
+
+
+def _sentences(references: Callable[[], Sequence[RefView]]) -> bool:
+    return not ReferenceTracker.first_sentence_pending(references())
