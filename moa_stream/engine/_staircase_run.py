@@ -28,6 +28,14 @@ free; further ahead of one, each chunk waits for that reference to write two of 
 answer slows down steadily (rather than stopping) until the reference catches up, and it ends
 after the references it follows. A reference that writes nothing for ``max_pause`` while the
 answer waits for it is left behind; references that have not started are not waited for.
+Pacing stops with the stepping: once no later step will be asked, nothing reads what the
+references add.
+
+**Repetition.** A :class:`~moa_stream.engine.staircase.RepetitionGate` holds the first words of
+each sentence until they can be compared with the sentences before; an answer that restarts
+itself twice ends at the sentence end before the second, and the aggregator's next runs start
+once every reference has ended (:mod:`moa_stream.engine._staircase_steps` keeps that memory,
+per provider object and model, with the back-off of late steps and refused prefills).
 
 So the caller never waits longer than ``max_pause`` for the next chunk, every reference a step
 took is only counted as given if that step was accepted, and an error of a later step never

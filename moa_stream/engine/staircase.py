@@ -172,7 +172,8 @@ class Staircase:
     within ``max_pause`` seconds is *rejected*: it is closed and the previous step's stream,
     which was only paused, goes on. ``lead``: the answer runs at most this many tokens ahead of
     a reference still being written before it slows to half that reference's pace (``None``:
-    never); no wait, for a step or a reference, exceeds ``max_pause``. So an answer is never
+    never); no wait, for a step or a reference, lasts beyond ``max_pause`` after the caller's
+    last chunk. So an answer is never
     worse-formed than its previous step would have written it.
 
     Stepping stops (the current step runs to the end of the answer) once every reference is
@@ -188,6 +189,16 @@ class Staircase:
     ``continuation``: how answers are continued, per aggregator name, with ``default`` for the
     others. An aggregator whose server refuses prefill (HTTP 400, as Anthropic's newer models
     answer) is moved to appended turns for the life of its provider, once, with a warning.
+
+    An answer that repeats itself (:class:`RepetitionGate`: a second sentence that opens like an
+    earlier one) ends at the sentence before, and the aggregator's next runs start once every
+    reference has ended, with a back-off after which the early start is tried again.
+
+    ``layout``: ``"updates"`` hands each step what the references added, in tagged blocks
+    appended to the previous request (a prefix cache serves all but the new tail);
+    ``"whole"`` re-renders every draft in place, whole sentences only and without status
+    labels (:func:`~moa_stream.engine.prompts.whole_layout`), and its first step waits at most
+    ``max_pause`` for each running draft's first sentence.
     """
 
     steps: tuple[int, ...] = (8, 16, 32, 64, 128)
