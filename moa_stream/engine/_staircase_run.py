@@ -79,7 +79,6 @@ from moa_stream.engine.staircase import (
     ReferenceTracker,
     RefView,
     RepetitionGate,
-    Staircase,
     cut_point,
 )
 
@@ -180,48 +179,20 @@ class StaircaseStrategy:
             self.give_up_at = started_at + staircase.give_up_after
 
     async def begin(self, attempt: int, agent: Agent) -> Steps:
-        driver = _Driver(
-            self.host,
-            self.spec,
-            self.staircase,
-            agent,
-            self.answer,
-            self.messages,
-            clock=self.clock,
-            t0=self.t0,
-            give_up_at=self.give_up_at,
-            overrides=self.overrides,
-        )
+        driver = _Driver(self, agent)
         return Steps(driver.asked_at, driver.run(), driver)
 
 
 class _Driver:
     """One aggregator's staircase (see the module docstring)."""
 
-    def __init__(
-        self,
-        host: StaircaseHost,
-        spec: MoA,
-        staircase: Staircase,
-        agent: Agent,
-        answer: list[str],
-        messages: Sequence[ChatMessage],
-        *,
-        clock: Callable[[], float],
-        t0: float,
-        give_up_at: float | None,
-        overrides: tuple[float | None, int | None, tuple[str, ...] | None],
-    ) -> None:
-        self.host = host
-        self.spec = spec
-        self.staircase = staircase
-        self.agent = agent
-        self.answer = answer
-        self.clock = clock
-        self.t0 = t0
-        self.give_up_at = give_up_at
-        self.overrides = overrides
-        self.plan = StepPlan(staircase, spec, agent, messages)
+    def __init__(self, stairs: StaircaseStrategy, agent: Agent) -> None:
+        # The run's side of things, as the strategy holds it for each aggregator's try.
+        host, staircase = stairs.host, stairs.staircase
+        self.host, self.staircase, self.agent = host, staircase, agent
+        self.answer, self.clock, self.t0 = stairs.answer, stairs.clock, stairs.t0
+        self.give_up_at, self.overrides = stairs.give_up_at, stairs.overrides
+        self.plan = StepPlan(staircase, stairs.spec, agent, stairs.messages)
         self.start_late = LOOPING.suspended(agent)
         self.gate = RepetitionGate(words=4, limit=LOOP_LIMIT)
         self.pacer = Pacer(staircase.lead, host.running_chunks)
@@ -234,7 +205,7 @@ class _Driver:
         self.pass_on: tuple[str, int] = ("", 0)  # the next text to pass on, and its chunks
         self.held = 0  # chunks whose text is held (by the repetition gate, mostly)
         self.pause_until: float | None = None  # the end of a boundary's pause
-        self.asked_at = clock()
+        self.asked_at = self.clock()
         self.done = False
         self.error: ProviderError | None = None
         self.cur: _Step | None = None
