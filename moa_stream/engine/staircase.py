@@ -656,16 +656,22 @@ class ReferenceTracker:
             numbers.append(number)
         return render_references(quoted, self._t, numbers=numbers)
 
+    def _views(
+        self, refs: Sequence[RefView], given_up: bool
+    ) -> Iterator[tuple[int, str, str, int, _Given | None]]:
+        """Each reference with a status to hand over: its index, that status, its text, how
+        much of it may be handed over now, and what was given of it so far."""
+        for index, _, state, text in refs:
+            status = self._status(state, given_up)
+            if status is not None:
+                n = self._limit(self._stable(text, status == "complete"))
+                yield index, status, text, n, self._given.get(index)
+
     def gains(self, refs: Sequence[RefView], *, given_up: bool = False) -> list[str]:
         """The rendered additions since the last step (empty: nothing new), and records them
         as given. ``given_up``: references still running are reported as given up on."""
         parts: list[str] = []
-        for index, _, state, text in refs:
-            status = self._status(state, given_up)
-            if status is None:
-                continue
-            n = self._limit(self._stable(text, status == "complete"))
-            given = self._given.get(index)
+        for index, status, text, n, given in self._views(refs, given_up):
             if given is None:
                 if status == "cancelled" or (n == 0 and status == "partial"):
                     continue
@@ -687,14 +693,8 @@ class ReferenceTracker:
         reference quoted so far, or with text to quote now, in the order of first appearance,
         each with all of its text handed over; records it as given. A reference that failed or
         was given up on keeps what was quoted of it; one that failed before any is left out."""
-        texts: dict[int, str] = {}
-        for index, _, state, text in refs:
-            texts[index] = text
-            status = self._status(state, given_up)
-            if status is None:
-                continue
-            n = self._limit(self._stable(text, status == "complete"))
-            given = self._given.get(index)
+        texts = {index: text for index, _, _, text in refs}
+        for index, status, _, n, given in self._views(refs, given_up):
             if given is None:
                 if status in ("failed", "cancelled") or n == 0:
                     continue
