@@ -140,6 +140,7 @@ class StaircaseConfig:
     min_news: int = _STAIRCASE.min_news
     context_window: int | None = _STAIRCASE.context_window
     layout: Literal["updates", "whole"] = _STAIRCASE.layout
+    loop_restarts: int | None = _STAIRCASE.loop_restarts
     #: The continuation each aggregator (and fallback) uses, resolved against its provider.
     resolved: Mapping[str, Continuation] = field(default_factory=dict)
 
@@ -407,6 +408,7 @@ def _staircase(t: _Table) -> StaircaseConfig:
         min_news=_whole(t, "min_news", d.min_news, minimum=0),
         context_window=_whole_or_false(t, "context_window", d.context_window),
         layout=cast(Literal["updates", "whole"], t.choice("layout", LAYOUTS, d.layout)),
+        loop_restarts=_whole_or_false(t, "loop_restarts", d.loop_restarts),
     )
     t.done()
     return config
@@ -742,6 +744,7 @@ def build_moa(m: MoAConfig, agents: Mapping[str, Agent]) -> MoA:
             min_news=sc.min_news,
             context_window=sc.context_window,
             layout=sc.layout,
+            loop_restarts=sc.loop_restarts,
         )
     return MoA(
         layers=layers,

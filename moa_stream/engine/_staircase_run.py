@@ -55,7 +55,6 @@ from moa_stream._exceptions import AggregatorError, ProviderError
 from moa_stream._types import ChatMessage, ChatRequest, Usage
 from moa_stream.engine._staircase_steps import (
     LATE,
-    LOOP_LIMIT,
     LOOPING,
     Pacer,
     Rejected,
@@ -194,7 +193,7 @@ class _Driver:
         self.give_up_at, self.overrides = stairs.give_up_at, stairs.overrides
         self.plan = StepPlan(staircase, stairs.spec, agent, stairs.messages)
         self.start_late = LOOPING.suspended(agent)
-        self.gate = RepetitionGate(words=4, limit=LOOP_LIMIT)
+        self.gate = RepetitionGate(words=4, limit=staircase.loop_restarts or 0)
         self.pacer = Pacer(staircase.lead, host.running_chunks)
         self.given_up = False
         self.usage = Usage()  # of the steps closed so far

@@ -37,7 +37,6 @@ __all__ = [
     "CATCH_UP",
     "LATE",
     "LOOPING",
-    "LOOP_LIMIT",
     "Backoff",
     "Pacer",
     "Rejected",
@@ -132,8 +131,6 @@ LATE = Backoff(strikes=2)
 #: build on a few sentences of each draft (SmolLM2-135M answers them with loops and remarks
 #: about the drafts); after the back-off the early start is tried again.
 LOOPING = Backoff(strikes=1)
-#: Restarts (sentences opening like an earlier one) after which an answer is looping.
-LOOP_LIMIT = 2
 
 
 def agent_key(agent: Agent) -> tuple[int, str, str]:

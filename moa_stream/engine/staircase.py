@@ -190,9 +190,10 @@ class Staircase:
     others. An aggregator whose server refuses prefill (HTTP 400, as Anthropic's newer models
     answer) is moved to appended turns for the life of its provider, once, with a warning.
 
-    An answer that repeats itself (:class:`RepetitionGate`: a second sentence that opens like an
-    earlier one) ends at the sentence before, and the aggregator's next runs start once every
-    reference has ended, with a back-off after which the early start is tried again.
+    An answer that repeats itself (:class:`RepetitionGate`: the ``loop_restarts``-th sentence
+    that opens like an earlier one; ``None`` or 0: never) ends at the sentence before, and the
+    aggregator's next runs start once every reference has ended, with a back-off after which
+    the early start is tried again.
 
     ``layout``: ``"updates"`` hands each step what the references added, in tagged blocks
     appended to the previous request (a prefix cache serves all but the new tail);
@@ -213,6 +214,7 @@ class Staircase:
     min_news: int = 80
     context_window: int | None = None
     layout: StepLayout = "updates"
+    loop_restarts: int | None = 2
 
     def __post_init__(self) -> None:
         # An invalid argument is a ConfigError, as everywhere else in the engine; the text
@@ -225,9 +227,16 @@ class Staircase:
             raise ConfigError("Staircase(lead) needs lead >= 0")
         if self.give_up_after is not None and not self.give_up_after >= 0:
             raise ConfigError("Staircase(give_up_after) needs a non-negative number")
-        for name in ("max_steps", "max_rejects", "guard_words", "min_news", "context_window"):
+        for name in (
+            "max_steps",
+            "max_rejects",
+            "guard_words",
+            "min_news",
+            "context_window",
+            "loop_restarts",
+        ):
             value = getattr(self, name)
-            if value is None and name in ("max_steps", "context_window"):
+            if value is None and name in ("max_steps", "context_window", "loop_restarts"):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"Staircase({name}) needs a whole number >= 0")
@@ -472,6 +481,8 @@ class RepetitionGate:
     def feed(self, text: str, before: str, answer: Callable[[], str]) -> str:
         """The part of ``text`` to pass on now. ``before``: the answer's last character;
         ``answer``: the answer the caller has (called only when a sentence's opening is judged)."""
+        if not self.limit:
+            return text  # off
         if self.looping:
             return ""
         if self._holding:

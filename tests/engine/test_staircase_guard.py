@@ -19,7 +19,7 @@ import structlog
 from hypothesis import given
 from hypothesis import strategies as st
 
-from moa_stream import RequestRejectedError
+from moa_stream import ConfigError, RequestRejectedError
 from moa_stream._types import ChatRequest
 from moa_stream.engine import Agent, Partial, moa
 from moa_stream.engine.events import (
@@ -438,3 +438,10 @@ async def test_chunks_held_at_sentence_starts_still_count_against_max_tokens() -
     before = steps[0].answer_chars
     written = len("".join(sentences)[:before].split())  # one chunk a word
     assert p.later_requests[0].max_tokens == 100 - written
+
+
+def test_the_gate_can_be_turned_off() -> None:
+    gate = RepetitionGate(limit=0)
+    assert gate.feed(LOOP, "", lambda: "") == LOOP and not gate.looping
+    with pytest.raises(ConfigError, match="loop_restarts"):
+        Staircase(loop_restarts=-1)
