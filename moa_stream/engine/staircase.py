@@ -462,9 +462,10 @@ class RepetitionGate:
     sentence and sets :attr:`looping`: the answer ends at the sentence end before it.
 
     Text passes through untouched, at the cost of one short regular-expression search, except
-    from a sentence end to the fourth word of the next sentence (a few tokens held)."""
+    at the start of a sentence whose first words open like an earlier sentence: those are held
+    until they differ, or make four words (a few tokens held)."""
 
-    __slots__ = ("_held", "_holding", "limit", "looping", "restarts", "words")
+    __slots__ = ("_held", "_holding", "_known", "limit", "looping", "restarts", "words")
 
     def __init__(self, *, words: int = 4, limit: int = 2) -> None:
         self.words = words
@@ -473,10 +474,21 @@ class RepetitionGate:
         self.looping = False
         self._held = ""
         self._holding = False
+        self._known: tuple[int, set[tuple[str, ...]]] = (-1, set())
 
     @property
     def held(self) -> str:
         return self._held
+
+    def _prefixes(self, answer: Callable[[], str]) -> set[tuple[str, ...]]:
+        """Every prefix (1 to ``words`` words) of the openings of the answer's sentences,
+        computed again only when the answer grew."""
+        text = answer()
+        if self._known[0] != len(text):
+            openings = sentence_openings(text, self.words)
+            prefixes = {o[:k] for o in openings for k in range(1, self.words + 1)}
+            self._known = (len(text), prefixes)
+        return self._known[1]
 
     def feed(self, text: str, before: str, answer: Callable[[], str]) -> str:
         """The part of ``text`` to pass on now. ``before``: the answer's last character;
@@ -519,7 +531,12 @@ class RepetitionGate:
         if match is None and not final:
             whole = len(words) - (1 if body[-1:].isalnum() else 0)
             if whole < self.words:
-                return ""  # the opening is not complete yet
+                # Held only while its whole words so far open like an earlier sentence: one
+                # that already differs cannot be a restart, and goes on at once.
+                prefix = tuple(w.lower() for w in words[:whole])
+                if not prefix or prefix in self._prefixes(answer):
+                    return ""
+                words = []  # not a restart
         if len(words) >= self.words:
             opening = tuple(w.lower() for w in words[: self.words])
             if opening in sentence_openings(answer(), self.words):
