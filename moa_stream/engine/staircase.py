@@ -772,24 +772,15 @@ class ReferenceTracker:
         changed state (completed, failed, given up on, or appeared). Records nothing."""
         chars = 0
         changed = False
-        for index, _, state, text in refs:
-            status = self._status(state, given_up)
-            if status is None:
-                continue
-            given = self._given.get(index)
+        for _, status, _, n, given in self._views(refs, given_up):
             if given is None:
-                if status == "cancelled":
-                    continue
-                n = self._limit(self._stable(text, status == "complete"))
-                if status != "partial" or n:
-                    changed = changed or status != "partial"
+                # A reference quoted for the first time: new text, or a new state to report.
+                if status != "cancelled" and (status != "partial" or n):
                     chars += n
-                    changed = changed or n > 0
+                    changed = True
                 continue
-            if status != given.status:
-                changed = True
+            changed = changed or status != given.status
             if status in ("partial", "complete"):
-                n = self._limit(self._stable(text, status == "complete"))
                 chars += max(0, n - given.chars)
         return chars, changed
 
