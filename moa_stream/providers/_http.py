@@ -7,7 +7,8 @@ event stream, or a JSON body) into deltas with an :class:`EventParser`, the wire
 business. Retries are the caller's (:mod:`moa_stream.providers._retry`); which error a status,
 an exception or a deadline becomes is :mod:`moa_stream.providers._errors`'s. :class:`StreamSettings`
 is the frozen description of where requests go and how, and :class:`ConnectionPool` the
-provider's keep-alive session.
+provider's keep-alive session. :class:`AttemptState`, the base of :class:`HTTPExchange`, is what
+every attempt holds, the LiteLLM provider's included.
 
 This module is the single place where transport errors are translated: no aiohttp, OS,
 ``asyncio.TimeoutError`` or orjson exception leaves it, only
@@ -61,6 +62,7 @@ from moa_stream.providers._watchdog import Watchdog
 from moa_stream.providers.sse import SSEDecoder, SSEEvent
 
 __all__ = [
+    "AttemptState",
     "ConnectionPool",
     "EventParser",
     "HTTPExchange",
@@ -406,7 +408,44 @@ class PooledHTTPProvider(AsyncResource):
 # -- one attempt -------------------------------------------------------------------------------
 
 
-class HTTPExchange:
+class AttemptState:
+    """What every attempt holds, whatever carries it (HTTP here, LiteLLM's client elsewhere):
+    the stream's settings, the timings and total deadline it shares with the attempts before
+    it, and the attributes of :class:`~moa_stream.providers._retry.Attempt` that the retry
+    loop reads, at their values before the request is sent."""
+
+    __slots__ = (
+        "_settings",
+        "_timings",
+        "_total_dl",
+        "delivered",
+        "finish_reason",
+        "output_chars",
+        "request_id",
+        "reused",
+        "status",
+        "usage",
+    )
+
+    def __init__(
+        self, settings: StreamSettings, timings: StreamTimings, total_deadline: float
+    ) -> None:
+        self._settings = settings
+        self._timings = timings
+        self._total_dl = total_deadline
+        #: whether a delta of this attempt reached the caller (no retry after that)
+        self.delivered = False
+        #: whether the request went out on a pooled keep-alive connection
+        self.reused = False
+        self.status: int | None = None
+        self.request_id: str | None = None
+        self.finish_reason: str | None = None
+        self.usage: Usage | None = None
+        #: characters of content and reasoning handed out, for the usage estimate
+        self.output_chars = 0
+
+
+class HTTPExchange(AttemptState):
     """The transport of one attempt: its request, and its response body as bytes, under the
     attempt's deadlines.
 
@@ -432,14 +471,7 @@ class HTTPExchange:
         "_pool",
         "_read_time",
         "_resp",
-        "_settings",
-        "_timings",
-        "_total_dl",
         "_watchdog",
-        "delivered",
-        "request_id",
-        "reused",
-        "status",
     )
 
     def __init__(
@@ -450,11 +482,9 @@ class HTTPExchange:
         timings: StreamTimings,
         total_deadline: float,
     ) -> None:
-        self._settings = settings
+        super().__init__(settings, timings, total_deadline)
         self._pool = pool
         self._body = body
-        self._timings = timings
-        self._total_dl = total_deadline
         self._connect_dl = _INF
         self._first_token_dl = _INF
         self._idle_dl = _INF
@@ -463,12 +493,6 @@ class HTTPExchange:
         self._content: aiohttp.StreamReader | None = None
         #: when the last piece of the body arrived
         self._read_time = 0.0
-        #: whether a delta of this attempt reached the caller (no retry after that)
-        self.delivered = False
-        #: whether the request went out on a pooled keep-alive connection
-        self.reused = False
-        self.status: int | None = None
-        self.request_id: str | None = None
 
     async def open(self) -> None:
         """Send the request and wait for the response headers."""
@@ -662,9 +686,6 @@ class ResponseReader(HTTPExchange):
         "_on_event",
         "_parser",
         "_saw_done",
-        "finish_reason",
-        "output_chars",
-        "usage",
     )
 
     def __init__(
@@ -689,10 +710,6 @@ class ResponseReader(HTTPExchange):
         self._ended = False  # no more data will be read from this response
         self._saw_done = False
         self._got_bytes = False
-        self.finish_reason: str | None = None
-        self.usage: Usage | None = None
-        #: characters of content and reasoning handed out, for the usage estimate
-        self.output_chars = 0
 
     async def open(self) -> None:
         """Send the request and wait for the response headers."""

@@ -52,7 +52,7 @@ from moa_stream.providers._errors import (
     status_error_class,
     total_timeout,
 )
-from moa_stream.providers._http import StreamSettings, api_key_from
+from moa_stream.providers._http import AttemptState, StreamSettings, api_key_from
 from moa_stream.providers._policy import RetrySettings, Timeouts
 from moa_stream.providers._retry import RetryingStream
 
@@ -111,27 +111,10 @@ def _translate(exc: Exception, *, started: bool) -> ProviderError:
     return RequestRejectedError(message, status=status)
 
 
-class _LiteLLMAttempt:
+class _LiteLLMAttempt(AttemptState):
     """One ``acompletion`` call, read one chunk at a time."""
 
-    __slots__ = (
-        "_chunks",
-        "_kwargs",
-        "_litellm",
-        "_next",
-        "_pending",
-        "_settings",
-        "_stream",
-        "_timings",
-        "_total_dl",
-        "delivered",
-        "finish_reason",
-        "output_chars",
-        "request_id",
-        "reused",
-        "status",
-        "usage",
-    )
+    __slots__ = ("_chunks", "_kwargs", "_litellm", "_next", "_pending", "_stream")
 
     def __init__(
         self,
@@ -141,22 +124,13 @@ class _LiteLLMAttempt:
         timings: StreamTimings,
         total_deadline: float,
     ) -> None:
+        super().__init__(settings, timings, total_deadline)
         self._litellm = litellm
-        self._settings = settings
         self._kwargs = kwargs
-        self._timings = timings
-        self._total_dl = total_deadline
         self._stream: Any = None
         self._chunks: AsyncIterator[Any] | None = None
         self._pending: Delta | None = None
         self._next = _INF  # deadline of the next chunk
-        self.delivered = False
-        self.reused = False
-        self.status: int | None = None
-        self.request_id: str | None = None
-        self.finish_reason: str | None = None
-        self.usage: Usage | None = None
-        self.output_chars = 0
 
     def _deadline(self, limit: float | None) -> float:
         dl = _monotonic() + limit if limit is not None else _INF
