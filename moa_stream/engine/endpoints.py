@@ -60,6 +60,7 @@ def as_policy(policy: Policy | str | None) -> Policy | None:
         raise ConfigError(f"{exc} in {policy!r}", path="policy") from None
 
 
+@dataclass(kw_only=True, eq=False)
 class EndpointProviders:
     """The providers of a MoA over endpoints: one :class:`~moa_stream.OpenAIProvider` per
     distinct URL, key and key variable, made when an endpoint first needs it.
@@ -69,21 +70,14 @@ class EndpointProviders:
     connection pool on first use: nothing needs closing if building the MoA fails.
     """
 
-    def __init__(
-        self,
-        *,
-        base_url: str | None = None,
-        api_key: str | None = None,
-        api_key_env: str | None = None,
-        timeouts: Timeouts | None = None,
-        retry: RetryPolicy | None = None,
-    ) -> None:
-        self.base_url = base_url
-        self.api_key = api_key
-        self.api_key_env = api_key_env
-        self.timeouts = timeouts
-        self.retry = retry
-        self._made: dict[tuple[str, str | None, str | None], OpenAIProvider] = {}
+    base_url: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+    api_key_env: str | None = None
+    timeouts: Timeouts | None = None
+    retry: RetryPolicy | None = None
+    _made: dict[tuple[str, str | None, str | None], OpenAIProvider] = field(
+        default_factory=dict, init=False, repr=False
+    )
 
     def provider_for(self, endpoint: Endpoint, role: str) -> OpenAIProvider:
         """The provider serving ``endpoint``; ``role`` names it in a :class:`ConfigError`."""
