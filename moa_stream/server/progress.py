@@ -40,7 +40,7 @@ import orjson
 
 from moa_stream._types import Usage, estimate_tokens
 from moa_stream._wire import usage_object
-from moa_stream.engine.events import AgentReport, Event, LayerReport, ReferenceInfo, RunReport
+from moa_stream.engine.events import Event, LayerReport, ReferenceInfo, RunReport
 
 __all__ = ["PREFIX", "TEXT_INTERVAL", "TOKENS_INTERVAL", "ProgressEncoder", "report_object"]
 
@@ -64,31 +64,57 @@ def _usage(usage: Usage) -> dict[str, Any]:
     return usage_object(usage.prompt_tokens, usage.completion_tokens, estimated=usage.estimated)
 
 
+#: The fields of a reference, an agent's report, a layer's report and the run's report in a
+#: progress item, in this order.
+_REFERENCE_FIELDS = ("agent", "index", "status", "chars", "tokens")
+_AGENT_FIELDS = (
+    "agent",
+    "model",
+    "provider",
+    "role",
+    "layer",
+    "index",
+    "status",
+    "started_s",
+    "ttft_s",
+    "duration_s",
+    "usage",
+    "error",
+)
+_LAYER_FIELDS = ("layer", "reason", "decided_s", "references", "cut", "agreement")
+_REPORT_FIELDS = (
+    "ttft_s",
+    "time_to_quorum_s",
+    "aggregator_ttft_s",
+    "total_s",
+    "aggregator",
+    "finish_reason",
+    "usage",
+    "layers",
+    "agents",
+    "error",
+)
+
+
+def _object(obj: Any, names: tuple[str, ...], **given: Any) -> dict[str, Any]:
+    """The fields ``names`` of ``obj`` as JSON-ready data: times (``*_s``) rounded, usage as its
+    usage object, the others as they are, except those ``given`` (already converted)."""
+    out: dict[str, Any] = {}
+    for name in names:
+        if name in given:
+            out[name] = given[name]
+            continue
+        value = getattr(obj, name)
+        if name.endswith("_s"):
+            value = _round(value)
+        elif name == "usage":
+            value = _usage(value)
+        out[name] = value
+    return out
+
+
 def _reference(ref: ReferenceInfo) -> dict[str, Any]:
-    return {
-        "agent": ref.agent,
-        "index": ref.index,
-        "status": ref.status,
-        "chars": ref.chars,
-        "tokens": ref.tokens,
-    }
-
-
-def _agent(a: AgentReport) -> dict[str, Any]:
-    return {
-        "agent": a.agent,
-        "model": a.model,
-        "provider": a.provider,
-        "role": a.role,
-        "layer": a.layer,
-        "index": a.index,
-        "status": a.status,
-        "started_s": _round(a.started_s),
-        "ttft_s": _round(a.ttft_s),
-        "duration_s": _round(a.duration_s),
-        "usage": _usage(a.usage),
-        "error": a.error,
-    }
+    return _object(ref, _REFERENCE_FIELDS)
 
 
 def _layer_references(report: RunReport, layer: LayerReport) -> list[dict[str, Any]]:
@@ -109,28 +135,15 @@ def _layer_references(report: RunReport, layer: LayerReport) -> list[dict[str, A
 
 def report_object(report: RunReport) -> dict[str, Any]:
     """A run's report as JSON-ready data, without the answer's text (the client has it)."""
-    return {
-        "ttft_s": _round(report.ttft_s),
-        "time_to_quorum_s": _round(report.time_to_quorum_s),
-        "aggregator_ttft_s": _round(report.aggregator_ttft_s),
-        "total_s": _round(report.total_s),
-        "aggregator": report.aggregator,
-        "finish_reason": report.finish_reason,
-        "usage": _usage(report.usage),
-        "layers": [
-            {
-                "layer": layer.layer,
-                "reason": layer.reason,
-                "decided_s": _round(layer.decided_s),
-                "references": _layer_references(report, layer),
-                "cut": layer.cut,
-                "agreement": layer.agreement,
-            }
+    return _object(
+        report,
+        _REPORT_FIELDS,
+        layers=[
+            _object(layer, _LAYER_FIELDS, references=_layer_references(report, layer))
             for layer in report.layers
         ],
-        "agents": [_agent(a) for a in report.agents],
-        "error": report.error,
-    }
+        agents=[_object(a, _AGENT_FIELDS) for a in report.agents],
+    )
 
 
 def _payload(event: Event) -> dict[str, Any]:
