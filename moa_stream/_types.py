@@ -17,6 +17,7 @@ __all__ = [
     "StreamTimings",
     "Usage",
     "estimate_tokens",
+    "message_text",
 ]
 
 
@@ -28,6 +29,21 @@ class ChatMessage(TypedDict):
     content: str
     name: NotRequired[str]
     prefix: NotRequired[bool]
+
+
+def message_text(message: ChatMessage) -> str:
+    """The text of a message: its ``content`` string, or the ``text`` of its content parts when
+    ``content`` is a list of them (parts without text, such as images, add nothing)."""
+    content: object = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            part["text"]
+            for part in content
+            if isinstance(part, dict) and isinstance(part.get("text"), str)
+        )
+    return ""
 
 
 @dataclass(frozen=True, slots=True)

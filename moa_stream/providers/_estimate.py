@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Final
 
-from moa_stream._types import ChatMessage, estimate_tokens
+from moa_stream._types import ChatMessage, estimate_tokens, message_text
 
 __all__ = ["estimate_prompt_tokens"]
 
@@ -27,18 +27,6 @@ REPLY_OVERHEAD: Final = 3
 DEFAULT_SYSTEM_ALLOWANCE: Final = 16
 
 
-def _text_chars(content: object) -> int:
-    if isinstance(content, str):
-        return len(content)
-    if isinstance(content, list):
-        return sum(
-            len(part["text"])
-            for part in content
-            if isinstance(part, dict) and isinstance(part.get("text"), str)
-        )
-    return 0
-
-
 def estimate_prompt_tokens(messages: Sequence[ChatMessage]) -> int:
     """The prompt tokens a server would count for ``messages``, estimated.
 
@@ -49,7 +37,7 @@ def estimate_prompt_tokens(messages: Sequence[ChatMessage]) -> int:
     total = REPLY_OVERHEAD
     has_system = False
     for message in messages:
-        total += MESSAGE_OVERHEAD + estimate_tokens(_text_chars(message.get("content")))
+        total += MESSAGE_OVERHEAD + estimate_tokens(len(message_text(message)))
         name = message.get("name")
         if isinstance(name, str):
             total += estimate_tokens(len(name)) + 1

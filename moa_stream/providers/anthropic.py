@@ -40,7 +40,7 @@ from moa_stream._exceptions import (
     ServerError,
     UpstreamError,
 )
-from moa_stream._types import ChatMessage, ChatRequest, Delta, Usage
+from moa_stream._types import ChatRequest, Delta, Usage, message_text
 from moa_stream.providers._chunks import DONE, Done, context_length_error, error_fields, make_delta
 from moa_stream.providers._http import PooledHTTPProvider, api_key_from, api_root, json_body
 from moa_stream.providers._policy import RetrySettings, Timeouts
@@ -208,19 +208,6 @@ class AnthropicStream(HTTPStream):
         return _MessagesParser()
 
 
-def _text(message: ChatMessage) -> str:
-    content: object = message.get("content")
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(
-            part["text"]
-            for part in content
-            if isinstance(part, dict) and isinstance(part.get("text"), str)
-        )
-    return ""
-
-
 _PARAGRAPH = re.compile(r"(?=\n\n)")
 #: Content blocks a marked user message is split into at most (the API looks back about 20
 #: block boundaries from a breakpoint for an earlier cache entry).
@@ -326,9 +313,9 @@ class AnthropicProvider(PooledHTTPProvider):
         for message in request.messages:
             role = message.get("role")
             if role in ("system", "developer"):
-                system.append(_text(message))
+                system.append(message_text(message))
             elif role in ("user", "assistant"):
-                messages.append({"role": role, "content": _text(message)})
+                messages.append({"role": role, "content": message_text(message)})
             else:
                 raise RequestRejectedError(
                     f"the Messages API has no role {role!r}", code="invalid_role"
