@@ -122,28 +122,23 @@ class ProviderError(MoAStreamError):
     #: short machine-readable name used in metrics and logs
     kind: str = "provider_error"
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        provider: str | None = None,
-        model: str | None = None,
-        status: int | None = None,
-        request_id: str | None = None,
-        code: str | None = None,
-        error_type: str | None = None,
-        delivered: bool = False,
-        retry_after: float | None = None,
-    ) -> None:
+    # The details (:class:`ErrorDetails`) at their values when not given.
+    provider: str | None = None
+    model: str | None = None
+    status: int | None = None
+    request_id: str | None = None
+    code: str | None = None
+    error_type: str | None = None
+    delivered: bool = False
+    retry_after: float | None = None
+
+    def __init__(self, message: str, **details: Unpack[ErrorDetails]) -> None:
+        unknown = details.keys() - ErrorDetails.__optional_keys__
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unknown details: {sorted(unknown)}")
         self.message = message
-        self.provider = provider
-        self.model = model
-        self.status = status
-        self.request_id = request_id
-        self.code = code
-        self.error_type = error_type
-        self.delivered = delivered
-        self.retry_after = retry_after
+        for name, value in details.items():
+            setattr(self, name, value)
         super().__init__(message)
 
     def __str__(self) -> str:
