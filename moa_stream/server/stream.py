@@ -15,6 +15,7 @@ The bytes of one stream, in order:
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import KW_ONLY, dataclass, field
 
 from moa_stream._wire import DONE, ChunkEncoder, WireError
 from moa_stream.engine.events import Event, ReferenceInfo, RunDone, RunReport
@@ -73,6 +74,7 @@ def narration(event: Event) -> str | None:
     return None
 
 
+@dataclass(slots=True, eq=False)
 class StreamWriter:
     """The bytes of one streamed chat completion, event by event.
 
@@ -82,73 +84,64 @@ class StreamWriter:
     (something is written before the answer) or with the first answer token.
     """
 
-    __slots__ = ("_enc", "_include_usage", "_progress", "_reasoning", "degraded", "started")
-
-    def __init__(
-        self,
-        encoder: ChunkEncoder,
-        *,
-        include_usage: bool = False,
-        progress: ProgressEncoder | None = None,
-        reasoning: bool = False,
-    ) -> None:
-        self._enc = encoder
-        self._include_usage = include_usage
-        self._progress = progress
-        self._reasoning = reasoning
-        #: The role chunk has been returned (it goes before the first data chunk only).
-        self.started = False
-        #: Some layer went on with no proposer's answer.
-        self.degraded = False
+    encoder: ChunkEncoder
+    _: KW_ONLY
+    include_usage: bool = False
+    progress: ProgressEncoder | None = None
+    reasoning: bool = False
+    #: The role chunk has been returned (it goes before the first data chunk only).
+    started: bool = field(default=False, init=False)
+    #: Some layer went on with no proposer's answer.
+    degraded: bool = field(default=False, init=False)
 
     @property
     def eager(self) -> bool:
         """Whether anything may be written before the first answer token."""
-        return self._progress is not None or self._reasoning
+        return self.progress is not None or self.reasoning
 
     def _open(self) -> bytes:
         if self.started:
             return b""
         self.started = True
-        return self._enc.role()
+        return self.encoder.role()
 
     def answer(self, text: str) -> bytes:
         """An answer token's chunk (after the role chunk, for the first)."""
         if self.started:
-            return self._enc.content(text)
+            return self.encoder.content(text)
         self.started = True
-        return self._enc.role() + self._enc.content(text)
+        return self.encoder.role() + self.encoder.content(text)
 
     def event(self, event: Event) -> bytes | None:
         """The frames for any event but ``aggregator.delta`` and ``run.done``, or None."""
         if event.type == "layer.done" and no_usable_reference(event.references):
             self.degraded = True
-        if self._progress is None and not self._reasoning:
+        if self.progress is None and not self.reasoning:
             return None
         out = b""
-        if self._progress is not None:
-            out = self._progress.frame(event) or b""
-        if self._reasoning:
+        if self.progress is not None:
+            out = self.progress.frame(event) or b""
+        if self.reasoning:
             line = narration(event)
             if line is not None:
-                out += self._open() + self._enc.reasoning(line)
+                out += self._open() + self.encoder.reasoning(line)
         return out or None
 
     def done(self, event: RunDone) -> bytes:
         """The end of a run that answered: finish, usage if asked for, ``[DONE]``."""
         report = event.report
-        parts = [b"" if self._progress is None else self._progress.frame(event) or b""]
+        parts = [b"" if self.progress is None else self.progress.frame(event) or b""]
         parts.append(self._open())
         degraded = self.degraded or is_degraded(report)
         parts.append(
-            self._enc.finish(
+            self.encoder.finish(
                 report.finish_reason or "stop", DEGRADED_EXTENSION if degraded else None
             )
         )
-        if self._include_usage:
+        if self.include_usage:
             usage = report.usage
             parts.append(
-                self._enc.usage(
+                self.encoder.usage(
                     usage.prompt_tokens,
                     usage.completion_tokens,
                     USAGE_ESTIMATED_EXTENSION if usage.estimated else None,
