@@ -18,6 +18,7 @@ __all__ = [
     "Usage",
     "estimate_tokens",
     "message_text",
+    "sampling_fields",
 ]
 
 
@@ -66,6 +67,26 @@ class ChatRequest:
     #: ``cache_control``) mark it; the others, whose servers cache prefixes on their own,
     #: ignore it.
     cache_prefix: bool = False
+
+
+def sampling_fields(
+    request: ChatRequest,
+    *,
+    temperature: str = "temperature",
+    max_tokens: str = "max_tokens",
+    stop: str = "stop",
+) -> dict[str, Any]:
+    """The sampling fields ``request`` sets (``temperature``, ``max_tokens``, a non-empty
+    ``stop`` as a list), under the names a wire format or a trace gives them; those it leaves
+    unset are left out."""
+    fields: dict[str, Any] = {}
+    if request.temperature is not None:
+        fields[temperature] = request.temperature
+    if request.max_tokens is not None:
+        fields[max_tokens] = request.max_tokens
+    if request.stop:
+        fields[stop] = list(request.stop)
+    return fields
 
 
 def estimate_tokens(chars: int) -> int:

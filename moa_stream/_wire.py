@@ -25,7 +25,7 @@ from typing import Any, TypedDict
 
 import orjson
 
-from moa_stream._types import ChatMessage, ChatRequest
+from moa_stream._types import ChatMessage, ChatRequest, sampling_fields
 
 __all__ = [
     "DONE",
@@ -172,12 +172,7 @@ def chat_request_body(
         "messages": messages if isinstance(messages, list | tuple) else list(messages),
         "stream": stream,
     }
-    if request.temperature is not None:
-        body["temperature"] = request.temperature
-    if request.max_tokens is not None:
-        body[max_tokens_field] = request.max_tokens
-    if request.stop:
-        body["stop"] = request.stop
+    body.update(sampling_fields(request, max_tokens=max_tokens_field))
     if include_usage:
         body["stream_options"] = {"include_usage": True}
     body.update(request.extra)

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any, Literal, Self
 
 import structlog
 
-from moa_stream._types import ChatRequest, Delta
+from moa_stream._types import ChatRequest, Delta, sampling_fields
 from moa_stream.engine.events import (
     AggregatorDelta,
     AggregatorFailed,
@@ -148,12 +148,14 @@ class TracedProvider:
             attributes["gen_ai.agent.name"] = self.agent
         if self.role is not None:
             attributes["moa_stream.role"] = self.role
-        if request.temperature is not None:
-            attributes["gen_ai.request.temperature"] = request.temperature
-        if request.max_tokens is not None:
-            attributes["gen_ai.request.max_tokens"] = request.max_tokens
-        if request.stop:
-            attributes["gen_ai.request.stop_sequences"] = list(request.stop)
+        attributes.update(
+            sampling_fields(
+                request,
+                temperature="gen_ai.request.temperature",
+                max_tokens="gen_ai.request.max_tokens",
+                stop="gen_ai.request.stop_sequences",
+            )
+        )
         span = _tracer(self._tracer).start_span(
             f"chat {request.model}", kind=trace.SpanKind.CLIENT, attributes=attributes
         )

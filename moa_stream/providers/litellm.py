@@ -41,7 +41,7 @@ from moa_stream._exceptions import (
     UpstreamError,
 )
 from moa_stream._resource import AsyncResource
-from moa_stream._types import ChatRequest, Delta, StreamTimings, Usage
+from moa_stream._types import ChatRequest, Delta, StreamTimings, Usage, sampling_fields
 from moa_stream._wire import parse_retry_after
 from moa_stream.providers._base import check_continuation
 from moa_stream.providers._chunks import context_length_error, make_delta
@@ -366,12 +366,7 @@ class LiteLLMProvider(AsyncResource):
             kwargs["api_base"] = self._api_base
         if self._api_key is not None:
             kwargs["api_key"] = self._api_key
-        if request.temperature is not None:
-            kwargs["temperature"] = request.temperature
-        if request.max_tokens is not None:
-            kwargs["max_tokens"] = request.max_tokens
-        if request.stop:
-            kwargs["stop"] = list(request.stop)
+        kwargs.update(sampling_fields(request))
         kwargs.update(request.extra)
         return LiteLLMStream(self, self._settings, request, self._litellm, kwargs)
 
