@@ -16,8 +16,8 @@ __all__ = [
     "Delta",
     "StreamTimings",
     "Usage",
+    "content_text",
     "estimate_tokens",
-    "message_text",
     "sampling_fields",
 ]
 
@@ -32,10 +32,9 @@ class ChatMessage(TypedDict):
     prefix: NotRequired[bool]
 
 
-def message_text(message: ChatMessage) -> str:
-    """The text of a message: its ``content`` string, or the ``text`` of its content parts when
-    ``content`` is a list of them (parts without text, such as images, add nothing)."""
-    content: object = message.get("content")
+def content_text(content: object) -> str:
+    """The text of a message's ``content``: the string itself, or the ``text`` of its content
+    parts (blocks) when it is a list of them; parts without text, such as images, add nothing."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):

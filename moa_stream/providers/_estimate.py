@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Final
 
-from moa_stream._types import ChatMessage, estimate_tokens, message_text
+from moa_stream._types import ChatMessage, content_text, estimate_tokens
 
 __all__ = ["estimate_prompt_tokens"]
 
@@ -37,7 +37,7 @@ def estimate_prompt_tokens(messages: Sequence[ChatMessage]) -> int:
     total = REPLY_OVERHEAD
     has_system = False
     for message in messages:
-        total += MESSAGE_OVERHEAD + estimate_tokens(len(message_text(message)))
+        total += MESSAGE_OVERHEAD + estimate_tokens(len(content_text(message.get("content"))))
         name = message.get("name")
         if isinstance(name, str):
             total += estimate_tokens(len(name)) + 1

@@ -40,7 +40,7 @@ from moa_stream._exceptions import (
     ServerError,
     UpstreamError,
 )
-from moa_stream._types import ChatRequest, Delta, Usage, message_text
+from moa_stream._types import ChatRequest, Delta, Usage, content_text
 from moa_stream.providers._chunks import DONE, Done, context_length_error, error_fields, make_delta
 from moa_stream.providers._http import PooledHTTPProvider, api_key_from, api_root, json_body
 from moa_stream.providers._policy import RetrySettings, Timeouts
@@ -313,9 +313,9 @@ class AnthropicProvider(PooledHTTPProvider):
         for message in request.messages:
             role = message.get("role")
             if role in ("system", "developer"):
-                system.append(message_text(message))
+                system.append(content_text(message.get("content")))
             elif role in ("user", "assistant"):
-                messages.append({"role": role, "content": message_text(message)})
+                messages.append({"role": role, "content": content_text(message.get("content"))})
             else:
                 raise RequestRejectedError(
                     f"the Messages API has no role {role!r}", code="invalid_role"

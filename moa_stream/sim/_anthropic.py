@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Final
 import orjson
 from aiohttp import web
 
+from moa_stream._types import content_text
 from moa_stream.sim._continue import detect_continuation
 from moa_stream.sim._flaws import PREFILL_REFUSAL
 from moa_stream.sim._ledger import Ledger, SimRecord, note_done
@@ -65,17 +66,11 @@ def _json(
 
 
 def _text(content: object, where: str) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(
-            block["text"]
-            for block in content
-            if isinstance(block, dict)
-            and block.get("type") == "text"
-            and isinstance(block.get("text"), str)
+    if not isinstance(content, str | list):
+        raise RequestError(
+            400, f"{where}: Input should be a valid string or list of content blocks"
         )
-    raise RequestError(400, f"{where}: Input should be a valid string or list of content blocks")
+    return content_text(content)
 
 
 def parse_messages_request(raw: bytes) -> tuple[ParsedRequest, bool]:
