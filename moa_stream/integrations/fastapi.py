@@ -5,7 +5,7 @@ Two pieces:
 - :func:`moa_router` is an ``APIRouter`` with ``POST /v1/chat/completions`` (streamed and not)
   and ``GET /v1/models[/{id}]`` for a set of MoAs: ``app.include_router(moa_router(runtime),
   prefix="/moa")`` makes ``/moa/v1`` a base URL for OpenAI clients.
-- :class:`SSEResponse` (or :func:`sse_response`) turns a run you started in your own endpoint
+- :class:`SSEResponse` (also named ``sse_response``) turns a run you started in your own endpoint
   into an OpenAI-compatible SSE response (a Starlette response: plain Starlette apps can
   return it too).
 
@@ -246,24 +246,9 @@ async def _send_error(send: Send, error: APIError, request_id: str) -> None:
     await _send_json(send, status, headers, body)
 
 
-def sse_response(
-    run: MoARun,
-    *,
-    model: str,
-    include_usage: bool = False,
-    progress: bool = False,
-    request_timeout: float | None = None,
-    headers: Mapping[str, str] | None = None,
-) -> SSEResponse:
-    """The :class:`SSEResponse` for ``run``: return it from an endpoint."""
-    return SSEResponse(
-        run,
-        model=model,
-        include_usage=include_usage,
-        progress=progress,
-        request_timeout=request_timeout,
-        headers=headers,
-    )
+#: :class:`SSEResponse` under the name of the aiohttp integration's helper: return
+#: ``sse_response(run, model=...)`` from an endpoint.
+sse_response = SSEResponse
 
 
 #: The router's own paths (below its prefix) and the methods they answer, for the 405s of the
