@@ -1,5 +1,6 @@
 """What the commands that run a config's MoAs (``demo``, ``chat``, ``serve``) share: their
-``--config`` and ``--check`` options, and the exit codes a library error ends them with."""
+``--config`` and ``--check`` options, the exit codes a library error ends them with, and (for
+``demo`` and ``chat``) a parser described by the module's docstring."""
 
 from __future__ import annotations
 
@@ -9,7 +10,23 @@ from collections.abc import Callable
 
 from moa_stream._exceptions import ConfigError, MoAStreamError
 
-__all__ = ["add_config_arguments", "exit_on_error"]
+__all__ = ["add_config_arguments", "add_documented_command", "exit_on_error"]
+
+
+def add_documented_command(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    summary: str,
+    doc: str | None,
+) -> argparse.ArgumentParser:
+    """The parser of sub-command ``name``: ``summary`` in the command list, and ``doc`` (the
+    command module's docstring) as its description, its paragraphs and lists kept as written."""
+    return sub.add_parser(
+        name,
+        help=summary,
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, *, check_when: str = "") -> None:

@@ -22,7 +22,7 @@ from moa_stream import _aio
 from moa_stream._exceptions import ConfigError, MoAStreamError
 from moa_stream._probe import check_at_start, hint_for
 from moa_stream._types import ChatMessage
-from moa_stream.cli._common import add_config_arguments, exit_on_error
+from moa_stream.cli._common import add_config_arguments, add_documented_command, exit_on_error
 from moa_stream.cli.demo import render_table, stream_run, summary_row
 from moa_stream.cli.live import LiveView, one_line_summary
 from moa_stream.config import Config, Runtime, default_config, load_config
@@ -253,11 +253,8 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register the ``chat`` sub-command."""
-    chat = sub.add_parser(
-        "chat",
-        help="chat with a MoA in the terminal (default: simulated models)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    chat = add_documented_command(
+        sub, "chat", "chat with a MoA in the terminal (default: simulated models)", __doc__
     )
     chat.add_argument(
         "prompt", nargs="?", help="ask one message and exit (default: a conversation)"

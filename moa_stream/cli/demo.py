@@ -21,7 +21,7 @@ from moa_stream import _aio
 from moa_stream._exceptions import MoAStreamError
 from moa_stream._probe import check_at_start, hint_for
 from moa_stream._types import ChatMessage
-from moa_stream.cli._common import add_config_arguments, exit_on_error
+from moa_stream.cli._common import add_config_arguments, add_documented_command, exit_on_error
 from moa_stream.cli.live import LiveView, fmt_seconds, fmt_tokens
 from moa_stream.config import Config, Runtime, default_config, load_config
 from moa_stream.engine.events import RunReport
@@ -238,11 +238,11 @@ def run_command(coro_fn: Any, args: argparse.Namespace) -> int:
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register the ``demo`` sub-command."""
-    demo = sub.add_parser(
+    demo = add_documented_command(
+        sub,
         "demo",
-        help="run a MoA on simulated models: waiting for all proposers vs. starting early",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "run a MoA on simulated models: waiting for all proposers vs. starting early",
+        __doc__,
     )
     demo.add_argument("prompt", nargs="?", help="the user's message (default: a quiz question)")
     demo.add_argument("--json", action="store_true", help="print one JSON report on stdout")
