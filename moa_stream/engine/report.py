@@ -8,11 +8,14 @@ rebuilds it until it has closed (stragglers of ``keep`` layers still add their u
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from moa_stream._types import Usage
 from moa_stream.engine.events import AgentReport, LayerReport, ReferenceInfo, RunReport
 from moa_stream.engine.layer import Call, Decision, LayerState
+
+if TYPE_CHECKING:
+    from moa_stream.engine.aggregate import Answer
 
 __all__ = ["agent_report", "build_report", "layer_report", "reference_infos"]
 
@@ -49,29 +52,27 @@ def agent_report(call: Call, t0: float) -> AgentReport:
 def build_report(
     calls: Sequence[Call],
     layers: Sequence[LayerReport],
+    answer: Answer,
     *,
-    text: str,
-    aggregator: Call | None,
-    first_token_at: float | None,
-    finish_reason: str | None,
     t0: float,
     end: float,
     error: str | None,
 ) -> RunReport:
     """The report of a run that started at ``t0`` and ended at ``end`` (or is at ``end`` now).
 
-    ``calls`` are every request in the order sent, ``layers`` the decided layers,
-    ``aggregator`` the request that stands for the answer (a failed one is not named),
-    ``first_token_at`` when the answer's first token reached the caller, ``error`` why the
+    ``calls`` are every request in the order sent, ``layers`` the decided layers, ``answer``
+    the answer as written (its text, the aggregator request that stands for it, a failed one
+    not named, when its first token reached the caller and why it ended), ``error`` why the
     run ended early, if it did.
     """
     agents = tuple(agent_report(c, t0) for c in calls)
     total = Usage()
     for a in agents:
         total = total + a.usage
-    agg = aggregator
+    agg = answer.call
+    first_token_at = answer.first_token_at
     return RunReport(
-        text=text,
+        text=answer.text,
         aggregator=agg.agent if agg is not None and agg.status != "failed" else None,
         ttft_s=None if first_token_at is None else first_token_at - t0,
         time_to_quorum_s=layers[0].decided_s if layers else None,
@@ -84,7 +85,7 @@ def build_report(
         usage=total,
         layers=tuple(layers),
         agents=agents,
-        finish_reason=finish_reason,
+        finish_reason=answer.finish_reason,
         hedges=sum(1 for a in agents if a.hedge is not None),
         error=error,
     )

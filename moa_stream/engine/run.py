@@ -226,15 +226,11 @@ class MoARun(AsyncResource):
         if self._finished or self._gen_exited.is_set():
             # No layer is waiting any more: what is still queued only adds to the accounting.
             fanin.absorb()
-        answer = self._answer
         error = self._error
         return build_report(
             fanin.calls,
             self._layer_reports,
-            text=answer.text,
-            aggregator=answer.call,
-            first_token_at=answer.first_token_at,
-            finish_reason=answer.finish_reason,
+            self._answer,
             t0=fanin.t0,
             end=self._ended_at if self._ended_at is not None else self._clock(),
             error=(
