@@ -141,6 +141,7 @@ class StaircaseConfig:
     context_window: int | None = _STAIRCASE.context_window
     layout: Literal["updates", "whole"] = _STAIRCASE.layout
     loop_restarts: int | None = _STAIRCASE.loop_restarts
+    read_ahead: int = _STAIRCASE.read_ahead
     #: The continuation each aggregator (and fallback) uses, resolved against its provider.
     resolved: Mapping[str, Continuation] = field(default_factory=dict)
 
@@ -409,6 +410,7 @@ def _staircase(t: _Table) -> StaircaseConfig:
         context_window=_whole_or_false(t, "context_window", d.context_window),
         layout=cast(Literal["updates", "whole"], t.choice("layout", LAYOUTS, d.layout)),
         loop_restarts=_whole_or_false(t, "loop_restarts", d.loop_restarts),
+        read_ahead=_whole(t, "read_ahead", d.read_ahead, minimum=0),
     )
     t.done()
     return config
@@ -745,6 +747,7 @@ def build_moa(m: MoAConfig, agents: Mapping[str, Agent]) -> MoA:
             context_window=sc.context_window,
             layout=sc.layout,
             loop_restarts=sc.loop_restarts,
+            read_ahead=sc.read_ahead,
         )
     return MoA(
         layers=layers,

@@ -44,7 +44,11 @@ reaches the caller: the previous step's answer is still there to finish.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections import deque
 from collections.abc import AsyncGenerator, Callable, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
@@ -59,6 +63,7 @@ from moa_stream.engine._staircase_steps import (
     Pacer,
     Rejected,
     StepPlan,
+    Trial,
     looped,
     step_request,
     try_step,
@@ -73,6 +78,7 @@ from moa_stream.engine.events import (
     Event,
 )
 from moa_stream.engine.staircase import (
+    ContinuationGuard,
     Joiner,
     MarkupFilter,
     ReferenceTracker,
@@ -201,28 +207,82 @@ class _Driver:
         self.last_at: float | None = None  # when the caller got the last chunk
         self.chunks = 0  # content chunks of the answer passed on, whichever step wrote them
         self.markup = MarkupFilter()
-        self.pass_on: tuple[str, int] = ("", 0)  # the next text to pass on, and its chunks
         self.held = 0  # chunks whose text is held (by the repetition gate, mostly)
-        self.pause_until: float | None = None  # the end of a boundary's pause
+        # The read-ahead: text the current step wrote that is the answer's (a later step
+        # continues after it) but that the caller has not been given yet, as (text, chunks,
+        # the step's record); ``ahead_chunks`` of them.
+        self.read_ahead = staircase.read_ahead
+        self.ahead: deque[tuple[str, int, Any]] = deque()
+        self.ahead_chunks = 0
+        # For spacing the read-ahead out (:meth:`_spacing`): the time a later step takes to
+        # get ready and the current stream's time between chunks (moving averages).
+        self.step_ready = 0.0
+        self.read_gap = 0.0
+        self.read_at: float | None = None
         self.asked_at = self.clock()
         self.done = False
         self.error: ProviderError | None = None
         self.cur: _Step | None = None
 
     # -- the caller's stream ----------------------------------------------------------------
-    def _emit(self, step: _Step, text: str, chunks: int = 1) -> AggregatorDelta:
+    def _emit(self, record: Any, text: str, chunks: int = 1) -> AggregatorDelta:
         now = self.clock()
         self.chunks += chunks
-        self.pacer.passed(self.chunks, chunks)
-        self.host.step_delta(step.record, text, now)
+        self.host.step_delta(record, text, now)
         if self.first_token_at is None:
             self.first_token_at = now
+            self.step_ready = now - self.asked_at
         self.last_at = now
         self.answer.append(text)
         return AggregatorDelta(text, now - self.t0)
 
+    def _push(self, text: str, chunks: int, record: Any) -> None:
+        """``text`` is the answer's: the caller gets it in its turn (:meth:`_release`)."""
+        self.ahead.append((text, chunks, record))
+        self.ahead_chunks += chunks
+        self.pacer.passed(self._written(), chunks)
+
+    def _pop(self) -> AggregatorDelta:
+        text, chunks, record = self.ahead.popleft()
+        self.ahead_chunks -= chunks
+        return self._emit(record, text, chunks)
+
+    def _release(self) -> list[AggregatorDelta]:
+        """What the caller may have of the read-ahead now (see :meth:`_turn`)."""
+        out = []
+        while self.ahead and self._turn(self.clock()) is None:
+            out.append(self._pop())
+        return out
+
+    def _turn(self, now: float) -> float | None:
+        """``None`` if the read-ahead's next chunk may go to the caller now; otherwise when,
+        in the spacing (:meth:`_spacing`)."""
+        if self.last_at is None:
+            return None
+        at = self.last_at + self._spacing()
+        return None if now >= at else at
+
+    def _spacing(self) -> float:
+        """The time between the caller's chunks that makes what the answer has ready last
+        until the next step's first words: while later steps may be asked, the read-ahead and
+        the rest of the current step's budget are spread over the time it takes to read that
+        rest and to get the next step ready (``0``: no spacing, once no step will follow, or
+        without a read-ahead). At most half of ``max_pause``."""
+        step = self.cur
+        if not self.read_ahead or step is None or step.final or not self.plan.stepping:
+            return 0.0
+        rest = max(0, step.budget - step.written)
+        chunks = self.ahead_chunks + rest
+        if not chunks:
+            return 0.0
+        span = rest * self.read_gap + self.step_ready
+        return min(span / chunks, self.staircase.max_pause / 2)
+
+    def _flush(self) -> list[AggregatorDelta]:
+        return [self._pop() for _ in range(len(self.ahead))]
+
     def _request(self, messages: list[ChatMessage], extra: dict[str, Any]) -> ChatRequest:
-        return step_request(self.agent, self.overrides, self.chunks, messages, extra)
+        return step_request(self.agent, self.overrides, self._written(), messages, extra)
 
     async def run(self) -> AsyncGenerator[Event, None]:
         host = self.host
@@ -267,6 +327,18 @@ class _Driver:
                 step = self.cur
                 if step.ended:
                     break
+                if self.ahead and self.ahead_chunks >= self.read_ahead:
+                    # The read-ahead is full: its next chunk goes in its turn, then the
+                    # stream is read on.
+                    while (until := self._turn(self.clock())) is not None:
+                        for event in await host.wait(until):
+                            yield event
+                        self._check_give_up()
+                    yield self._pop()
+                    continue
+                if self._pacing():
+                    async for event in self._pace():
+                        yield event
                 try:
                     delta = await step.stream.__anext__()
                 except StopAsyncIteration:
@@ -274,6 +346,11 @@ class _Driver:
                 content = delta.content
                 if content:
                     step.written += 1
+                    now = self.clock()
+                    if self.read_at is not None:
+                        gap = min(now - self.read_at, self.staircase.max_pause)
+                        self.read_gap += (gap - self.read_gap) * 0.2
+                    self.read_at = now
                     text = self.markup.feed(step.joiner.feed(content))
                     if text:
                         text = self.gate.feed(text, self._last_char(), self._answer_text)
@@ -283,27 +360,26 @@ class _Driver:
                         host.step_delta(step.record, "", self.clock())
                         self.held += 1  # passed on later, with the text that follows
                     else:
-                        pace = self._pacing()
-                        self.pass_on = (text, 1 + self.held)
+                        chunks = 1 + self.held
                         self.held = 0
-                        self.pause_until = None
-                        if self._due(step, text, pace):
-                            # Waiting for the references anyway: the next step gets ready
-                            # in that time. Whichever step goes on, what it passes on next
-                            # still keeps pace, within the same pause.
-                            async for event in self._boundary(step, text):
-                                yield event
-                        if self._pacing():
-                            async for event in self._pace(self.pause_until):
-                                yield event
-                        piece, chunks = self.pass_on
-                        yield self._emit(self.cur, piece, chunks)
+                        if self._due(step, text, self._pacing()):
+                            # The next step takes over before ``text``, or the current one
+                            # goes on with it; either way what follows keeps pace.
+                            async with aclosing(self._boundary(step, text, chunks)) as events:
+                                async for event in events:
+                                    yield event
+                        else:
+                            self._push(text, chunks, step.record)
+                        for event in self._release():
+                            yield event
                 for event in host.drain():
                     yield event
         except ProviderError as exc:
             step = self.cur
             await step.stream.aclose()
             host.close_step(step.record, "failed", None, exc)
+            for event in self._flush():  # the answer's own text, read before the failure
+                yield event
             if self.answer:
                 raise AggregatorError(
                     f"aggregator {self.agent.name} failed at step {step.number + 1} of its "
@@ -320,13 +396,15 @@ class _Driver:
             raise
         step = self.cur
         finish_reason = step.stream.finish_reason
+        for event in self._flush():
+            yield event
         if not self.gate.looping:
             rest = self.markup.feed(step.joiner.flush()) + self.markup.flush()
             if rest:
                 rest = self.gate.feed(rest, self._last_char(), self._answer_text)
             rest += self.gate.flush(lambda: self._answer_text() + rest)
             if rest:
-                yield self._emit(step, rest)
+                yield self._emit(step.record, rest)
         if self.gate.looping:
             finish_reason = "stop"  # the answer ends at the sentence end before the loop
             looped(self.agent, step.number, self.gate.restarts)
@@ -344,10 +422,20 @@ class _Driver:
         )
 
     def _last_char(self) -> str:
+        if self.ahead:
+            return self.ahead[-1][0][-1:]
         return self.answer[-1][-1:] if self.answer else ""
 
     def _answer_text(self) -> str:
-        return "".join(self.answer)
+        """The answer as the next step continues it: what the caller has and the read-ahead."""
+        text = "".join(self.answer)
+        if self.ahead:
+            text += "".join(piece for piece, _, _ in self.ahead)
+        return text
+
+    def _written(self) -> int:
+        """Content chunks of the answer written so far, the read-ahead's included."""
+        return self.chunks + self.ahead_chunks
 
     def _pause_end(self) -> float:
         """Where a wait must end: ``max_pause`` after the caller's last chunk (or from now,
@@ -356,38 +444,49 @@ class _Driver:
         return last + self.staircase.max_pause
 
     def _step_event(self, number: int, refs: Sequence[RefView], final: bool) -> AggregatorStep:
-        answer_chars = sum(map(len, self.answer))
+        answer_chars = sum(map(len, self.answer)) + sum(len(p) for p, _, _ in self.ahead)
         return self.plan.step_event(number, refs, final, answer_chars, self.clock() - self.t0)
 
-    def _due(self, step: _Step, text: str, pace: bool) -> bool:
+    def _due(self, step: _Step, text: str, waits: bool) -> bool:
         """Whether a boundary comes before ``text``: the step wrote its budget, or the answer
         waits for the references anyway, or they have all ended since this step was asked
-        (its last step is due at once: what is left of the answer is written from them)."""
+        (its last step is due at once: what is left of the answer is written from them). The
+        next step continues after the read-ahead, which the caller is given while it gets
+        ready. ``waits``: the pacing holds ``text``."""
         if step.final or not self.plan.stepping:
             return False
-        if step.written < step.budget and not pace and self.host.running_chunks():
+        if step.written < step.budget and not waits and self.host.running_chunks():
             return False
-        return cut_point("".join(self.answer[-64:]), text)
+        tail = "".join(self.answer[-64:])
+        if self.ahead:
+            tail += "".join(piece for piece, _, _ in self.ahead)
+        return cut_point(tail, text)
 
     # -- pacing (see :class:`Pacer`) --------------------------------------------------------
     def _pacing(self) -> bool:
-        """Whether the next chunk must wait for a reference (never once no later step will
-        read what the references add: there is nothing to wait for)."""
-        return self.plan.stepping and not self.given_up and self.pacer.holds(self.chunks)
+        """Whether the next chunk the stream writes must wait for a reference (never once no
+        later step will read what the references add: there is nothing to wait for)."""
+        return self.plan.stepping and not self.given_up and self.pacer.holds(self._written())
 
-    async def _pace(self, until: float | None = None) -> AsyncGenerator[Event, None]:
-        """Hold the next chunk while :meth:`_pacing`, at most until ``until`` (default:
-        ``max_pause`` after the last chunk); what the answer waited for in vain is left
-        behind."""
-        if until is None:
-            until = self._pause_end()
-        if self.give_up_at is not None:
-            until = min(until, self.give_up_at)
+    async def _pace(self) -> AsyncGenerator[Event, None]:
+        """Wait while :meth:`_pacing`, the caller getting the read-ahead in its turn
+        meanwhile, at most until ``max_pause`` after the caller's last chunk (a reference
+        waited for that long in vain is left behind)."""
+        host = self.host
+        self._check_give_up()
         while self._pacing():
-            if self.clock() >= until:
-                self.pacer.leave_behind(self.chunks)
+            for delta in self._release():
+                yield delta
+            now = self.clock()
+            until = (self.last_at if self.last_at is not None else now) + self.staircase.max_pause
+            if self.give_up_at is not None:
+                until = min(until, self.give_up_at)
+            if now >= until:
+                self.pacer.leave_behind(self._written())
                 break
-            for event in await self.host.wait(until):
+            if self.ahead:
+                until = min(until, self._turn(now) or now)
+            for event in await host.wait(until):
                 yield event
             self._check_give_up()
 
@@ -397,11 +496,11 @@ class _Driver:
             self.host.give_up()
 
     # -- a step boundary ----------------------------------------------------------------------
-    async def _boundary(self, step: _Step, text: str) -> AsyncGenerator[Event, None]:
-        """``text`` is the current step's next delta, not passed on yet: the next step takes
-        over before it, or the current one goes on with it."""
+    async def _boundary(self, step: _Step, text: str, chunks: int) -> AsyncGenerator[Event, None]:
+        """``text`` (``chunks`` of the current step's) is not the answer's yet: the next step
+        takes over before it, or the current one goes on with it."""
         host = self.host
-        pause_until = self.pause_until = self._pause_end()
+        pause_until = self._pause_end()
         self._check_give_up()
         for event in host.drain():
             yield event
@@ -409,13 +508,15 @@ class _Driver:
         plan = self.plan
         if not plan.wanted(refs, self.given_up):
             step.budget = step.written + next(plan.sizes)
+            self._push(text, chunks, step.record)
             return
-        answer = "".join(self.answer)
+        answer = self._answer_text()
         request_messages, extra = plan.propose(refs, answer, self.given_up)
-        if plan.too_long(request_messages, self.overrides[1], self.chunks):
+        if plan.too_long(request_messages, self.overrides[1], self._written()):
             plan.withdraw()
             plan.stepping = False
             _log.info("staircase.context_full", agent=self.agent.name, step=step.number + 1)
+            self._push(text, chunks, step.record)
             return
         number = step.number + 1
         final = plan.tracker.settled(refs)
@@ -427,12 +528,23 @@ class _Driver:
         joiner = Joiner()
         joiner.begin(answer, prefill, echoes=plan.continuation.echoes)
         guard = plan.guard(answer)
+        trials: list[Trial] = []
+        asked = self.clock()
         try:
-            trial = await try_step(stream, joiner, guard, host.drain, pause_until - self.clock())
+            if self.ahead:
+                async with aclosing(self._overlap(stream, joiner, guard, trials)) as events:
+                    async for event in events:
+                        yield event
+            else:
+                within = pause_until - self.clock()
+                trials.append(await try_step(stream, joiner, guard, host.drain, within))
         except BaseException as exc:
             await stream.aclose()
             host.close_step(record, "cancelled", None, exc)
             raise
+        trial = trials[0]
+        ready = min(self.clock() - asked, 2 * self.staircase.max_pause)
+        self.step_ready += (ready - self.step_ready) * 0.5
         for event in trial.events:
             yield event
         if not trial.late:
@@ -448,7 +560,7 @@ class _Driver:
             self.markup = MarkupFilter()  # what the old stream had begun is not the answer
             self.gate.drop()
             self.held = 0
-            self.pass_on = (guard.held, max(1, trial.written))
+            self._push(guard.held, max(1, trial.written), record)
             return
         await stream.aclose()
         reason = guard.reason or "rejected"
@@ -464,6 +576,74 @@ class _Driver:
         _log.info("staircase.step_rejected", agent=self.agent.name, step=number, reason=reason)
         yield AggregatorStepRejected(self.agent.name, number, reason, self.clock() - self.t0)
         step.budget = step.written + next(plan.sizes)
+        self._push(text, chunks, step.record)
+
+    async def _overlap(
+        self,
+        stream: ProviderStream,
+        joiner: Joiner,
+        guard: ContinuationGuard,
+        trials: list[Trial],
+    ) -> AsyncGenerator[Event, None]:
+        """Try the next step (:func:`try_step`, in a task of its own) while the caller is given
+        the read-ahead: as pacing allows, and no faster than the answer's recent pace, so that
+        it lasts while the step gets ready. The step is late once the read-ahead is out and
+        ``max_pause`` has passed since the caller's last chunk. Appends the trial to
+        ``trials``."""
+        host = self.host
+        # What the trial and the waits take in, in the order they took it, passed on from here.
+        drained: deque[Event] = deque()
+
+        def drain() -> Sequence[Event]:
+            drained.extend(host.drain())
+            return ()
+
+        async def wait(until: float) -> None:
+            drained.extend(await host.wait(until))
+
+        task = asyncio.ensure_future(try_step(stream, joiner, guard, drain, None))
+        waiter: asyncio.Future[None] | None = None
+        try:
+            while not task.done():
+                while drained:
+                    yield drained.popleft()
+                now = self.clock()
+                last = self.last_at if self.last_at is not None else now
+                end = last + self.staircase.max_pause
+                if not self.ahead:
+                    if now >= end:
+                        break  # late
+                    until = end
+                else:
+                    turn = self._turn(now)
+                    if turn is None:
+                        yield self._pop()
+                        continue
+                    until = turn
+                waiter = asyncio.ensure_future(wait(until))
+                await asyncio.wait((task, waiter), return_when=asyncio.FIRST_COMPLETED)
+                if not waiter.done():
+                    waiter.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await waiter
+                waiter = None
+                self._check_give_up()
+        finally:
+            if waiter is not None:
+                waiter.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await waiter
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        while drained:
+            yield drained.popleft()
+        if task.cancelled():
+            guard.reason = "not ready in time"
+            trials.append(Trial(False, late=True))
+        else:
+            trials.append(task.result())
 
 
 def _all_ended(references: Callable[[], Sequence[RefView]]) -> bool:

@@ -228,14 +228,15 @@ async def try_step(
     joiner: Joiner,
     guard: ContinuationGuard,
     drain: Callable[[], Sequence[Event]],
-    within: float,
+    within: float | None,
 ) -> Trial:
     """Open ``stream`` and hold its first words in ``guard`` until it decides, ``within``
-    seconds at most. Cancellation propagates (the caller closes the stream)."""
+    seconds at most (``None``: the caller bounds it). Cancellation propagates (the caller
+    closes the stream)."""
     trial = Trial(False)
     verdict: bool | None = None
     try:
-        async with asyncio.timeout(max(0.0, within)):
+        async with asyncio.timeout(None if within is None else max(0.0, within)):
             await stream.__aenter__()
             while verdict is None:
                 try:

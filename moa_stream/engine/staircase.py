@@ -215,6 +215,7 @@ class Staircase:
     context_window: int | None = None
     layout: StepLayout = "updates"
     loop_restarts: int | None = 2
+    read_ahead: int = 32
 
     def __post_init__(self) -> None:
         # An invalid argument is a ConfigError, as everywhere else in the engine; the text
@@ -234,6 +235,7 @@ class Staircase:
             "min_news",
             "context_window",
             "loop_restarts",
+            "read_ahead",
         ):
             value = getattr(self, name)
             if value is None and name in ("max_steps", "context_window", "loop_restarts"):
