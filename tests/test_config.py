@@ -183,7 +183,7 @@ def test_a_staircase_table_builds_a_staircase_with_each_providers_continuation()
         '[moa.x]\nproposers = ["a", "b"]\naggregator = "c"\nfallbacks = ["a"]\n'
         'policy = "partial(2, min_tokens=8)"\n'
         'staircase = { steps = "8, 16, 32", lead = false, give_up_after = 5, layout = "whole",'
-        " loop_restarts = false }\n"
+        " loop_restarts = false, read_ahead = 0 }\n"
     )
     config = config_with(extra)
     sc = config.moas["x"].staircase
@@ -196,6 +196,7 @@ def test_a_staircase_table_builds_a_staircase_with_each_providers_continuation()
     assert built.staircase.for_agent("c") == Continuation("prefill", "vllm")
     assert built.staircase.give_up_after == 5.0
     assert built.staircase.layout == "whole" and built.staircase.loop_restarts is None
+    assert built.staircase.read_ahead == 0
 
 
 def _agent(name: str):

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
@@ -132,6 +133,11 @@ class StaircaseHost(Protocol):
 
 
 _log = structlog.get_logger("moa_stream.staircase")
+
+#: A boundary (unless the answer waits for the references anyway) needs enough read-ahead for
+#: one chunk every ``COVER_GAP`` seconds while the next step gets ready, up to ``MAX_COVER``.
+COVER_GAP = 0.1
+MAX_COVER = 8
 
 
 @dataclass(slots=True)
@@ -452,15 +458,29 @@ class _Driver:
         waits for the references anyway, or they have all ended since this step was asked
         (its last step is due at once: what is left of the answer is written from them). The
         next step continues after the read-ahead, which the caller is given while it gets
-        ready. ``waits``: the pacing holds ``text``."""
+        ready: unless the answer waits anyway, a boundary needs enough of it (:meth:`_cover`).
+        ``waits``: the pacing holds ``text``."""
+
         if step.final or not self.plan.stepping:
             return False
         if step.written < step.budget and not waits and self.host.running_chunks():
             return False
+        if not waits and self.ahead_chunks < self._cover():
+            return False  # too little read ahead to space out while the step gets ready
         tail = "".join(self.answer[-64:])
         if self.ahead:
             tail += "".join(piece for piece, _, _ in self.ahead)
         return cut_point(tail, text)
+
+    def _cover(self) -> int:
+        """The read-ahead a boundary needs so that, spaced out while the next step gets
+        ready, the caller's chunks come at most :data:`COVER_GAP` apart; at most
+        :data:`MAX_COVER` chunks (or the whole read-ahead)."""
+        if not self.read_ahead:
+            return 0
+        # n chunks spaced out and then the step's first: n + 1 gaps
+        needed = math.ceil(self.step_ready / COVER_GAP) - 1
+        return max(0, min(self.read_ahead, MAX_COVER, needed))
 
     # -- pacing (see :class:`Pacer`) --------------------------------------------------------
     def _pacing(self) -> bool:

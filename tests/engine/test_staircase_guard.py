@@ -445,3 +445,62 @@ def test_the_gate_can_be_turned_off() -> None:
     assert gate.feed(LOOP, "", lambda: "") == LOOP and not gate.looping
     with pytest.raises(ConfigError, match="loop_restarts"):
         Staircase(loop_restarts=-1)
+
+
+# -- the read-ahead ------------------------------------------------------------------------------
+
+CONTINUE = (" which", " is", " why", " it", " is", " blue.")
+
+
+def slow_steps(ttft: float) -> StairProvider:
+    """Every request of the aggregator, the first included, takes ``ttft`` to its first token;
+    the first step writes fast and later steps continue the answer correctly."""
+    p = provider(lambda request, n: Script(tokens=CONTINUE, ttft=ttft, interval=0.001))
+    p.scripts["agg"] = Script(tokens=STEP0, ttft=ttft, interval=0.005)
+    return p
+
+
+def longest_gap(events: list[Event]) -> float:
+    times = [e.t for e in events if e.type == "aggregator.delta"]
+    return max(b - a for a, b in itertools.pairwise(times))
+
+
+async def test_the_read_ahead_hides_a_later_steps_time_to_first_token() -> None:
+    """Without a read-ahead the caller waits out each later step's first token; with one, the
+    answer the first step wrote ahead is spaced out over that time, and the later step goes on
+    after it: one answer, nothing lost or given twice."""
+    ttft = 0.8
+    p = slow_steps(ttft)
+    _, events, _ = await run(stairs(p, steps=(8, 16), max_steps=1, max_pause=2.0, read_ahead=0))
+    assert len(p.later_requests) == 1 and not rejected(events)
+    assert longest_gap(events) >= ttft - 0.05
+
+    p = slow_steps(ttft)
+    answer, events, _ = await run(stairs(p, steps=(8, 16), max_steps=1, max_pause=2.0))
+    assert len(p.later_requests) == 1 and not rejected(events)
+    prefill = p.later_requests[0].messages[-1]
+    assert answer == prefill["content"] + "".join(CONTINUE)
+    # the step was asked with text the caller had not been given yet
+    (step,) = [e for e in events if isinstance(e, AggregatorStep) and e.step == 1]
+    given = sum(len(e.text) for e in events if e.type == "aggregator.delta" and e.t < step.t)
+    assert given < step.answer_chars
+    assert longest_gap(events) < ttft / 2  # generous: about ttft / 8 when nothing is late
+    assert p.open_streams == 0
+
+
+async def test_leaving_while_a_step_is_tried_closes_every_stream() -> None:
+    p = slow_steps(0.5)
+    spec = stairs(p, steps=(8, 16), max_steps=1, max_pause=2.0)
+    stepped = False
+    async with spec.stream([{"role": "user", "content": "Why is the sky blue?"}]) as r:
+        async for event in r.events():
+            stepped = stepped or (isinstance(event, AggregatorStep) and event.step == 1)
+            if stepped and event.type == "aggregator.delta":
+                break  # given from the read-ahead while the step gets ready
+    assert stepped and len(p.later_requests) == 1
+    assert p.open_streams == 0
+
+
+def test_the_read_ahead_is_a_whole_number() -> None:
+    with pytest.raises(ConfigError, match="read_ahead"):
+        Staircase(read_ahead=-1)
