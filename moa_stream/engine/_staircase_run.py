@@ -1,13 +1,14 @@
 """Driving a staircase aggregator: the I/O around :mod:`moa_stream.engine.staircase`.
 
-The run hands over through a small :class:`StaircaseHost`: the references of the last layer
-as they stand, a way to take in what the proposers sent meanwhile (``drain`` without waiting,
+The run hands over through a small :class:`StaircaseHost`: the references of the last layer as
+they stand, a way to take in what the proposers sent meanwhile (``drain`` without waiting,
 ``wait`` for more), and the book-keeping of each step's request. The current step's stream is
 read here, in the run's own task, so a token reaches the caller in the loop turn it was parsed
-in; between two deltas the proposers' queued chunks are drained (no wait, no queue hop for the
-answer) so that, at a step boundary, the references are as fresh as they can be. Falling back
-to the next aggregator is the shared loop's (:func:`~moa_stream.engine.aggregate.aggregate`);
-:class:`StaircaseStrategy` starts each aggregator's try there.
+in (while later steps may be asked, in its turn of the read-ahead below); between two deltas the
+proposers' queued chunks are drained (no wait, no queue hop for the answer) so that, at a step
+boundary, the references are as fresh as they can be. Falling back to the next aggregator is the
+shared loop's (:func:`~moa_stream.engine.aggregate.aggregate`); :class:`StaircaseStrategy`
+starts each aggregator's try there.
 
 A step boundary comes, at the next word that starts inside a sentence
 (:func:`~moa_stream.engine.staircase.cut_point`), once the step wrote its budget of tokens,
@@ -23,13 +24,19 @@ There the current stream is *paused*, not closed (its tokens wait in the connect
    instruction text, an early end, an error, or not ready within ``max_pause``): the next
    stream is closed and the current one goes on from where it paused, as if nothing happened.
 
-**Pacing.** Within ``lead`` chunks of every reference still being written the answer runs
-free; further ahead of one, each chunk waits for that reference to write two of its own, so the
-answer slows down steadily (rather than stopping) until the reference catches up, and it ends
-after the references it follows. A reference that writes nothing for ``max_pause`` while the
-answer waits for it is left behind; references that have not started are not waited for.
-Pacing stops with the stepping: once no later step will be asked, nothing reads what the
-references add.
+**Read-ahead.** The current stream is read up to ``read_ahead`` chunks ahead of what the caller
+has been given; while later steps may be asked, the caller's chunks are spaced out so that what
+is ready lasts until the next step's first words (:meth:`_Driver._spacing`). The next step is
+asked with the read-ahead in its prefix and tried in a task of its own while the caller is given
+it (:meth:`_Driver._overlap`), so its time to first token does not stop the stream.
+
+**Pacing.** Within ``lead`` chunks of every reference still being written the answer runs free;
+further ahead of one, the stream is read on only as that reference writes two chunks for each of
+the answer's, so the answer slows down steadily (rather than stopping) until the reference
+catches up, and it ends after the references it follows. A reference that writes nothing for
+``max_pause`` while the answer waits for it is left behind; references that have not started are
+not waited for. Pacing stops with the stepping: once no later step will be asked, nothing reads
+what the references add.
 
 **Repetition.** A :class:`~moa_stream.engine.staircase.RepetitionGate` holds the first words of
 each sentence until they can be compared with the sentences before; an answer that restarts

@@ -195,6 +195,11 @@ class Staircase:
     aggregator's next runs start once every reference has ended, with a back-off after which
     the early start is tried again.
 
+    ``read_ahead``: chunks of the current step read ahead of what the caller has been given
+    (``0``: none). The next step continues after them and is tried while the caller is given
+    them, spaced out to last until its first words, so a later step's time to first token does
+    not stop the stream.
+
     ``layout``: ``"updates"`` hands each step what the references added, in tagged blocks
     appended to the previous request (a prefix cache serves all but the new tail);
     ``"whole"`` re-renders every draft in place, whole sentences only and without status
