@@ -45,7 +45,7 @@ import difflib
 import os
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Self, cast
@@ -144,6 +144,15 @@ class StaircaseConfig:
     read_ahead: int = _STAIRCASE.read_ahead
     #: The continuation each aggregator (and fallback) uses, resolved against its provider.
     resolved: Mapping[str, Continuation] = field(default_factory=dict)
+
+
+#: The table's settings that are the engine's :class:`Staircase` fields of the same name (its
+#: ``continuation`` is the per-agent resolution, made from ``resolved``).
+_STAIRCASE_SETTINGS = tuple(
+    f.name
+    for f in fields(StaircaseConfig)
+    if f.name in {g.name for g in fields(Staircase)} and f.name != "continuation"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -734,21 +743,8 @@ def build_moa(m: MoAConfig, agents: Mapping[str, Agent]) -> MoA:
     staircase = None
     if m.staircase is not None:
         sc = m.staircase
-        staircase = Staircase(
-            steps=sc.steps,
-            lead=sc.lead,
-            give_up_after=sc.give_up_after,
-            continuation=dict(sc.resolved),
-            max_steps=sc.max_steps,
-            max_rejects=sc.max_rejects,
-            max_pause=sc.max_pause,
-            guard_words=sc.guard_words,
-            min_news=sc.min_news,
-            context_window=sc.context_window,
-            layout=sc.layout,
-            loop_restarts=sc.loop_restarts,
-            read_ahead=sc.read_ahead,
-        )
+        settings = {name: getattr(sc, name) for name in _STAIRCASE_SETTINGS}
+        staircase = Staircase(**settings, continuation=dict(sc.resolved))
     return MoA(
         layers=layers,
         aggregator=aggregator,
