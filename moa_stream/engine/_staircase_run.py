@@ -232,6 +232,7 @@ class _Driver:
         self.step_ready = 0.0
         self.read_gap = 0.0
         self.read_at: float | None = None
+        self.reading: asyncio.Future[Any] | None = None  # a read of the stream, in a task
         self.asked_at = self.clock()
         self.done = False
         self.error: ProviderError | None = None
@@ -290,6 +291,18 @@ class _Driver:
             return 0.0
         span = rest * self.read_gap + self.step_ready
         return min(span / chunks, self.staircase.max_pause / 2)
+
+    async def _stop_reading(self) -> None:
+        """Cancel a read of the stream still in its task (the stream is closed next)."""
+        reading, self.reading = self.reading, None
+        if reading is None:
+            return
+        if not reading.done():
+            reading.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reading
+        elif not reading.cancelled():
+            reading.exception()  # retrieved: the error that ended the run is raised instead
 
     def _flush(self) -> list[AggregatorDelta]:
         return [self._pop() for _ in range(len(self.ahead))]
@@ -353,7 +366,21 @@ class _Driver:
                     async for event in self._pace():
                         yield event
                 try:
-                    delta = await step.stream.__anext__()
+                    if self.ahead and self._spacing():
+                        # The read-ahead goes on in its turn while the stream is read: a stall
+                        # of the stream does not stop the caller's.
+                        reading = self.reading = asyncio.ensure_future(step.stream.__anext__())
+                        while not reading.done():
+                            until = self._turn(self.clock()) if self.ahead else None
+                            if self.ahead and until is None:
+                                yield self._pop()
+                                continue
+                            timeout = None if until is None else max(0.0, until - self.clock())
+                            await asyncio.wait((reading,), timeout=timeout)
+                        self.reading = None
+                        delta = reading.result()
+                    else:
+                        delta = await step.stream.__anext__()
                 except StopAsyncIteration:
                     break
                 content = delta.content
@@ -389,6 +416,7 @@ class _Driver:
                     yield event
         except ProviderError as exc:
             step = self.cur
+            await self._stop_reading()
             await step.stream.aclose()
             host.close_step(step.record, "failed", None, exc)
             for event in self._flush():  # the answer's own text, read before the failure
@@ -404,6 +432,7 @@ class _Driver:
             return
         except BaseException as exc:
             step = self.cur
+            await self._stop_reading()
             await step.stream.aclose()
             host.close_step(step.record, "cancelled", None, exc)
             raise

@@ -26,8 +26,8 @@ __all__ = ["Script", "ScriptedProvider", "ScriptedStream", "collect_events"]
 @dataclass(frozen=True, slots=True)
 class Script:
     """What one stream does: wait ``ttft`` seconds, then yield ``tokens`` one every
-    ``interval`` seconds; if ``error`` is set, raise it after ``fail_after`` tokens (``None``:
-    after all of them)."""
+    ``interval`` seconds (and ``stall`` seconds more before the token at ``stall_at``, if set);
+    if ``error`` is set, raise it after ``fail_after`` tokens (``None``: after all of them)."""
 
     tokens: Sequence[str] = ("Hello", " world", ".")
     ttft: float = 0.0
@@ -35,6 +35,8 @@ class Script:
     error: ProviderError | None = None
     fail_after: int | None = None
     finish_reason: str = "stop"
+    stall_at: int | None = None
+    stall: float = 0.0
 
 
 @dataclass
@@ -120,6 +122,8 @@ class ScriptedStream(AsyncResource):
                 raise s.error
             if i and s.interval:
                 await asyncio.sleep(s.interval)
+            if i == s.stall_at:
+                await asyncio.sleep(s.stall)
             now = time.monotonic()
             if self._timings.first_token is None:
                 self._timings.first_token = now

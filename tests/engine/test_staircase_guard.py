@@ -19,7 +19,7 @@ import structlog
 from hypothesis import given
 from hypothesis import strategies as st
 
-from moa_stream import ConfigError, RequestRejectedError
+from moa_stream import AggregatorError, ConfigError, RequestRejectedError, ServerError
 from moa_stream._types import ChatRequest
 from moa_stream.engine import Agent, Partial, moa
 from moa_stream.engine.events import (
@@ -498,6 +498,41 @@ async def test_leaving_while_a_step_is_tried_closes_every_stream() -> None:
             if stepped and event.type == "aggregator.delta":
                 break  # given from the read-ahead while the step gets ready
     assert stepped and len(p.later_requests) == 1
+    assert p.open_streams == 0
+
+
+async def test_the_read_ahead_goes_on_while_the_stream_stalls() -> None:
+    """A stream that stops for a second mid-answer: what was read ahead still reaches the
+    caller in its turn meanwhile; without a read-ahead the caller waits the second out."""
+
+    def stalling(read_ahead: int) -> Any:
+        p = provider(lambda request, n: Script(tokens=CONTINUE, interval=0.001))
+        # proposers far slower than the answer: the one later step allowed is kept for their
+        # end, which comes after the answer's, so the first step writes it all
+        p.scripts["p1"] = p.scripts["p2"] = Script(tokens=PROPOSER, interval=0.1)
+        p.scripts["agg"] = Script(tokens=STEP0, ttft=0.5, interval=0.005, stall_at=20, stall=1.0)
+        return p, stairs(p, max_steps=1, max_pause=1.0, read_ahead=read_ahead)
+
+    p, spec = stalling(0)
+    answer, events, _ = await run(spec)
+    assert answer == "".join(STEP0) and longest_gap(events) >= 0.9
+
+    p, spec = stalling(32)
+    answer, events, _ = await run(spec)
+    assert answer == "".join(STEP0)
+    assert longest_gap(events) < 0.6  # the read-ahead spaced out at most max_pause / 2 apart
+    assert p.open_streams == 0
+
+
+async def test_a_step_that_fails_while_read_ahead_is_spaced_out_gives_what_was_read() -> None:
+    p = provider(lambda request, n: Script(tokens=CONTINUE, interval=0.001))
+    p.scripts["p1"] = p.scripts["p2"] = Script(tokens=PROPOSER, interval=0.1)
+    error = ServerError("upstream went away", status=502)
+    p.scripts["agg"] = Script(tokens=STEP0, ttft=0.5, interval=0.005, error=error, fail_after=30)
+    spec = stairs(p, max_steps=1, max_pause=1.0)
+    with pytest.raises(AggregatorError) as caught:
+        await run(spec)
+    assert caught.value.partial_text == "".join(STEP0[:30])
     assert p.open_streams == 0
 
 
