@@ -328,10 +328,13 @@ def readme_headline(matrix: dict[str, Any]) -> str | None:
         plain, base = rows.get("staircase"), rows.get("reference-moa")
         if plain is not None and base is not None and plain["quality"] is not None:
             text += (
-                " The default `staircase`, which never stops the stream for more than a second, "
-                f"answers there in {plain['ttft_p50_s']:.2f} s at "
-                f"{100 * (plain['quality'] - base['quality']):+.1f} points."
+                f" The default `staircase` answers there in {plain['ttft_p50_s']:.2f} s at "
+                f"{100 * (plain['quality'] - base['quality']):+.1f} points"
             )
+            gap = plain.get("longest_gap_p99_s")
+            if gap is not None:
+                text += f", its longest pause between chunks {gap:.2f} s at p99"
+            text += "."
         return text
     f = figures["long-form"]
     if f is None or f["quality_diff"] is None:
