@@ -228,8 +228,10 @@ class _Driver:
         self.ahead: deque[tuple[str, int, Any]] = deque()
         self.ahead_chunks = 0
         # For spacing the read-ahead out (:meth:`_spacing`): the time a later step takes to
-        # get ready and the current stream's time between chunks (moving averages).
+        # get ready, its mean deviation, and the current stream's time between chunks (moving
+        # averages).
         self.step_ready = 0.0
+        self.ready_dev = 0.0
         self.read_gap = 0.0
         self.read_at: float | None = None
         self.reading: asyncio.Future[Any] | None = None  # a read of the stream, in a task
@@ -246,6 +248,7 @@ class _Driver:
         if self.first_token_at is None:
             self.first_token_at = now
             self.step_ready = now - self.asked_at
+            self.ready_dev = self.step_ready / 2
         self.last_at = now
         self.answer.append(text)
         return AggregatorDelta(text, now - self.t0)
@@ -280,8 +283,9 @@ class _Driver:
         """The time between the caller's chunks that makes what the answer has ready last
         until the next step's first words: while later steps may be asked, the read-ahead and
         the rest of the current step's budget are spread over the time it takes to read that
-        rest and to get the next step ready (``0``: no spacing, once no step will follow, or
-        without a read-ahead). At most half of ``max_pause``."""
+        rest and to get the next step ready, as a slow step would (:meth:`_ready_bound`)
+        (``0``: no spacing, once no step will follow, or without a read-ahead). At most half
+        of ``max_pause``."""
         step = self.cur
         if not self.read_ahead or step is None or step.final or not self.plan.stepping:
             return 0.0
@@ -289,8 +293,14 @@ class _Driver:
         chunks = self.ahead_chunks + rest
         if not chunks:
             return 0.0
-        span = rest * self.read_gap + self.step_ready
+        span = rest * self.read_gap + self._ready_bound()
         return min(span / chunks, self.staircase.max_pause / 2)
+
+    def _ready_bound(self) -> float:
+        """The time to plan for a later step to get ready: the mean so far plus twice its mean
+        deviation (as TCP bounds a round trip), so that a step slower than most still finds
+        the caller's stream going."""
+        return self.step_ready + 2 * self.ready_dev
 
     async def _stop_reading(self) -> None:
         """Cancel a read of the stream still in its task (the stream is closed next)."""
@@ -515,7 +525,7 @@ class _Driver:
         if not self.read_ahead:
             return 0
         # n chunks spaced out and then the step's first: n + 1 gaps
-        needed = math.ceil(self.step_ready / COVER_GAP) - 1
+        needed = math.ceil(self._ready_bound() / COVER_GAP) - 1
         return max(0, min(self.read_ahead, MAX_COVER, needed))
 
     # -- pacing (see :class:`Pacer`) --------------------------------------------------------
@@ -600,6 +610,7 @@ class _Driver:
             raise
         trial = trials[0]
         ready = min(self.clock() - asked, 2 * self.staircase.max_pause)
+        self.ready_dev += (abs(ready - self.step_ready) - self.ready_dev) * 0.5
         self.step_ready += (ready - self.step_ready) * 0.5
         for event in trial.events:
             yield event
