@@ -482,8 +482,11 @@ class _Driver:
         """The answer as the next step continues it: what the caller has and the read-ahead."""
         text = "".join(self.answer)
         if self.ahead:
-            text += "".join(piece for piece, _, _ in self.ahead)
+            text += self._ahead_text()
         return text
+
+    def _ahead_text(self) -> str:
+        return "".join(piece for piece, _, _ in self.ahead)
 
     def _written(self) -> int:
         """Content chunks of the answer written so far, the read-ahead's included."""
@@ -496,7 +499,7 @@ class _Driver:
         return last + self.staircase.max_pause
 
     def _step_event(self, number: int, refs: Sequence[RefView], final: bool) -> AggregatorStep:
-        answer_chars = sum(map(len, self.answer)) + sum(len(p) for p, _, _ in self.ahead)
+        answer_chars = sum(map(len, self.answer)) + len(self._ahead_text())
         return self.plan.step_event(number, refs, final, answer_chars, self.clock() - self.t0)
 
     def _due(self, step: _Step, text: str, waits: bool) -> bool:
@@ -515,7 +518,7 @@ class _Driver:
             return False  # too little read ahead to space out while the step gets ready
         tail = "".join(self.answer[-64:])
         if self.ahead:
-            tail += "".join(piece for piece, _, _ in self.ahead)
+            tail += self._ahead_text()
         return cut_point(tail, text)
 
     def _cover(self) -> int:
