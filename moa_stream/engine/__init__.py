@@ -1,26 +1,7 @@
 """The MoA engine: specs, policies, prompts, the run and its events."""
 
-from moa_stream.engine.events import (
-    AgentReport,
-    AggregatorDelta,
-    AggregatorDone,
-    AggregatorFailed,
-    AggregatorStarted,
-    AggregatorStep,
-    AggregatorStepRejected,
-    Event,
-    Hedged,
-    HedgeInfo,
-    LayerDone,
-    LayerReport,
-    ProposerDelta,
-    ProposerDone,
-    ProposerFailed,
-    ProposerStarted,
-    ReferenceInfo,
-    RunDone,
-    RunReport,
-)
+from moa_stream.engine import events
+from moa_stream.engine.events import *  # noqa: F403
 from moa_stream.engine.layer import Call, CallStatus, Decision, LayerState, Reference, UsableAnswer
 from moa_stream.engine.policies import (
     AllOf,
@@ -48,13 +29,6 @@ from moa_stream.engine.streams import Hedge, HedgedStream, TimedStream
 
 __all__ = [
     "Agent",
-    "AgentReport",
-    "AggregatorDelta",
-    "AggregatorDone",
-    "AggregatorFailed",
-    "AggregatorStarted",
-    "AggregatorStep",
-    "AggregatorStepRejected",
     "AllOf",
     "AnyOf",
     "Call",
@@ -62,31 +36,19 @@ __all__ = [
     "Continuation",
     "Deadline",
     "Decision",
-    "Event",
     "Fire",
     "Hedge",
-    "HedgeInfo",
-    "Hedged",
     "HedgedStream",
     "Layer",
     "LayerCut",
-    "LayerDone",
-    "LayerReport",
     "LayerState",
     "MoA",
     "MoARun",
     "Partial",
     "Policy",
     "PromptTemplates",
-    "ProposerDelta",
-    "ProposerDone",
-    "ProposerFailed",
-    "ProposerStarted",
     "Quorum",
     "Reference",
-    "ReferenceInfo",
-    "RunDone",
-    "RunReport",
     "RunResult",
     "Staircase",
     "TimedStream",
@@ -104,3 +66,6 @@ __all__ = [
     "single",
     "word_jaccard",
 ]
+# The event types and the run report, as ``events.__all__`` lists them (one list to keep).
+__all__ += events.__all__
+__all__.sort()
