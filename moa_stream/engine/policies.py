@@ -24,9 +24,9 @@ Invalid arguments raise :class:`moa_stream.ConfigError`, as every other invalid 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Literal, Protocol, runtime_checkable
+from typing import ClassVar, Literal, Protocol, runtime_checkable
 
 from moa_stream._exceptions import ConfigError
 from moa_stream.engine.events import LayerEndReason
@@ -113,6 +113,33 @@ class _Combinable:
         return AllOf((self, other))  # type: ignore[arg-type]
 
 
+class _Counting(_Combinable):
+    """A policy that waits for a number of proposers, the value of its field ``_count_field``.
+    Once none is running it fires ``all`` if that many completed (or every proposer, if fewer);
+    it is out of reach once too many failed for that. While proposers run,
+    :meth:`_check_running` decides."""
+
+    __slots__ = ()
+
+    _count_field: ClassVar[str] = "k"
+
+    @property
+    def _needed(self) -> int:
+        needed: int = getattr(self, self._count_field)
+        return needed
+
+    def _check_running(self, status: LayerStatus) -> Fire | None:
+        raise NotImplementedError
+
+    def check(self, status: LayerStatus) -> Fire | None:
+        if _running(status) == 0:
+            return _all_finished(status, self._needed)
+        return self._check_running(status)
+
+    def unreachable(self, status: LayerStatus) -> bool:
+        return _out_of_reach(status, self._needed)
+
+
 @dataclass(frozen=True, slots=True, repr=False)
 class WaitAll(_Combinable):
     """Wait for every proposer to finish or fail: the original MoA behaviour."""
@@ -128,7 +155,7 @@ class WaitAll(_Combinable):
 
 
 @dataclass(frozen=True, slots=True, repr=False)
-class Quorum(_Combinable):
+class Quorum(_Counting):
     """Move on as soon as ``k`` proposers have completed; the others are stragglers."""
 
     k: int
@@ -137,22 +164,15 @@ class Quorum(_Combinable):
         if self.k < 1:
             raise ConfigError("Quorum(k) needs k >= 1")
 
-    def check(self, status: LayerStatus) -> Fire | None:
-        if _running(status) == 0:
-            return _all_finished(status, self.k)
-        if status.done >= self.k:
-            return Fire("quorum")
-        return None
-
-    def unreachable(self, status: LayerStatus) -> bool:
-        return _out_of_reach(status, self.k)
+    def _check_running(self, status: LayerStatus) -> Fire | None:
+        return Fire("quorum") if status.done >= self.k else None
 
     def __repr__(self) -> str:
         return f"quorum({self.k})"
 
 
 @dataclass(frozen=True, slots=True, repr=False)
-class Deadline(_Combinable):
+class Deadline(_Counting):
     """Move on ``seconds`` after the layer started, once at least ``min_k`` references exist.
 
     With ``partial=False`` only completed answers count toward ``min_k`` and go forward; with
@@ -165,6 +185,8 @@ class Deadline(_Combinable):
     min_k: int = 1
     partial: bool = False
 
+    _count_field = "min_k"
+
     def __post_init__(self) -> None:
         if not self.seconds >= 0 or math.isinf(self.seconds):
             raise ConfigError("Deadline(seconds) needs a finite, non-negative number")
@@ -176,15 +198,10 @@ class Deadline(_Combinable):
             return status.done
         return sum(1 for t, f in zip(status.tokens, status.finished, strict=True) if f or t > 0)
 
-    def check(self, status: LayerStatus) -> Fire | None:
-        if _running(status) == 0:
-            return _all_finished(status, self.min_k)
+    def _check_running(self, status: LayerStatus) -> Fire | None:
         if status.elapsed >= self.seconds and self._available(status) >= self.min_k:
             return Fire("deadline", partial=self.partial)
         return None
-
-    def unreachable(self, status: LayerStatus) -> bool:
-        return _out_of_reach(status, self.min_k)
 
     def next_check(self, status: LayerStatus) -> float | None:
         return self.seconds if status.elapsed < self.seconds else None
@@ -199,7 +216,7 @@ class Deadline(_Combinable):
 
 
 @dataclass(frozen=True, slots=True, repr=False)
-class Partial(_Combinable):
+class Partial(_Counting):
     """Staircase start: move on once ``k`` proposers have each produced ``min_tokens`` content
     tokens (or completed). Running proposers' text so far goes in, marked partial."""
 
@@ -212,9 +229,7 @@ class Partial(_Combinable):
         if self.min_tokens < 1:
             raise ConfigError("Partial(min_tokens) needs min_tokens >= 1")
 
-    def check(self, status: LayerStatus) -> Fire | None:
-        if _running(status) == 0:
-            return _all_finished(status, self.k)
+    def _check_running(self, status: LayerStatus) -> Fire | None:
         ready = 0
         complete = 0
         m = self.min_tokens
@@ -228,18 +243,31 @@ class Partial(_Combinable):
             return Fire("quorum") if complete >= self.k else Fire("partial", partial=True)
         return None
 
-    def unreachable(self, status: LayerStatus) -> bool:
-        return _out_of_reach(status, self.k)
-
     def __repr__(self) -> str:
         return f"partial({self.k}, min_tokens={self.min_tokens})"
 
 
 @dataclass(frozen=True, slots=True, repr=False)
-class AnyOf(_Combinable):
-    """Fires when any of its policies fires (the first one listed wins a tie)."""
+class _Combination(_Combinable):
+    """Policies joined by one operator, ``|`` or ``&``; it is asked again when the first of
+    them needs to be."""
 
     policies: tuple[Policy, ...]
+    _operator: ClassVar[str]
+
+    def next_check(self, status: LayerStatus) -> float | None:
+        times = [t for p in self.policies if (t := p.next_check(status)) is not None]
+        return min(times) if times else None
+
+    def __repr__(self) -> str:
+        return f" {self._operator} ".join(_paren(p) for p in self.policies)
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class AnyOf(_Combination):
+    """Fires when any of its policies fires (the first one listed wins a tie)."""
+
+    _operator = "|"
 
     def check(self, status: LayerStatus) -> Fire | None:
         for p in self.policies:
@@ -251,24 +279,18 @@ class AnyOf(_Combinable):
     def unreachable(self, status: LayerStatus) -> bool:
         return all(p.unreachable(status) for p in self.policies)
 
-    def next_check(self, status: LayerStatus) -> float | None:
-        return _earliest_check(self.policies, status)
-
     def __or__(self, other: Policy) -> Policy:
         return AnyOf((*self.policies, other))
 
-    def __repr__(self) -> str:
-        return " | ".join(_paren(p) for p in self.policies)
-
 
 @dataclass(frozen=True, slots=True, repr=False)
-class AllOf(_Combinable):
+class AllOf(_Combination):
     """Fires only when every one of its policies would fire. The result does not depend on the
     order of the operands: partial text goes in if any operand takes it, and the reason is the
     most specific one among the operands' (``deadline``, then ``partial``, ``quorum``,
     ``all``)."""
 
-    policies: tuple[Policy, ...]
+    _operator = "&"
 
     def check(self, status: LayerStatus) -> Fire | None:
         reason: LayerEndReason = "all"
@@ -285,14 +307,8 @@ class AllOf(_Combinable):
     def unreachable(self, status: LayerStatus) -> bool:
         return any(p.unreachable(status) for p in self.policies)
 
-    def next_check(self, status: LayerStatus) -> float | None:
-        return _earliest_check(self.policies, status)
-
     def __and__(self, other: Policy) -> Policy:
         return AllOf((*self.policies, other))
-
-    def __repr__(self) -> str:
-        return " & ".join(_paren(p) for p in self.policies)
 
 
 _RANK: dict[LayerEndReason, int] = {
@@ -313,7 +329,7 @@ def relax(policy: Policy, reachable: int) -> Policy:
         return replace(policy, k=min(policy.k, k))
     if isinstance(policy, Deadline):
         return replace(policy, min_k=min(policy.min_k, k))
-    if isinstance(policy, AnyOf | AllOf):
+    if isinstance(policy, _Combination):
         return type(policy)(tuple(relax(p, reachable) for p in policy.policies))
     return policy
 
@@ -322,23 +338,16 @@ def required_completions(policy: Policy) -> int:
     """The largest number of proposers any part of ``policy`` asks for (0 for ``wait_all``).
 
     A layer with fewer proposers than that could never meet it as written."""
-    if isinstance(policy, Quorum | Partial):
-        return policy.k
-    if isinstance(policy, Deadline):
-        return policy.min_k
-    if isinstance(policy, AnyOf | AllOf):
+    if isinstance(policy, _Counting):
+        return policy._needed
+    if isinstance(policy, _Combination):
         return max((required_completions(p) for p in policy.policies), default=0)
     return 0
 
 
-def _earliest_check(policies: tuple[Policy, ...], status: LayerStatus) -> float | None:
-    times = [t for p in policies if (t := p.next_check(status)) is not None]
-    return min(times) if times else None
-
-
 def _paren(p: Policy) -> str:
     text = repr(p)
-    return f"({text})" if isinstance(p, AnyOf | AllOf) else text
+    return f"({text})" if isinstance(p, _Combination) else text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,18 +437,23 @@ class _Parser:
         return policy
 
     def any_of(self) -> Policy:
-        parts = [self.all_of()]
-        while self.peek() == ("op", "|"):
-            self.pos += 1
-            parts.append(self.all_of())
-        return parts[0] if len(parts) == 1 else AnyOf(tuple(parts))
+        return self.joined("|", self.all_of, AnyOf)
 
     def all_of(self) -> Policy:
-        parts = [self.atom()]
-        while self.peek() == ("op", "&"):
+        return self.joined("&", self.atom, AllOf)
+
+    def joined(
+        self,
+        op: str,
+        part: Callable[[], Policy],
+        combine: Callable[[tuple[Policy, ...]], Policy],
+    ) -> Policy:
+        """One or more of ``part`` separated by ``op``, combined when there are several."""
+        parts = [part()]
+        while self.peek() == ("op", op):
             self.pos += 1
-            parts.append(self.atom())
-        return parts[0] if len(parts) == 1 else AllOf(tuple(parts))
+            parts.append(part())
+        return parts[0] if len(parts) == 1 else combine(tuple(parts))
 
     def atom(self) -> Policy:
         if self.peek() == ("op", "("):
