@@ -158,15 +158,14 @@ class StreamTimings:
     chunk_times: list[float] = field(default_factory=list)
     attempts: int = 0
 
+    def _since_started(self, t: float | None) -> float | None:
+        return None if t is None else t - self.started
+
     @property
     def ttft(self) -> float | None:
         """Seconds from :attr:`started` to the first content token, if one arrived."""
-        if self.first_token is None:
-            return None
-        return self.first_token - self.started
+        return self._since_started(self.first_token)
 
     @property
     def duration(self) -> float | None:
-        if self.end is None:
-            return None
-        return self.end - self.started
+        return self._since_started(self.end)
