@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ import orjson
 from moa_stream.bench.integrity import (
     PRICE_MODELS,
     answer_integrity,
+    chat_template_texts,
     ended_early,
     inter_token_gaps,
     stream_gaps,
@@ -214,6 +216,7 @@ async def one_run(client: openai.AsyncOpenAI, moa_id: str, question: str) -> dic
     usage: dict[str, Any] | None = None
     report: dict[str, Any] | None = None
     error: str | None = None
+    finish_reason: str | None = None
     try:
         async with client.chat.completions.with_streaming_response.create(
             model=moa_id,
@@ -236,6 +239,8 @@ async def one_run(client: openai.AsyncOpenAI, moa_id: str, question: str) -> dic
                     continue
                 choices = chunk.get("choices") or []
                 content = choices[0].get("delta", {}).get("content") if choices else None
+                if choices and choices[0].get("finish_reason"):
+                    finish_reason = choices[0]["finish_reason"]
                 if content:
                     chunk_times.append(time.monotonic() - started)
                     pieces.append(content)
@@ -253,6 +258,7 @@ async def one_run(client: openai.AsyncOpenAI, moa_id: str, question: str) -> dic
         "chunk_times": [round(t, 5) for t in chunk_times],
         "usage": usage,
         "answer": "".join(pieces),
+        "finish_reason": finish_reason,
         "error": error,
         **_report_figures(report),
     }
@@ -289,13 +295,19 @@ def failed(run: dict[str, Any]) -> bool:
 
 
 def summarize(
-    runs: list[dict[str, Any]], policies: dict[str, str | None], *, baseline: str = "single"
+    runs: list[dict[str, Any]],
+    policies: dict[str, str | None],
+    *,
+    baseline: str = "single",
+    prompt_texts: tuple[str, ...] = (),
 ) -> list[dict[str, Any]]:
     """One row per MoA id: latency, smoothness, answer integrity and cost of its runs.
 
     Answers are compared in length with the ``baseline`` id's answers to the same question
-    (the median length, where it answered that question more than once). Records written
-    before a field existed (no chunk times, no report) give ``None`` for what needs it.
+    (the median length, where it answered that question more than once). ``prompt_texts``:
+    the server's own prompt text (its chat template's default system prompt), counted as
+    markup where an answer copies it. Records written before a field existed (no chunk times,
+    no report, no finish reason) give ``None`` for what needs it.
     """
     one_shot: dict[str, list[int]] = {}
     for r in runs:
@@ -309,9 +321,17 @@ def summarize(
         if not ok:
             continue
         checks = [
-            (r, answer_integrity(r["answer"], one_shot_words=lengths.get(r["question"])))
+            (
+                r,
+                answer_integrity(
+                    r["answer"],
+                    one_shot_words=lengths.get(r["question"]),
+                    prompt_texts=prompt_texts,
+                ),
+            )
             for r in ok
         ]
+        finished = [r["finish_reason"] for r in ok if r.get("finish_reason")]
         timed = [r for r in ok if r.get("chunk_times")]
         smooth = [stream_gaps(r["chunk_times"], start=0.0, end=r["total_s"]) for r in timed]
         gaps = [g for r in timed for g in inter_token_gaps(r["chunk_times"])]
@@ -347,9 +367,12 @@ def summarize(
                     sum(m.stalls for m in smooth) / len(smooth) if smooth else None
                 ),
                 "restarts_per_answer": statistics.mean(i.restarts for _, i in checks),
+                "loops_per_answer": statistics.mean(i.loops for _, i in checks),
                 "markup_answers": sum(1 for _, i in checks if i.markup),
                 "markup_examples": sorted({x for _, i in checks for x in i.markup})[:3],
                 "words_p50": statistics.median(i.words for _, i in checks),
+                "fresh_words_p50": statistics.median(i.fresh_words for _, i in checks),
+                "cut_at_limit": sum(1 for f in finished if f == "length") if finished else None,
                 "length_ratio_p50": _pct(
                     [i.length_ratio for _, i in checks if i.length_ratio is not None], 50
                 ),
@@ -405,9 +428,10 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         )
     lines += [
         "",
-        "| MoA | restarts / answer | answers with markup | words p50 (x single) | ended early "
+        "| MoA | restarts / answer | loops / answer | answers with markup | words p50 (x single) "
+        "| fresh words p50 | cut at the token limit | ended early "
         "| prompt tokens p50: all / cached | aggregator requests / run |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         words = _num(r.get("words_p50"))
@@ -417,9 +441,12 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         early = f"{r['ended_early']} of {known}" if known else "-"
         answered = r["runs"] - r.get("failed", 0)
         restarts = r.get("restarts_per_answer")
+        cut = r.get("cut_at_limit")
         lines.append(
-            f"| {r['moa']} | {_num(restarts, 2)} | {r.get('markup_answers', '-')} of {answered} "
-            f"| {words} | {early} | {_num(r['prompt_tokens_p50'])} / "
+            f"| {r['moa']} | {_num(restarts, 2)} | {_num(r.get('loops_per_answer'), 2)} "
+            f"| {r.get('markup_answers', '-')} of {answered} | {words} "
+            f"| {_num(r.get('fresh_words_p50'))} | {'-' if cut is None else cut} "
+            f"| {early} | {_num(r['prompt_tokens_p50'])} / "
             f"{_num(r.get('cached_tokens_p50'))} | {_num(r.get('aggregator_requests_p50'), 1)} |"
         )
     examples = [
@@ -434,9 +461,13 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         "row's runs; the longest gap is each run's. Prompt tokens add up every request of a "
         "run, as llama-server reported them (*cached*: the part its prefix cache served, where "
         "the usage says). A *restart* is a sentence whose first four words open an earlier "
-        "sentence of the same answer; *markup* is prompt markup (`<draft`, `</draft>`, "
-        "`status=\"`, chat-template tokens) or a run of six or more words of the prompt's "
-        "instructions copied into the answer. *ended early*: the answer ended while a proposer "
+        "sentence of the same answer; a *loop*, a sentence that repeats eight words in a row of "
+        "an earlier one (a list whose items differ only in their number); *fresh words* are the "
+        "words of the sentences that do neither. *markup* is prompt markup (`<draft`, "
+        '`</draft>`, `status="`, chat-template tokens) or a run of six or more words of the '
+        "prompt's instructions or of the server's default system prompt (from its chat "
+        "template) copied into the answer. *cut at the token limit*: answers whose stream "
+        'ended with `finish_reason: "length"`. *ended early*: the answer ended while a proposer '
         "of the last layer was still writing and has under half the single model's words for "
         f"the same question. See docs/benchmarks.md for the definitions and {len(PRICE_MODELS)} "
         "price models.",
@@ -495,6 +526,18 @@ async def measure(
 ) -> list[dict[str, Any]]:
     config = config_toml(base_url, policies, any(m in policies for m in STAIRCASE_TABLES))
     return await serve_and_ask(config, list(policies), questions_for(runs, questions))
+
+
+def server_template_texts(base_url: str) -> tuple[str, ...]:
+    """The prose of the server's chat template (its default system prompt), from llama-server's
+    ``/props``; none from a server that has no such route."""
+    root = base_url.rstrip("/").removesuffix("/v1")
+    try:
+        with urllib.request.urlopen(f"{root}/props", timeout=10) as response:
+            template = orjson.loads(response.read()).get("chat_template") or ""
+    except (OSError, ValueError, AttributeError):
+        return ()
+    return chat_template_texts(template) if isinstance(template, str) else ()
 
 
 def _positive(text: str) -> int:
@@ -570,7 +613,11 @@ def main(argv: list[str] | None = None) -> None:
             r["moa"]: None if r["policy"].startswith("(") else r["policy"]
             for r in document["summary"]
         }
-        document["summary"] = summarize(document["runs"], measured)
+        document["summary"] = summarize(
+            document["runs"],
+            measured,
+            prompt_texts=tuple(document["metadata"].get("template_texts", ())),
+        )
         path.write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n")
         (args.out / "real-inference.md").write_text(
             markdown(document["metadata"], document["summary"]), encoding="utf-8"
@@ -578,6 +625,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.base_url:
         server_name = f"the server at {args.base_url}"
+        texts = server_template_texts(args.base_url)
         results = asyncio.run(measure(args.base_url, policies, args.runs, args.questions))
     else:
         from moa_stream.testing.llamacpp import llama_server
@@ -587,8 +635,9 @@ def main(argv: list[str] | None = None) -> None:
             f"{args.threads} compute thread(s)"
         )
         with llama_server(ctx_size=2048, slots=4, threads=args.threads) as server:
+            texts = server_template_texts(server.base_url)
             results = asyncio.run(measure(server.base_url, policies, args.runs, args.questions))
-    rows = summarize(results, policies)
+    rows = summarize(results, policies, prompt_texts=texts)
     command = " ".join(sys.argv[1:] if argv is None else argv)
     meta = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -601,6 +650,7 @@ def main(argv: list[str] | None = None) -> None:
         "llama_server": server_name,
         "runs": args.runs,
         "questions": len(set(questions_for(args.runs, args.questions))),
+        "template_texts": list(texts),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     document = {"metadata": meta, "summary": rows, "runs": results}

@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 __all__ = [
+    "MODEL_DEFAULT_TEXTS",
     "OUTPUT_PRICE",
     "PRICE_MODELS",
     "STALL_S",
@@ -33,8 +34,11 @@ __all__ = [
     "answer_integrity",
     "bill",
     "bills",
+    "chat_template_texts",
     "ended_early",
+    "fresh_words",
     "inter_token_gaps",
+    "loops",
     "restarts",
     "stream_gaps",
     "template_texts",
@@ -50,6 +54,13 @@ OPENING_WORDS = 4
 #: How many consecutive words shared with the prompt's own text count as parroting: long
 #: enough that ordinary phrases ("the answer to the question") do not match by chance.
 PARROT_WORDS = 6
+
+#: How many consecutive words a sentence must share with an earlier one to repeat it: a list
+#: that loops ("The fifth tip is to stay away from the temptation of a glass of water. The
+#: sixth tip is to stay away from the temptation of ...") opens each item differently, so only
+#: its body shows the loop; eight words in a row is more than prose that is going somewhere
+#: repeats by chance.
+LOOP_WORDS = 8
 
 #: What ``ended_early`` compares an answer's length against: half the one-shot answer.
 EARLY_RATIO = 0.5
@@ -85,6 +96,37 @@ def _sentences(text: str) -> list[list[str]]:
     return [ws for part in _SENTENCE_END.split(text) if (ws := _words(part))]
 
 
+def _restarting(sentences: list[list[str]]) -> list[bool]:
+    """For each sentence, whether it restarts an earlier one (see :func:`restarts`)."""
+    seen: set[tuple[str, ...]] = set()
+    marks = []
+    for words in sentences:
+        if len(words) < OPENING_WORDS:
+            marks.append(False)
+            continue
+        opening = tuple(words[:OPENING_WORDS])
+        head = words[: OPENING_WORDS + 1]
+        dropped = {
+            tuple(head[:i] + head[i + 1 :])[:OPENING_WORDS]
+            for i in range(len(head))
+            if len(head) > OPENING_WORDS
+        }
+        marks.append(opening in seen or bool(dropped & seen))
+        seen.add(opening)
+    return marks
+
+
+def _looping(sentences: list[list[str]], n: int = LOOP_WORDS) -> list[bool]:
+    """For each sentence, whether it repeats ``n`` consecutive words of an earlier one."""
+    seen: set[tuple[str, ...]] = set()
+    marks = []
+    for words in sentences:
+        grams = {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+        marks.append(bool(grams & seen))
+        seen |= grams
+    return marks
+
+
 def restarts(answer: str) -> int:
     """Sentences of ``answer`` that start it over: whose opening words repeat an earlier
     sentence's.
@@ -97,33 +139,69 @@ def restarts(answer: str) -> int:
     prose that is going somewhere. Sentences shorter than four words (list numbers, "Yes.")
     are never counted, nor matched against.
     """
-    seen: set[tuple[str, ...]] = set()
-    count = 0
-    for words in _sentences(answer):
-        if len(words) < OPENING_WORDS:
-            continue
-        opening = tuple(words[:OPENING_WORDS])
-        head = words[: OPENING_WORDS + 1]
-        dropped = {
-            tuple(head[:i] + head[i + 1 :])[:OPENING_WORDS]
-            for i in range(len(head))
-            if len(head) > OPENING_WORDS
-        }
-        if opening in seen or dropped & seen:
-            count += 1
-        seen.add(opening)
-    return count
+    return sum(_restarting(_sentences(answer)))
+
+
+def loops(answer: str, n: int = LOOP_WORDS) -> int:
+    """Sentences of ``answer`` that repeat a run of ``n`` consecutive words (lowercased,
+    punctuation dropped) of an earlier sentence: the body of a loop, where :func:`restarts`
+    sees only openings. A sentence that restarts an earlier one and goes on to repeat it
+    counts in both."""
+    return sum(_looping(_sentences(answer), n))
+
+
+def fresh_words(answer: str) -> int:
+    """Words of ``answer`` in sentences that neither restart nor repeat an earlier one: its
+    length without its repetitions, to compare answers that loop with answers that do not."""
+    sentences = _sentences(answer)
+    return _fresh(sentences, _restarting(sentences), _looping(sentences))
+
+
+def _fresh(sentences: list[list[str]], restarting: list[bool], looping: list[bool]) -> int:
+    marks = zip(sentences, restarting, looping, strict=True)
+    return sum(len(words) for words, restart, loop in marks if not (restart or loop))
+
+
+#: Default system prompts that chat templates put in front of a conversation that has none, as
+#: the model was trained with them: an answer that says them copies its prompt, not the
+#: question's answer (SmolLM2's template, Qwen2.5's, and the knowledge-date preamble of Llama
+#: 3.1 and later). A server's own template adds to these: :func:`chat_template_texts`.
+MODEL_DEFAULT_TEXTS: tuple[str, ...] = (
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face",
+    "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
+    "Cutting Knowledge Date: December 2023 Today Date:",
+)
+
+_TEMPLATE_LITERAL = re.compile(r"'((?:[^'\\]|\\.)*)'|\"((?:[^\"\\]|\\.)*)\"")
+_CONTROL_TOKEN = re.compile(r"<\|[^<>|\s]{0,40}\|>|<[a-z_]{1,20}>|\[/?INST\]", re.IGNORECASE)
+
+
+def chat_template_texts(template: str, min_words: int = PARROT_WORDS) -> tuple[str, ...]:
+    """The prose a Jinja chat template writes itself (its string literals, control tokens
+    taken out) of at least ``min_words`` words: a default system prompt, mostly. llama-server
+    gives its template at ``/props`` (``chat_template``)."""
+    found: list[str] = []
+    for match in _TEMPLATE_LITERAL.finditer(template):
+        literal = match.group(1) if match.group(1) is not None else match.group(2)
+        for piece in _CONTROL_TOKEN.split(literal.replace("\\n", "\n")):
+            for line in piece.splitlines():
+                line = line.strip()
+                if word_count(line) >= min_words and line not in found:
+                    found.append(line)
+    return tuple(found)
 
 
 @functools.cache
 def template_texts() -> tuple[str, ...]:
-    """The engine's default instruction, header, update and continue texts: the prompt text
-    an aggregator may parrot. Read from :class:`moa_stream.engine.prompts.PromptTemplates`
-    on first use, so a change to the templates changes what is looked for."""
+    """The engine's default instruction, header, update and continue texts, and the models'
+    default system prompts (:data:`MODEL_DEFAULT_TEXTS`): the prompt text an aggregator may
+    parrot. Read from :class:`moa_stream.engine.prompts.PromptTemplates` on first use, so a
+    change to the templates changes what is looked for."""
     from moa_stream.engine.prompts import PromptTemplates
 
     t = PromptTemplates()
-    return (t.instructions, t.header, t.update_header, t.continue_instruction)
+    engine = (t.instructions, t.header, t.update_header, t.continue_instruction)
+    return (*engine, *MODEL_DEFAULT_TEXTS)
 
 
 @functools.cache
@@ -164,13 +242,17 @@ class Integrity:
     ``restarts``: sentences that start the answer over (see :func:`restarts`). ``markup``: the
     pieces of prompt markup or prompt text found in it, as written there, in order. ``words``:
     its length in words. ``length_ratio``: ``words`` over the one-shot answer's words for the
-    same question (``None`` when that is not known).
+    same question (``None`` when that is not known). ``loops``: sentences that repeat eight
+    words of an earlier one (see :func:`loops`). ``fresh_words``: the words of the sentences
+    that neither restart nor repeat (see :func:`fresh_words`).
     """
 
     restarts: int
     markup: tuple[str, ...]
     words: int
     length_ratio: float | None
+    loops: int = 0
+    fresh_words: int = 0
 
     @property
     def has_markup(self) -> bool:
@@ -183,7 +265,8 @@ def answer_integrity(
     one_shot_words: int | None = None,
     prompt_texts: Iterable[str] = (),
 ) -> Integrity:
-    """Restarts, copied markup, length and length against the one-shot answer of ``answer``.
+    """Restarts, loops, copied markup, length and length against the one-shot answer of
+    ``answer``.
 
     ``prompt_texts``: more prompt text whose 6-word runs count as parroting, besides the
     engine's default templates (a custom system prompt or instructions, say). The user's own
@@ -194,7 +277,10 @@ def answer_integrity(
     markup += _parroted(answer, texts)
     words = word_count(answer)
     ratio = None if not one_shot_words else words / one_shot_words
-    return Integrity(restarts(answer), tuple(markup), words, ratio)
+    sentences = _sentences(answer)
+    restarting, looping = _restarting(sentences), _looping(sentences)
+    fresh = _fresh(sentences, restarting, looping)
+    return Integrity(sum(restarting), tuple(markup), words, ratio, sum(looping), fresh)
 
 
 # -- smoothness ----------------------------------------------------------------------------------

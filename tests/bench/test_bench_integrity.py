@@ -19,8 +19,11 @@ from moa_stream.bench.integrity import (
     answer_integrity,
     bill,
     bills,
+    chat_template_texts,
     ended_early,
+    fresh_words,
     inter_token_gaps,
+    loops,
     restarts,
     stream_gaps,
     word_count,
@@ -137,6 +140,62 @@ def test_extra_prompt_texts_count_as_prompt() -> None:
     assert answer_integrity(answer, prompt_texts=[system]).markup == (
         "a helpful pirate who always answers in",
     )
+
+
+# What SmolLM2-135M wrote as an aggregator, word for word but shortened: the items of a list
+# open differently and go on identically, until the token limit cuts one short.
+LIST_LOOP = (
+    "Here are some tips. 1. Drink water before you go to bed. The fifth tip is to stay away "
+    "from the temptation of a glass of water before bed. The sixth tip is to stay away from "
+    "the temptation of a glass of water before bed. The seventh tip is to stay away from the "
+    "temptation of a glass of"
+)
+
+
+def test_a_list_that_loops_is_counted_by_its_body() -> None:
+    assert restarts(LIST_LOOP) == 0  # every item opens differently
+    assert loops(LIST_LOOP) == 2
+    integrity = answer_integrity(LIST_LOOP)
+    assert integrity.loops == 2 and integrity.restarts == 0
+    # The sixth and seventh items are repetitions; the rest is fresh (the list number "1" is a
+    # sentence of its own word).
+    assert integrity.fresh_words == fresh_words(LIST_LOOP) == 4 + 1 + 7 + 17
+    assert integrity.words == 4 + 1 + 7 + 17 + 17 + 14
+
+
+@pytest.mark.parametrize("text", PROSE)
+def test_ordinary_prose_does_not_loop(text: str) -> None:
+    assert loops(text) == 0
+    assert fresh_words(text) == word_count(text)
+
+
+def test_a_list_whose_items_say_different_things_does_not_loop() -> None:
+    items = (
+        "The first tip is to drink water in the morning. The second tip is to walk for half an "
+        "hour every day. The third tip is to sleep for at least seven hours a night."
+    )
+    assert loops(items) == 0 and fresh_words(items) == word_count(items)
+
+
+def test_the_models_default_system_prompt_is_prompt_text() -> None:
+    answer = "Hello! I am a helpful AI assistant named SmolLM, trained by Hugging Face. Blue."
+    assert answer_integrity(answer).markup == (
+        "a helpful AI assistant named SmolLM, trained by Hugging Face",
+    )
+
+
+def test_a_chat_templates_own_prose_is_found() -> None:
+    template = (
+        "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+        "{{ '<|im_start|>system\nYou are a careful assistant who answers in one short "
+        "paragraph<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + "
+        "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+        '{% if add_generation_prompt %}{{ "<|im_start|>assistant\n" }}{% endif %}'
+    )
+    assert chat_template_texts(template) == (
+        "You are a careful assistant who answers in one short paragraph",
+    )
+    assert chat_template_texts("{{ bos_token }}{{ message['content'] }}") == ()
 
 
 def test_words_and_length_ratio() -> None:

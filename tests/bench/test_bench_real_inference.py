@@ -38,6 +38,7 @@ def _run(
     refs: list[float | None] | None = None,
     cached: int | None = None,
     error: str | None = None,
+    finish: str | None = "stop",
 ) -> dict[str, Any]:
     usage: dict[str, Any] = {"prompt_tokens": 500, "completion_tokens": 60}
     if cached is not None:
@@ -50,6 +51,7 @@ def _run(
         "chunk_times": chunks,
         "usage": usage,
         "answer": answer,
+        "finish_reason": finish,
         "error": error,
         "aggregator_requests": requests,
         "answer_end_s": chunks[-1] if chunks else None,
@@ -70,6 +72,7 @@ def test_the_rows_carry_latency_smoothness_integrity_and_cost(ri: ModuleType) ->
             requests=4,
             refs=[1.0, 5.0],
             cached=300,
+            finish="length",
         ),
         _run("staircase", "q2", LONG, [0.2, 0.25], requests=2, cached=100),
         _run("staircase", "q2", "", [], error="APIError: upstream failed"),
@@ -89,6 +92,9 @@ def test_the_rows_carry_latency_smoothness_integrity_and_cost(ri: ModuleType) ->
     assert stair["itl_p50_s"] == pytest.approx(0.1)
     assert stair["aggregator_requests_p50"] == pytest.approx(3.0)
     assert stair["cached_tokens_p50"] == pytest.approx(200.0)
+    # The restarted sentence is not fresh: 4 and 40 fresh words; one answer cut at the limit.
+    assert stair["fresh_words_p50"] == pytest.approx(22.0)
+    assert stair["cut_at_limit"] == 1 and stair["loops_per_answer"] == 0
     assert rows["single"]["cached_tokens_p50"] is None
     text = ri.markdown(
         {
@@ -104,9 +110,34 @@ def test_the_rows_carry_latency_smoothness_integrity_and_cost(ri: ModuleType) ->
         },
         list(rows.values()),
     )
-    assert "| staircase | 0.50 | 1 of 2 | 25 (0.62x) | 1 of 2 | 500 / 200 | 3.0 |" in text
+    row = "| staircase | 0.50 | 0.00 | 1 of 2 | 25 (0.62x) | 22 | 1 | 1 of 2 | 500 / 200 | 3.0 |"
+    assert row in text
     assert "`</draft>`" in text
     assert "| single | `(the aggregator model alone)` | 2 | 0 |" in text
+
+
+def test_a_loop_and_the_servers_system_prompt_count_against_an_answer(ri: ModuleType) -> None:
+    template = (
+        "{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+        "You are a helpful AI assistant named Tester, made by the test suite<|im_end|>\n' }}"
+        "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] }}"
+    )
+    texts = ri.chat_template_texts(template)
+    assert texts == ("You are a helpful AI assistant named Tester, made by the test suite",)
+    looping = (
+        "I am a helpful AI assistant named Tester. The fourth tip is to keep away from the "
+        "glass of water at night. The fifth tip is to keep away from the glass of water at "
+        "night. The sixth tip is to keep away from the glass of water at"
+    )
+    runs = [_run("single", "q", LONG, [0.1, 0.2]), _run("wait-all", "q", looping, [1.0, 1.1])]
+    rows = {r["moa"]: r for r in ri.summarize(runs, {"single": None, "wait-all": "wait_all"})}
+    assert rows["wait-all"]["loops_per_answer"] == 2
+    assert rows["wait-all"]["markup_answers"] == 0  # not this server's template: not known
+    (row,) = ri.summarize(runs, {"wait-all": "wait_all"}, prompt_texts=texts)
+    assert row["markup_answers"] == 1
+    assert row["markup_examples"] == ["a helpful AI assistant named Tester"]
+    # The two repeated list items are not fresh: 8 + 14 of the 49 words are.
+    assert row["words_p50"] == 49 and row["fresh_words_p50"] == 22
 
 
 def test_old_records_without_the_new_fields_still_summarize(ri: ModuleType) -> None:
