@@ -459,7 +459,7 @@ class _Driver:
                 yield self._emit(step.record, rest)
         if self.gate.looping:
             finish_reason = "stop"  # the answer ends at the sentence end before the loop
-            looped(self.agent, step.number, self.gate.restarts)
+            looped(self.agent, step.number, self.gate.restarts, self.gate.repeats)
         elif not self.start_late:
             LOOPING.clear(self.agent)
         await step.stream.aclose()

@@ -421,14 +421,17 @@ def step_request(
     return replace(request, cache_prefix=True)
 
 
-def looped(agent: Agent, step: int, restarts: int) -> None:
-    """The answer repeated itself and ended: the next runs of ``agent`` start late."""
+def looped(agent: Agent, step: int, restarts: int, repeats: int = 0) -> None:
+    """The answer repeated itself and ended: the next runs of ``agent`` start late.
+    ``restarts``: sentences that opened like an earlier one; ``repeats``: sentences that
+    repeated eight words of an earlier one."""
     runs = LOOPING.strike(agent)
     _log.info(
         "staircase.answer_looping",
         agent=agent.name,
         step=step,
         restarts=restarts,
+        repeats=repeats,
         late_start_runs=runs,
     )
 

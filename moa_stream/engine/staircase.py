@@ -191,9 +191,10 @@ class Staircase:
     answer) is moved to appended turns for the life of its provider, once, with a warning.
 
     An answer that repeats itself (:class:`RepetitionGate`: the ``loop_restarts``-th sentence
-    that opens like an earlier one; ``None`` or 0: never) ends at the sentence before, and the
-    aggregator's next runs start once every reference has ended, with a back-off after which
-    the early start is tried again.
+    that opens like an earlier one, or the second that repeats eight words in a row of an
+    earlier one; ``None`` or 0: never) ends at the sentence before, and the aggregator's next
+    runs start once every reference has ended, with a back-off after which the early start is
+    tried again.
 
     ``read_ahead``: chunks of the current step read ahead of what the caller has been given
     (``0``: none). The next step continues after them and is tried while the caller is given
@@ -460,6 +461,15 @@ class ContinuationGuard:
 _GATE_END = re.compile(r"[.!?]+\s+|\n+")
 
 
+def _sentence_before(text: str) -> int:
+    """Where the last sentence of ``text``, which ends at a sentence boundary, starts."""
+    body = text.rstrip()
+    start = max(0, len(body) - 2000)
+    for match in _GATE_END.finditer(body, start):
+        start = match.end()
+    return start
+
+
 class RepetitionGate:
     """Holds the first ``words`` words of every sentence after the first until they can be
     compared with the openings of the sentences the caller already has (see
@@ -468,20 +478,46 @@ class RepetitionGate:
     wrote "Deeper than a lifetime in the ocean." thirty times), and the gate drops that
     sentence and sets :attr:`looping`: the answer ends at the sentence end before it.
 
+    A loop can also open each sentence differently and repeat its body (a list: "The fifth
+    tip is to stay away from the temptation of a glass of water. The sixth tip is to stay away
+    from the temptation of ..."). Every sentence that ends is compared with the sentences
+    before it: one that repeats ``loop_words`` words in a row of an earlier one is a *repeat*.
+    After the first repeat the gate is careful: it holds every sentence whole until it ends
+    (one sentence held, at most) and drops the first that repeats, which ends the answer as a
+    loop does.
+
     Text passes through untouched, at the cost of one short regular-expression search, except
     at the start of a sentence whose first words open like an earlier sentence: those are held
-    until they differ, or make four words (a few tokens held)."""
+    until they differ, or make four words (a few tokens held); and, once a sentence has
+    repeated, whole sentences."""
 
-    __slots__ = ("_held", "_holding", "_known", "limit", "looping", "restarts", "words")
+    __slots__ = (
+        "_careful",
+        "_grams",
+        "_held",
+        "_holding",
+        "_known",
+        "limit",
+        "loop_words",
+        "looping",
+        "repeats",
+        "restarts",
+        "words",
+    )
 
-    def __init__(self, *, words: int = 4, limit: int = 2) -> None:
+    def __init__(self, *, words: int = 4, limit: int = 2, loop_words: int = 8) -> None:
         self.words = words
         self.limit = limit
+        self.loop_words = loop_words
         self.restarts = 0
+        self.repeats = 0
         self.looping = False
         self._held = ""
         self._holding = False
+        self._careful = False
         self._known: tuple[int, set[tuple[str, ...]]] = (-1, set())
+        # The 8-word runs of the answer's sentences up to a sentence end (how much text).
+        self._grams: tuple[int, set[tuple[str, ...]]] = (0, set())
 
     @property
     def held(self) -> str:
@@ -515,7 +551,24 @@ class RepetitionGate:
         out = text[:end]
         self._held = text[end:]
         self._holding = True
+        if self.loop_words and not self._careful:
+            ended = answer() + out
+            if self._repeats(_sentence_before(ended), ended):
+                self.repeats += 1
+                self._careful = True  # from now on a sentence is passed on once it is whole
         return out + self._judge(lambda: answer() + out, final=False)
+
+    def _repeats(self, sentence: int, text: str) -> bool:
+        """Whether the sentence of ``text`` that starts at ``sentence`` repeats ``loop_words``
+        words in a row of the sentences before it (the text up to ``sentence``)."""
+        n = self.loop_words
+        known, grams = self._grams
+        if sentence < known:  # the answer was replaced: count from the start again
+            known, grams = 0, set()
+        for part in _GATE_END.split(text[known:sentence]):
+            grams |= _shingles(part, n)
+        self._grams = (sentence, grams)
+        return not grams.isdisjoint(_shingles(text[sentence:], n))
 
     def flush(self, answer: Callable[[], str]) -> str:
         """The stream ended: what is still held, judged on the words it has."""
@@ -534,6 +587,8 @@ class RepetitionGate:
         body = held[lead:]
         match = _GATE_END.search(body)
         sentence = body if match is None else body[: match.start()]
+        if self._careful and match is None and not final:
+            return ""  # held whole until it ends
         words = _WORD.findall(sentence)
         if match is None and not final:
             whole = len(words) - (1 if body[-1:].isalnum() else 0)
@@ -552,6 +607,15 @@ class RepetitionGate:
                     self.looping = True
                     self.drop()
                     return ""
+        if self.loop_words and (match is not None or final):
+            before = answer() + held[:lead]
+            if self._repeats(len(before), before + sentence):
+                self.repeats += 1
+                if self._careful:
+                    self.looping = True
+                    self.drop()
+                    return ""
+                self._careful = True  # from now on a sentence is passed on once it is whole
         self._holding = False
         self._held = ""
         if match is None:

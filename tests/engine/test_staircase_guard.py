@@ -387,6 +387,44 @@ def test_one_restart_passes_and_is_counted() -> None:
     assert text == answer and gate.restarts == 1 and not gate.looping
 
 
+# A list whose items open differently and go on alike (SmolLM2-135M, shortened).
+LIST_ITEM = "The {} tip is to stay away from the temptation of a glass of water before bed. "
+LIST_LOOP = "Some tips follow. " + "".join(
+    LIST_ITEM.format(n) for n in ("fifth", "sixth", "seventh", "eighth")
+)
+
+
+@given(st.lists(st.integers(1, len(LIST_LOOP) - 1), max_size=12))
+def test_a_list_that_loops_ends_after_its_first_repeated_item(cuts: list[int]) -> None:
+    bounds = [0, *sorted(set(cuts)), len(LIST_LOOP)]
+    chunks = [LIST_LOOP[a:b] for a, b in itertools.pairwise(bounds) if b > a]
+    text, gate = gate_run(LIST_LOOP, chunks)
+    assert gate.looping and gate.repeats == 2 and gate.restarts == 0
+    # The first repetition has reached the caller when it is seen; the next is held whole,
+    # found to repeat, and dropped.
+    expected = "Some tips follow. " + LIST_ITEM.format("fifth") + LIST_ITEM.format("sixth")
+    assert text.rstrip() == expected.rstrip()
+
+
+def test_after_a_repeat_whole_sentences_pass_that_do_not_repeat() -> None:
+    answer = (
+        LIST_ITEM.format("first")
+        + LIST_ITEM.format("second")
+        + "Water at night wakes you up. Sleep in a cool and dark room instead."
+    )
+    text, gate = gate_run(answer)
+    assert text == answer and gate.repeats == 1 and not gate.looping
+
+
+def test_list_items_that_share_a_few_words_do_not_repeat() -> None:
+    answer = (
+        "The first tip is to drink water in the morning. The second tip is to walk for half an "
+        "hour every day. The third tip is to sleep for at least seven hours a night."
+    )
+    text, gate = gate_run(answer)
+    assert text == answer and gate.repeats == 0 and not gate.looping
+
+
 async def test_a_looping_answer_is_cut_and_the_next_run_starts_on_finished_drafts() -> None:
     looping = tuple(re.findall(r"\s*\S+|\s+", LOOP))
     p = StairProvider(
