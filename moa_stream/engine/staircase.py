@@ -376,7 +376,8 @@ class ContinuationGuard:
     Rejects a step whose first words restart the answer (a sentence whose first four words open
     a sentence already written, or the held text itself beginning like one), copy prompt markup
     (draft tags, chat-template tokens) or instruction text (five words in a row of the prompt's
-    own instructions), begin a new line in the middle of a sentence, or end before
+    own instructions), begin a new line in the middle of a sentence or a capitalised word glued
+    onto the answer's last word, or end before
     ``words`` words unless they end a sentence. Accepts once ``words`` whole words passed.
     """
 
@@ -453,6 +454,11 @@ class ContinuationGuard:
                 opening = _opening(text[match.end() :], 4)
                 if opening is not None and opening in openings:
                     return "restart"
+        if answer[-1:].isalnum() and held[:1].isupper():
+            # "Eat a balanced" + "You're an AI assistant": a new reply glued onto the last
+            # word (steps end after a whole word, so a continuation starts with a space or
+            # punctuation).
+            return "new sentence mid-sentence"
         return None
 
 

@@ -99,6 +99,8 @@ ANSWER = "The sky is blue. Sunlight is scattered by the air, and blue light"
         ([' <draft n="1" status="partial, still being written" continued>'], "markup"),
         ([" <|im_start|>assistant"], "markup"),
         ([" do", " not", " mention", " the", " drafts,"], "instruction text"),
+        # appended turns: a new reply glued onto the answer's last word
+        (["You're", " an", " AI", " assistant"], "new sentence mid-sentence"),
     ],
 )
 def test_the_guard_rejects_restarts_markup_and_instructions(pieces: list[str], reason: str) -> None:
@@ -106,11 +108,23 @@ def test_the_guard_rejects_restarts_markup_and_instructions(pieces: list[str], r
 
 
 def test_a_whole_restart_glued_to_the_answer_is_caught() -> None:
-    # appended turns: "The sky is blue. \nThe" then "The sky is blue. \nThe" again
+    # appended turns: "The sky is blue. \nThe" then "The sky is blue. \nThe" again; caught
+    # at its first word, glued onto the last one, before it makes a restart's four words
     assert judge("The sky is blue. \nThe sky is", ["The", " sky", " is", " blue."]) == (
+        False,
+        "new sentence mid-sentence",
+    )
+    assert judge("The sky is blue. \nThe sky is ", ["The", " sky", " is", " blue."]) == (
         False,
         "restart",
     )
+
+
+def test_a_glued_continuation_that_is_not_a_new_sentence_is_judged_as_usual() -> None:
+    # Punctuation or a lower-case piece glued to the last word is a continuation; a capital
+    # after a space may be a name.
+    assert judge(ANSWER, [",", " which", " the", " eye", " sees", " most"]) == (True, None)
+    assert judge(ANSWER + " ", ["Rayleigh", " found", " in", " 1871", " that"]) == (True, None)
 
 
 def test_the_guard_accepts_a_continuation_after_four_whole_words() -> None:
