@@ -327,6 +327,7 @@ def summarize(
                     r["answer"],
                     one_shot_words=lengths.get(r["question"]),
                     prompt_texts=prompt_texts,
+                    question=r["question"],
                 ),
             )
             for r in ok
@@ -370,6 +371,7 @@ def summarize(
                 "loops_per_answer": statistics.mean(i.loops for _, i in checks),
                 "markup_answers": sum(1 for _, i in checks if i.markup),
                 "markup_examples": sorted({x for _, i in checks for x in i.markup})[:3],
+                "about_prompt_answers": sum(1 for _, i in checks if i.about_prompt),
                 "words_p50": statistics.median(i.words for _, i in checks),
                 "fresh_words_p50": statistics.median(i.fresh_words for _, i in checks),
                 "cut_at_limit": sum(1 for f in finished if f == "length") if finished else None,
@@ -428,10 +430,11 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         )
     lines += [
         "",
-        "| MoA | restarts / answer | loops / answer | answers with markup | words p50 (x single) "
-        "| fresh words p50 | cut at the token limit | ended early "
-        "| prompt tokens p50: all / cached | aggregator requests / run |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| MoA | restarts / answer | loops / answer | answers with markup "
+        "| answers about the prompt | words p50 (x single) | fresh words p50 "
+        "| cut at the token limit | ended early | prompt tokens p50: all / cached "
+        "| aggregator requests / run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         words = _num(r.get("words_p50"))
@@ -444,7 +447,8 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         cut = r.get("cut_at_limit")
         lines.append(
             f"| {r['moa']} | {_num(restarts, 2)} | {_num(r.get('loops_per_answer'), 2)} "
-            f"| {r.get('markup_answers', '-')} of {answered} | {words} "
+            f"| {r.get('markup_answers', '-')} of {answered} "
+            f"| {_num(r.get('about_prompt_answers'))} of {answered} | {words} "
             f"| {_num(r.get('fresh_words_p50'))} | {'-' if cut is None else cut} "
             f"| {early} | {_num(r['prompt_tokens_p50'])} / "
             f"{_num(r.get('cached_tokens_p50'))} | {_num(r.get('aggregator_requests_p50'), 1)} |"
@@ -466,7 +470,9 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         "words of the sentences that do neither. *markup* is prompt markup (`<draft`, "
         '`</draft>`, `status="`, chat-template tokens) or a run of six or more words of the '
         "prompt's instructions or of the server's default system prompt (from its chat "
-        "template) copied into the answer. *cut at the token limit*: answers whose stream "
+        "template) copied into the answer. *about the prompt*: the answer writes about the "
+        'drafts, edits or "the message" it was shown (where the question does not). *cut at '
+        "the token limit*: answers whose stream "
         'ended with `finish_reason: "length"`. *ended early*: the answer ended while a proposer '
         "of the last layer was still writing and has under half the single model's words for "
         f"the same question. See docs/benchmarks.md for the definitions and {len(PRICE_MODELS)} "

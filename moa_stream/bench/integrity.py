@@ -62,6 +62,18 @@ PARROT_WORDS = 6
 #: repeats by chance.
 LOOP_WORDS = 8
 
+#: Phrases with which an aggregator writes about its prompt instead of answering: the drafts
+#: it was given, the edits it made, "the message" it was shown ("Here is the edited response:",
+#: "This draft is not complete yet.", "Your edits to the message have improved it"). Counted
+#: only where the question does not use them itself.
+_ABOUT_PROMPT = re.compile(
+    r"\b(?:drafts?|drafted)\b"
+    r"|\b(?:edited|revised|rewritten|improved)\s+(?:response|version|answer|message|text)\b"
+    r"|\byour\s+edits\b"
+    r"|\b(?:the|this|your|user's)\s+message\b",
+    re.IGNORECASE,
+)
+
 #: What ``ended_early`` compares an answer's length against: half the one-shot answer.
 EARLY_RATIO = 0.5
 
@@ -244,7 +256,9 @@ class Integrity:
     its length in words. ``length_ratio``: ``words`` over the one-shot answer's words for the
     same question (``None`` when that is not known). ``loops``: sentences that repeat eight
     words of an earlier one (see :func:`loops`). ``fresh_words``: the words of the sentences
-    that neither restart nor repeat (see :func:`fresh_words`).
+    that neither restart nor repeat (see :func:`fresh_words`). ``about_prompt``: phrases with
+    which the answer writes about its prompt rather than answering ("the drafts", "the edited
+    response", "the message"), as written there, in order.
     """
 
     restarts: int
@@ -253,6 +267,7 @@ class Integrity:
     length_ratio: float | None
     loops: int = 0
     fresh_words: int = 0
+    about_prompt: tuple[str, ...] = ()
 
     @property
     def has_markup(self) -> bool:
@@ -264,13 +279,16 @@ def answer_integrity(
     *,
     one_shot_words: int | None = None,
     prompt_texts: Iterable[str] = (),
+    question: str = "",
 ) -> Integrity:
     """Restarts, loops, copied markup, length and length against the one-shot answer of
     ``answer``.
 
     ``prompt_texts``: more prompt text whose 6-word runs count as parroting, besides the
     engine's default templates (a custom system prompt or instructions, say). The user's own
-    question is not prompt text in this sense: an answer may well quote it.
+    question is not prompt text in this sense: an answer may well quote it; ``question``, where
+    given, keeps what it says itself ("draft a letter") from counting as writing about the
+    prompt.
     """
     markup = [m.group(0) for m in _MARKUP.finditer(answer)]
     texts = (*template_texts(), *(t for t in prompt_texts if t))
@@ -280,7 +298,11 @@ def answer_integrity(
     sentences = _sentences(answer)
     restarting, looping = _restarting(sentences), _looping(sentences)
     fresh = _fresh(sentences, restarting, looping)
-    return Integrity(sum(restarting), tuple(markup), words, ratio, sum(looping), fresh)
+    asked = {m.group(0).lower() for m in _ABOUT_PROMPT.finditer(question)}
+    about = tuple(
+        m.group(0) for m in _ABOUT_PROMPT.finditer(answer) if m.group(0).lower() not in asked
+    )
+    return Integrity(sum(restarting), tuple(markup), words, ratio, sum(looping), fresh, about)
 
 
 # -- smoothness ----------------------------------------------------------------------------------

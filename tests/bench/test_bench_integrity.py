@@ -198,6 +198,27 @@ def test_a_chat_templates_own_prose_is_found() -> None:
     assert chat_template_texts("{{ bos_token }}{{ message['content'] }}") == ()
 
 
+def test_an_answer_about_its_prompt_is_found_unless_the_question_asks_it() -> None:
+    # What SmolLM2-135M wrote as an aggregator, instead of an answer.
+    answer = (
+        "Here is the edited response: This draft is not complete yet. Your edits to the "
+        "message have improved it."
+    )
+    assert answer_integrity(answer).about_prompt == (
+        "edited response",
+        "draft",
+        "Your edits",
+        "the message",
+    )
+    asked = answer_integrity("Write a draft, then revise it.", question="How do I draft a CV?")
+    assert asked.about_prompt == ()
+
+
+@pytest.mark.parametrize("text", PROSE)
+def test_ordinary_prose_is_not_about_a_prompt(text: str) -> None:
+    assert answer_integrity(text).about_prompt == ()
+
+
 def test_words_and_length_ratio() -> None:
     assert word_count("It's 3.5 km, isn't it?") == 6  # it's, 3, 5, km, isn't, it
     integrity = answer_integrity("one two three four five", one_shot_words=20)

@@ -110,7 +110,10 @@ def test_the_rows_carry_latency_smoothness_integrity_and_cost(ri: ModuleType) ->
         },
         list(rows.values()),
     )
-    row = "| staircase | 0.50 | 0.00 | 1 of 2 | 25 (0.62x) | 22 | 1 | 1 of 2 | 500 / 200 | 3.0 |"
+    row = (
+        "| staircase | 0.50 | 0.00 | 1 of 2 | 1 of 2 | 25 (0.62x) | 22 | 1 | 1 of 2 "
+        "| 500 / 200 | 3.0 |"
+    )
     assert row in text
     assert "`</draft>`" in text
     assert "| single | `(the aggregator model alone)` | 2 | 0 |" in text
