@@ -89,6 +89,7 @@ def test_a_staircase_run_shows_one_set_of_figures(driver: Any, stairs_server: Se
     gap = stat(panel, "longest-gap")
     assert re.fullmatch(r"\d+\.\d\d s", gap), gap
     assert re.fullmatch(r"\d+", stat(panel, "restarts"))
+    assert re.fullmatch(r"\d+", stat(panel, "loops"))
 
 
 def test_restarts_are_sentences_that_open_like_an_earlier_one(
@@ -109,9 +110,19 @@ import('/playground/app.js').then((m) => done([
   ...arguments[0].map((t) => m.countRestarts(t)),
   m.longestGap([0.1, 0.15, 0.9, 1.0]),
   m.longestGap([0.5]),
+  ...arguments[1].map((t) => m.countLoops(t)),
 ]));
 """
-    got = driver.execute_async_script(script, list(cases))
+    item = "tip is to stay away from the temptation of a glass of water before bed."
+    loops = {
+        f"The fifth {item} The sixth {item} The seventh {item}": 2,
+        # Items that share a few words are a list, not a loop.
+        "The first tip is to drink water. The second tip is to walk every day.": 0,
+        "": 0,
+    }
+    got = driver.execute_async_script(script, list(cases), list(loops))
+    assert got[len(cases) + 2 :] == list(loops.values())
+    got = got[: len(cases) + 2]
     assert got[: len(cases)] == list(cases.values())
     assert got[-2] == pytest.approx(0.75)
     assert got[-1] is None

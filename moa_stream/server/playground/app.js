@@ -72,12 +72,8 @@ export function sentences(text) {
 
 /** A sentence's first `n` words, lowercased without punctuation; null if it has fewer. */
 export function opening(sentence, n = 4) {
-  const words = sentence
-    .toLowerCase()
-    .replace(/[^\p{L}\p{N}\s]/gu, "")
-    .split(/\s+/u)
-    .filter(Boolean);
-  return words.length >= n ? words.slice(0, n).join(" ") : null;
+  const w = words(sentence);
+  return w.length >= n ? w.slice(0, n).join(" ") : null;
 }
 
 /**
@@ -95,6 +91,33 @@ export function countRestarts(text) {
     else seen.add(key);
   }
   return restarts;
+}
+
+/** A sentence's words, lowercased without punctuation. */
+function words(sentence) {
+  return sentence
+    .toLowerCase()
+    .replace(/[^\p{L}\p{N}\s]/gu, "")
+    .split(/\s+/u)
+    .filter(Boolean);
+}
+
+/**
+ * How many sentences repeat eight words in a row of an earlier sentence: the body of a loop,
+ * which a list whose items open differently ("The fifth tip is to ..., The sixth tip is to
+ * ...") hides from `countRestarts`.
+ */
+export function countLoops(text, n = 8) {
+  const seen = new Set();
+  let loops = 0;
+  for (const sentence of sentences(text)) {
+    const w = words(sentence);
+    const runs = [];
+    for (let i = 0; i + n <= w.length; i += 1) runs.push(w.slice(i, i + n).join(" "));
+    if (runs.some((r) => seen.has(r))) loops += 1;
+    for (const r of runs) seen.add(r);
+  }
+  return loops;
 }
 
 /** The longest time between two consecutive arrival times (seconds), or null under two. */
@@ -420,6 +443,7 @@ class RunView {
     const gap = longestGap(this.chunkTimes);
     rows.push(["Longest gap between answer chunks", seconds(gap), "longest-gap"]);
     rows.push(["Restarts", this.answerText ? String(countRestarts(this.answerText)) : "–", "restarts"]);
+    rows.push(["Repeated sentences", this.answerText ? String(countLoops(this.answerText)) : "–", "loops"]);
     this.stats.replaceChildren(
       ...rows.map(([term, value, key]) =>
         el("div", { class: "stat", "data-stat": key }, el("dt", { text: term }), el("dd", { text: value })),
