@@ -271,6 +271,10 @@ def parse_chunk(data: str) -> Delta | Done | None:
     Only the choice with index 0 is read. Raises :class:`UpstreamError` for an error frame and
     :class:`ProtocolError` for invalid JSON or fields of the wrong type.
     """
+    if data == "[DONE]":
+        # Every stream ends so: tested before parsing, because orjson's error for it builds a
+        # json.JSONDecodeError (a Python constructor that counts lines) to be thrown away.
+        return DONE
     try:
         obj = _loads(data)
     except _JSONDecodeError as exc:

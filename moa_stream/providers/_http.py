@@ -20,19 +20,21 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import math
 import os
 import random
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any, Final, Protocol
 
 import aiohttp
 import orjson
 import structlog
 import yarl
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from moa_stream._exceptions import (
     ConfigError,
@@ -188,14 +190,10 @@ class ConnectionPool:
         loop = asyncio.get_running_loop()
         session = self._session
         if session is None:
-            trace = aiohttp.TraceConfig()
-            trace.on_request_headers_sent.append(_on_request_headers_sent)
-            trace.on_connection_reuseconn.append(self._on_connection_reuse)
             # Our own timeouts bound every wait; aiohttp's would only race them.
             session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self._limit),
+                connector=_PoolConnector(self, self._limit),
                 timeout=aiohttp.ClientTimeout(total=None, connect=None, sock_read=None),
-                trace_configs=[trace],
             )
             self._session = session
             self._loop = loop
@@ -226,28 +224,57 @@ class ConnectionPool:
         if session is not None and not session.closed:
             await session.close()
 
-    async def _on_connection_reuse(
-        self,
-        session: aiohttp.ClientSession,
-        ctx: SimpleNamespace,
-        params: aiohttp.TraceConnectionReuseconnParams,
-    ) -> None:
+    def _on_connection_reuse(self) -> None:
         if self._idle_since:
             # aiohttp hands out the most recently released connection first.
             self._idle_since.pop()
-        exchange = ctx.trace_request_ctx
-        if isinstance(exchange, HTTPExchange):
-            exchange.reused = True
 
 
-async def _on_request_headers_sent(
-    session: aiohttp.ClientSession,
-    ctx: SimpleNamespace,
-    params: aiohttp.TraceRequestHeadersSentParams,
-) -> None:
-    exchange = ctx.trace_request_ctx
-    if isinstance(exchange, HTTPExchange):
-        exchange.on_request_sent()
+#: The exchange whose request the current task is sending: set around ``session.post``, read
+#: by :class:`_PoolConnector` when it hands out the request's connection.
+_sending: contextvars.ContextVar[HTTPExchange | None] = contextvars.ContextVar(
+    "moa_stream_sending", default=None
+)
+
+
+class _PoolConnector(aiohttp.TCPConnector):
+    """aiohttp's TCP connector, telling the pool and the request being sent when it hands out
+    a connection: whether it is a pooled keep-alive one (a connection seen before), and that the
+    request goes out on it now.
+
+    The same two facts an aiohttp ``TraceConfig`` gives, without what tracing costs every
+    request of the session: a trace object, five signals each with its parameter object, and
+    the request's URL rebuilt.
+    """
+
+    def __init__(self, pool: ConnectionPool, limit: int) -> None:
+        super().__init__(limit=limit)
+        self._moa_pool = pool
+        #: the connections (their protocols) handed out before: seeing one again is a reuse
+        self._moa_seen: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    async def connect(  # aiohttp's signature, timeout included
+        self,
+        req: Any,
+        traces: Any,
+        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109
+    ) -> aiohttp.connector.Connection:
+        conn = await super().connect(req, traces, timeout)
+        protocol = conn.protocol
+        reused = False
+        if protocol is not None:
+            seen = self._moa_seen
+            if protocol in seen:
+                reused = True
+                self._moa_pool._on_connection_reuse()
+            else:
+                seen.add(protocol)
+        exchange = _sending.get()
+        if exchange is not None:
+            if reused:
+                exchange.reused = True
+            exchange.on_request_sent()
+        return conn
 
 
 # -- what every HTTP provider shares -----------------------------------------------------------
@@ -319,14 +346,19 @@ class PooledHTTPProvider(AsyncResource):
         self._name = name or (f"{host}:{port}" if port else host)
         self._base_url = base_url
         self._models_url = models_url
-        self._get_headers = {"Accept": "application/json", **headers}
+        # Kept in aiohttp's own header type, so that a request does not convert them again.
+        self._get_headers = CIMultiDictProxy(CIMultiDict({"Accept": "application/json", **headers}))
         # Compression makes proxies and servers buffer an event stream: ask for none.
-        stream_headers = {
-            "Accept": "text/event-stream",
-            "Content-Type": "application/json",
-            "Accept-Encoding": "identity",
-            **headers,
-        }
+        stream_headers = CIMultiDictProxy(
+            CIMultiDict(
+                {
+                    "Accept": "text/event-stream",
+                    "Content-Type": "application/json",
+                    "Accept-Encoding": "identity",
+                    **headers,
+                }
+            )
+        )
         self._settings = StreamSettings(
             name=self._name,
             url=stream_url,
@@ -506,13 +538,10 @@ class HTTPExchange(AttemptState):
         self._connect_dl = start + timeouts.connect if timeouts.connect is not None else _INF
         watchdog = self._watchdog
         watchdog.arm(min(self._connect_dl, self._total_dl))
+        sending = _sending.set(self)
         try:
             resp = await session.post(
-                settings.url,
-                data=self._body,
-                headers=settings.headers,
-                allow_redirects=False,
-                trace_request_ctx=self,
+                settings.url, data=self._body, headers=settings.headers, allow_redirects=False
             )
         except asyncio.CancelledError:
             if watchdog.expired():
@@ -523,6 +552,7 @@ class HTTPExchange(AttemptState):
                 raise self._timeout_error() from exc
             raise transport_error(exc, started=False) from exc
         finally:
+            _sending.reset(sending)
             watchdog.disarm()
 
         now = _monotonic()
@@ -543,7 +573,8 @@ class HTTPExchange(AttemptState):
             raise await self._status_error(resp)
 
     def on_request_sent(self) -> None:
-        """The request headers are on the wire: the first-token clock starts."""
+        """The request has its connection and is being written: the first-token clock
+        starts."""
         now = _monotonic()
         self._timings.request_sent = now
         first_token = self._settings.timeouts.first_token
