@@ -3,8 +3,8 @@
 - Each request has one record, a :class:`~moa_stream.engine.layer.Call`, kept in
   :attr:`FanIn.calls` in the order sent (the aggregator's too: :meth:`FanIn.record`).
 - A proposer's task appends what it reads to its call's ``pending`` list and puts the *call*
-  (not the chunk) into one ``asyncio.Queue``, once until the run has taken it in: one queue
-  operation per wake-up rather than per chunk. The reader (:meth:`FanIn.next_batch`, in the
+  (not the chunk) into one queue (:class:`_Inbox`), once until the run has taken it in: one
+  queue operation per wake-up rather than per chunk. The reader (:meth:`FanIn.next_batch`, in the
   run's own task) takes from the queue, drains everything already queued, feeds it all to the
   pure :class:`~moa_stream.engine.layer.LayerState`, and only then asks the policy: a
   proposer's last chunk and its end, read in the same loop turn, are decided on together.
@@ -20,7 +20,9 @@ the fan-in's alone.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -118,6 +120,58 @@ async def _propose(
         _ended(call, "failed", put, clock)
 
 
+class _Inbox:
+    """The fan-in's queue: calls with something new, ``None`` for a policy timer's tick.
+
+    An ``asyncio.Queue`` without what the fan-in has no use for (a size limit, task
+    accounting, its event for ``join``), which it pays for on every put: a put is an append
+    and, when the run is waiting, one wake-up. Waiters are served in order, and a cancelled
+    ``get`` leaves the queue as it was (like ``asyncio.Queue``).
+    """
+
+    __slots__ = ("_items", "_waiters")
+
+    def __init__(self) -> None:
+        self._items: deque[Call | None] = deque()
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    def put_nowait(self, item: Call | None) -> None:
+        self._items.append(item)
+        if self._waiters:
+            self._wake()
+
+    def _wake(self) -> None:
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def get_nowait(self) -> Call | None:
+        """The oldest item; only when the queue is not :meth:`empty`."""
+        return self._items.popleft()
+
+    async def get(self) -> Call | None:
+        items = self._items
+        while not items:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                waiter.cancel()
+                with contextlib.suppress(ValueError):  # a put took it off already
+                    self._waiters.remove(waiter)
+                if items and not waiter.cancelled():
+                    self._wake()  # woken and cancelled at once: pass the wake-up on
+                raise
+        return items.popleft()
+
+
 class FanIn:
     """The requests of one run and the queue its proposers feed (see the module docstring).
 
@@ -132,7 +186,7 @@ class FanIn:
         self.t0 = 0.0
         self.calls: list[Call] = []
         self.states: list[LayerState] = []
-        self._inbox: asyncio.Queue[Call | None] = asyncio.Queue()
+        self._inbox = _Inbox()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._armed: float | None = None  # when the timer fires, if armed
