@@ -60,7 +60,7 @@ from moa_stream.providers._errors import (
     transport_error,
 )
 from moa_stream.providers._policy import RetrySettings, Timeouts
-from moa_stream.providers._watchdog import Watchdog
+from moa_stream.providers._watchdog import Deadlines, Watchdog
 from moa_stream.providers.sse import SSEDecoder, SSEEvent
 
 __all__ = [
@@ -124,7 +124,10 @@ class StreamSettings:
         """An upstream-supplied string (a header, an id, an error field) as it may reach a
         client or a log: the secret masked, then cut to ``limit``. An upstream that echoes the
         key in its ``x-request-id`` must not get it into a 502 body or a progress item."""
-        return clean(text, (self.secret,) if self.secret else (), limit)
+        secret = self.secret
+        if not secret:
+            return text[:limit]  # nothing to mask: clean() would only cut it
+        return clean(text, (secret,), limit)
 
 
 class EventParser(Protocol):
@@ -168,10 +171,12 @@ class ConnectionPool:
     connection is trusted for a few seconds only.
     """
 
-    __slots__ = ("_closed", "_idle_since", "_limit", "_loop", "_session")
+    __slots__ = ("_closed", "_idle_since", "_limit", "_loop", "_session", "deadlines")
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
+        #: the one loop timer of every attempt's deadlines on this pool
+        self.deadlines = Deadlines()
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
@@ -520,7 +525,7 @@ class HTTPExchange(AttemptState):
         self._connect_dl = _INF
         self._first_token_dl = _INF
         self._idle_dl = _INF
-        self._watchdog = Watchdog()
+        self._watchdog = Watchdog(pool.deadlines)
         self._resp: aiohttp.ClientResponse | None = None
         self._content: aiohttp.StreamReader | None = None
         #: when the last piece of the body arrived
