@@ -63,14 +63,15 @@ PARROT_WORDS = 6
 LOOP_WORDS = 8
 
 #: Phrases with which an aggregator writes about its prompt instead of answering: the drafts
-#: it was given, the edits it made, "the message" it was shown ("Here is the edited response:",
-#: "This draft is not complete yet.", "Your edits to the message have improved it"). Counted
-#: only where the question does not use them itself.
+#: or notes it was given, the edits it made, "the message" it was shown ("Here is the edited
+#: response:", "This draft is not complete yet.", "Your edits to the message have improved
+#: it"). Counted only where the question does not use them itself.
 _ABOUT_PROMPT = re.compile(
     r"\b(?:drafts?|drafted)\b"
     r"|\b(?:edited|revised|rewritten|improved)\s+(?:response|version|answer|message|text)\b"
     r"|\byour\s+edits\b"
-    r"|\b(?:the|this|your|user's)\s+message\b",
+    r"|\b(?:the|this|your|user's)\s+message\b"
+    r"|\b(?:the|these|those|your)\s+notes\b",
     re.IGNORECASE,
 )
 

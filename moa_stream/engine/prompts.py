@@ -37,25 +37,34 @@ __all__ = [
     "with_system_prompt",
 ]
 
+# The references are "notes", the user's message "the question", and the instructions end by
+# asking for the answer alone: worded around drafts and "the message", a small aggregator
+# (SmolLM2-135M, on twenty open-ended questions with complete references) wrote about them in
+# 6 answers of 20 ("This draft is not complete yet.", "Here is the edited response:") and
+# restarted itself 2.8 times an answer; worded so, in 1 ("This is a perfect summary of the
+# notes"), and 1.25 times (docs/real-inference.md).
 DEFAULT_INSTRUCTIONS = (
-    "Write your own answer to the user's message above. The drafts are material to weigh, "
-    "not part of the conversation: some may be wrong, biased or incomplete. Keep what is "
-    "correct and well argued in them, correct or drop what is not, and fill any gaps. Answer "
-    "the user directly: do not copy a draft as it is, do not mention the drafts, their "
-    "numbers or their tags, and do not imitate their quoting. A draft marked partial is "
-    "unfinished: it may stop mid-sentence and may not have reached its conclusion. "
-    "A draft marked failed produced nothing."
+    "Using the notes above where they help, answer the user's question in your own words. "
+    "Some notes may be wrong or incomplete: keep what is correct, fix or leave out what is "
+    "not, and fill any gaps. Reply with the answer alone, as if you were answering the "
+    "question directly."
 )
 
-#: The ``whole`` staircase layout's instructions: the same, less what they say of labels.
-WHOLE_INSTRUCTIONS = DEFAULT_INSTRUCTIONS[: DEFAULT_INSTRUCTIONS.index(" A draft marked partial")]
+#: Said after the instructions only when a quoted reference is not complete, and only where
+#: the labels are shown: a label the prompt does not need to explain is one less to copy.
+DEFAULT_STATUS_NOTE = (
+    "A note marked partial is unfinished: it may stop mid-sentence and may not have reached "
+    "its conclusion. A note marked failed produced nothing."
+)
+
+#: The ``whole`` staircase layout's instructions: the same (it shows no labels).
+WHOLE_INSTRUCTIONS = DEFAULT_INSTRUCTIONS
 
 DEFAULT_HEADER = (
-    "Other assistants drafted answers to the message above. Their drafts are quoted below, "
-    'each between <draft n="..."> and </draft>.'
+    'Notes from other assistants on the question above, each between <draft n="..."> and </draft>:'
 )
 
-DEFAULT_UPDATE_HEADER = "The drafts went on. What they added since, quoted the same way:"
+DEFAULT_UPDATE_HEADER = "The notes went on. What they added since, quoted the same way:"
 
 DEFAULT_CONTINUE = (
     "Continue your answer from exactly where it stopped, taking this into account. Do not "
@@ -64,7 +73,7 @@ DEFAULT_CONTINUE = (
 
 #: The ``whole`` layout's continue turn: it follows the answer so far, not an update block.
 WHOLE_CONTINUE = (
-    "Continue your answer from exactly where it stopped, taking the drafts above into account. "
+    "Continue your answer from exactly where it stopped, taking the notes above into account. "
     "Do not repeat what you already wrote and do not start over."
 )
 
@@ -84,10 +93,12 @@ class PromptTemplates:
     """The words used around the references.
 
     ``draft`` is formatted with ``number``, ``status`` (a label from ``STATUS_LABELS``) and
-    ``text``; ``update_header`` and ``continue_instruction`` are used by staircase steps.
+    ``text``; ``status_note`` follows the instructions when a quoted reference is not complete;
+    ``update_header`` and ``continue_instruction`` are used by staircase steps.
     """
 
     instructions: str = DEFAULT_INSTRUCTIONS
+    status_note: str = DEFAULT_STATUS_NOTE
     header: str = DEFAULT_HEADER
     draft: str = DEFAULT_DRAFT
     truncated_marker: str = " [...]"
@@ -109,6 +120,7 @@ def whole_layout(t: PromptTemplates) -> PromptTemplates:
         instructions=WHOLE_INSTRUCTIONS
         if t.instructions == defaults.instructions
         else t.instructions,
+        status_note="" if t.status_note == defaults.status_note else t.status_note,
         continue_instruction=(
             WHOLE_CONTINUE
             if t.continue_instruction == defaults.continue_instruction
@@ -163,6 +175,8 @@ def render_references(
         number = numbers[i] if numbers is not None else i + 1
         blocks.append(render_draft(number, ref.status, text, t))
     blocks.append(t.instructions)
+    if t.status_note and any(ref.status != "complete" for ref in references):
+        blocks.append(t.status_note)
     return "\n\n".join(blocks)
 
 

@@ -128,9 +128,9 @@ def test_parroted_instructions_are_found_as_written() -> None:
     assert found == "Continue your answer from exactly where it stopped, taking this into account"
     assert found.lower() in t.continue_instruction.lower()
     # Five shared words are not enough; six are.
-    assert answer_integrity("Other assistants drafted answers to cats.").markup == ()
-    header = answer_integrity("Other assistants drafted answers to the message, they say.")
-    assert header.markup == ("Other assistants drafted answers to the message",)
+    assert answer_integrity("Notes from other assistants on cats.").markup == ()
+    header = answer_integrity("Notes from other assistants on the question, they say.")
+    assert header.markup == ("Notes from other assistants on the question",)
 
 
 def test_extra_prompt_texts_count_as_prompt() -> None:

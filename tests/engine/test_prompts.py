@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from moa_stream._types import ChatMessage
 from moa_stream.engine import PromptTemplates, Reference, build_reference_messages
-from moa_stream.engine.prompts import with_system_prompt
+from moa_stream.engine.prompts import whole_layout, with_system_prompt
 
 CONVERSATION: list[ChatMessage] = [
     {"role": "system", "content": "Be brief."},
@@ -55,6 +55,20 @@ def test_instructions_come_after_the_references() -> None:
     assert last.endswith(PromptTemplates().instructions)
     assert last.rindex("</draft>") < last.index(PromptTemplates().instructions)
     assert out[0] == CONVERSATION[0]  # the system message is the user's, untouched
+
+
+def test_the_labels_are_explained_only_when_a_reference_is_not_complete() -> None:
+    t = PromptTemplates()
+    whole = build_reference_messages(CONVERSATION, refs(("complete", "7"), ("complete", "11")))
+    assert t.status_note not in whole[-1]["content"]
+    assert "partial" not in whole[-1]["content"] and "failed" not in whole[-1]["content"]
+    part = build_reference_messages(CONVERSATION, refs(("complete", "7"), ("partial", "Eleven")))
+    assert part[-1]["content"].endswith(f"{t.instructions}\n\n{t.status_note}")
+    # The whole layout shows no labels, so it has nothing to explain.
+    unlabelled = whole_layout(t)
+    assert unlabelled.status_note == ""
+    custom = whole_layout(PromptTemplates(status_note="Partial means unfinished."))
+    assert custom.status_note == "Partial means unfinished."
 
 
 def test_the_aggregator_prompt_extends_what_the_proposers_were_sent() -> None:

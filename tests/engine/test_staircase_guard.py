@@ -98,7 +98,7 @@ ANSWER = "The sky is blue. Sunlight is scattered by the air, and blue light"
         ([" </draft>", " more"], "markup"),
         ([' <draft n="1" status="partial, still being written" continued>'], "markup"),
         ([" <|im_start|>assistant"], "markup"),
-        ([" do", " not", " mention", " the", " drafts,"], "instruction text"),
+        ([" keep", " what", " is", " correct", " fix"], "instruction text"),
         # appended turns: a new reply glued onto the answer's last word
         (["You're", " an", " AI", " assistant"], "new sentence mid-sentence"),
     ],
