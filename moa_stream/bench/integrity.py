@@ -100,6 +100,12 @@ def _words(text: str) -> list[str]:
     return [w.lower().replace(_APOSTROPHE, "'") for w in _WORD.findall(text)]
 
 
+def _stem(word: str) -> str:
+    """``word`` without a plural or past ending: enough to match "drafts" and "drafted" with
+    "draft", "notes" with "note"."""
+    return word.removesuffix("s").removesuffix("ed")
+
+
 def word_count(text: str) -> int:
     """Words in ``text``: runs of letters or digits (an apostrophe inside keeps one word)."""
     return len(_WORD.findall(text))
@@ -288,8 +294,8 @@ def answer_integrity(
     ``prompt_texts``: more prompt text whose 6-word runs count as parroting, besides the
     engine's default templates (a custom system prompt or instructions, say). The user's own
     question is not prompt text in this sense: an answer may well quote it; ``question``, where
-    given, keeps what it says itself ("draft a letter") from counting as writing about the
-    prompt.
+    given, keeps what it speaks of itself ("draft a letter", "send a message") from counting as
+    writing about the prompt.
     """
     markup = [m.group(0) for m in _MARKUP.finditer(answer)]
     texts = (*template_texts(), *(t for t in prompt_texts if t))
@@ -299,9 +305,13 @@ def answer_integrity(
     sentences = _sentences(answer)
     restarting, looping = _restarting(sentences), _looping(sentences)
     fresh = _fresh(sentences, restarting, looping)
-    asked = {m.group(0).lower() for m in _ABOUT_PROMPT.finditer(question)}
+    # A phrase whose noun the question uses ("how the internet sends a message") is the
+    # answer's subject, not its prompt.
+    asked = {_stem(w) for w in _words(question)}
     about = tuple(
-        m.group(0) for m in _ABOUT_PROMPT.finditer(answer) if m.group(0).lower() not in asked
+        m.group(0)
+        for m in _ABOUT_PROMPT.finditer(answer)
+        if _stem(_words(m.group(0))[-1]) not in asked
     )
     return Integrity(sum(restarting), tuple(markup), words, ratio, sum(looping), fresh, about)
 

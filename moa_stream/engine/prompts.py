@@ -39,10 +39,10 @@ __all__ = [
 
 # The references are "notes", the user's message "the question", and the instructions end by
 # asking for the answer alone: worded around drafts and "the message", a small aggregator
-# (SmolLM2-135M, on twenty open-ended questions with complete references) wrote about them in
-# 6 answers of 20 ("This draft is not complete yet.", "Here is the edited response:") and
-# restarted itself 2.8 times an answer; worded so, in 1 ("This is a perfect summary of the
-# notes"), and 1.25 times (docs/real-inference.md).
+# (SmolLM2-135M, twenty open-ended questions, every reference complete) wrote about them in 6
+# answers of 20 ("This draft is not complete yet.", "I'd like to add my perspective to the
+# user's message.") and restarted itself 3.65 times an answer; worded so, in 1 and 2.5 times
+# (benchmarks/prompt_wording.py, docs/real-inference.md).
 DEFAULT_INSTRUCTIONS = (
     "Using the notes above where they help, answer the user's question in your own words. "
     "Some notes may be wrong or incomplete: keep what is correct, fix or leave out what is "

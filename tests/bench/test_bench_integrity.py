@@ -212,6 +212,14 @@ def test_an_answer_about_its_prompt_is_found_unless_the_question_asks_it() -> No
     )
     asked = answer_integrity("Write a draft, then revise it.", question="How do I draft a CV?")
     assert asked.about_prompt == ()
+    # The question's own subject, in another form, is not the prompt either.
+    sent = answer_integrity(
+        "The internet splits the message into packets.",
+        question="Explain how the internet sends a message from one computer to another.",
+    )
+    assert sent.about_prompt == ()
+    drafted = answer_integrity("The drafted letter says", question="What goes in a draft?")
+    assert drafted.about_prompt == ()
 
 
 @pytest.mark.parametrize("text", PROSE)
