@@ -212,7 +212,9 @@ class _Driver:
         self.give_up_at, self.overrides = stairs.give_up_at, stairs.overrides
         self.plan = StepPlan(staircase, stairs.spec, agent, stairs.messages)
         self.start_late = LOOPING.suspended(agent)
-        self.gate = RepetitionGate(words=4, limit=staircase.loop_restarts or 0)
+        self.gate = RepetitionGate(
+            words=4, limit=staircase.loop_restarts or 0, prompt=self.plan.instructions
+        )
         self.pacer = Pacer(staircase.lead, host.running_chunks)
         self.given_up = False
         self.usage = Usage()  # of the steps closed so far
@@ -457,6 +459,10 @@ class _Driver:
             rest += self.gate.flush(lambda: self._answer_text() + rest)
             if rest:
                 yield self._emit(step.record, rest)
+        if self.gate.parroted:
+            _log.info(
+                "staircase.prompt_text_dropped", agent=self.agent.name, sentences=self.gate.parroted
+            )
         if self.gate.looping:
             finish_reason = "stop"  # the answer ends at the sentence end before the loop
             looped(self.agent, step.number, self.gate.restarts, self.gate.repeats)

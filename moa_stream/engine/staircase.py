@@ -492,10 +492,15 @@ class RepetitionGate:
     (one sentence held, at most) and drops the first that repeats, which ends the answer as a
     loop does.
 
+    A sentence that opens like a sentence of the prompt's own text (``prompt``: the
+    instructions, headers and continue request; "The notes went on. What they added since,
+    quoted the same way:") is the prompt copied into the answer: it is dropped, up to its end,
+    and counted in :attr:`parroted`; the answer goes on.
+
     Text passes through untouched, at the cost of one short regular-expression search, except
-    at the start of a sentence whose first words open like an earlier sentence: those are held
-    until they differ, or make four words (a few tokens held); and, once a sentence has
-    repeated, whole sentences."""
+    at the start of a sentence whose first words open like an earlier sentence or a sentence of
+    the prompt: those are held until they differ, or make four words (a few tokens held); and,
+    once a sentence has repeated, whole sentences."""
 
     __slots__ = (
         "_careful",
@@ -503,24 +508,37 @@ class RepetitionGate:
         "_held",
         "_holding",
         "_known",
+        "_prompt",
+        "_prompt_prefixes",
+        "_swallow",
         "limit",
         "loop_words",
         "looping",
+        "parroted",
         "repeats",
         "restarts",
         "words",
     )
 
-    def __init__(self, *, words: int = 4, limit: int = 2, loop_words: int = 8) -> None:
+    def __init__(
+        self, *, words: int = 4, limit: int = 2, loop_words: int = 8, prompt: Sequence[str] = ()
+    ) -> None:
         self.words = words
         self.limit = limit
         self.loop_words = loop_words
         self.restarts = 0
         self.repeats = 0
+        self.parroted = 0
         self.looping = False
         self._held = ""
         self._holding = False
         self._careful = False
+        # Inside a sentence of the prompt's, dropped up to its end: the last character dropped.
+        self._swallow: str | None = None
+        self._prompt: set[tuple[str, ...]] = set()
+        for text in prompt:
+            self._prompt |= sentence_openings(text, words)
+        self._prompt_prefixes = {o[:k] for o in self._prompt for k in range(1, words + 1)}
         self._known: tuple[int, set[tuple[str, ...]]] = (-1, set())
         # The 8-word runs of the answer's sentences up to a sentence end (how much text).
         self._grams: tuple[int, set[tuple[str, ...]]] = (0, set())
@@ -546,6 +564,17 @@ class RepetitionGate:
             return text  # off
         if self.looping:
             return ""
+        if self._swallow is not None:
+            # Inside a sentence of the prompt's: dropped up to its end (which may begin in the
+            # last character dropped, a full stop before this text's space).
+            tail = self._swallow + text
+            stop = _GATE_END.search(tail)
+            if stop is None:
+                self._swallow = tail[-1:]
+                return ""
+            self._swallow = None
+            self._held, self._holding = "", True
+            text = tail[stop.end() :]
         if self._holding:
             self._held += text
             return self._judge(answer, final=False)
@@ -586,6 +615,7 @@ class RepetitionGate:
         """Another stream takes over: what this one held is not the answer."""
         self._held = ""
         self._holding = False
+        self._swallow = None
 
     def _judge(self, answer: Callable[[], str], *, final: bool) -> str:
         held = self._held
@@ -602,11 +632,23 @@ class RepetitionGate:
                 # Held only while its whole words so far open like an earlier sentence: one
                 # that already differs cannot be a restart, and goes on at once.
                 prefix = tuple(w.lower() for w in words[:whole])
-                if not prefix or prefix in self._prefixes(answer):
+                if (
+                    not prefix
+                    or prefix in self._prompt_prefixes
+                    or prefix in self._prefixes(answer)
+                ):
                     return ""
                 words = []  # not a restart
         if len(words) >= self.words:
             opening = tuple(w.lower() for w in words[: self.words])
+            if opening in self._prompt:
+                self.parroted += 1
+                if match is None:
+                    self._held, self._holding = "", False
+                    self._swallow = None if final else held[-1:]
+                    return ""
+                self._held = held[lead + match.end() :]
+                return self._judge(answer, final=final)
             if opening in sentence_openings(answer(), self.words):
                 self.restarts += 1
                 if self.restarts >= self.limit:

@@ -361,8 +361,10 @@ async def test_the_whole_layout_starts_on_whole_sentences() -> None:
 # -- an answer that repeats itself ---------------------------------------------------------------
 
 
-def gate_run(text: str, chunks: list[str] | None = None) -> tuple[str, RepetitionGate]:
-    gate = RepetitionGate()
+def gate_run(
+    text: str, chunks: list[str] | None = None, prompt: tuple[str, ...] = ()
+) -> tuple[str, RepetitionGate]:
+    gate = RepetitionGate(prompt=prompt)
     out: list[str] = []
     for piece in chunks if chunks is not None else re.findall(r"\s*\S+|\s+", text):
         passed = gate.feed(piece, "".join(out)[-1:], lambda: "".join(out))
@@ -399,6 +401,33 @@ def test_one_restart_passes_and_is_counted() -> None:
     answer = "The sky is blue by day. At dusk it reddens. The sky is blue because of air."
     text, gate = gate_run(answer)
     assert text == answer and gate.restarts == 1 and not gate.looping
+
+
+# The update header and the continue request copied into an answer (SmolLM2-135M, appended
+# turns): dropped sentence by sentence, the answer goes on.
+PARROTING = (
+    "The sky is blue because air scatters light. The notes went on. What they added since, "
+    "quoted the same way:\nBlue light scatters more than red light. Continue your answer from "
+    "exactly where it stopped, taking this into account. That is why."
+)
+
+
+@given(st.lists(st.integers(1, len(PARROTING) - 1), max_size=12))
+def test_the_prompts_sentences_are_dropped_from_an_answer(cuts: list[int]) -> None:
+    bounds = [0, *sorted(set(cuts)), len(PARROTING)]
+    chunks = [PARROTING[a:b] for a, b in itertools.pairwise(bounds) if b > a]
+    out, gate = gate_run(PARROTING, chunks, prompt=INSTRUCTIONS)
+    assert " ".join(out.split()) == (
+        "The sky is blue because air scatters light. Blue light scatters more than red light. "
+        "That is why."
+    )
+    assert gate.parroted == 3 and not gate.looping
+
+
+def test_a_sentence_that_only_begins_like_the_prompts_goes_on() -> None:
+    answer = "Light scatters. The notes of a song differ. Continue reading for more."
+    out, gate = gate_run(answer, prompt=INSTRUCTIONS)
+    assert out == answer and gate.parroted == 0
 
 
 # A list whose items open differently and go on alike (SmolLM2-135M, shortened).
