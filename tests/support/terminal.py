@@ -7,6 +7,7 @@ import os
 import pty
 import re
 import select
+import signal
 import subprocess
 import sys
 import termios
@@ -18,9 +19,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _take_terminal() -> None:
     """In the child: a session of its own whose controlling terminal is the pty, so that the
-    terminal turns Ctrl-C into SIGINT for it, as a shell's job control does."""
+    terminal turns Ctrl-C into SIGINT for it, as a shell's job control does; and SIGINT's
+    default action, as a shell gives a foreground job (the test run may itself have been
+    started in the background, where SIGINT is ignored and the ignoring is inherited)."""
     os.setsid()
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 class PtyProcess:
