@@ -454,10 +454,10 @@ class ContinuationGuard:
                 opening = _opening(text[match.end() :], 4)
                 if opening is not None and opening in openings:
                     return "restart"
-        if answer[-1:].isalnum() and held[:1].isupper():
-            # "Eat a balanced" + "You're an AI assistant": a new reply glued onto the last
-            # word (steps end after a whole word, so a continuation starts with a space or
-            # punctuation).
+        if (answer[-1:].isalnum() or answer[-1:] == ",") and held[:1].isupper():
+            # "Eat a balanced" + "You're an AI assistant", "manner," + "Situational
+            # interpretation:": a new reply glued onto the last word or comma (steps end after
+            # a whole word, so a continuation starts with a space or punctuation).
             return "new sentence mid-sentence"
         return None
 

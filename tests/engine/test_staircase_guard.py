@@ -120,6 +120,14 @@ def test_a_whole_restart_glued_to_the_answer_is_caught() -> None:
     )
 
 
+def test_a_new_reply_glued_onto_a_comma_is_rejected() -> None:
+    # appended turns on a real small model: "... easy-to-understand manner,Situational ..."
+    assert judge(ANSWER + ",", ["Situational", " interpretation:"]) == (
+        False,
+        "new sentence mid-sentence",
+    )
+
+
 def test_a_glued_continuation_that_is_not_a_new_sentence_is_judged_as_usual() -> None:
     # Punctuation or a lower-case piece glued to the last word is a continuation; a capital
     # after a space may be a name.
