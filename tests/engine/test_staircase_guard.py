@@ -369,6 +369,13 @@ async def test_the_whole_layout_starts_on_whole_sentences() -> None:
 # -- an answer that repeats itself ---------------------------------------------------------------
 
 
+def chunked(text: str, cuts: list[int]) -> list[str]:
+    """``text`` cut at ``cuts`` (offsets; 0 and repeats ignored) into the chunks a stream
+    could deliver it in."""
+    bounds = [0, *sorted({c for c in cuts if 0 < c < len(text)}), len(text)]
+    return [text[a:b] for a, b in itertools.pairwise(bounds)]
+
+
 def gate_run(
     text: str, chunks: list[str] | None = None, prompt: tuple[str, ...] = ()
 ) -> tuple[str, RepetitionGate]:
@@ -388,8 +395,7 @@ LOOP = "Deeper than a lifetime in the ocean.\n\n" * 6
 
 @given(st.lists(st.integers(1, len(LOOP) - 1), max_size=12))
 def test_a_looping_answer_ends_before_its_second_restart(cuts: list[int]) -> None:
-    bounds = [0, *sorted(set(cuts)), len(LOOP)]
-    chunks = [LOOP[a:b] for a, b in itertools.pairwise(bounds) if b > a]
+    chunks = chunked(LOOP, cuts)
     text, gate = gate_run(LOOP, chunks)
     assert gate.looping and gate.restarts == 2
     # however it was chunked (the line breaks before the dropped sentence may go with it)
@@ -399,8 +405,7 @@ def test_a_looping_answer_ends_before_its_second_restart(cuts: list[int]) -> Non
 @given(st.lists(st.integers(1, len(TEXT) - 1), max_size=12))
 def test_an_answer_that_does_not_repeat_passes_whole(cuts: list[int]) -> None:
     answer = "The sky is blue. Light scatters! Yes.\nThe air scatters blue light more. Done"
-    bounds = [0, *sorted(c % len(answer) for c in cuts if c % len(answer)), len(answer)]
-    chunks = [answer[a:b] for a, b in itertools.pairwise(bounds) if b > a]
+    chunks = chunked(answer, [c % len(answer) for c in cuts])
     text, gate = gate_run(answer, chunks)
     assert text == answer and not gate.looping and gate.restarts == 0
 
@@ -422,8 +427,7 @@ PARROTING = (
 
 @given(st.lists(st.integers(1, len(PARROTING) - 1), max_size=12))
 def test_the_prompts_sentences_are_dropped_from_an_answer(cuts: list[int]) -> None:
-    bounds = [0, *sorted(set(cuts)), len(PARROTING)]
-    chunks = [PARROTING[a:b] for a, b in itertools.pairwise(bounds) if b > a]
+    chunks = chunked(PARROTING, cuts)
     out, gate = gate_run(PARROTING, chunks, prompt=INSTRUCTIONS)
     assert " ".join(out.split()) == (
         "The sky is blue because air scatters light. Blue light scatters more than red light. "
@@ -447,8 +451,7 @@ LIST_LOOP = "Some tips follow. " + "".join(
 
 @given(st.lists(st.integers(1, len(LIST_LOOP) - 1), max_size=12))
 def test_a_list_that_loops_ends_after_its_first_repeated_item(cuts: list[int]) -> None:
-    bounds = [0, *sorted(set(cuts)), len(LIST_LOOP)]
-    chunks = [LIST_LOOP[a:b] for a, b in itertools.pairwise(bounds) if b > a]
+    chunks = chunked(LIST_LOOP, cuts)
     text, gate = gate_run(LIST_LOOP, chunks)
     assert gate.looping and gate.repeats == 2 and gate.restarts == 0
     # The first repetition has reached the caller when it is seen; the next is held whole,
