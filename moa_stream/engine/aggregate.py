@@ -277,7 +277,10 @@ class LayerHost:
         self.drain: Callable[[], Sequence[Event]] = functools.partial(fanin.drain, li)
 
     def references(self) -> list[RefView]:
-        return [(c.index, c.agent, c.status, c.text) for c in self.calls]
+        return [
+            (c.index, c.agent, c.status, c.reference_text if c.status == "complete" else c.text)
+            for c in self.calls
+        ]
 
     def running_chunks(self) -> list[tuple[int, int]]:
         return [(c.index, c.chunks) for c in self.calls if c.status == "running"]

@@ -13,6 +13,7 @@ policy once, after everything that arrived together has been fed in, and returns
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -33,19 +34,40 @@ __all__ = ["Call", "CallStatus", "Decision", "LayerState", "Reference", "UsableA
 CallStatus = Literal["running", "complete", "failed", "cancelled"]
 
 
+_SENTENCE_END = re.compile(r"[.!?;]\s|\n")
+
+
+def last_sentence_end(text: str) -> int:
+    """End of the last sentence end or line break in ``text`` (0: none). Searched from the end
+    in growing windows: the staircase asks it at every step boundary, of texts that only grow."""
+    end = len(text)
+    window = 256
+    while True:
+        start = max(0, end - window)
+        cut = 0
+        for match in _SENTENCE_END.finditer(text, start):
+            cut = match.end()
+        if cut or start == 0:
+            return cut
+        window *= 4
+
+
 @dataclass(frozen=True, slots=True)
 class UsableAnswer:
     """What a finished answer needs in order to count as complete.
 
     An answer that fails this counts as failed for the policy (a quorum never counts it) and
-    goes to the next step marked failed: an empty answer, one cut by ``max_tokens``
-    (``length``) or by a content filter says nothing the next step can build on. Accept
-    truncated answers with ``UsableAnswer(finish_reasons=("stop", "length"))``.
+    goes to the next step marked failed: an empty answer, or one stopped by a content filter,
+    says nothing the next step can build on. An answer cut by ``max_tokens`` (``length``)
+    counts as complete: it is handed over up to its last sentence end (see
+    :attr:`Call.reference_text`). Proposers' ``max_tokens`` is usually set to bound their
+    latency, and a real model's answers often run past it, so refusing cut answers would throw
+    away most references. Refuse them with ``UsableAnswer(finish_reasons=("stop",))``.
     ``finish_reasons=None`` accepts any finish reason (and none).
     """
 
     min_chars: int = 1
-    finish_reasons: Collection[str] | None = ("stop",)
+    finish_reasons: Collection[str] | None = ("stop", "length")
 
     def problem(self, text: str, finish_reason: str | None) -> str | None:
         """Why the answer is not usable, or ``None`` when it is."""
@@ -139,6 +161,18 @@ class Call:
     @property
     def chars(self) -> int:
         return len(self.text)
+
+    @property
+    def reference_text(self) -> str:
+        """The text handed to the next step: :attr:`text`, or for an answer cut by
+        ``max_tokens`` (``finish_reason`` ``length``) its text up to its last sentence end or
+        line break, so that a quoted reference does not stop mid-sentence (all of it when it has
+        none)."""
+        text = self.text
+        if self.finish_reason != "length" or text.rstrip().endswith((".", "!", "?")):
+            return text
+        cut = last_sentence_end(text)
+        return text[:cut].rstrip() if cut else text
 
     @property
     def hedge(self) -> HedgeInfo | None:
@@ -338,7 +372,7 @@ class LayerState:
         for call in self.calls:
             status = call.status
             if status == "complete":
-                refs.append(Reference(call.agent, call.index, "complete", call.text))
+                refs.append(Reference(call.agent, call.index, "complete", call.reference_text))
                 usable = True
             elif status == "failed":
                 refs.append(Reference(call.agent, call.index, "failed", ""))

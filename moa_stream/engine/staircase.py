@@ -36,6 +36,7 @@ from moa_stream._exceptions import ConfigError
 from moa_stream._types import ChatMessage
 from moa_stream.engine.events import ReferenceInfo, ReferenceStatus
 from moa_stream.engine.layer import Reference
+from moa_stream.engine.layer import last_sentence_end as _last_sentence_end
 from moa_stream.engine.prompts import (
     PromptTemplates,
     append_to_last_user,
@@ -275,23 +276,7 @@ def estimated_tokens(messages: Sequence[ChatMessage]) -> int:
 
 # -- what a reference may hand over ----------------------------------------------------------
 
-_SENTENCE_END = re.compile(r"[.!?;]\s|\n")
 _SHORT_TAIL = 24
-
-
-def _last_sentence_end(text: str) -> int:
-    """End of the last sentence end or line break in ``text`` (0: none). Searched from the end
-    in growing windows: it is asked at every step boundary, of texts that only grow."""
-    end = len(text)
-    window = 256
-    while True:
-        start = max(0, end - window)
-        cut = 0
-        for match in _SENTENCE_END.finditer(text, start):
-            cut = match.end()
-        if cut or start == 0:
-            return cut
-        window *= 4
 
 
 def stable_length(text: str, complete: bool) -> int:
@@ -777,7 +762,13 @@ class ReferenceTracker:
             return stable_length(text, complete)
         return _last_sentence_end(text)
 
-    def _limit(self, n: int) -> int:
+    def _handed(self, text: str, status: str) -> int:
+        """How much of a reference with ``status`` may be handed over now: nothing of one that
+        failed (as a layer hands it over: its label says it gave no answer), the stable part,
+        capped, of the others."""
+        if status == "failed":
+            return 0
+        n = self._stable(text, status == "complete")
         return n if self._cap is None else min(n, self._cap)
 
     @staticmethod
@@ -794,7 +785,7 @@ class ReferenceTracker:
             status = self._status(state, False)
             if status is None or status == "cancelled":
                 continue
-            n = self._limit(self._stable(text, status == "complete"))
+            n = self._handed(text, status)
             if n == 0 and status == "partial":
                 continue
             number = len(self._given) + 1
@@ -811,7 +802,7 @@ class ReferenceTracker:
         for index, _, state, text in refs:
             status = self._status(state, given_up)
             if status is not None:
-                n = self._limit(self._stable(text, status == "complete"))
+                n = self._handed(text, status)
                 yield index, status, text, n, self._given.get(index)
 
     def gains(self, refs: Sequence[RefView], *, given_up: bool = False) -> list[str]:

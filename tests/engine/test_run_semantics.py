@@ -282,23 +282,39 @@ async def test_an_aggregator_whose_stream_raises_at_once_falls_back() -> None:
 # -- 6. usable answers ---------------------------------------------------------------------------
 
 
-async def test_empty_truncated_and_filtered_answers_do_not_count_as_complete() -> None:
+async def test_empty_and_filtered_answers_do_not_count_as_complete() -> None:
     p = provider(
-        empty=Script([], finish_reason="content_filter", ttft=0.01),
-        cut=Script(["half an"], finish_reason="length", ttft=0.01),
+        empty=Script([], finish_reason="stop", ttft=0.01),
+        filtered=Script(["Half of a"], finish_reason="content_filter", ttft=0.01),
         good=Script(["The answer is 4."], ttft=0.2),
         agg=Script(["4"]),
     )
-    spec = moa(agents(p, "empty", "cut", "good"), Agent("agg", p, "agg"), policy=Quorum(2))
+    spec = moa(agents(p, "empty", "filtered", "good"), Agent("agg", p, "agg"), policy=Quorum(2))
     result = await spec.stream(USER).final()
     layer = result.report.layers[0]
     assert [(r.agent, r.status) for r in layer.references] == [
         ("empty", "failed"),
-        ("cut", "failed"),
+        ("filtered", "failed"),
         ("good", "complete"),
     ]
     assert agent_report(result.report, "good").status == "complete"
-    assert "The answer is 4." in p.requests[-1].messages[-1]["content"]
+    prompt = p.requests[-1].messages[-1]["content"]
+    assert "The answer is 4." in prompt
+    assert "Half of a" not in prompt  # a failed reference is quoted without its text
+
+
+async def test_an_answer_cut_by_max_tokens_counts_and_is_quoted_to_its_last_sentence_end() -> None:
+    p = provider(
+        cut=Script(["The sky is blue. Light scatters", " off the air and"], finish_reason="length"),
+        whole=Script(["Blue light scatters most."], ttft=0.2),
+        agg=Script(["x"]),
+    )
+    spec = moa(agents(p, "cut", "whole"), Agent("agg", p, "agg"), policy=Quorum(2))
+    result = await spec.stream(USER).final()
+    assert [r.status for r in result.report.layers[0].references] == ["complete", "complete"]
+    prompt = p.requests[-1].messages[-1]["content"]
+    assert "The sky is blue.\n" in prompt
+    assert "Light scatters" not in prompt
 
 
 async def test_what_counts_as_usable_is_configurable_on_the_layer() -> None:
@@ -308,10 +324,10 @@ async def test_what_counts_as_usable_is_configurable_on_the_layer() -> None:
 
     p = provider(cut=Script(["half an"], finish_reason="length"), agg=Script(["x"]))
     spec = moa(agents(p, "cut"), Agent("agg", p, "agg"))
-    spec = spec.with_policy(WaitAll(), usable=UsableAnswer(finish_reasons=("stop", "length")))
+    spec = spec.with_policy(WaitAll(), usable=UsableAnswer(finish_reasons=("stop",)))
     result = await spec.stream(USER).final()
-    assert [r.status for r in result.report.layers[0].references] == ["complete"]
-    assert replace(spec.layers[0]).usable.finish_reasons == ("stop", "length")
+    assert [r.status for r in result.report.layers[0].references] == ["failed"]
+    assert replace(spec.layers[0]).usable.finish_reasons == ("stop",)
 
 
 async def test_two_empty_answers_do_not_agree_and_cut_the_refinement_layers() -> None:

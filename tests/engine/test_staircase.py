@@ -314,3 +314,20 @@ def test_a_whole_layout_step_is_the_first_request_refreshed_then_the_answer(meth
 def test_the_layout_is_checked() -> None:
     with pytest.raises(ConfigError, match="layout"):
         Staircase(layout="scroll")  # type: ignore[arg-type]
+
+
+def test_a_failed_reference_is_quoted_without_its_text() -> None:
+    # as a layer hands it over: the label says it gave no answer, so none of its words follow
+    refs = [Ref(0, "A fine answer. "), Ref(1, "Cut off by an error before")]
+    refs[0].state = "complete"
+    refs[1].state = "failed"
+    block = ReferenceTracker(PromptTemplates(), None).first(view(refs))
+    assert "A fine answer." in block and "Cut off" not in block
+    assert 'n="2" status="failed, no response">\n\n</draft>' in block
+    later = [Ref(0, "Still writing. "), Ref(1, "")]
+    tracker = ReferenceTracker(PromptTemplates(), None)
+    tracker.first(view(later))
+    later[1].grow("Half a thought")
+    later[1].state = "failed"
+    (part,) = tracker.gains(view(later))
+    assert "Half a thought" not in part and 'status="failed, no response"' in part
