@@ -33,6 +33,7 @@ import asyncio
 import importlib.metadata
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -497,11 +498,17 @@ def questions_for(runs: int, distinct: int | None = None) -> list[str]:
 
 
 async def serve_and_ask(
-    config: str | None, moas: list[str], questions: list[str], *, request_timeout: float = 600
+    config: str | None,
+    moas: list[str],
+    questions: list[str],
+    *,
+    request_timeout: float = 600,
+    keep_log: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Start ``moa-stream serve`` with ``config`` (TOML text; ``None``: the embedded default),
     warm each MoA id up once, then ask every question of ``questions`` through each of them,
-    interleaved (so a burst of load from elsewhere hits every MoA alike); every run's record."""
+    interleaved (so a burst of load from elsewhere hits every MoA alike); every run's record.
+    ``keep_log``: where to copy the server's log (its ``info`` lines) when it has stopped."""
     results = []
     with tempfile.TemporaryDirectory(prefix="moa-serve-") as tmp:
         path = None
@@ -523,15 +530,23 @@ async def serve_and_ask(
         finally:
             process.terminate()
             process.wait(15)
+            if keep_log is not None:
+                shutil.copyfile(Path(tmp) / "serve.log", keep_log)
     print(file=sys.stderr)
     return results
 
 
 async def measure(
-    base_url: str, policies: dict[str, str | None], runs: int, questions: int | None = None
+    base_url: str,
+    policies: dict[str, str | None],
+    runs: int,
+    questions: int | None = None,
+    keep_log: Path | None = None,
 ) -> list[dict[str, Any]]:
     config = config_toml(base_url, policies, any(m in policies for m in STAIRCASE_TABLES))
-    return await serve_and_ask(config, list(policies), questions_for(runs, questions))
+    return await serve_and_ask(
+        config, list(policies), questions_for(runs, questions), keep_log=keep_log
+    )
 
 
 def server_template_texts(base_url: str) -> tuple[str, ...]:
@@ -592,6 +607,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
     parser.add_argument(
+        "--serve-log",
+        type=Path,
+        metavar="PATH",
+        help="keep the log of `moa-stream serve` (its info lines: each staircase step, each "
+        "start decision) at PATH",
+    )
+    parser.add_argument(
         "--reuse",
         action="store_true",
         help="rewrite the .md (and the .json's summary) from the runs in the existing .json",
@@ -632,7 +654,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.base_url:
         server_name = f"the server at {args.base_url}"
         texts = server_template_texts(args.base_url)
-        results = asyncio.run(measure(args.base_url, policies, args.runs, args.questions))
+        results = asyncio.run(
+            measure(args.base_url, policies, args.runs, args.questions, args.serve_log)
+        )
     else:
         from moa_stream.testing.llamacpp import llama_server
 
@@ -642,7 +666,9 @@ def main(argv: list[str] | None = None) -> None:
         )
         with llama_server(ctx_size=2048, slots=4, threads=args.threads) as server:
             texts = server_template_texts(server.base_url)
-            results = asyncio.run(measure(server.base_url, policies, args.runs, args.questions))
+            results = asyncio.run(
+                measure(server.base_url, policies, args.runs, args.questions, args.serve_log)
+            )
     rows = summarize(results, policies, prompt_texts=texts)
     command = " ".join(sys.argv[1:] if argv is None else argv)
     meta = {

@@ -407,6 +407,11 @@ class _Driver:
                     if text:
                         text = self.gate.feed(text, self._last_char(), self._answer_text)
                         if self.gate.looping:
+                            # The answer ends: with the sentence that made the loop when only
+                            # its end showed it (a repeat), before it when its opening did.
+                            if text:
+                                self._push(text, 1 + self.held, step.record)
+                                self.held = 0
                             break
                     if not text:
                         host.step_delta(step.record, "", self.clock())

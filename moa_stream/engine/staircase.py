@@ -191,11 +191,11 @@ class Staircase:
     others. An aggregator whose server refuses prefill (HTTP 400, as Anthropic's newer models
     answer) is moved to appended turns for the life of its provider, once, with a warning.
 
-    An answer that repeats itself (:class:`RepetitionGate`: the ``loop_restarts``-th sentence
-    that opens like an earlier one, or the second that repeats eight words in a row of an
-    earlier one; ``None`` or 0: never) ends at the sentence before, and the aggregator's next
-    runs start once every reference has ended, with a back-off after which the early start is
-    tried again.
+    An answer that loops (:class:`RepetitionGate`: ``loop_restarts`` sentences in a row that
+    each open like an earlier one or repeat eight words in a row of one; ``None`` or 0: never)
+    ends there, and the aggregator's next runs start once every reference has ended, with a
+    back-off after which the early start is tried again. A restart now and then, as models
+    write in one-shot answers too, goes on.
 
     ``read_ahead``: chunks of the current step read ahead of what the caller has been given
     (``0``: none). The next step continues after them and is tried while the caller is given
@@ -462,20 +462,25 @@ def _sentence_before(text: str) -> int:
 
 
 class RepetitionGate:
-    """Holds the first ``words`` words of every sentence after the first until they can be
-    compared with the openings of the sentences the caller already has (see
-    :func:`sentence_openings`). A sentence that opens like an earlier one is a *restart*; a
-    model that restarts ``limit`` times is looping (SmolLM2-135M, given drafts to combine,
-    wrote "Deeper than a lifetime in the ocean." thirty times), and the gate drops that
-    sentence and sets :attr:`looping`: the answer ends at the sentence end before it.
+    """Ends an answer that loops: ``limit`` sentences in a row that each restart or repeat an
+    earlier one (SmolLM2-135M, continuing by prefill, wrote "The sky is blue, a fundamental" on
+    thirty-three lines in a row).
 
-    A loop can also open each sentence differently and repeat its body (a list: "The fifth
-    tip is to stay away from the temptation of a glass of water. The sixth tip is to stay away
-    from the temptation of ..."). Every sentence that ends is compared with the sentences
-    before it: one that repeats ``loop_words`` words in a row of an earlier one is a *repeat*.
-    After the first repeat the gate is careful: it holds every sentence whole until it ends
-    (one sentence held, at most) and drops the first that repeats, which ends the answer as a
-    loop does.
+    A sentence whose first ``words`` words open like an earlier sentence's (see
+    :func:`sentence_openings`) is a *restart*; one that repeats ``loop_words`` words in a row of
+    an earlier sentence is a *repeat* (a list whose items open differently and go on alike:
+    "The fifth tip is to stay away from the temptation of a glass of water ... The sixth tip is
+    to stay away from ..."). The first words of a sentence are held until they can be compared
+    with the openings before. When the sentence that makes ``limit`` in a row restarts, it is
+    dropped and :attr:`looping` set: the answer ends at the sentence end before it; when it only
+    repeats, which shows at its end, the answer ends after it (holding every sentence whole
+    until its end would stall the stream for a sentence at a time).
+
+    Only runs count. A model restarts now and then in any answer (SmolLM2-135M: 4-15% of the
+    sentences of its one-shot answers open like an earlier one, and one in five of wait-all's
+    answers has two sentences that repeat eight words), and ending an answer at its second
+    restart anywhere ended answers that wait-all's aggregator went on with; a loop restarts
+    sentence after sentence.
 
     A sentence that opens like a sentence of the prompt's own text (``prompt``: the
     instructions, headers and continue request; "The notes went on. What they added since,
@@ -484,17 +489,17 @@ class RepetitionGate:
 
     Text passes through untouched, at the cost of one short regular-expression search, except
     at the start of a sentence whose first words open like an earlier sentence or a sentence of
-    the prompt: those are held until they differ, or make four words (a few tokens held); and,
-    once a sentence has repeated, whole sentences."""
+    the prompt: those are held until they differ, or make four words (a few tokens held)."""
 
     __slots__ = (
-        "_careful",
+        "_flagged",
         "_grams",
         "_held",
         "_holding",
         "_known",
         "_prompt",
         "_prompt_prefixes",
+        "_run",
         "_swallow",
         "limit",
         "loop_words",
@@ -517,7 +522,9 @@ class RepetitionGate:
         self.looping = False
         self._held = ""
         self._holding = False
-        self._careful = False
+        # Sentences in a row that restarted or repeated; whether the one under way restarted.
+        self._run = 0
+        self._flagged = False
         # Inside a sentence of the prompt's, dropped up to its end: the last character dropped.
         self._swallow: str | None = None
         self._prompt: set[tuple[str, ...]] = set()
@@ -531,6 +538,18 @@ class RepetitionGate:
     @property
     def held(self) -> str:
         return self._held
+
+    def _ended(self, sentence: int, text: str) -> None:
+        """The sentence of ``text`` that starts at ``sentence`` ended and was passed on: the
+        run of sentences that restarted or repeated goes on (and may make a loop: the answer
+        ends after this sentence) or starts again."""
+        repeated = bool(self.loop_words) and self._repeats(sentence, text)
+        if repeated:
+            self.repeats += 1
+        self._run = self._run + 1 if repeated or self._flagged else 0
+        self._flagged = False
+        if self._run >= self.limit:
+            self.looping = True
 
     def _prefixes(self, answer: Callable[[], str]) -> set[tuple[str, ...]]:
         """Every prefix (1 to ``words`` words) of the openings of the answer's sentences,
@@ -571,11 +590,11 @@ class RepetitionGate:
         out = text[:end]
         self._held = text[end:]
         self._holding = True
-        if self.loop_words and not self._careful:
-            ended = answer() + out
-            if self._repeats(_sentence_before(ended), ended):
-                self.repeats += 1
-                self._careful = True  # from now on a sentence is passed on once it is whole
+        ended = answer() + out
+        self._ended(_sentence_before(ended), ended)
+        if self.looping:
+            self.drop()
+            return out
         return out + self._judge(lambda: answer() + out, final=False)
 
     def _repeats(self, sentence: int, text: str) -> bool:
@@ -601,6 +620,7 @@ class RepetitionGate:
         self._held = ""
         self._holding = False
         self._swallow = None
+        self._flagged = False
 
     def _judge(self, answer: Callable[[], str], *, final: bool) -> str:
         held = self._held
@@ -608,10 +628,8 @@ class RepetitionGate:
         body = held[lead:]
         match = _GATE_END.search(body)
         sentence = body if match is None else body[: match.start()]
-        if self._careful and match is None and not final:
-            return ""  # held whole until it ends
         words = _WORD.findall(sentence)
-        if match is None and not final:
+        if match is None and not final and not self._flagged:
             whole = len(words) - (1 if body[-1:].isalnum() else 0)
             if whole < self.words:
                 # Held only while its whole words so far open like an earlier sentence: one
@@ -624,7 +642,7 @@ class RepetitionGate:
                 ):
                     return ""
                 words = []  # not a restart
-        if len(words) >= self.words:
+        if len(words) >= self.words and not self._flagged:
             opening = tuple(w.lower() for w in words[: self.words])
             if opening in self._prompt:
                 self.parroted += 1
@@ -636,26 +654,24 @@ class RepetitionGate:
                 return self._judge(answer, final=final)
             if opening in sentence_openings(answer(), self.words):
                 self.restarts += 1
-                if self.restarts >= self.limit:
+                if self._run + 1 >= self.limit:
                     self.looping = True
                     self.drop()
                     return ""
-        if self.loop_words and (match is not None or final):
-            before = answer() + held[:lead]
-            if self._repeats(len(before), before + sentence):
-                self.repeats += 1
-                if self._careful:
-                    self.looping = True
-                    self.drop()
-                    return ""
-                self._careful = True  # from now on a sentence is passed on once it is whole
+                self._flagged = True
         self._holding = False
         self._held = ""
+        if match is None and not final:
+            return held  # its opening passed; the rest of it goes on as it comes
+        before = answer() + held[:lead]
+        self._ended(len(before), before + sentence)
         if match is None:
             return held
-        # The held text ends that sentence and begins another: hold the new one's opening.
         cut = lead + match.end()
         out = held[:cut]
+        if self.looping:
+            return out
+        # The held text ends that sentence and begins another: hold the new one's opening.
         self._held = held[cut:]
         self._holding = True
         return out + self._judge(lambda: answer() + out, final=final)
