@@ -496,7 +496,8 @@ def test_restarts_that_do_not_follow_each_other_pass(cuts: list[int]) -> None:
 
 async def test_a_step_that_loops_ends_the_answer_and_later_runs_start_late() -> None:
     first = tuple(re.findall(r"\s*\S+", "Deeper than a lifetime in the ocean. " + TEXT))
-    loop = " and the fish glow in the dark." + " Deeper than a lifetime in the ocean." * 4 + " " + TEXT
+    loop = " and the fish glow in the dark." + " Deeper than a lifetime in the ocean." * 4
+    loop += " " + TEXT
 
     def later(request: ChatRequest, n: int) -> Script:
         return Script(tokens=tuple(re.findall(r"\s*\S+", loop)), interval=0.001)
@@ -507,7 +508,8 @@ async def test_a_step_that_loops_ends_the_answer_and_later_runs_start_late() -> 
     answer, events, _ = await run(spec)
     # the step goes on after the cut, restarts once (passed on), then again: the answer ends
     # before that second restart in a row
-    assert answer.rstrip().endswith("the fish glow in the dark. Deeper than a lifetime in the ocean.")
+    ending = "the fish glow in the dark. Deeper than a lifetime in the ocean."
+    assert answer.rstrip().endswith(ending)
     assert answer.count("Deeper than a lifetime") == 2
     (done,) = [e for e in events if isinstance(e, AggregatorDone)]
     assert done.finish_reason == "stop"
@@ -649,3 +651,23 @@ async def test_a_step_that_fails_while_read_ahead_is_spaced_out_gives_what_was_r
 def test_the_read_ahead_is_a_whole_number() -> None:
     with pytest.raises(ConfigError, match="read_ahead"):
         Staircase(read_ahead=-1)
+
+
+async def test_a_first_request_that_loops_ends_but_the_next_run_still_starts_early() -> None:
+    looping = tuple(re.findall(r"\s*\S+|\s+", LOOP))
+    p = StairProvider(
+        scripts={
+            "p1": Script(tokens=PROPOSER, ttft=0.0, interval=0.004),
+            "p2": Script(tokens=PROPOSER, ttft=0.0, interval=0.006),
+            "agg": Script(tokens=looping, ttft=0.0, interval=0.001),
+        }
+    )
+    spec = stairs(p, max_steps=0)
+    answer, events, _ = await run(spec)
+    assert answer.rstrip() == ("Deeper than a lifetime in the ocean.\n\n" * 2).rstrip()
+    (done,) = [e for e in events if isinstance(e, AggregatorDone)]
+    assert done.finish_reason == "stop"
+    # the model's own loop, as a one-shot answer could have: the next run starts early again
+    await run(spec)
+    second = [r for r in p.requests if r.model == "agg"][-1]
+    assert 'status="partial' in second.messages[-1]["content"]
