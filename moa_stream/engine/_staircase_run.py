@@ -93,6 +93,7 @@ from moa_stream.engine.staircase import (
     RefView,
     RepetitionGate,
     cut_point,
+    stable_length,
 )
 
 if TYPE_CHECKING:
@@ -325,15 +326,19 @@ class _Driver:
     async def run(self) -> AsyncGenerator[Event, None]:
         host = self.host
         plan = self.plan
-        if self.start_late or plan.whole:
+        if self.start_late or plan.whole or not _quotable(host.references):
             # The late start waits for every reference to end (or to be given up on); the
             # whole layout, which quotes only whole sentences, waits at most ``max_pause`` for
             # each running reference's first one (a draft cut mid-sentence is what a small
-            # model copies and loops on; a few whole sentences are what it can build on).
+            # model copies and loops on; a few whole sentences are what it can build on); the
+            # updates layout waits at most as long for a first reference with text to quote
+            # (a policy may fire on a few tokens, fewer than a quote takes).
             if self.start_late:
                 done, until = partial(_all_ended, host.references), self.give_up_at
-            else:
+            elif plan.whole:
                 done, until = partial(_sentences, host.references), self._pause_end()
+            else:
+                done, until = partial(_quotable, host.references), self._pause_end()
             if self.give_up_at is not None:
                 until = min(until or self.give_up_at, self.give_up_at)
             async for event in wait_until(done, host.wait, self.clock, until):
@@ -729,6 +734,15 @@ class _Driver:
 
 def _all_ended(references: Callable[[], Sequence[RefView]]) -> bool:
     return all(state != "running" for _, _, state, _ in references())
+
+
+def _quotable(references: Callable[[], Sequence[RefView]]) -> bool:
+    """Whether a reference has text the updates layout would quote now, or none will."""
+    refs = references()
+    return _all_ended(lambda: refs) or any(
+        state in ("running", "complete") and stable_length(text, state == "complete")
+        for _, _, state, text in refs
+    )
 
 
 def _sentences(references: Callable[[], Sequence[RefView]]) -> bool:

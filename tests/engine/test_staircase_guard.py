@@ -671,3 +671,13 @@ async def test_a_first_request_that_loops_ends_but_the_next_run_still_starts_ear
     await run(spec)
     second = [r for r in p.requests if r.model == "agg"][-1]
     assert 'status="partial' in second.messages[-1]["content"]
+
+
+async def test_the_first_request_waits_for_a_draft_it_can_quote() -> None:
+    # the policy fires on two tokens of a draft, too few to quote whole words of: the first
+    # request waits (up to max_pause) for a quote rather than introducing notes it has not got
+    p = provider(lambda request, n: Script(tokens=CONTINUE, interval=0.001))
+    await run(stairs(p, max_steps=0))
+    first = next(r for r in p.requests if r.model == "agg")
+    prompt = first.messages[-1]["content"]
+    assert '<draft n="1" status="partial' in prompt and "word0" in prompt
