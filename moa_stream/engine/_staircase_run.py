@@ -66,13 +66,13 @@ import structlog
 from moa_stream._exceptions import AggregatorError, ProviderError
 from moa_stream._types import ChatMessage, ChatRequest, Usage
 from moa_stream.engine._staircase_steps import (
+    EARLY_START,
     LATE,
-    LOOPING,
     Pacer,
     Rejected,
     StepPlan,
     Trial,
-    looped,
+    early_start_broke,
     step_request,
     try_step,
     wait_until,
@@ -212,7 +212,9 @@ class _Driver:
         self.answer, self.clock, self.t0 = stairs.answer, stairs.clock, stairs.t0
         self.give_up_at, self.overrides = stairs.give_up_at, stairs.overrides
         self.plan = StepPlan(staircase, stairs.spec, agent, stairs.messages)
-        self.start_late = LOOPING.suspended(agent)
+        self.start_late = EARLY_START.suspended(agent)
+        self.early = False  # the first request had a reference still being written
+        self.markup_dropped = 0  # tags dropped by the markup filters of earlier steps
         self.gate = RepetitionGate(
             words=4, limit=staircase.loop_restarts or 0, prompt=self.plan.instructions
         )
@@ -348,6 +350,7 @@ class _Driver:
         refs = host.references()
         request_messages = plan.first(refs)
         final = plan.tracker.settled(refs)
+        self.early = not final
         yield self._step_event(0, refs, final)
         stream = self.agent.provider.stream(self._request(request_messages, {}))
         record = host.open_step(self.agent, 0, request_messages, stream)
@@ -474,10 +477,28 @@ class _Driver:
                 "staircase.prompt_text_dropped", agent=self.agent.name, sentences=self.gate.parroted
             )
         if self.gate.looping:
-            finish_reason = "stop"  # the answer ends at the sentence end before the loop
-            looped(self.agent, step.number, self.gate.restarts, self.gate.repeats)
-        elif not self.start_late:
-            LOOPING.clear(self.agent)
+            finish_reason = "stop"  # the answer ends at the loop
+            _log.info(
+                "staircase.answer_looping",
+                agent=self.agent.name,
+                step=step.number,
+                restarts=self.gate.restarts,
+                repeats=self.gate.repeats,
+            )
+        if self.early:
+            broke = [
+                reason
+                for reason, seen in (
+                    ("loop", self.gate.looping),
+                    ("prompt text", self.gate.parroted),
+                    ("markup", self.markup_dropped + self.markup.dropped),
+                )
+                if seen
+            ]
+            if broke:
+                early_start_broke(self.agent, step.number, broke)
+            else:
+                EARLY_START.clear(self.agent)
         await step.stream.aclose()
         host.close_step(step.record, "complete", finish_reason, None)
         self.done = True
@@ -643,6 +664,7 @@ class _Driver:
             size = next(plan.sizes)
             new = _Step(number, stream, record, joiner, size, final, trial.written, trial.ended)
             self.cur = new
+            self.markup_dropped += self.markup.dropped
             self.markup = MarkupFilter()  # what the old stream had begun is not the answer
             self.gate.drop()
             self.held = 0

@@ -36,14 +36,14 @@ if TYPE_CHECKING:
 __all__ = [
     "CATCH_UP",
     "LATE",
-    "LOOPING",
+    "EARLY_START",
     "Backoff",
     "Pacer",
     "Rejected",
     "StepPlan",
     "Trial",
     "continuation_for",
-    "looped",
+    "early_start_broke",
     "step_request",
     "refuses_prefill",
     "remember_refusal",
@@ -125,12 +125,14 @@ CATCH_UP = 2
 #: a prefix cache held per slot): asking again at once would only cost the server the same work
 #: while it writes the answer.
 LATE = Backoff(strikes=2)
-#: The early start, suspended after a later step's continuation loops (see
-#: :class:`~moa_stream.engine.staircase.RepetitionGate`): the next runs start once every
-#: reference has ended, as the one-shot aggregator of a waiting MoA does; after the back-off
-#: the early start is tried again. A loop within the first request does not count: the model
-#: loops there on finished drafts too (SmolLM2-135M: in 15-25% of wait-all's answers).
-LOOPING = Backoff(strikes=1)
+#: The early start, suspended after an answer started on unfinished drafts broke (it looped,
+#: see :class:`~moa_stream.engine.staircase.RepetitionGate`, or wrote the prompt's sentences
+#: or markup, which the staircase dropped): the next runs start once every reference has
+#: ended, as the one-shot aggregator of a waiting MoA does, and after the back-off the early
+#: start is tried again. Some models cannot build on a few sentences of each draft
+#: (SmolLM2-135M answers them with loops, "A note marked partial is incomplete", stray tags);
+#: a run that started late neither counts against the early start nor for it.
+EARLY_START = Backoff(strikes=1)
 
 
 def agent_key(agent: Agent) -> tuple[int, str, str]:
@@ -427,19 +429,15 @@ def step_request(
     return replace(request, cache_prefix=True)
 
 
-def looped(agent: Agent, step: int, restarts: int, repeats: int = 0) -> None:
-    """The answer repeated itself and ended at ``step``: after a later step took over
-    (``step`` > 0), the next runs of ``agent`` start late. A loop in the first request is the
-    model's own, as in a one-shot answer, and changes nothing for the next runs.
-    ``restarts``: sentences that opened like an earlier one; ``repeats``: sentences that
-    repeated eight words of an earlier one."""
-    runs = LOOPING.strike(agent) if step > 0 else 0
+def early_start_broke(agent: Agent, step: int, reasons: Sequence[str]) -> None:
+    """An answer started on unfinished drafts broke (``reasons``: ``loop``, ``prompt text``,
+    ``markup``) by step ``step``: the next runs of ``agent`` start late."""
+    runs = EARLY_START.strike(agent)
     _log.info(
-        "staircase.answer_looping",
+        "staircase.early_start_broke",
         agent=agent.name,
         step=step,
-        restarts=restarts,
-        repeats=repeats,
+        reasons=list(reasons),
         late_start_runs=runs,
     )
 

@@ -344,6 +344,16 @@ def sentence_openings(text: str, n: int = 4) -> set[tuple[str, ...]]:
     return out
 
 
+def short_sentences(text: str, n: int = 4) -> set[tuple[str, ...]]:
+    """The words (lower-cased) of every sentence of ``text`` that has fewer than ``n``."""
+    out = set()
+    for part in _SENTENCE_SPLIT.split(text):
+        words = _WORD.findall(part.lower())
+        if 0 < len(words) < n:
+            out.add(tuple(words))
+    return out
+
+
 _MARKUP = re.compile(
     r"<\s*/?\s*draft\b|\bdraft\s+n\s*=|status\s*=\s*\"|<\|[a-z_]*\|?>?|\[/?(?:INST|answer)\b",
     re.IGNORECASE,
@@ -520,8 +530,9 @@ class RepetitionGate:
         self.repeats = 0
         self.parroted = 0
         self.looping = False
+        # The first sentence's opening is held too, to be compared with the prompt's.
         self._held = ""
-        self._holding = False
+        self._holding = True
         # Sentences in a row that restarted or repeated; whether the one under way restarted.
         self._run = 0
         self._flagged = False
@@ -552,12 +563,12 @@ class RepetitionGate:
             self.looping = True
 
     def _prefixes(self, answer: Callable[[], str]) -> set[tuple[str, ...]]:
-        """Every prefix (1 to ``words`` words) of the openings of the answer's sentences,
-        computed again only when the answer grew."""
+        """Every prefix (1 to ``words`` words) of the openings of the answer's sentences, and
+        of its sentences shorter than that, computed again only when the answer grew."""
         text = answer()
         if self._known[0] != len(text):
-            openings = sentence_openings(text, self.words)
-            prefixes = {o[:k] for o in openings for k in range(1, self.words + 1)}
+            openings = sentence_openings(text, self.words) | short_sentences(text, self.words)
+            prefixes = {o[:k] for o in openings for k in range(1, len(o) + 1)}
             self._known = (len(text), prefixes)
         return self._known[1]
 
@@ -642,6 +653,7 @@ class RepetitionGate:
                 ):
                     return ""
                 words = []  # not a restart
+        restarted = False
         if len(words) >= self.words and not self._flagged:
             opening = tuple(w.lower() for w in words[: self.words])
             if opening in self._prompt:
@@ -652,13 +664,18 @@ class RepetitionGate:
                     return ""
                 self._held = held[lead + match.end() :]
                 return self._judge(answer, final=final)
-            if opening in sentence_openings(answer(), self.words):
-                self.restarts += 1
-                if self._run + 1 >= self.limit:
-                    self.looping = True
-                    self.drop()
-                    return ""
-                self._flagged = True
+            restarted = opening in sentence_openings(answer(), self.words)
+        elif words and (match is not None or final) and not self._flagged:
+            # A short sentence ("A" on a line of its own, thirty lines in a row) restarts when
+            # an earlier sentence was those very words.
+            restarted = tuple(w.lower() for w in words) in short_sentences(answer(), self.words)
+        if restarted:
+            self.restarts += 1
+            if self._run + 1 >= self.limit:
+                self.looping = True
+                self.drop()
+                return ""
+            self._flagged = True
         self._holding = False
         self._held = ""
         if match is None and not final:
@@ -690,11 +707,12 @@ class MarkupFilter:
     breaks that set them apart. Text without ``<`` passes through untouched (one ``in`` test
     per delta); from a ``<`` on, text is held until it is known to be a tag or not."""
 
-    __slots__ = ("_held", "_line_start")
+    __slots__ = ("_held", "_line_start", "dropped")
 
     def __init__(self) -> None:
         self._held = ""
         self._line_start = True
+        self.dropped = 0  # tags dropped
 
     def feed(self, text: str) -> str:
         if not self._held and "<" not in text:
@@ -715,6 +733,7 @@ class MarkupFilter:
             rest = text[i:]
             tag = _TAG.match(rest)
             if tag is not None:
+                self.dropped += 1
                 text = rest[tag.end() :]
                 if self._line_start or not out:
                     text = text.lstrip("\n")

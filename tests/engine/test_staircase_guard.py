@@ -442,6 +442,23 @@ def test_a_sentence_that_only_begins_like_the_prompts_goes_on() -> None:
     assert out == answer and gate.parroted == 0
 
 
+# SmolLM2-135M, appended turns: a line of one word, again and again.
+SHORT_LOOP = "The sky is blue, a \n" + "A \n" * 20
+
+
+@given(st.lists(st.integers(1, len(SHORT_LOOP) - 1), max_size=12))
+def test_a_loop_of_short_lines_ends_at_its_second_repeat(cuts: list[int]) -> None:
+    text, gate = gate_run(SHORT_LOOP, chunked(SHORT_LOOP, cuts))
+    assert gate.looping and gate.restarts == 2
+    assert text.split() == ["The", "sky", "is", "blue,", "a", "A", "A"]
+
+
+def test_short_sentences_that_differ_pass() -> None:
+    answer = "Yes.\nIt is.\nNo.\nIt is not.\nMaybe so."
+    text, gate = gate_run(answer)
+    assert text == answer and gate.restarts == 0 and not gate.looping
+
+
 # A list whose items open differently and go on alike (SmolLM2-135M, shortened).
 LIST_ITEM = "The {} tip is to stay away from the temptation of a glass of water before bed. "
 LIST_LOOP = "Some tips follow. " + "".join(
@@ -653,24 +670,25 @@ def test_the_read_ahead_is_a_whole_number() -> None:
         Staircase(read_ahead=-1)
 
 
-async def test_a_first_request_that_loops_ends_but_the_next_run_still_starts_early() -> None:
-    looping = tuple(re.findall(r"\s*\S+|\s+", LOOP))
+async def test_an_early_answer_that_writes_the_prompt_makes_only_the_next_run_start_late() -> None:
+    from moa_stream.engine.prompts import DEFAULT_STATUS_NOTE
+
+    parroting = DEFAULT_STATUS_NOTE + " The sky is blue because air scatters light."
     p = StairProvider(
         scripts={
             "p1": Script(tokens=PROPOSER, ttft=0.0, interval=0.004),
             "p2": Script(tokens=PROPOSER, ttft=0.0, interval=0.006),
-            "agg": Script(tokens=looping, ttft=0.0, interval=0.001),
+            "agg": Script(tokens=tuple(re.findall(r"\s*\S+", parroting)), interval=0.001),
         }
     )
     spec = stairs(p, max_steps=0)
-    answer, events, _ = await run(spec)
-    assert answer.rstrip() == ("Deeper than a lifetime in the ocean.\n\n" * 2).rstrip()
-    (done,) = [e for e in events if isinstance(e, AggregatorDone)]
-    assert done.finish_reason == "stop"
-    # the model's own loop, as a one-shot answer could have: the next run starts early again
-    await run(spec)
-    second = [r for r in p.requests if r.model == "agg"][-1]
-    assert 'status="partial' in second.messages[-1]["content"]
+    answers = [(await run(spec))[0] for _ in range(3)]
+    # the prompt's sentences never reach the caller, the first one included
+    assert [a.strip() for a in answers] == ["The sky is blue because air scatters light."] * 3
+    prompts = [r.messages[-1]["content"] for r in p.requests if r.model == "agg"]
+    # run 1 started early and broke: run 2 starts on finished drafts; it broke the same way
+    # but did not start early, which counts neither way, and run 3 tries the early start again
+    assert ['status="partial' in prompt for prompt in prompts] == [True, False, True]
 
 
 async def test_the_first_request_waits_for_a_draft_it_can_quote() -> None:
