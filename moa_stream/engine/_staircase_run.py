@@ -205,14 +205,15 @@ class StaircaseStrategy:
 class _Driver:
     """One aggregator's staircase (see the module docstring)."""
 
-    def __init__(self, stairs: StaircaseStrategy, agent: Agent) -> None:
+    def __init__(self, stairs: StaircaseStrategy, agent: Agent, *, late: bool = False) -> None:
         # The run's side of things, as the strategy holds it for each aggregator's try.
+        self.stairs = stairs
         host, staircase = stairs.host, stairs.staircase
         self.host, self.staircase, self.agent = host, staircase, agent
         self.answer, self.clock, self.t0 = stairs.answer, stairs.clock, stairs.t0
         self.give_up_at, self.overrides = stairs.give_up_at, stairs.overrides
         self.plan = StepPlan(staircase, stairs.spec, agent, stairs.messages)
-        self.start_late = EARLY_START.suspended(agent)
+        self.start_late = late or EARLY_START.suspended(agent)
         self.early = False  # the first request had a reference still being written
         self.markup_dropped = 0  # tags dropped by the markup filters of earlier steps
         self.gate = RepetitionGate(
@@ -485,22 +486,32 @@ class _Driver:
                 restarts=self.gate.restarts,
                 repeats=self.gate.repeats,
             )
-        if self.early:
-            broke = [
-                reason
-                for reason, seen in (
-                    ("loop", self.gate.looping),
-                    ("prompt text", self.gate.parroted),
-                    ("markup", self.markup_dropped + self.markup.dropped),
-                )
-                if seen
-            ]
-            if broke:
-                early_start_broke(self.agent, step.number, broke)
-            else:
-                EARLY_START.clear(self.agent)
+        broke = [
+            reason
+            for reason, seen in (
+                ("loop", self.gate.looping),
+                ("prompt text", self.gate.parroted),
+                ("markup", self.markup_dropped + self.markup.dropped),
+            )
+            if seen and self.early
+        ]
+        if broke:
+            early_start_broke(self.agent, step.number, broke)
+        elif self.early:
+            EARLY_START.clear(self.agent)
         await step.stream.aclose()
         host.close_step(step.record, "complete", finish_reason, None)
+        if broke and not self._answer_text().strip():
+            # All it wrote was dropped: nothing reached the caller, so the answer starts
+            # again, late, on finished drafts (once).
+            _log.info("staircase.started_again", agent=self.agent.name, reasons=broke)
+            again = _Driver(self.stairs, self.agent, late=True)
+            again.usage = self.usage + (step.stream.usage or Usage(estimated=True))
+            async with aclosing(again.run()) as events:
+                async for event in events:
+                    yield event
+            self.done, self.error = again.done, again.error
+            return
         self.done = True
         yield AggregatorDone(
             self.agent.name,

@@ -699,3 +699,36 @@ async def test_the_first_request_waits_for_a_draft_it_can_quote() -> None:
     first = next(r for r in p.requests if r.model == "agg")
     prompt = first.messages[-1]["content"]
     assert '<draft n="1" status="partial' in prompt and "word0" in prompt
+
+
+async def test_an_early_answer_that_was_all_prompt_text_starts_again_on_finished_drafts() -> None:
+    from moa_stream.engine.prompts import DEFAULT_STATUS_NOTE
+
+    @dataclass
+    class Parrot(StairProvider):
+        asked: int = 0
+
+        def stream(self, request: ChatRequest) -> ScriptedStream:
+            if request.model == "agg":
+                self.asked += 1
+                text = DEFAULT_STATUS_NOTE if self.asked == 1 else "Air scatters blue light."
+                self.scripts["agg"] = Script(tokens=tuple(re.findall(r"\s*\S+", text)))
+            return super().stream(request)
+
+    p = Parrot(
+        scripts={
+            "p1": Script(tokens=PROPOSER, ttft=0.0, interval=0.004),
+            "p2": Script(tokens=PROPOSER, ttft=0.0, interval=0.006),
+        }
+    )
+    answer, events, report = await run(stairs(p, max_steps=0))
+    # nothing of the first answer reached the caller: the second, asked once both drafts had
+    # ended, is the answer
+    assert answer.strip() == "Air scatters blue light."
+    prompts = [r.messages[-1]["content"] for r in p.requests if r.model == "agg"]
+    assert len(prompts) == 2 and 'status="partial' in prompts[0]
+    assert prompts[1].count('status="complete"') == 2
+    assert [e.type for e in events].count("aggregator.done") == 1
+    assert p.open_streams == 0
+    steps = [a for a in report.agents if a.role == "aggregator"]
+    assert [a.status for a in steps] == ["complete", "complete"]
