@@ -188,15 +188,22 @@ class StairProvider(ScriptedProvider):
         return super().stream(request)
 
 
-def provider(later: Callable[[ChatRequest, int], Script | Exception]) -> StairProvider:
-    return StairProvider(
-        scripts={
-            "p1": Script(tokens=PROPOSER, ttft=0.0, interval=0.004),
-            "p2": Script(tokens=PROPOSER, ttft=0.0, interval=0.006),
-            "agg": Script(tokens=STEP0, ttft=0.0, interval=0.01),
-        },
-        later=later,
-    )
+def proposers() -> dict[str, Script | Exception]:
+    """Two proposers writing the same draft at different speeds."""
+    return {
+        "p1": Script(tokens=PROPOSER, ttft=0.0, interval=0.004),
+        "p2": Script(tokens=PROPOSER, ttft=0.0, interval=0.006),
+    }
+
+
+def provider(
+    later: Callable[[ChatRequest, int], Script | Exception] | None = None,
+    agg: Script | None = None,
+) -> StairProvider:
+    """Two proposers and an aggregator whose first step writes ``agg`` (by default the
+    one-shot answer ``STEP0``) and whose later steps write what ``later`` gives."""
+    first = agg if agg is not None else Script(tokens=STEP0, ttft=0.0, interval=0.01)
+    return StairProvider(scripts={**proposers(), "agg": first}, later=later)
 
 
 def stairs(p: StairProvider, method: str = "prefill", **kw: Any) -> Any:
@@ -545,14 +552,7 @@ async def test_chunks_held_at_sentence_starts_still_count_against_max_tokens() -
         f" {w}" + ("." if i % 10 == 9 else "") for i, w in enumerate(f"w{i}" for i in range(40))
     )
     good = Script(tokens=(" and", " so", " on."), interval=0.001)
-    p = StairProvider(
-        scripts={
-            "p1": Script(tokens=PROPOSER, ttft=0.0, interval=0.004),
-            "p2": Script(tokens=PROPOSER, ttft=0.0, interval=0.006),
-            "agg": Script(tokens=sentences, ttft=0.0, interval=0.01),
-        },
-        later=lambda request, n: good,
-    )
+    p = provider(lambda request, n: good, Script(tokens=sentences, ttft=0.0, interval=0.01))
     spec = moa(
         [Agent("p1", p, "p1"), Agent("p2", p, "p2")],
         Agent("agg", p, "agg", max_tokens=100),
@@ -674,13 +674,7 @@ async def test_an_early_answer_that_writes_the_prompt_makes_only_the_next_run_st
     from moa_stream.engine.prompts import DEFAULT_STATUS_NOTE
 
     parroting = DEFAULT_STATUS_NOTE + " The sky is blue because air scatters light."
-    p = StairProvider(
-        scripts={
-            "p1": Script(tokens=PROPOSER, ttft=0.0, interval=0.004),
-            "p2": Script(tokens=PROPOSER, ttft=0.0, interval=0.006),
-            "agg": Script(tokens=tuple(re.findall(r"\s*\S+", parroting)), interval=0.001),
-        }
-    )
+    p = provider(agg=Script(tokens=tuple(re.findall(r"\s*\S+", parroting)), interval=0.001))
     spec = stairs(p, max_steps=0)
     answers = [(await run(spec))[0] for _ in range(3)]
     # the prompt's sentences never reach the caller, the first one included
@@ -715,12 +709,7 @@ async def test_an_early_answer_that_was_all_prompt_text_starts_again_on_finished
                 self.scripts["agg"] = Script(tokens=tuple(re.findall(r"\s*\S+", text)))
             return super().stream(request)
 
-    p = Parrot(
-        scripts={
-            "p1": Script(tokens=PROPOSER, ttft=0.0, interval=0.004),
-            "p2": Script(tokens=PROPOSER, ttft=0.0, interval=0.006),
-        }
-    )
+    p = Parrot(scripts=proposers())
     answer, events, report = await run(stairs(p, max_steps=0))
     # nothing of the first answer reached the caller: the second, asked once both drafts had
     # ended, is the answer
