@@ -486,12 +486,15 @@ class _Driver:
                 restarts=self.gate.restarts,
                 repeats=self.gate.repeats,
             )
+        # An early start broke when its answer looped, or when nothing but what the filters
+        # dropped (prompt text, markup) was left of it; a dropped sentence or tag in an answer
+        # that goes on leaves it whole.
+        dropped = self.gate.parroted or self.markup_dropped + self.markup.dropped
         broke = [
             reason
             for reason, seen in (
                 ("loop", self.gate.looping),
-                ("prompt text", self.gate.parroted),
-                ("markup", self.markup_dropped + self.markup.dropped),
+                ("nothing but prompt text", dropped and not self._answer_text().strip()),
             )
             if seen and self.early
         ]
@@ -501,7 +504,7 @@ class _Driver:
             EARLY_START.clear(self.agent)
         await step.stream.aclose()
         host.close_step(step.record, "complete", finish_reason, None)
-        if broke and not self._answer_text().strip():
+        if "nothing but prompt text" in broke:
             # All it wrote was dropped: nothing reached the caller, so the answer starts
             # again, late, on finished drafts (once).
             _log.info("staircase.started_again", agent=self.agent.name, reasons=broke)

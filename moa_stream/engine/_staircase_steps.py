@@ -126,9 +126,9 @@ CATCH_UP = 2
 #: while it writes the answer.
 LATE = Backoff(strikes=2)
 #: The early start, suspended after an answer started on unfinished drafts broke (it looped,
-#: see :class:`~moa_stream.engine.staircase.RepetitionGate`, or wrote the prompt's sentences
-#: or markup, which the staircase dropped): the next runs start once every reference has
-#: ended, as the one-shot aggregator of a waiting MoA does, and after the back-off the early
+#: see :class:`~moa_stream.engine.staircase.RepetitionGate`, or was nothing but the prompt's
+#: sentences or markup, which the staircase dropped): the next runs start once every reference
+#: has ended, as the one-shot aggregator of a waiting MoA does, and after the back-off the early
 #: start is tried again. Some models cannot build on a few sentences of each draft
 #: (SmolLM2-135M answers them with loops, "A note marked partial is incomplete", stray tags);
 #: a run that started late neither counts against the early start nor for it.
@@ -430,8 +430,8 @@ def step_request(
 
 
 def early_start_broke(agent: Agent, step: int, reasons: Sequence[str]) -> None:
-    """An answer started on unfinished drafts broke (``reasons``: ``loop``, ``prompt text``,
-    ``markup``) by step ``step``: the next runs of ``agent`` start late."""
+    """An answer started on unfinished drafts broke (``reasons``: ``loop``, ``nothing but
+    prompt text``) by step ``step``: the next runs of ``agent`` start late."""
     runs = EARLY_START.strike(agent)
     _log.info(
         "staircase.early_start_broke",
