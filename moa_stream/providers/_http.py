@@ -28,7 +28,7 @@ import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Generic, Protocol, TypeVar
 
 import aiohttp
 import orjson
@@ -49,7 +49,7 @@ from moa_stream._exceptions import (
 )
 from moa_stream._resource import AsyncResource
 from moa_stream._secrets import MAX_UPSTREAM_ID_CHARS, clean, mask_secrets
-from moa_stream._types import Delta, StreamTimings, Usage
+from moa_stream._types import ChatRequest, Delta, StreamTimings, Usage
 from moa_stream.providers._chunks import MAX_ERROR_CHARS, Done
 from moa_stream.providers._errors import (
     connect_timeout,
@@ -62,6 +62,9 @@ from moa_stream.providers._errors import (
 from moa_stream.providers._policy import RetrySettings, Timeouts
 from moa_stream.providers._watchdog import Deadlines, Watchdog
 from moa_stream.providers.sse import SSEDecoder, SSEEvent
+
+if TYPE_CHECKING:
+    from moa_stream.providers._retry import HTTPStream
 
 __all__ = [
     "AttemptState",
@@ -77,6 +80,9 @@ __all__ = [
 ]
 
 _log = structlog.get_logger("moa_stream.providers")
+
+#: The stream type of a :class:`PooledHTTPProvider` subclass.
+StreamT = TypeVar("StreamT", bound="HTTPStream")
 
 _INF: Final = math.inf
 #: No events left to take: an iterator that is already exhausted.
@@ -313,12 +319,15 @@ def json_body(body: Mapping[str, Any]) -> bytes:
         raise RequestRejectedError(f"the request cannot be encoded as JSON: {exc}") from exc
 
 
-class PooledHTTPProvider(AsyncResource):
+class PooledHTTPProvider(AsyncResource, Generic[StreamT]):
     """What every HTTP provider is besides its wire format: a name, an API root, frozen
-    :class:`StreamSettings`, a :class:`ConnectionPool` that ``aclose()`` closes and the
-    ``prewarm()`` that fills it. Subclasses call :meth:`_setup` in ``__init__`` and add
-    ``stream()``."""
+    :class:`StreamSettings`, a :class:`ConnectionPool` that ``aclose()`` closes, the
+    ``prewarm()`` that fills it and ``stream()``. Subclasses name their ``_stream_type``, call
+    :meth:`_setup` in ``__init__`` and add ``_encode()``, the request body in their API's
+    format (and ``_auth_headers()`` when the API does not take a bearer token)."""
 
+    #: The stream :meth:`stream` returns; it reads the API's events.
+    _stream_type: type[StreamT]
     _name: str
     _base_url: yarl.URL
     _models_url: yarl.URL
@@ -333,17 +342,18 @@ class PooledHTTPProvider(AsyncResource):
         name: str | None,
         stream_url: yarl.URL,
         models_url: yarl.URL,
-        headers: Mapping[str, str],
-        secret: str | None,
+        api_key: str | None,
+        headers: Mapping[str, str] | None,
         timeouts: Timeouts | None,
         retry: RetrySettings | None,
         limit: int,
         sleep: Callable[[float], Awaitable[None]],
         rng: Callable[[], float],
     ) -> None:
-        """Streams are POSTed to ``stream_url``, ``prewarm()`` GETs ``models_url``; ``headers``
-        (the credentials among them, ``secret`` the key to mask) go with both. ``name`` defaults
-        to the host of ``base_url``, with the port if one is given."""
+        """Streams are POSTed to ``stream_url``, ``prewarm()`` GETs ``models_url``; both carry
+        ``api_key`` (when there is one, as :meth:`_auth_headers` sends it, and masked in every
+        message) and then ``headers``, which win. ``name`` defaults to the host of
+        ``base_url``, with the port if one is given."""
         if limit < 1:
             raise ConfigError("must be at least 1", path="limit")
         host = base_url.host or ""
@@ -351,8 +361,9 @@ class PooledHTTPProvider(AsyncResource):
         self._name = name or (f"{host}:{port}" if port else host)
         self._base_url = base_url
         self._models_url = models_url
+        common = {**self._auth_headers(api_key), **(headers or {})} if api_key else headers or {}
         # Kept in aiohttp's own header type, so that a request does not convert them again.
-        self._get_headers = CIMultiDictProxy(CIMultiDict({"Accept": "application/json", **headers}))
+        self._get_headers = CIMultiDictProxy(CIMultiDict({"Accept": "application/json", **common}))
         # Compression makes proxies and servers buffer an event stream: ask for none.
         stream_headers = CIMultiDictProxy(
             CIMultiDict(
@@ -360,7 +371,7 @@ class PooledHTTPProvider(AsyncResource):
                     "Accept": "text/event-stream",
                     "Content-Type": "application/json",
                     "Accept-Encoding": "identity",
-                    **headers,
+                    **common,
                 }
             )
         )
@@ -370,11 +381,23 @@ class PooledHTTPProvider(AsyncResource):
             headers=stream_headers,
             timeouts=timeouts or Timeouts(),
             retry=retry or RetrySettings(),
-            secret=secret,
+            secret=api_key,
             sleep=sleep,
             rng=rng,
         )
         self._pool = ConnectionPool(limit)
+
+    def _auth_headers(self, api_key: str) -> dict[str, str]:
+        """The headers that send ``api_key``: a bearer token, unless the API wants another."""
+        return {"Authorization": f"Bearer {api_key}"}
+
+    def _encode(self, request: ChatRequest) -> bytes:
+        """``request`` as the body of a streamed request in this API's format."""
+        raise NotImplementedError
+
+    def stream(self, request: ChatRequest) -> StreamT:
+        """A stream for ``request``; nothing is sent until it is entered or iterated."""
+        return self._stream_type(self._settings, self._pool, request, lambda: self._encode(request))
 
     @property
     def name(self) -> str:

@@ -241,7 +241,7 @@ def _api_root(base_url: str) -> yarl.URL:
     return url
 
 
-class AnthropicProvider(PooledHTTPProvider):
+class AnthropicProvider(PooledHTTPProvider[AnthropicStream]):
     """Anthropic's Messages API, streamed.
 
     ``base_url`` is the API root as the official SDK takes it (default
@@ -263,6 +263,7 @@ class AnthropicProvider(PooledHTTPProvider):
     #: A trailing assistant message is continued (the API's assistant prefill); new turns work
     #: too. In the staircase's notation, see :func:`~moa_stream.providers._base.check_continuation`.
     continuation: ClassVar[tuple[str, ...]] = ("prefill:anthropic", "turns")
+    _stream_type = AnthropicStream
 
     def __init__(
         self,
@@ -285,17 +286,13 @@ class AnthropicProvider(PooledHTTPProvider):
             raise ConfigError("must be at least 1", path="max_tokens")
         api_key = api_key_from(api_key, api_key_env)
         self.max_tokens = max_tokens
-        common: dict[str, str] = {"anthropic-version": version}
-        if api_key:
-            common["x-api-key"] = api_key
-        common.update(headers or {})
         self._setup(
             url,
             name=name,
             stream_url=url / "v1" / "messages",
             models_url=url / "v1" / "models",
-            headers=common,
-            secret=api_key,
+            api_key=api_key,
+            headers={"anthropic-version": version, **(headers or {})},
             timeouts=timeouts,
             retry=retry,
             limit=limit,
@@ -303,9 +300,9 @@ class AnthropicProvider(PooledHTTPProvider):
             rng=rng,
         )
 
-    def stream(self, request: ChatRequest) -> AnthropicStream:
-        """A stream for ``request``; nothing is sent until it is entered or iterated."""
-        return AnthropicStream(self._settings, self._pool, request, lambda: self._encode(request))
+    def _auth_headers(self, api_key: str) -> dict[str, str]:
+        """The Messages API takes the key as ``x-api-key``, not as a bearer token."""
+        return {"x-api-key": api_key}
 
     def _encode(self, request: ChatRequest) -> bytes:
         system: list[str] = []

@@ -60,7 +60,7 @@ class OpenAIStream(HTTPStream):
         return _PARSER
 
 
-class OpenAIProvider(PooledHTTPProvider):
+class OpenAIProvider(PooledHTTPProvider[OpenAIStream]):
     """An OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, SGLang, llama.cpp, Ollama,
     Together, Groq, OpenRouter ...).
 
@@ -86,6 +86,7 @@ class OpenAIProvider(PooledHTTPProvider):
     ``async with``.
     """
 
+    _stream_type = OpenAIStream
     #: How this provider's answers can be continued; see the class docstring.
     continuation: tuple[str, ...]
 
@@ -116,27 +117,19 @@ class OpenAIProvider(PooledHTTPProvider):
         self.max_tokens_field = max_tokens_field
         self.stream_options_usage = stream_options_usage
         self.continuation = check_continuation(tuple(continuation))
-        common: dict[str, str] = {}
-        if api_key:
-            common["Authorization"] = f"Bearer {api_key}"
-        common.update(headers or {})
         self._setup(
             url,
             name=name,
             stream_url=url / "chat" / "completions",
             models_url=url / "models",
-            headers=common,
-            secret=api_key,
+            api_key=api_key,
+            headers=headers,
             timeouts=timeouts,
             retry=retry,
             limit=limit,
             sleep=sleep,
             rng=rng,
         )
-
-    def stream(self, request: ChatRequest) -> OpenAIStream:
-        """A stream for ``request``; nothing is sent until it is entered or iterated."""
-        return OpenAIStream(self._settings, self._pool, request, lambda: self._encode(request))
 
     def _encode(self, request: ChatRequest) -> bytes:
         body = chat_request_body(
