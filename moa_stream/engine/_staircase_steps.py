@@ -1,6 +1,7 @@
 """The staircase's parts around one step: what it remembers of each aggregator between runs,
-the pacing of the answer against the references, and the trial of a later step's first words.
-Used by :mod:`moa_stream.engine._staircase_run`, which drives them."""
+the pacing of the answer against the references (and the give-up on them) as its stream is
+read, the step being read, and the trial of a later step's first words. Used by the
+staircase's driver (:mod:`moa_stream.engine._staircase_run`) and the parts it drives."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from moa_stream._exceptions import ContextLengthError, ProviderError, RequestRejectedError
-from moa_stream._types import ChatMessage, ChatRequest
+from moa_stream._types import ChatMessage, ChatRequest, Usage
 from moa_stream.engine.events import AggregatorStep, Event
 from moa_stream.engine.prompts import whole_layout
 from moa_stream.engine.staircase import (
@@ -30,6 +31,7 @@ from moa_stream.engine.staircase import (
 )
 
 if TYPE_CHECKING:
+    from moa_stream.engine._staircase_readahead import ReadAhead
     from moa_stream.engine.spec import Agent, MoA
     from moa_stream.providers import ProviderStream
 
@@ -38,9 +40,12 @@ __all__ = [
     "LATE",
     "EARLY_START",
     "Backoff",
+    "OpenStep",
     "Pacer",
+    "Pacing",
     "Rejected",
     "StepPlan",
+    "Stragglers",
     "Trial",
     "continuation_for",
     "early_start_broke",
@@ -206,6 +211,104 @@ class Pacer:
         for index, n in self._running():
             if 0 < n < behind and n < self.seen.get(index, 0) + CATCH_UP:
                 self.late.add(index)
+
+
+class Stragglers:
+    """``give_up_after``: once the run's clock reaches ``give_up_at``, the first :meth:`check`
+    gives up on the references still running (``give_up``: the layer's stragglers policy);
+    from then on the answer is not paced against them and the steps take them as settled."""
+
+    __slots__ = ("clock", "give_up", "give_up_at", "given_up")
+
+    def __init__(
+        self, give_up_at: float | None, give_up: Callable[[], None], clock: Callable[[], float]
+    ) -> None:
+        self.give_up_at = give_up_at
+        self.give_up = give_up
+        self.clock = clock
+        self.given_up = False
+
+    def check(self) -> None:
+        if not self.given_up and self.give_up_at is not None and self.clock() >= self.give_up_at:
+            self.given_up = True
+            self.give_up()
+
+
+class Pacing:
+    """The pacing of the stream being read (see :class:`Pacer`): whether its next chunk must
+    wait for a reference (:meth:`holds`), and that wait (:meth:`wait`), during which the caller
+    gets the read-ahead (``ahead``) in its turn, on its clock."""
+
+    __slots__ = ("ahead", "clock", "host_wait", "max_pause", "pacer", "plan", "stragglers")
+
+    def __init__(
+        self,
+        pacer: Pacer,
+        plan: StepPlan,
+        stragglers: Stragglers,
+        ahead: ReadAhead,
+        host_wait: Callable[[float | None], Awaitable[Sequence[Event]]],
+    ) -> None:
+        self.pacer, self.plan, self.stragglers = pacer, plan, stragglers
+        self.ahead = ahead
+        self.clock, self.max_pause = ahead.clock, ahead.max_pause
+        self.host_wait = host_wait  # the run's wait for the proposers
+
+    def holds(self) -> bool:
+        """Whether the next chunk the stream writes must wait for a reference (never once no
+        later step will read what the references add: there is nothing to wait for)."""
+        return (
+            self.plan.stepping
+            and not self.stragglers.given_up
+            and self.pacer.holds(self.ahead.written())
+        )
+
+    async def wait(self) -> AsyncGenerator[Event, None]:
+        """Wait while :meth:`holds`, the caller getting the read-ahead in its turn meanwhile,
+        at most until ``max_pause`` after the caller's last chunk (a reference waited for that
+        long in vain is left behind)."""
+        ahead = self.ahead
+        stragglers = self.stragglers
+        stragglers.check()
+        while self.holds():
+            for delta in ahead.release():
+                yield delta
+            now = self.clock()
+            until = (ahead.last_at if ahead.last_at is not None else now) + self.max_pause
+            if stragglers.give_up_at is not None:
+                until = min(until, stragglers.give_up_at)
+            if now >= until:
+                self.pacer.leave_behind(ahead.written())
+                break
+            if ahead.pieces:
+                until = min(until, ahead.turn(now) or now)
+            for event in await self.host_wait(until):
+                yield event
+            stragglers.check()
+
+
+# -- the step being read ---------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class OpenStep:
+    """The step whose stream the caller is reading: its ``number``, ``stream`` and the run's
+    ``record`` of it, the ``joiner`` its text goes through, its ``budget`` of content chunks
+    before a boundary, whether it is the ``final`` one, the content chunks it has ``written``
+    so far, and whether its stream ``ended``."""
+
+    number: int
+    stream: ProviderStream
+    record: Any
+    joiner: Joiner
+    budget: int
+    final: bool
+    written: int = 0
+    ended: bool = False
+
+    def usage(self) -> Usage:
+        """The step's usage, as its stream counted it (or estimated, when it did not)."""
+        return self.stream.usage or Usage(estimated=True)
 
 
 # -- a later step's first words --------------------------------------------------------------
