@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
 from typing import Literal, get_args
@@ -84,6 +85,13 @@ OVERFLOW_STYLES: tuple[OverflowStyle, ...] = ("openai", "llama-server", "llama-c
 def _check(ok: bool, path: str, message: str) -> None:
     if not ok:
         raise ConfigError(message, path=path)
+
+
+def _check_probabilities(profile: object, names: Iterable[str]) -> None:
+    """Each of ``profile``'s fields ``names`` is a probability."""
+    for name in names:
+        p = getattr(profile, name)
+        _check(0.0 <= p <= 1.0, name, "must be a probability in 0..1")
 
 
 def _lognormal_factor(rng: random.Random, sigma: float) -> float:
@@ -215,9 +223,7 @@ class FaultProfile:
     keepalive_interval_s: float = 0.5
 
     def __post_init__(self) -> None:
-        for kind in FAULT_KINDS:
-            p = getattr(self, kind)
-            _check(0.0 <= p <= 1.0, kind, "must be a probability in 0..1")
+        _check_probabilities(self, FAULT_KINDS)
         _check(self.exclusive_total <= 1.0 + 1e-9, "faults", "probabilities add up to more than 1")
         _check(self.retry_after_s >= 0.0, "retry_after_s", "must be >= 0")
         _check(self.stall_s >= 0.0, "stall_s", "must be >= 0")
@@ -281,9 +287,7 @@ class ContinuationProfile:
     loop_on_short_drafts: float = 0.0
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            p = getattr(self, f.name)
-            _check(0.0 <= p <= 1.0, f.name, "must be a probability in 0..1")
+        _check_probabilities(self, (f.name for f in fields(self)))
 
     @property
     def perfect(self) -> bool:
