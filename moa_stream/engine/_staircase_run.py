@@ -84,7 +84,6 @@ from moa_stream.engine.staircase import (
     Joiner,
     ReferenceTracker,
     RefView,
-    stable_length,
 )
 
 if TYPE_CHECKING:
@@ -218,7 +217,8 @@ class _Driver:
         plan = self.plan
         ahead = self.ahead
         stragglers = self.stragglers
-        if self.start_late or plan.whole or not _quotable(host.references):
+        quotable = partial(_quotable, plan.tracker, host.references)
+        if self.start_late or plan.whole or not quotable():
             # The late start waits for every reference to end (or to be given up on); the
             # whole layout, which quotes only whole sentences, waits at most ``max_pause`` for
             # each running reference's first one (a draft cut mid-sentence is what a small
@@ -231,7 +231,7 @@ class _Driver:
             elif plan.whole:
                 done, until = partial(_sentences, host.references), ahead.pause_end()
             else:
-                done, until = partial(_quotable, host.references), ahead.pause_end()
+                done, until = quotable, ahead.pause_end()
             if give_up_at is not None:
                 until = min(until or give_up_at, give_up_at)
             async for event in wait_until(done, host.wait, self.clock, until):
@@ -414,13 +414,10 @@ def _all_ended(references: Callable[[], Sequence[RefView]]) -> bool:
     return all(state != "running" for _, _, state, _ in references())
 
 
-def _quotable(references: Callable[[], Sequence[RefView]]) -> bool:
-    """Whether a reference has text the updates layout would quote now, or none will."""
+def _quotable(tracker: ReferenceTracker, references: Callable[[], Sequence[RefView]]) -> bool:
+    """Whether the first step would quote a reference's text now, or none will have any."""
     refs = references()
-    return _all_ended(lambda: refs) or any(
-        state in ("running", "complete") and stable_length(text, state == "complete")
-        for _, _, state, text in refs
-    )
+    return tracker.has_quote(refs) or all(state != "running" for _, _, state, _ in refs)
 
 
 def _sentences(references: Callable[[], Sequence[RefView]]) -> bool:

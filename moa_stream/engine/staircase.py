@@ -885,6 +885,14 @@ class ReferenceTracker:
             return ""  # nothing to quote yet: the request is the conversation alone
         return render_references(references, self._t, numbers=[g.number for _, g in quoted])
 
+    def has_quote(self, refs: Sequence[RefView]) -> bool:
+        """Whether :meth:`first` would quote text of a reference now."""
+        for _, _, state, text in refs:
+            status = self._status(state, False)
+            if status in ("partial", "complete") and self._handed(text, status):
+                return True
+        return False
+
     @staticmethod
     def first_sentence_pending(refs: Sequence[RefView]) -> bool:
         """Whether a reference being written has text but no sentence end yet."""

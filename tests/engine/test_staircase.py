@@ -331,3 +331,15 @@ def test_a_failed_reference_is_quoted_without_its_text() -> None:
     later[1].state = "failed"
     (part,) = tracker.gains(view(later))
     assert "Half a thought" not in part and 'status="failed, no response"' in part
+
+
+def test_the_tracker_says_whether_a_first_step_would_quote_anything() -> None:
+    tracker = ReferenceTracker(PromptTemplates(), None)
+    refs = [Ref(0, "two words"), Ref(1, "")]
+    assert not tracker.has_quote(view(refs))  # too short a tail to quote mid-sentence
+    refs[1].state = "failed"
+    refs[1].grow("Cut off. Before")
+    assert not tracker.has_quote(view(refs))  # a failed reference is quoted without text
+    refs[0].grow(" end here. And")
+    assert tracker.has_quote(view(refs))
+    assert "two words end here." in tracker.first(view(refs))
