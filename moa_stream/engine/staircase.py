@@ -329,29 +329,20 @@ def _opening(sentence: str, n: int) -> tuple[str, ...] | None:
     return tuple(words[:n]) if len(words) >= n else None
 
 
-def sentence_openings(text: str, n: int = 4) -> set[tuple[str, ...]]:
-    """The first ``n`` words (lower-cased) of every sentence of ``text`` that has ``n``."""
-    out = set()
-    start = 0
-    for match in _SENTENCE_SPLIT.finditer(text):
-        opening = _opening(text[start : match.start()], n)
-        if opening:
-            out.add(opening)
-        start = match.end()
-    opening = _opening(text[start:], n)
-    if opening:
-        out.add(opening)
-    return out
-
-
-def short_sentences(text: str, n: int = 4) -> set[tuple[str, ...]]:
-    """The words (lower-cased) of every sentence of ``text`` that has fewer than ``n``."""
+def sentence_starts(text: str, n: int = 4) -> set[tuple[str, ...]]:
+    """The first ``n`` words (lower-cased) of every sentence of ``text``, and all the words of
+    a sentence that has fewer."""
     out = set()
     for part in _SENTENCE_SPLIT.split(text):
         words = _WORD.findall(part.lower())
-        if 0 < len(words) < n:
-            out.add(tuple(words))
+        if words:
+            out.add(tuple(words[:n]))
     return out
+
+
+def sentence_openings(text: str, n: int = 4) -> set[tuple[str, ...]]:
+    """The first ``n`` words (lower-cased) of every sentence of ``text`` that has ``n``."""
+    return {start for start in sentence_starts(text, n) if len(start) == n}
 
 
 _MARKUP = re.compile(
@@ -542,7 +533,7 @@ class RepetitionGate:
         for text in prompt:
             self._prompt |= sentence_openings(text, words)
         self._prompt_prefixes = {o[:k] for o in self._prompt for k in range(1, words + 1)}
-        self._known: tuple[int, set[tuple[str, ...]]] = (-1, set())
+        self._known: tuple[int, set[tuple[str, ...]], set[tuple[str, ...]]] = (-1, set(), set())
         # The 8-word runs of the answer's sentences up to a sentence end (how much text).
         self._grams: tuple[int, set[tuple[str, ...]]] = (0, set())
 
@@ -562,15 +553,15 @@ class RepetitionGate:
         if self._run >= self.limit:
             self.looping = True
 
-    def _prefixes(self, answer: Callable[[], str]) -> set[tuple[str, ...]]:
-        """Every prefix (1 to ``words`` words) of the openings of the answer's sentences, and
-        of its sentences shorter than that, computed again only when the answer grew."""
+    def _starts(self, answer: Callable[[], str]) -> tuple[set[tuple[str, ...]], ...]:
+        """The starts of the answer's sentences (:func:`sentence_starts`) and every prefix of
+        them, computed again only when the answer grew."""
         text = answer()
         if self._known[0] != len(text):
-            openings = sentence_openings(text, self.words) | short_sentences(text, self.words)
-            prefixes = {o[:k] for o in openings for k in range(1, len(o) + 1)}
-            self._known = (len(text), prefixes)
-        return self._known[1]
+            starts = sentence_starts(text, self.words)
+            prefixes = {s[:k] for s in starts for k in range(1, len(s) + 1)}
+            self._known = (len(text), starts, prefixes)
+        return self._known[1:]
 
     def feed(self, text: str, before: str, answer: Callable[[], str]) -> str:
         """The part of ``text`` to pass on now. ``before``: the answer's last character;
@@ -649,12 +640,15 @@ class RepetitionGate:
                 if (
                     not prefix
                     or prefix in self._prompt_prefixes
-                    or prefix in self._prefixes(answer)
+                    or prefix in self._starts(answer)[1]
                 ):
                     return ""
                 words = []  # not a restart
+        # A sentence restarts when its first words open an earlier sentence; a short one ("A" on
+        # a line of its own, thirty lines in a row) when an earlier sentence was those words.
         restarted = False
-        if len(words) >= self.words and not self._flagged:
+        judged = len(words) >= self.words or (bool(words) and (match is not None or final))
+        if judged and not self._flagged:
             opening = tuple(w.lower() for w in words[: self.words])
             if opening in self._prompt:
                 self.parroted += 1
@@ -664,11 +658,7 @@ class RepetitionGate:
                     return ""
                 self._held = held[lead + match.end() :]
                 return self._judge(answer, final=final)
-            restarted = opening in sentence_openings(answer(), self.words)
-        elif words and (match is not None or final) and not self._flagged:
-            # A short sentence ("A" on a line of its own, thirty lines in a row) restarts when
-            # an earlier sentence was those very words.
-            restarted = tuple(w.lower() for w in words) in short_sentences(answer(), self.words)
+            restarted = opening in self._starts(answer)[0]
         if restarted:
             self.restarts += 1
             if self._run + 1 >= self.limit:
