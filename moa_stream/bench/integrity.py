@@ -65,13 +65,14 @@ LOOP_WORDS = 8
 #: Phrases with which an aggregator writes about its prompt instead of answering: the drafts
 #: or notes it was given, the edits it made, "the message" it was shown ("Here is the edited
 #: response:", "This draft is not complete yet.", "Your edits to the message have improved
-#: it"). Counted only where the question does not use them itself.
+#: it", "A note marked incomplete"). Counted only where the question does not use them itself.
 _ABOUT_PROMPT = re.compile(
     r"\b(?:drafts?|drafted)\b"
     r"|\b(?:edited|revised|rewritten|improved)\s+(?:response|version|answer|message|text)\b"
     r"|\byour\s+edits\b"
     r"|\b(?:the|this|your|user's)\s+message\b"
-    r"|\b(?:the|these|those|your)\s+notes\b",
+    r"|\b(?:the|these|those|your)\s+notes\b"
+    r"|\bnotes?\s+marked\b",
     re.IGNORECASE,
 )
 
@@ -212,14 +213,23 @@ def chat_template_texts(template: str, min_words: int = PARROT_WORDS) -> tuple[s
 
 @functools.cache
 def template_texts() -> tuple[str, ...]:
-    """The engine's default instruction, header, update and continue texts, and the models'
-    default system prompts (:data:`MODEL_DEFAULT_TEXTS`): the prompt text an aggregator may
+    """The engine's default instruction, status note, header, update and continue texts (of both
+    staircase layouts), and the models' default system prompts (:data:`MODEL_DEFAULT_TEXTS`): the prompt text an aggregator may
     parrot. Read from :class:`moa_stream.engine.prompts.PromptTemplates` on first use, so a
     change to the templates changes what is looked for."""
-    from moa_stream.engine.prompts import PromptTemplates
+    from moa_stream.engine.prompts import PromptTemplates, whole_layout
 
-    t = PromptTemplates()
-    engine = (t.instructions, t.header, t.update_header, t.continue_instruction)
+    engine: list[str] = []
+    for t in (PromptTemplates(), whole_layout(PromptTemplates())):
+        for text in (
+            t.instructions,
+            t.status_note,
+            t.header,
+            t.update_header,
+            t.continue_instruction,
+        ):
+            if text and text not in engine:
+                engine.append(text)
     return (*engine, *MODEL_DEFAULT_TEXTS)
 
 

@@ -462,6 +462,12 @@ def _sentence_before(text: str) -> int:
     return start
 
 
+#: How many opening words of a sentence of the prompt's own text identify a copy of it in an
+#: answer (see :class:`RepetitionGate`): the templates' sentences open in ways an answer does
+#: not ("A note marked", "The notes went", "Continue your answer").
+PROMPT_WORDS = 3
+
+
 class RepetitionGate:
     """Ends an answer that loops: ``limit`` sentences in a row that each restart or repeat an
     earlier one (SmolLM2-135M, continuing by prefill, wrote "The sky is blue, a fundamental" on
@@ -485,7 +491,10 @@ class RepetitionGate:
     A sentence that opens like a sentence of the prompt's own text (``prompt``: the
     instructions, headers and continue request; "The notes went on. What they added since,
     quoted the same way:") is the prompt copied into the answer: it is dropped, up to its end,
-    and counted in :attr:`parroted`; the answer goes on.
+    and counted in :attr:`parroted`; the answer goes on. Its first :data:`PROMPT_WORDS` words
+    are enough, as a small model paraphrases what it copies ("A note marked incomplete: it may
+    have finished but not produced its final output." for the status note's "A note marked
+    partial is unfinished: ...").
 
     Text passes through untouched, at the cost of one short regular-expression search, except
     at the start of a sentence whose first words open like an earlier sentence or a sentence of
@@ -498,6 +507,7 @@ class RepetitionGate:
         "_holding",
         "_known",
         "_prompt",
+        "_prompt_heads",
         "_prompt_prefixes",
         "_run",
         "_swallow",
@@ -531,6 +541,7 @@ class RepetitionGate:
         self._prompt: set[tuple[str, ...]] = set()
         for text in prompt:
             self._prompt |= sentence_openings(text, words)
+        self._prompt_heads = {o[:PROMPT_WORDS] for o in self._prompt}
         self._prompt_prefixes = {o[:k] for o in self._prompt for k in range(1, words + 1)}
         self._known: tuple[int, set[tuple[str, ...]], set[tuple[str, ...]]] = (-1, set(), set())
         # The 8-word runs of the answer's sentences up to a sentence end (how much text).
@@ -649,7 +660,9 @@ class RepetitionGate:
         judged = len(words) >= self.words or (bool(words) and (match is not None or final))
         if judged and not self._flagged:
             opening = tuple(w.lower() for w in words[: self.words])
-            if opening in self._prompt:
+            if opening in self._prompt or (
+                len(opening) >= PROMPT_WORDS and opening[:PROMPT_WORDS] in self._prompt_heads
+            ):
                 self.parroted += 1
                 if match is None:
                     self._held, self._holding = "", False

@@ -222,6 +222,17 @@ def test_an_answer_about_its_prompt_is_found_unless_the_question_asks_it() -> No
     assert drafted.about_prompt == ()
 
 
+def test_the_status_note_copied_or_paraphrased_is_prompt_text() -> None:
+    # SmolLM2-135M by prefill: the status note in its own words, then copied in part.
+    answer = (
+        "A note marked failing produced nothing, it may stop in mid-sentence and may not have "
+        "reached its conclusion."
+    )
+    found = answer_integrity(answer)
+    assert found.markup == ("mid-sentence and may not have reached its conclusion",)
+    assert found.about_prompt == ("note marked",)
+
+
 @pytest.mark.parametrize("text", PROSE)
 def test_ordinary_prose_is_not_about_a_prompt(text: str) -> None:
     assert answer_integrity(text).about_prompt == ()

@@ -443,6 +443,23 @@ def test_the_prompts_sentences_are_dropped_from_an_answer(cuts: list[int]) -> No
     assert gate.parroted == 3 and not gate.looping
 
 
+# SmolLM2-135M, by prefill, on a status note it was given ("A note marked partial is
+# unfinished: it may stop mid-sentence ..."): the note in other words, as a list item and as
+# the whole answer.
+PARAPHRASED = (
+    "Drink water.\nA note marked incomplete: it may have finished but not produced its final "
+    "output.\nA note marked failing produced nothing, it may stop in mid-sentence.\nSleep well."
+)
+
+
+@given(st.lists(st.integers(1, len(PARAPHRASED) - 1), max_size=12))
+def test_the_prompts_sentences_in_other_words_are_dropped(cuts: list[int]) -> None:
+    prompt = (*INSTRUCTIONS, T.status_note)
+    out, gate = gate_run(PARAPHRASED, chunked(PARAPHRASED, cuts), prompt=prompt)
+    assert out.split() == ["Drink", "water.", "Sleep", "well."]
+    assert gate.parroted == 2 and not gate.looping
+
+
 def test_a_sentence_that_only_begins_like_the_prompts_goes_on() -> None:
     answer = "Light scatters. The notes of a song differ. Continue reading for more."
     out, gate = gate_run(answer, prompt=INSTRUCTIONS)
