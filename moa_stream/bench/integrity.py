@@ -213,10 +213,11 @@ def chat_template_texts(template: str, min_words: int = PARROT_WORDS) -> tuple[s
 
 @functools.cache
 def template_texts() -> tuple[str, ...]:
-    """The engine's default instruction, status note, header, update and continue texts (of both
-    staircase layouts), and the models' default system prompts (:data:`MODEL_DEFAULT_TEXTS`): the prompt text an aggregator may
-    parrot. Read from :class:`moa_stream.engine.prompts.PromptTemplates` on first use, so a
-    change to the templates changes what is looked for."""
+    """The engine's default instruction, status note, header, update and continue texts (of
+    both staircase layouts), and the models' default system prompts
+    (:data:`MODEL_DEFAULT_TEXTS`): the prompt text an aggregator may parrot. Read from
+    :class:`moa_stream.engine.prompts.PromptTemplates` on first use, so a change to the
+    templates changes what is looked for."""
     from moa_stream.engine.prompts import PromptTemplates, whole_layout
 
     engine: list[str] = []
