@@ -214,7 +214,7 @@ class Staircase:
     give_up_after: float | None = None
     default: Continuation = field(default_factory=Continuation)
     continuation: Mapping[str, Continuation] = field(default_factory=dict)
-    max_steps: int | None = 6
+    max_steps: int | None = 4
     max_rejects: int = 2
     max_pause: float = 1.0
     guard_words: int = 4
