@@ -220,17 +220,8 @@ def template_texts() -> tuple[str, ...]:
     templates changes what is looked for."""
     from moa_stream.engine.prompts import PromptTemplates, whole_layout
 
-    engine: list[str] = []
-    for t in (PromptTemplates(), whole_layout(PromptTemplates())):
-        for text in (
-            t.instructions,
-            t.status_note,
-            t.header,
-            t.update_header,
-            t.continue_instruction,
-        ):
-            if text and text not in engine:
-                engine.append(text)
+    t = PromptTemplates()
+    engine = dict.fromkeys((*t.prose(), *whole_layout(t).prose()))  # in order, once each
     return (*engine, *MODEL_DEFAULT_TEXTS)
 
 

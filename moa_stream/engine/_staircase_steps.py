@@ -397,13 +397,7 @@ class StepPlan:
         self.tracker = ReferenceTracker(t, spec.max_reference_chars, whole_sentences=self.whole)
         self.prompts = StepPrompts(messages, self.continuation, t, agent.system_prompt)
         self.sizes = step_sizes(staircase.steps)
-        self.instructions = (
-            t.instructions,
-            t.status_note,
-            t.header,
-            t.update_header,
-            t.continue_instruction,
-        )
+        self.instructions = t.prose()
         self.asked = 0  # later steps asked
         self.rejects = 0  # rejected in a row
         self.turn_from = 0  # answer characters the committed turns already hold

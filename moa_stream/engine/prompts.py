@@ -106,6 +106,19 @@ class PromptTemplates:
     continued_draft: str = '<draft n="{number}" status="{status}" continued>\n{text}\n</draft>'
     continue_instruction: str = DEFAULT_CONTINUE
 
+    def prose(self) -> tuple[str, ...]:
+        """The sentences the templates write themselves (instructions, status note, headers,
+        continue request), which an aggregator's answer should never repeat; empty ones left
+        out."""
+        texts = (
+            self.instructions,
+            self.status_note,
+            self.header,
+            self.update_header,
+            self.continue_instruction,
+        )
+        return tuple(text for text in texts if text)
+
 
 def whole_layout(t: PromptTemplates) -> PromptTemplates:
     """The templates of a staircase's ``whole`` layout: drafts quoted without a status label and

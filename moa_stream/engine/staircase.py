@@ -506,7 +506,6 @@ class RepetitionGate:
         "_held",
         "_holding",
         "_known",
-        "_prompt",
         "_prompt_heads",
         "_prompt_prefixes",
         "_run",
@@ -538,11 +537,11 @@ class RepetitionGate:
         self._flagged = False
         # Inside a sentence of the prompt's, dropped up to its end: the last character dropped.
         self._swallow: str | None = None
-        self._prompt: set[tuple[str, ...]] = set()
+        openings: set[tuple[str, ...]] = set()
         for text in prompt:
-            self._prompt |= sentence_openings(text, words)
-        self._prompt_heads = {o[:PROMPT_WORDS] for o in self._prompt}
-        self._prompt_prefixes = {o[:k] for o in self._prompt for k in range(1, words + 1)}
+            openings |= sentence_openings(text, words)
+        self._prompt_heads = {o[:PROMPT_WORDS] for o in openings}
+        self._prompt_prefixes = {o[:k] for o in openings for k in range(1, words + 1)}
         self._known: tuple[int, set[tuple[str, ...]], set[tuple[str, ...]]] = (-1, set(), set())
         # The 8-word runs of the answer's sentences up to a sentence end (how much text).
         self._grams: tuple[int, set[tuple[str, ...]]] = (0, set())
@@ -660,9 +659,7 @@ class RepetitionGate:
         judged = len(words) >= self.words or (bool(words) and (match is not None or final))
         if judged and not self._flagged:
             opening = tuple(w.lower() for w in words[: self.words])
-            if opening in self._prompt or (
-                len(opening) >= PROMPT_WORDS and opening[:PROMPT_WORDS] in self._prompt_heads
-            ):
+            if opening[:PROMPT_WORDS] in self._prompt_heads:
                 self.parroted += 1
                 if match is None:
                     self._held, self._holding = "", False
