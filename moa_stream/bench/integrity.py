@@ -137,12 +137,14 @@ def _restarting(sentences: list[list[str]]) -> list[bool]:
 
 
 def _looping(sentences: list[list[str]], n: int = LOOP_WORDS) -> list[bool]:
-    """For each sentence, whether it repeats ``n`` consecutive words of an earlier one."""
+    """For each sentence, whether it repeats ``n`` consecutive words of an earlier one, or of
+    itself (a sentence that never ends: "the sky that is a result of the sky that is ...")."""
     seen: set[tuple[str, ...]] = set()
     marks = []
     for words in sentences:
-        grams = {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
-        marks.append(bool(grams & seen))
+        runs = len(words) - n + 1
+        grams = {tuple(words[i : i + n]) for i in range(runs)}
+        marks.append(bool(grams & seen) or len(grams) < runs)
         seen |= grams
     return marks
 
@@ -164,9 +166,9 @@ def restarts(answer: str) -> int:
 
 def loops(answer: str, n: int = LOOP_WORDS) -> int:
     """Sentences of ``answer`` that repeat a run of ``n`` consecutive words (lowercased,
-    punctuation dropped) of an earlier sentence: the body of a loop, where :func:`restarts`
-    sees only openings. A sentence that restarts an earlier one and goes on to repeat it
-    counts in both."""
+    punctuation dropped) of an earlier sentence or of themselves: the body of a loop, where
+    :func:`restarts` sees only openings. A sentence that restarts an earlier one and goes on to
+    repeat it counts in both."""
     return sum(_looping(_sentences(answer), n))
 
 

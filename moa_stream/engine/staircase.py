@@ -453,6 +453,13 @@ class ContinuationGuard:
 _GATE_END = re.compile(r"[.!?]+\s+|\n+")
 
 
+def _loops_within(sentence: str, n: int) -> bool:
+    """Whether ``sentence`` repeats ``n`` words in a row within itself."""
+    words = _WORD.findall(sentence.lower())
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return len(set(grams)) < len(grams)
+
+
 def _sentence_before(text: str) -> int:
     """Where the last sentence of ``text``, which ends at a sentence boundary, starts."""
     body = text.rstrip()
@@ -461,6 +468,12 @@ def _sentence_before(text: str) -> int:
         start = match.end()
     return start
 
+
+#: The sentence under way is checked for a loop within itself (see :class:`RepetitionGate`)
+#: each time the answer grew by this many characters: one that never ends ("the sky that is a
+#: result of the sky that is a result of the sky ...", SmolLM2-135M by appended turns, to its
+#: token limit) shows no sentence end to judge it at.
+LONG_SENTENCE = 160
 
 #: How many opening words of a sentence of the prompt's own text identify a copy of it in an
 #: answer (see :class:`RepetitionGate`): the templates' sentences open in ways an answer does
@@ -481,7 +494,9 @@ class RepetitionGate:
     with the openings before. When the sentence that makes ``limit`` in a row restarts, it is
     dropped and :attr:`looping` set: the answer ends at the sentence end before it; when it only
     repeats, which shows at its end, the answer ends after it (holding every sentence whole
-    until its end would stall the stream for a sentence at a time).
+    until its end would stall the stream for a sentence at a time). A sentence that repeats
+    ``loop_words`` words in a row within itself loops too: the sentence under way is checked
+    every :data:`LONG_SENTENCE` characters of the answer, and the answer ends there.
 
     Only runs count. A model restarts now and then in any answer (SmolLM2-135M, in
     ``benchmarks/real_inference.py``: 2.0 restarts and 1.2 repeats an answer as wait-all's
@@ -510,6 +525,7 @@ class RepetitionGate:
         "_prompt_prefixes",
         "_run",
         "_swallow",
+        "_unended",
         "limit",
         "loop_words",
         "looping",
@@ -537,6 +553,7 @@ class RepetitionGate:
         self._flagged = False
         # Inside a sentence of the prompt's, dropped up to its end: the last character dropped.
         self._swallow: str | None = None
+        self._unended = 0  # characters passed since the last check for a loop within a sentence
         openings: set[tuple[str, ...]] = set()
         for text in prompt:
             openings |= sentence_openings(text, words)
@@ -574,11 +591,15 @@ class RepetitionGate:
 
     def feed(self, text: str, before: str, answer: Callable[[], str]) -> str:
         """The part of ``text`` to pass on now. ``before``: the answer's last character;
-        ``answer``: the answer the caller has (called only when a sentence's opening is judged)."""
+        ``answer``: the answer the caller has (called only when a sentence's opening is judged,
+        and every :data:`LONG_SENTENCE` characters)."""
         if not self.limit:
             return text  # off
         if self.looping:
             return ""
+        return self._within(self._feed(text, before, answer), answer)
+
+    def _feed(self, text: str, before: str, answer: Callable[[], str]) -> str:
         if self._swallow is not None:
             # Inside a sentence of the prompt's: dropped up to its end (which may begin in the
             # last character dropped, a full stop before this text's space).
@@ -607,6 +628,20 @@ class RepetitionGate:
             self.drop()
             return out
         return out + self._judge(lambda: answer() + out, final=False)
+
+    def _within(self, out: str, answer: Callable[[], str]) -> str:
+        """``out``, passed on; every :data:`LONG_SENTENCE` characters passed, the sentence under
+        way is checked for a loop within itself (one that never ends has no end to be judged
+        at): the answer ends with ``out``."""
+        self._unended += len(out)
+        if self._unended >= LONG_SENTENCE and self.loop_words and not self.looping:
+            self._unended = 0
+            whole = answer() + out
+            if _loops_within(whole[_sentence_before(whole) :], self.loop_words):
+                self.repeats += 1
+                self.looping = True
+                self.drop()
+        return out
 
     def _repeats(self, sentence: int, text: str) -> bool:
         """Whether the sentence of ``text`` that starts at ``sentence`` repeats ``loop_words``

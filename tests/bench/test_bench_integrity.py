@@ -222,6 +222,12 @@ def test_an_answer_about_its_prompt_is_found_unless_the_question_asks_it() -> No
     assert drafted.about_prompt == ()
 
 
+def test_a_sentence_that_repeats_itself_is_a_loop() -> None:
+    # SmolLM2-135M by appended turns: one sentence, never ended, to the token limit.
+    endless = "The sky is a result of the blue sky" + " that is a result of the sky" * 6
+    assert loops(endless) == 1 and loops("The sky is blue because air scatters light.") == 0
+
+
 def test_the_status_note_copied_or_paraphrased_is_prompt_text() -> None:
     # SmolLM2-135M by prefill: the status note in its own words, then copied in part.
     answer = (

@@ -30,6 +30,7 @@ from moa_stream.engine.events import (
 )
 from moa_stream.engine.prompts import PromptTemplates
 from moa_stream.engine.staircase import (
+    LONG_SENTENCE,
     Continuation,
     ContinuationGuard,
     RepetitionGate,
@@ -464,6 +465,36 @@ def test_a_sentence_that_only_begins_like_the_prompts_goes_on() -> None:
     answer = "Light scatters. The notes of a song differ. Continue reading for more."
     out, gate = gate_run(answer, prompt=INSTRUCTIONS)
     assert out == answer and gate.parroted == 0
+
+
+# SmolLM2-135M, appended turns: one sentence that never ends, to the token limit.
+ENDLESS = "The SkyBlue - A question that \nThe sky is a result of the blue sky" + (
+    " that is a result of the sky" * 40
+)
+
+
+@given(st.lists(st.integers(1, len(ENDLESS) - 1), max_size=12))
+def test_a_sentence_that_loops_within_itself_ends_the_answer(cuts: list[int]) -> None:
+    text, gate = gate_run(ENDLESS, chunked(ENDLESS, cuts))
+    assert gate.looping and gate.repeats == 1 and ENDLESS.startswith(text)
+
+
+def test_a_sentence_that_loops_within_itself_ends_soon() -> None:
+    text, gate = gate_run(ENDLESS)  # a word at a time, as a stream of tokens comes
+    assert gate.looping
+    # within a check or two of the loop's start, not at the end of the stream
+    assert len(text) < 2 * LONG_SENTENCE + 100 < len(ENDLESS)
+
+
+def test_a_long_sentence_that_goes_somewhere_passes() -> None:
+    long = (
+        "Light from the sun, which looks white but holds every colour, meets the molecules of "
+        "nitrogen and oxygen in the air, and because those molecules are far smaller than its "
+        "wavelengths they scatter the short blue waves many times more than the long red ones, "
+        "so that blue reaches the eye from every part of the sky."
+    )
+    text, gate = gate_run(long)
+    assert text == long and not gate.looping
 
 
 # SmolLM2-135M, appended turns: a line of one word, again and again.
